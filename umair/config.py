@@ -1,0 +1,83 @@
+"""Typed settings loaded from YAML. Errors name the file and the key.
+
+Each job has a settings model (pydantic, unknown keys refused) so a typo in a YAML
+file fails before any work starts, e.g.::
+
+    pipelines/configs/demo.yaml: world.seed: Input should be a valid integer (got 'abc')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from umair.storage import StorageSettings
+
+
+class Settings(BaseModel):
+    """Base of every settings model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(Settings):
+    endpoint: str | None = Field(None, description="S3-compatible endpoint URL; None = AWS or the environment")
+    region: str | None = None
+    retries: int = Field(5, ge=1, le=50)
+
+    def to_settings(self) -> StorageSettings:
+        return StorageSettings(endpoint=self.endpoint, region=self.region, retries=self.retries)
+
+
+class SampleConfig(Settings):
+    out: str = Field(..., description="local directory or s3:// prefix for the world")
+    size: Literal["tiny", "small", "default"] = "tiny"
+    seed: int = 0
+    overwrite: bool = False
+
+
+class DemoConfig(Settings):
+    world: SampleConfig
+    storage: StorageConfig = StorageConfig()
+
+
+class ConfigError(ValueError):
+    """A settings file is unreadable or invalid; the message names the file and key."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_settings(data: dict, model: type[M], source: str = "<settings>") -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict) else ""
+            lines.append(f"{source}: {key}: {e['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, model: type[M], overrides: dict | None = None) -> M:
+    """Read YAML at ``path`` into ``model``; ``overrides`` (dotted keys) win over the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level, found {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return parse_settings(data, model, str(p))

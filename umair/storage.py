@@ -1,0 +1,222 @@
+"""One way to reach files: local paths and ``s3://`` URIs alike, through ``pyarrow.fs``.
+
+Every job opens its inputs and outputs with :func:`resolve`, so a path on a laptop
+and an object in a bucket behave the same. S3 settings come from
+:class:`StorageSettings` (endpoint override, region) and credentials always come from
+the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile,
+or an instance profile). Credentials are never stored here and never logged.
+
+Writes are all-or-nothing: a reader sees the old object or the complete new one,
+never a half-written file (local: temp file + ``os.replace``; S3: the body is built
+in memory and sent in one request, which S3 applies atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+ENDPOINT_ENV_VARS = ("UMAIR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and what to check."""
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How to reach object storage. ``None`` fields fall back to the environment.
+
+    endpoint: an S3-compatible endpoint such as ``http://127.0.0.1:8333`` (MinIO,
+        SeaweedFS, ...); ``None`` means AWS itself.
+    region: the bucket region; ``None`` lets the AWS chain decide (default us-east-1).
+    retries: attempts per request before an error is raised (network blips, 5xx).
+    """
+
+    endpoint: str | None = None
+    region: str | None = None
+    retries: int = 5
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> StorageSettings:
+        endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        region = next((os.environ[v] for v in REGION_ENV_VARS if os.environ.get(v)), None)
+        return cls(endpoint=endpoint, region=region)
+
+    def merged_with_env(self) -> StorageSettings:
+        env = StorageSettings.from_env()
+        return StorageSettings(
+            endpoint=self.endpoint or env.endpoint,
+            region=self.region or env.region,
+            retries=self.retries,
+            connect_timeout_s=self.connect_timeout_s,
+            request_timeout_s=self.request_timeout_s,
+        )
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts under ``base`` (a local path or an s3:// URI)."""
+    if is_s3(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def parent(uri: str) -> str:
+    return posixpath.dirname(uri.rstrip("/")) if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+@lru_cache(maxsize=16)
+def _s3_filesystem(settings: StorageSettings) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": settings.region or "us-east-1",
+        "connect_timeout": settings.connect_timeout_s,
+        "request_timeout": settings.request_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.retries),
+        "allow_bucket_creation": False,
+    }
+    if settings.endpoint:
+        parsed = urlparse(settings.endpoint if "://" in settings.endpoint else f"https://{settings.endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    # No access_key/secret_key: pyarrow uses the default AWS credential chain.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, settings: StorageSettings | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    if is_s3(uri):
+        s = (settings or StorageSettings()).merged_with_env()
+        return _s3_filesystem(s), uri[len("s3://") :].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported URI scheme (expected a local path or s3://bucket/key)")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _explain(uri: str, op: str, err: BaseException, settings: StorageSettings | None) -> StorageError:
+    text = str(err)
+    where = ""
+    if is_s3(uri):
+        endpoint = (settings or StorageSettings()).merged_with_env().endpoint or "AWS S3"
+        where = f" at endpoint {endpoint}"
+    upper = text.upper()
+    if any(k in upper for k in ("ACCESS_DENIED", "ACCESSDENIED", "SIGNATUREDOESNOTMATCH", "INVALIDACCESSKEYID", "FORBIDDEN")):
+        hint = (
+            "the server rejected the credentials. Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE / the instance profile) and that they may "
+            f"{op} this prefix"
+        )
+    elif any(k in upper for k in ("COULDN'T CONNECT", "CONNECTION REFUSED", "NETWORK_CONNECTION", "COULD NOT CONNECT", "TIMED OUT")):
+        hint = "the storage endpoint could not be reached; is it running and is the endpoint right?"
+    elif "NO_SUCH_BUCKET" in upper or "BUCKET" in upper and "NOT FOUND" in upper:
+        hint = "the bucket does not exist"
+    elif isinstance(err, FileNotFoundError):
+        hint = "no such file or object"
+    else:
+        hint = text
+    return StorageError(f"cannot {op} {uri}{where}: {hint}")
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, op: str, settings: StorageSettings | None = None) -> Iterator[None]:
+    """Turn low-level filesystem errors into a :class:`StorageError` naming ``uri``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise _explain(uri, op, err, settings) from err
+
+
+def exists(uri: str, settings: StorageSettings | None = None) -> bool:
+    fs, path = resolve(uri, settings)
+    with storage_errors(uri, "inspect", settings):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, settings: StorageSettings | None = None) -> bytes:
+    fs, path = resolve(uri, settings)
+    with storage_errors(uri, "read", settings):
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+
+def write_bytes(uri: str, data: bytes, settings: StorageSettings | None = None) -> None:
+    """Write ``data`` to ``uri`` all-or-nothing."""
+    fs, path = resolve(uri, settings)
+    with storage_errors(uri, "write", settings):
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+
+def list_files(uri: str, settings: StorageSettings | None = None) -> list[str]:
+    """All files under ``uri`` (recursive), as URIs of the same kind as ``uri``."""
+    fs, path = resolve(uri, settings)
+    with storage_errors(uri, "list", settings):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def delete_dir(uri: str, settings: StorageSettings | None = None) -> None:
+    """Delete everything under ``uri`` (no error if absent)."""
+    fs, path = resolve(uri, settings)
+    with storage_errors(uri, "delete", settings):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.delete_dir(path)
+        else:
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+            with contextlib.suppress(OSError):
+                fs.delete_dir(path)
+
+
+def move_dir(src: str, dst: str, settings: StorageSettings | None = None) -> None:
+    """Rename a local directory (atomic on one filesystem). Local paths only."""
+    if is_s3(src) or is_s3(dst):
+        raise StorageError("move_dir is for local directories; object stores commit with a manifest")
+    os.replace(os.path.abspath(src), os.path.abspath(dst))
+
+
+def write_parquet(table: pa.Table, uri: str, settings: StorageSettings | None = None) -> None:
+    """Write ``table`` as one parquet file, all-or-nothing."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue(), settings)
+
+
+def read_parquet(uri: str, settings: StorageSettings | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read a parquet file or a directory of parquet files."""
+    fs, path = resolve(uri, settings)
+    with storage_errors(uri, "read", settings):
+        return pq.read_table(path, filesystem=fs, columns=columns)
