@@ -108,6 +108,11 @@ CONTRACTS: dict[str, Contract] = {
 
 
 def _type_name(t: pa.DataType) -> str:
+    """Readable type names: list<string>, not list<item: string> / list<element: ...>."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{_type_name(t.value_type)}>[{t.list_size}]"
     return str(t)
 
 
@@ -173,7 +178,7 @@ def validate(table: pa.Table, kind: str, file: str = "<table>") -> pa.Table:
     columns = {}
     for f in contract.required:
         if f.name not in table.column_names:
-            raise ContractError(file, f.name, f"a column of type {f.type}", f"no such column (columns: {', '.join(table.column_names)})")
+            raise ContractError(file, f.name, f"a column of type {_type_name(f.type)}", f"no such column (columns: {', '.join(table.column_names)})")
         columns[f.name] = _conform(table.column(f.name), f.type, file, f.name)
     for name in table.column_names:
         if name in columns:

@@ -14,6 +14,7 @@ in memory and sent in one request, which S3 applies atomically).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import posixpath
@@ -83,8 +84,14 @@ def parent(uri: str) -> str:
     return posixpath.dirname(uri.rstrip("/")) if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
 
 
+def _credential_fingerprint() -> str:
+    """Changes when the credentials in the environment change (kept in memory only)."""
+    raw = "|".join(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
 @lru_cache(maxsize=16)
-def _s3_filesystem(settings: StorageSettings) -> pafs.S3FileSystem:
+def _s3_filesystem(settings: StorageSettings, _credentials: str) -> pafs.S3FileSystem:
     kwargs: dict = {
         "region": settings.region or "us-east-1",
         "connect_timeout": settings.connect_timeout_s,
@@ -104,7 +111,7 @@ def resolve(uri: str, settings: StorageSettings | None = None) -> tuple[pafs.Fil
     """Return (filesystem, path inside it) for a local path or an s3:// URI."""
     if is_s3(uri):
         s = (settings or StorageSettings()).merged_with_env()
-        return _s3_filesystem(s), uri[len("s3://") :].rstrip("/")
+        return _s3_filesystem(s, _credential_fingerprint()), uri[len("s3://") :].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported URI scheme (expected a local path or s3://bucket/key)")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
@@ -117,16 +124,16 @@ def _explain(uri: str, op: str, err: BaseException, settings: StorageSettings | 
     if is_s3(uri):
         endpoint = (settings or StorageSettings()).merged_with_env().endpoint or "AWS S3"
         where = f" at endpoint {endpoint}"
-    upper = text.upper()
-    if any(k in upper for k in ("ACCESS_DENIED", "ACCESSDENIED", "SIGNATUREDOESNOTMATCH", "INVALIDACCESSKEYID", "FORBIDDEN")):
+    upper = text.upper().replace("_", "")
+    if any(k in upper for k in ("ACCESSDENIED", "SIGNATUREDOESNOTMATCH", "INVALIDACCESSKEYID", "FORBIDDEN")):
         hint = (
             "the server rejected the credentials. Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE / the instance profile) and that they may "
             f"{op} this prefix"
         )
-    elif any(k in upper for k in ("COULDN'T CONNECT", "CONNECTION REFUSED", "NETWORK_CONNECTION", "COULD NOT CONNECT", "TIMED OUT")):
+    elif any(k in upper for k in ("COULDN'T CONNECT", "CONNECTION REFUSED", "NETWORKCONNECTION", "COULD NOT CONNECT", "TIMED OUT")):
         hint = "the storage endpoint could not be reached; is it running and is the endpoint right?"
-    elif "NO_SUCH_BUCKET" in upper or "BUCKET" in upper and "NOT FOUND" in upper:
+    elif "NOSUCHBUCKET" in upper or ("BUCKET" in upper and "NOT FOUND" in upper):
         hint = "the bucket does not exist"
     elif isinstance(err, FileNotFoundError):
         hint = "no such file or object"

@@ -14,6 +14,7 @@ e_SEM by content.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -97,8 +98,8 @@ def content_parts(name: str, u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
             _tri(u, v, (-0.5, 0.3), (0.5, 0.3), (0, -0.2)) | _tri(u, v, (-0.4, 0.0), (0.4, 0.0), (0, -0.65)),
         ]
     if name == "sword":
-        blade = _tri(u, v, (-0.06, 0.3), (0.06, 0.3), (0, -0.75)) | _rect(u, v, -0.06, 0.06, -0.55, 0.3)
-        return [blade, _rect(u, v, -0.3, 0.3, 0.3, 0.4), _rect(u, v, -0.05, 0.05, 0.4, 0.72)]
+        blade = _tri(u, v, (-0.11, -0.5), (0.11, -0.5), (0, -0.8)) | _rect(u, v, -0.11, 0.11, -0.5, 0.3)
+        return [blade, _rect(u, v, -0.36, 0.36, 0.3, 0.44), _rect(u, v, -0.07, 0.07, 0.44, 0.75)]
     if name == "flower":
         petals = np.zeros_like(u, dtype=bool)
         for k in range(6):
@@ -113,13 +114,26 @@ def content_parts(name: str, u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
     raise KeyError(f"unknown content {name!r}")
 
 
+TARGET_AREA = 0.18  # fraction of the [-1, 1]^2 square every subject covers
+
+
+@lru_cache(maxsize=None)
+def _size_factor(name: str) -> float:
+    """Scale that gives every subject the same area, so area says nothing about content."""
+    v, u = np.mgrid[-1:1:256j, -1:1:256j]
+    covered = np.zeros_like(u, dtype=bool)
+    for part in content_parts(name, u, v):
+        covered |= part
+    return float(np.sqrt(TARGET_AREA / covered.mean()))
+
+
 def paint(style: Style, content: Content, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Render one illustration as an (height, width, 3) uint8 RGB array."""
     scale = min(height, width) / 64.0
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     # Composition: random placement, size and tilt of the subject (content-independent).
     cx, cy = rng.uniform(-0.2, 0.2, size=2)
-    size = rng.uniform(0.8, 1.05)
+    size = rng.uniform(0.85, 1.05) * _size_factor(content.name)
     tilt = np.deg2rad(rng.uniform(-20, 20))
     x = (xx - width / 2) / (min(height, width) / 2)
     y = (yy - height / 2) / (min(height, width) / 2)

