@@ -1,0 +1,289 @@
+"""Pretext job: train the dual image encoder on multi-label tag prediction (Ray Train).
+
+Images stream through Ray Data (bytes read from object storage or disk, decoded per
+row; a row that fails to decode is skipped and counted, never a crashed job) into a
+TorchTrainer with N workers (CPU or GPU). BCE-with-logits over the N most frequent
+tags; a checkpoint every epoch; a rerun with the same ``run_name`` and
+``checkpoint_dir`` resumes from the latest checkpoint. Metrics (loss, mAP, micro-F1 on
+a validation split, and the tag-frequency baseline's mAP) go to MLflow. At the end the
+encoder is exported without its classifier head, with a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
+from umair import contracts, storage
+from umair.config import Settings, StorageConfig
+from umair.image.encoder import EncoderSpec
+
+
+class PretrainImageConfig(Settings):
+    catalogue: str  # illustrations table (parquet file or directory, local or s3://)
+    output: str  # where the exported encoder goes
+    encoder: EncoderSpec = EncoderSpec()
+    top_tags: int = 100
+    val_fraction: float = 0.2
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    num_workers: int = 2
+    use_gpu: bool = False
+    seed: int = 0
+    run_name: str = "pretrain-image"
+    checkpoint_dir: str = "outputs/ray_results"
+    max_failures: int = 2
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig(experiment="umair-pretrain-image")
+    storage: StorageConfig = StorageConfig()
+
+
+def tag_vocabulary(tags: list[list[str]], top: int) -> list[str]:
+    """The ``top`` most frequent tags (ties broken by the tag string, so it is stable)."""
+    counts = Counter(t for ts in tags for t in set(ts))
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def multi_hot(tags: list[list[str]], vocab: list[str]) -> np.ndarray:
+    index = {t: i for i, t in enumerate(vocab)}
+    out = np.zeros((len(tags), len(vocab)), np.float32)
+    for r, ts in enumerate(tags):
+        for t in ts:
+            if t in index:
+                out[r, index[t]] = 1.0
+    return out
+
+
+def split_ids(ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """True for validation rows: a stable hash of (seed, id), so a rerun splits the same."""
+    h = np.array([int(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).hexdigest(), 16) for i in ids])
+    return (h % 10_000) < val_fraction * 10_000
+
+
+class DecodeRows:
+    """Ray Data UDF: read each image's bytes and decode it; failures are flagged, not raised."""
+
+    def __init__(self, image_size: int, storage_cfg: dict):
+        self.size = image_size
+        self.settings = StorageConfig(**storage_cfg).to_settings()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from umair.image.preprocess import DecodeError, decode_image
+
+        n = len(batch["image_uri"])
+        images = np.zeros((n, self.size, self.size, 3), np.uint8)
+        ok = np.zeros(n, bool)
+        for i, uri in enumerate(batch["image_uri"]):
+            try:
+                images[i] = decode_image(storage.read_bytes(str(uri), self.settings), self.size)
+                ok[i] = True
+            except (DecodeError, storage.StorageError):
+                pass
+        return {"image": images, "labels": np.stack(batch["labels"]).astype(np.float32), "ok": ok}
+
+
+def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, f1_score
+
+    present = labels.sum(0) > 0
+    if not present.any():
+        return {"mAP": float("nan"), "micro_f1": float("nan")}
+    m_ap = float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
+    micro_f1 = float(f1_score(labels, (scores > 0.5).astype(int), average="micro", zero_division=0))
+    return {"mAP": m_ap, "micro_f1": micro_f1}
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import mlflow
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train.torch import prepare_model
+
+    from umair.image.encoder import DualEncoder
+
+    torch.manual_seed(config["seed"])
+    if not config["use_gpu"]:
+        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = EncoderSpec(**config["encoder"])
+    model = DualEncoder(spec, n_tags=config["n_tags"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        if rank == 0:
+            print(f"[pretrain-image] resuming from the checkpoint of epoch {start_epoch - 1}; next epoch {start_epoch}", flush=True)
+    model = prepare_model(model)
+    device = next(model.parameters()).device
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+
+    def allreduce(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = seen = failed = 0.0
+        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
+            ok = batch["ok"].bool()
+            failed += float((~ok).sum())
+            if not ok.any():
+                continue
+            x = batch["image"][ok].permute(0, 3, 1, 2).float().div_(255)
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5  # augmentation: horizontal flips
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = batch["labels"][ok]
+            loss = loss_fn(model(x).logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss) * x.shape[0]
+            seen += x.shape[0]
+        loss_sum, seen, failed = allreduce([loss_sum, seen, failed])
+        train_s = time.perf_counter() - t0
+
+        model.eval()
+        scores, labels, val_failed = [], [], 0
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
+                ok = batch["ok"].bool()
+                val_failed += int((~ok).sum())
+                if ok.any():
+                    x = batch["image"][ok].permute(0, 3, 1, 2).float().div_(255)
+                    scores.append(torch.sigmoid(model(x).logits).cpu().numpy())
+                    labels.append(batch["labels"][ok].cpu().numpy())
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_images": seen,
+            "decode_failures": failed + val_failed,
+            "images_per_s": seen / train_s,
+            **{f"val_{k}": v for k, v in _metrics(np.concatenate(scores), np.concatenate(labels)).items()},
+        }
+        if rank == 0:
+            print(f"[pretrain-image] epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            client.log_batch(config["run_id"], metrics=[
+                mlflow.entities.Metric(k, float(v), int(time.time() * 1000), epoch) for k, v in metrics.items() if k != "epoch"
+            ])
+            with tempfile.TemporaryDirectory() as d:
+                raw = model.module if hasattr(model, "module") else model
+                torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, os.path.join(d, "state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def prepare_data(cfg: PretrainImageConfig) -> tuple[pa.Table, list[str], np.ndarray]:
+    """Read and validate the catalogue; build the tag vocabulary on the training split."""
+    settings = cfg.storage.to_settings()
+    table = contracts.read_table(cfg.catalogue, "illustrations", settings)
+    tags = table.column("tags").to_pylist()
+    is_val = split_ids(table.column("illust_id").to_numpy(), cfg.val_fraction, cfg.seed)
+    vocab = tag_vocabulary([t for t, v in zip(tags, is_val) if not v], cfg.top_tags)
+    if not vocab:
+        raise ValueError(f"{cfg.catalogue}: no tags in the training split; the pretext task needs tagged illustrations")
+    labels = multi_hot(tags, vocab)
+    data = pa.table({
+        "illust_id": table.column("illust_id"),
+        "image_uri": table.column("image_uri"),
+        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel()), len(vocab)),
+    })
+    return data, vocab, is_val
+
+
+def frequency_baseline(labels: np.ndarray, is_val: np.ndarray) -> dict[str, float]:
+    """mAP/micro-F1 of scoring every validation image with the training tag frequencies."""
+    prior = labels[~is_val].mean(0)
+    return _metrics(np.tile(prior, (int(is_val.sum()), 1)), labels[is_val])
+
+
+def run(cfg: PretrainImageConfig) -> dict:
+    """Train, export the encoder, return a summary (also logged to MLflow)."""
+    import mlflow
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from umair.image.checkpoint import save_encoder
+    from umair.image.encoder import DualEncoder
+
+    t_start = time.perf_counter()
+    data, vocab, is_val = prepare_data(cfg)
+    labels = np.stack(data.column("labels").to_numpy(zero_copy_only=False))
+    baseline = frequency_baseline(labels, is_val)
+    print(f"[pretrain-image] {data.num_rows} illustrations ({int(is_val.sum())} validation), {len(vocab)} tags; "
+          f"tag-frequency baseline mAP={baseline['mAP']:.4f}", flush=True)
+
+    run_dir = os.path.abspath(os.path.join(cfg.checkpoint_dir, cfg.run_name)) if not storage.is_s3(cfg.checkpoint_dir) else storage.join(cfg.checkpoint_dir, cfg.run_name)
+    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name)
+    client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
+    vocab_hash = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
+    data_version = hashlib.sha256(data.column("illust_id").to_numpy().tobytes() + cfg.catalogue.encode()).hexdigest()[:16]
+    params = {"backbone": cfg.encoder.backbone, "image_size": cfg.encoder.image_size, "epochs": cfg.epochs,
+              "batch_size": cfg.batch_size, "lr": cfg.lr, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
+              "n_tags": len(vocab), "tag_vocab_hash": vocab_hash, "data_version": data_version, "catalogue": cfg.catalogue}
+    existing = client.get_run(run_id).data.params
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in existing])
+    client.log_metric(run_id, "baseline_val_mAP", baseline["mAP"])
+
+    init_ray(cfg.ray)
+    decode = DecodeRows
+    common = dict(fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_cfg": cfg.storage.model_dump()},
+                  batch_size=cfg.batch_size, concurrency=1)
+    train_ds = ray.data.from_arrow(data.filter(pa.array(~is_val))).random_shuffle(seed=cfg.seed).map_batches(decode, **common)
+    val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**cfg.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "seed", "use_gpu"}),
+                           "encoder": cfg.encoder.model_dump(), "n_tags": len(vocab), "run_id": run_id,
+                           "tracking_uri": cfg.mlflow.resolved_uri()},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=cfg.run_name, storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    result = trainer.fit()
+    import torch
+
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    model = DualEncoder(cfg.encoder, n_tags=len(vocab))
+    model.load_state_dict(state["model"])
+    manifest = save_encoder(model, cfg.output, tag_vocabulary=vocab, tag_vocab_hash=vocab_hash,
+                            training_data_version=data_version, catalogue=cfg.catalogue, epochs=state["epoch"] + 1,
+                            final_metrics={k: float(v) for k, v in result.metrics.items()}, baseline=baseline, mlflow_run_id=run_id)
+    client.log_text(run_id, json.dumps(manifest, indent=2), "encoder/manifest.json")
+    client.set_terminated(run_id, "FINISHED")
+    summary = {"encoder": cfg.output, "version": manifest["version"], "epochs": state["epoch"] + 1,
+               "val_mAP": result.metrics.get("val_mAP"), "baseline_val_mAP": baseline["mAP"],
+               "val_micro_f1": result.metrics.get("val_micro_f1"), "decode_failures": result.metrics.get("decode_failures"),
+               "wall_s": round(time.perf_counter() - t_start, 1), "mlflow_run_id": run_id}
+    print("[pretrain-image] done: " + json.dumps(summary), flush=True)
+    return summary

@@ -1,0 +1,68 @@
+"""Starting or joining Ray, and MLflow runs that survive a driver restart."""
+
+from __future__ import annotations
+
+import os
+
+from umair import storage
+from umair.config import Settings
+
+
+class RayConfig(Settings):
+    """address: None starts a local Ray (local mode); "auto" joins the cluster this runs on.
+    num_cpus: logical CPUs of a local Ray (more than physical cores is fine: it lets data
+    tasks run beside training workers)."""
+
+    address: str | None = None
+    num_cpus: int | None = 4
+
+
+class MlflowConfig(Settings):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "umair"
+
+    def resolved_uri(self) -> str:
+        """Relative sqlite paths made absolute (Ray workers run in other directories)."""
+        prefix = "sqlite:///"
+        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
+            path = os.path.abspath(self.tracking_uri[len(prefix):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return prefix + path
+        return self.tracking_uri
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str) -> str:
+    """The MLflow run id for a job whose state lives in ``run_dir``: a rerun after a crash
+    continues the same MLflow run instead of starting a new one."""
+    import mlflow
+
+    marker = storage.join(run_dir, "mlflow_run_id")
+    mlflow.set_tracking_uri(cfg.resolved_uri())
+    experiment = mlflow.set_experiment(cfg.experiment)
+    if storage.exists(marker):
+        run_id = storage.read_bytes(marker).decode().strip()
+        client = mlflow.MlflowClient()
+        try:
+            client.get_run(run_id)
+            client.set_terminated(run_id, status="RUNNING")
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            pass
+    run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=run_name)
+    storage.write_bytes(marker, run.info.run_id.encode())
+    return run.info.run_id

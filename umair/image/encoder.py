@@ -1,0 +1,126 @@
+"""The dual-output image encoder E_img: one ResNet backbone, two outputs.
+
+* e_SEM = mean pooling of the last conv stage (2048-d for ResNet50/101, 512-d for 18/34).
+* e_STY = style from channel Gram matrices of early residual blocks. For each chosen
+  block output F (C×H·W), G = F Fᵀ / (H·W); the max over one channel axis of G gives a
+  C-vector; the vectors of all chosen blocks are stacked and max-pooled again into one
+  C-vector (256-d on ResNet50/101 with ``layer1.0..2``; 64-d on ResNet18/34).
+
+The classifier head used by the pretext task (multi-label tags) is optional, so the
+exported encoder carries only the backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torchvision
+from torch import nn
+
+from umair.config import Settings
+
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+LAYER1_BLOCKS = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "resnet101": 3}
+
+
+class EncoderSpec(Settings):
+    """What defines an encoder's outputs; stored with every checkpoint.
+
+    style_layers: names of residual blocks (``layer1.0`` ...) whose Gram matrices make
+        e_STY; they must have the same channel count. Default: the first three blocks of
+        layer1 (two on ResNet18, which has only two there).
+    image_size: images are resized to image_size × image_size and scaled to [0, 1]
+        (the authors use 512).
+    """
+
+    backbone: Backbone = "resnet101"
+    image_size: int = 512
+    style_layers: tuple[str, ...] | None = None
+
+    def resolved_style_layers(self) -> tuple[str, ...]:
+        if self.style_layers:
+            return tuple(self.style_layers)
+        return tuple(f"layer1.{i}" for i in range(LAYER1_BLOCKS[self.backbone]))
+
+
+class DualOutput(NamedTuple):
+    sem: torch.Tensor  # [B, D_sem]
+    sty: torch.Tensor  # [B, C_sty]
+    logits: torch.Tensor | None  # [B, n_tags] when the model has a tag head
+
+
+def gram_style(feature_maps: list[torch.Tensor]) -> torch.Tensor:
+    """e_STY from a list of [B, C, H, W] maps (same C): max-reduced Gram matrices, max-pooled.
+
+    Returns [B, C]. Computed in float32 whatever the input dtype (Gram sums overflow fp16).
+    """
+    vectors = []
+    for f in feature_maps:
+        b, c, h, w = f.shape
+        flat = f.float().reshape(b, c, h * w)
+        gram = torch.bmm(flat, flat.transpose(1, 2)) / (h * w)  # [B, C, C]
+        vectors.append(gram.amax(dim=2))  # max over one channel axis -> [B, C]
+    return torch.stack(vectors, dim=1).amax(dim=1)
+
+
+class DualEncoder(nn.Module):
+    """ResNet backbone returning (e_SEM, e_STY[, tag logits])."""
+
+    def __init__(self, spec: EncoderSpec, n_tags: int = 0, weights: str | None = None):
+        super().__init__()
+        self.spec = spec
+        builder = getattr(torchvision.models, spec.backbone)
+        net = builder(weights=weights)  # weights: a torchvision enum name such as "IMAGENET1K_V2", or None
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.sem_dim = net.fc.in_features
+        self.style_layers = spec.resolved_style_layers()
+        modules = dict(self.named_modules())
+        missing = [n for n in self.style_layers if n not in modules]
+        if missing:
+            raise ValueError(f"style layers {missing} do not exist in {spec.backbone}")
+        channels = {self._out_channels(modules[n]) for n in self.style_layers}
+        if len(channels) != 1:
+            raise ValueError(f"style layers {self.style_layers} must share one channel count, found {sorted(channels)}")
+        self.sty_dim = channels.pop()
+        self.head = nn.Linear(self.sem_dim, n_tags) if n_tags else None
+        self._captured: list[torch.Tensor] = []
+        for name in self.style_layers:
+            modules[name].register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+
+    @staticmethod
+    def _out_channels(block: nn.Module) -> int:
+        last_bn = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+        return last_bn[-1].num_features if not hasattr(block, "bn3") else block.bn3.num_features
+
+    def forward(self, images: torch.Tensor) -> DualOutput:
+        """images: [B, 3, S, S] floats in [0, 1]."""
+        self._captured = []
+        x = self.stem(images)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        sem = x.mean(dim=(2, 3))
+        sty = gram_style(self._captured)
+        self._captured = []
+        logits = self.head(sem) if self.head is not None else None
+        return DualOutput(sem, sty, logits)
+
+
+@torch.inference_mode()
+def encode(model: DualEncoder, images: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: float32 on CPU; bf16 autocast and channels_last on a GPU.
+
+    images: [B, 3, S, S] uint8 or float in [0, 1]. Returns float32 (e_SEM, e_STY) on CPU.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = images.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    model.eval()
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+    else:
+        out = model(x)
+    return out.sem.float().cpu(), out.sty.float().cpu()
