@@ -7,6 +7,7 @@ keys of that file. ``umair JOB --help`` describes each.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -14,6 +15,13 @@ import time
 from umair import config as cfg
 from umair.contracts import ContractError
 from umair.storage import StorageError
+
+
+# Ray jobs: each module defines register(subparsers) adding its subcommand.
+# Imported lazily inside their handlers is Ray itself, so `umair --help` stays fast.
+JOB_MODULES = [
+    "pipelines.pretrain_image",
+]
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -69,15 +77,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings)
 
 
-def cmd_pretrain_image(args: argparse.Namespace) -> int:
-    from pipelines.pretrain_image import PretrainImageConfig, run
-
-    overrides = {k: v for k, v in (("catalogue", args.catalogue), ("output", args.output), ("epochs", args.epochs),
-                                   ("num_workers", args.num_workers), ("run_name", args.run_name)) if v is not None}
-    run(cfg.load_config(args.config, PretrainImageConfig, overrides))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umair",
@@ -101,14 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("pretrain-image", help="pretext tag training of the dual image encoder (Ray Train)")
-    p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/pretrain_image.yaml)")
-    p.add_argument("--catalogue", help="illustrations table (overrides the config)")
-    p.add_argument("--output", help="where the exported encoder goes (overrides the config)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--run-name", help="a rerun with the same name resumes from its latest checkpoint")
-    p.set_defaults(func=cmd_pretrain_image)
+    for module in JOB_MODULES:
+        importlib.import_module(module).register(sub)
 
     p = sub.add_parser("demo", help="the main job end to end on the embedded sample world")
     p.add_argument("--config", default="pipelines/configs/demo.yaml", help="demo settings YAML")

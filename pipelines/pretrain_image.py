@@ -287,3 +287,23 @@ def run(cfg: PretrainImageConfig) -> dict:
                "wall_s": round(time.perf_counter() - t_start, 1), "mlflow_run_id": run_id}
     print("[pretrain-image] done: " + json.dumps(summary), flush=True)
     return summary
+
+
+def register(sub) -> None:
+    """Add ``umair pretrain-image`` to the CLI."""
+    from umair.config import load_config
+
+    def handler(args) -> int:
+        overrides = {k: v for k, v in (("catalogue", args.catalogue), ("output", args.output), ("epochs", args.epochs),
+                                       ("num_workers", args.num_workers), ("run_name", args.run_name)) if v is not None}
+        run(load_config(args.config, PretrainImageConfig, overrides))
+        return 0
+
+    p = sub.add_parser("pretrain-image", help="pretext tag training of the dual image encoder (Ray Train)")
+    p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/pretrain_image.yaml)")
+    p.add_argument("--catalogue", help="illustrations table (overrides the config)")
+    p.add_argument("--output", help="where the exported encoder goes (overrides the config)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--run-name", help="a rerun with the same name resumes from its latest checkpoint")
+    p.set_defaults(func=handler)
