@@ -35,8 +35,8 @@ class PretrainImageConfig(Settings):
     top_tags: int = 100
     val_fraction: float = 0.2
     epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = 32  # global: each of the N workers takes batch_size / N
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     num_workers: int = 2
     use_gpu: bool = False
@@ -135,6 +135,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = prepare_model(model)
     device = next(model.parameters()).device
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    per_worker_batch = max(1, config["batch_size"] // world)  # batch_size is the global batch
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
@@ -149,7 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model.train()
         t0 = time.perf_counter()
         loss_sum = seen = failed = 0.0
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
+        for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device):
             ok = batch["ok"].bool()
             failed += float((~ok).sum())
             if not ok.any():
@@ -239,11 +240,17 @@ def run(cfg: PretrainImageConfig) -> dict:
     print(f"[pretrain-image] {data.num_rows} illustrations ({int(is_val.sum())} validation), {len(vocab)} tags; "
           f"tag-frequency baseline mAP={baseline['mAP']:.4f}", flush=True)
 
+    vocab_hash = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
+    data_version = hashlib.sha256(data.column("illust_id").to_numpy().tobytes() + "\n".join(vocab).encode()).hexdigest()[:16]
     run_dir = os.path.abspath(os.path.join(cfg.checkpoint_dir, cfg.run_name)) if not storage.is_s3(cfg.checkpoint_dir) else storage.join(cfg.checkpoint_dir, cfg.run_name)
+    marker = storage.join(run_dir, "data_version")
+    if storage.exists(marker) and storage.read_bytes(marker).decode() != data_version:
+        raise ValueError(f"{run_dir} holds checkpoints of run '{cfg.run_name}' trained on other data "
+                         f"({storage.read_bytes(marker).decode()} vs {data_version} now); resuming would mix them. "
+                         f"Use a new run_name or delete that directory.")
+    storage.write_bytes(marker, data_version.encode())
     run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
-    vocab_hash = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
-    data_version = hashlib.sha256(data.column("illust_id").to_numpy().tobytes() + cfg.catalogue.encode()).hexdigest()[:16]
     params = {"backbone": cfg.encoder.backbone, "image_size": cfg.encoder.image_size, "epochs": cfg.epochs,
               "batch_size": cfg.batch_size, "lr": cfg.lr, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
               "n_tags": len(vocab), "tag_vocab_hash": vocab_hash, "data_version": data_version, "catalogue": cfg.catalogue}

@@ -40,8 +40,11 @@ class SampleConfig(Settings):
 
 
 class DemoConfig(Settings):
+    """The README's main job: a sample world, then each stage (job name -> its config file), in order."""
+
     world: SampleConfig
     storage: StorageConfig = StorageConfig()
+    stages: dict[str, str] = Field(default_factory=dict)
 
 
 class ConfigError(ValueError):

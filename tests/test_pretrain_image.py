@@ -1,0 +1,105 @@
+"""Pretext training with Ray Train on 2 local workers: kill after a checkpoint, resume,
+and the exported encoder separates style (e_STY) from content (e_SEM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from umair import storage
+from umair.image.checkpoint import load_encoder
+from umair.image.encoder import encode
+from umair.image.preprocess import decode_image
+from umair.sample.world import write_world
+
+UMAIR = str(Path(sys.executable).parent / "umair")
+EPOCHS = 10
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Run the job, SIGKILL it after its first checkpoint, rerun it to completion."""
+    root = tmp_path_factory.mktemp("pretrain")
+    world = write_world(str(root / "world"), "small", seed=5, progress=False)  # 600 illustrations, 48 px
+    conf = {
+        "catalogue": str(root / "world" / "illustrations.parquet"),
+        "output": str(root / "encoder"),
+        "encoder": {"backbone": "resnet18", "image_size": 48},
+        "epochs": EPOCHS, "batch_size": 32, "lr": 0.002, "num_workers": 2, "seed": 0,
+        "run_name": "t-pretrain", "checkpoint_dir": str(root / "ray_results"),
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t-pretrain"},
+    }
+    (root / "conf.yaml").write_text(yaml.safe_dump(conf))
+    cmd = [UMAIR, "pretrain-image", "--config", str(root / "conf.yaml")]
+    run_dir = root / "ray_results" / "t-pretrain"
+    with open(root / "first.log", "wb") as log:
+        first = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            if run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()):
+                time.sleep(1.0)  # let the checkpoint's snapshot be written
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, (root / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    second = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {"root": root, "world": world, "first_log": (root / "first.log").read_text(), "second": second.stdout + second.stderr, "conf": conf}
+
+
+def test_killed_run_resumes_from_its_checkpoint(pretrained):
+    out = pretrained["second"]
+    assert "resuming from the checkpoint of epoch" in out
+    resumed_from = int(out.split("resuming from the checkpoint of epoch ")[1].split(";")[0])
+    assert 0 <= resumed_from < EPOCHS - 1
+    # The rerun trained only the epochs after the checkpoint.
+    assert f"epoch {resumed_from}: " not in out.split("resuming from")[1]
+    assert f"epoch {EPOCHS - 1}: " in out
+    # One MLflow run holds every epoch's metrics, across both processes.
+    mlflow.set_tracking_uri(pretrained["conf"]["mlflow"]["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=["t-pretrain"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_mAP")
+    assert sorted({m.step for m in history}) == list(range(EPOCHS))
+
+
+def test_pretext_beats_the_tag_frequency_baseline_and_exports_a_manifest(pretrained):
+    model, manifest = load_encoder(pretrained["conf"]["output"])
+    assert manifest["epochs"] == EPOCHS and model.head is None
+    assert manifest["final_metrics"]["val_mAP"] > manifest["baseline"]["mAP"] + 0.05
+    assert len(manifest["tag_vocabulary"]) > 10 and manifest["tag_vocab_hash"]
+
+
+def test_style_and_semantic_outputs_separate_the_planted_factors(pretrained):
+    model, _ = load_encoder(pretrained["conf"]["output"])
+    world = pretrained["world"]
+    n = 300
+    uris = world.illustrations.column("image_uri").to_pylist()[:n]
+    x = torch.from_numpy(np.stack([decode_image(storage.read_bytes(u), 48) for u in uris])).permute(0, 3, 1, 2)
+    sem, sty = encode(model, x, "cpu")
+    style = world.truth_items.column("style").to_numpy()[:n]
+    content = world.truth_items.column("content").to_numpy()[:n]
+    same_style = (style[:, None] == style[None]) & (content[:, None] != content[None])
+    same_content = (style[:, None] != style[None]) & (content[:, None] == content[None])
+
+    def mean_cos(e: torch.Tensor, mask: np.ndarray) -> float:
+        e = torch.nn.functional.normalize(e - e.mean(0), dim=1)  # centred cosine
+        return float((e @ e.T).numpy()[mask].mean())
+
+    sty_ss, sty_sc = mean_cos(sty, same_style), mean_cos(sty, same_content)
+    sem_ss, sem_sc = mean_cos(sem, same_style), mean_cos(sem, same_content)
+    print(f"e_STY: same-style {sty_ss:.3f} vs same-content {sty_sc:.3f}; e_SEM: same-style {sem_ss:.3f} vs same-content {sem_sc:.3f}")
+    assert sty_ss > sty_sc + 0.3
+    assert sem_sc > sem_ss + 0.1
