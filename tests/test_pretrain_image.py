@@ -23,8 +23,8 @@ from umair.image.preprocess import decode_image
 from umair.sample.world import write_world
 
 UMAIR = str(Path(sys.executable).parent / "umair")
-EPOCHS = 10
-pytestmark = pytest.mark.slow
+EPOCHS = 14
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,43 @@
+"""The multi-perspective text encoder E^text (paper §2.3) and e_TSEM.
+
+- :mod:`umair.text.pairs`: text pairs from three perspectives (multilingual name
+  mappings, relations between entities, term explanations) read from TSV, JSONL or
+  parquet, with a report of bad rows.
+- :mod:`umair.text.finetune`: fine-tune a Sentence-Transformers model on the pairs
+  (in-batch negatives), with CJK characters unknown to the tokenizer added as tokens;
+  held-out retrieval before/after; a saved directory with ``umair_manifest.json``.
+- :mod:`umair.text.tag_embeddings`: e_TSEM per illustration from its tags.
+
+Importing this package is cheap; the torch-heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from umair.text.pairs import PAIRS_SCHEMA, BadRow, BadRowsError, PairBuild, PairSource, build_pairs, pairs_table, read_pairs, write_pairs
+
+_LAZY = {
+    "FinetuneConfig": "umair.text.finetune",
+    "FinetuneResult": "umair.text.finetune",
+    "TextEncoder": "umair.text.finetune",
+    "finetune": "umair.text.finetune",
+    "load_text_encoder": "umair.text.finetune",
+    "add_cjk_tokens": "umair.text.finetune",
+    "retrieval_metrics": "umair.text.finetune",
+    "embed_tags": "umair.text.tag_embeddings",
+    "TagEmbeddingStats": "umair.text.tag_embeddings",
+}
+
+__all__ = [
+    "PAIRS_SCHEMA", "BadRow", "BadRowsError", "PairBuild", "PairSource", "build_pairs", "pairs_table",
+    "read_pairs", "write_pairs", *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'umair.text' has no attribute {name!r}")
