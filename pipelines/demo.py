@@ -16,6 +16,7 @@ from umair.sample.world import load_world, summarize, write_world
 # stage name -> (module, settings class name); each module has run(settings)
 STAGES = {
     "pretrain-image": ("pipelines.pretrain_image", "PretrainImageConfig"),
+    "finetune-text": ("pipelines.finetune_text", "FinetuneTextConfig"),
 }
 
 
