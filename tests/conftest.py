@@ -112,7 +112,9 @@ def s3_server(tmp_path_factory):
     try:
         _wait_http(endpoint, 30)
         _wait_bucket(endpoint, 30)
-        yield S3Server(endpoint, BUCKET, root, proc, args)
+        server = S3Server(endpoint, BUCKET, root, proc, args)
+        yield server
+        proc = server.proc  # a test may have restarted the server
     finally:
         proc.terminate()
         try:

@@ -4,7 +4,16 @@
 input), whatever the file: JPEG (incl. CMYK), PNG (8/16-bit, palette with
 transparency, greyscale, RGBA), GIF (first frame), WebP... Transparent pixels are
 composited on white. Absurd dimensions are refused from the header, before any pixel
-is decoded. Failures raise :class:`DecodeError` with a short reason.
+is decoded. Failures raise :class:`DecodeError` with a short reason:
+
+- ``empty``: zero bytes;
+- ``not_an_image``: no known image format (random bytes, HTML error pages...);
+- ``too_large``: the header claims more than ``max_pixels`` pixels (decompression bombs);
+- ``corrupt``: a known format that fails to decode (truncated files, bad chunks...).
+
+Samples deeper than 8 bits are scaled to 8 bits by their bit depth: 16-bit files
+(``I;16*``) by 65535, float images (``F``) in [0, 1] by 1, other 32-bit integer images
+by 65535 when they exceed 255 (Pillow opens some 16-bit files as ``I``), else by 255.
 """
 
 from __future__ import annotations
@@ -26,15 +35,26 @@ class DecodeError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
+def _deep_to_l(img: Image.Image) -> Image.Image:
+    """A single-channel image deeper than 8 bits (I;16*, I, F) as 8-bit greyscale ``L``."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and arr.size and np.nanmin(arr) >= 0.0 and np.nanmax(arr) <= 1.0:
+        top = 1.0
+    else:
+        top = 65535.0 if arr.size and np.nanmax(arr) > 255 else 255.0
+    scaled = np.nan_to_num(arr / top * 255.0, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA") if ("transparency" in img.info or img.mode == "PA") else img.convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = _deep_to_l(img)
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -62,12 +82,14 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
             return np.asarray(rgb, dtype=np.uint8)
     except DecodeError:
         raise
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError("too_large", str(err)) from err
     except Image.UnidentifiedImageError as err:
         raise DecodeError("not_an_image", "bytes are not a known image format") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise DecodeError("corrupt", str(err) or type(err).__name__) from err
+    except Exception as err:  # decoders of rare formats raise assorted types (EOFError, struct.error, ...)
+        raise DecodeError("corrupt", f"{type(err).__name__}: {err}") from err
 
 
 def to_tensor_batch(images: np.ndarray):
