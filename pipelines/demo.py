@@ -8,6 +8,8 @@ code a cluster runs, in Ray's local mode.
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import time
 
 from umair.config import DemoConfig, load_config
@@ -17,6 +19,7 @@ from umair.sample.world import load_world, summarize, write_world
 STAGES = {
     "pretrain-image": ("pipelines.pretrain_image", "PretrainImageConfig"),
     "finetune-text": ("pipelines.finetune_text", "FinetuneTextConfig"),
+    "extract": ("pipelines.extract", "ExtractConfig"),
 }
 
 
@@ -35,6 +38,9 @@ def run_demo(settings: DemoConfig) -> int:
         stage_settings[name] = load_config(path, getattr(importlib.import_module(module), cls))
     storage = settings.storage.to_settings()
     total = time.perf_counter()
+    if settings.clean_dir and os.path.isdir(settings.clean_dir):
+        print(f"removing the previous demo outputs in {settings.clean_dir}")
+        shutil.rmtree(settings.clean_dir)
 
     t = _stage("sample world")
     w = settings.world

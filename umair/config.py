@@ -44,6 +44,7 @@ class DemoConfig(Settings):
 
     world: SampleConfig
     storage: StorageConfig = StorageConfig()
+    clean_dir: str | None = Field(None, description="local directory deleted before the run, for a fresh demo")
     stages: dict[str, str] = Field(default_factory=dict)
 
 
