@@ -21,6 +21,8 @@ from umair.storage import StorageError
 # Imported lazily inside their handlers is Ray itself, so `umair --help` stays fast.
 JOB_MODULES = [
     "pipelines.pretrain_image",
+    "pipelines.finetune_text",
+    "pipelines.extract",
 ]
 
 
