@@ -23,6 +23,8 @@ JOB_MODULES = [
     "pipelines.pretrain_image",
     "pipelines.finetune_text",
     "pipelines.extract",
+    "pipelines.train",
+    "pipelines.evaluate",
 ]
 
 

@@ -20,6 +20,8 @@ STAGES = {
     "pretrain-image": ("pipelines.pretrain_image", "PretrainImageConfig"),
     "finetune-text": ("pipelines.finetune_text", "FinetuneTextConfig"),
     "extract": ("pipelines.extract", "ExtractConfig"),
+    "train": ("pipelines.train", "TrainConfig"),
+    "evaluate": ("pipelines.evaluate", "EvaluateConfig"),
 }
 
 

@@ -1,0 +1,269 @@
+"""Evaluate job: score a trained model on the later window and explain it.
+
+Loads a model written by ``umair train`` (weights, ModelConfig, FeatureSpace), scores the
+interactions with ``ts >= split`` (the model's own training split unless a later one is
+given; an earlier one is refused), and reports
+
+- AUC, logloss (BCE of ŷ = σ(logit)) and GAUC (per-user AUC weighted by the user's
+  impressions; users with one class are skipped and counted);
+- the same per user segment, and the mean effective modality weight
+  ``ᾱ_j = Σ_k β_k α_{k,j}`` per modality per segment (each user's impressions averaged,
+  then users averaged). Segments come from a table with ``user_id`` and a segment
+  column (default: a sample world's ``truth/users.parquet``, column ``taste``); without
+  one every user is in ``"all"``.
+
+The report is printed, written as JSON (``MODEL/evaluation.json`` by default) and logged
+to MLflow (its own run, tagged with the training run's id). Scoring runs in this process
+in batches: the test window of one evaluation fits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from pipelines.ray_runtime import MlflowConfig
+from pipelines.train import (
+    Inputs,
+    SavedModel,
+    ensure_experiment,
+    inspect_features,
+    absolute,
+    load_lookup,
+    load_model,
+    read_inputs,
+    score_rows,
+    window_metrics,
+)
+from umair import storage
+from umair.config import Settings, StorageConfig
+from umair.metrics import mean_attention
+from umair.model.features import (
+    FeatureError,
+    FeaturesInfo,
+    ItemPool,
+    NegativeSettings,
+    attach_rows,
+    check_dims,
+    parse_time,
+    require_both_labels,
+    window,
+    with_negatives,
+)
+
+TAG = "[evaluate]"
+
+
+class EvaluateConfig(Settings):
+    """Settings of ``umair evaluate`` (see pipelines/configs/evaluate.yaml)."""
+
+    model: str = Field(..., description="a model directory written by umair train")
+    world: str | None = Field(None, description="a sample world: its tables and truth/users.parquet segments")
+    illustrations: str | None = Field(None, description="default: the world's, else the table the model was trained on")
+    users: str | None = None
+    interactions: str | None = None
+    item_features: str | None = Field(None, description="default: the features the model was trained on")
+    split: str | None = Field(None, description="start of the test window; default: the model's training split")
+    end: str | None = Field(None, description="end of the test window (exclusive); default: open")
+    segments: str | None = Field(None, description="table with user_id and segment_column; default: WORLD/truth/users.parquet")
+    segment_column: str = "taste"
+    negatives: NegativeSettings = NegativeSettings(seed=1)
+    batch_size: int = Field(4096, ge=1)
+    output: str | None = Field(None, description="JSON report; default: MODEL/evaluation.json")
+    run_name: str = "evaluate"
+    mlflow: MlflowConfig = MlflowConfig(experiment="umair-train")
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("split", "end")
+    @classmethod
+    def _iso(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_time(v)  # an ISO date or datetime, e.g. 2021-10-01
+        return v
+
+
+def resolve(cfg: EvaluateConfig, saved: SavedModel, settings: storage.StorageSettings | None) -> tuple[Inputs, str | None]:
+    """Tables (explicit > world > the model's training data; the feature set the model
+    was trained on), the test-window start and the segments table."""
+    trained = saved.meta["data"]
+    uris = {}
+    for k in ("illustrations", "users", "interactions"):
+        uris[k] = getattr(cfg, k) or (storage.join(cfg.world, f"{k}.parquet") if cfg.world else trained[k])
+    split = parse_time(cfg.split or saved.meta["split"])
+    if split < parse_time(saved.meta["split"]):
+        raise FeatureError(
+            f"the test window must start at or after the model's training split {saved.meta['split']}, got {split.isoformat()}"
+        )
+    segments = cfg.segments
+    if segments is None and cfg.world:
+        candidate = storage.join(cfg.world, "truth", "users.parquet")
+        segments = candidate if storage.exists(candidate, settings) else None
+    return Inputs(absolute(uris["illustrations"]), absolute(uris["users"]), absolute(uris["interactions"]),
+                  absolute(cfg.item_features or trained["item_features"]), split.isoformat(),
+                  trained.get("encoder_version"), trained.get("text_version")), segments
+
+
+def check_encoders(info: FeaturesInfo, saved: SavedModel) -> None:
+    """The features must come from the encoders the model was trained on."""
+    trained = saved.meta.get("encoder_versions", {})
+    now = info.encoder_versions()
+    differ = {k: (v, now[k]) for k, v in trained.items() if k in now and now[k] != v}
+    if differ:
+        k, (old, new) = next(iter(differ.items()))
+        raise FeatureError(f"{info.uri}: {k} is {new!r}, but the model was trained on features from {old!r}")
+
+
+def segment_map(uri: str | None, column: str, settings: storage.StorageSettings | None) -> dict[int, str]:
+    """user_id -> segment from a table with ``user_id`` and ``column`` (empty without one)."""
+    if uri is None:
+        return {}
+    table = storage.read_parquet(uri, settings)
+    if "user_id" not in table.column_names or column not in table.column_names:
+        raise FeatureError(f"{uri}: expected columns 'user_id' and '{column}' (columns: {', '.join(table.column_names)})")
+    return {int(u): str(s) for u, s in zip(table.column("user_id").to_pylist(), table.column(column).to_pylist()) if s is not None}
+
+
+def segment_report(
+    users: np.ndarray, labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None,
+    modalities: list[str], segments: dict[int, str],
+) -> dict[str, dict[str, Any]]:
+    """Per segment (``all`` first): rows, users, AUC, logloss, GAUC and mean ᾱ per modality."""
+    alpha = mean_attention(users, weights, modalities, segments) if weights is not None else {}
+    seg_of_row = np.array([segments.get(int(u), "") for u in users], dtype=object)
+    names = ["all"] + sorted({s for s in seg_of_row if s})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mask = np.ones(len(users), bool) if name == "all" else seg_of_row == name
+        m = window_metrics(users[mask], labels[mask], probs[mask])
+        out[name] = {"rows": int(mask.sum()), "users": int(len(np.unique(users[mask]))), **m,
+                     "alpha": {k: v for k, v in alpha.get(name, {}).items() if k != "users"}}
+    return out
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"{TAG} {report['model']} ({report['variant']}) on {report['rows']} rows from {report['window']['start']}: "
+          f"AUC={report['auc']:.4f} logloss={report['logloss']:.4f} GAUC={report['gauc']:.4f} "
+          f"({report['gauc_users']} users with both classes)", flush=True)
+    mods = report["modalities"]
+    head = f"  {'segment':<12} {'rows':>6} {'users':>5} {'AUC':>7} {'logloss':>8} {'GAUC':>7}" + "".join(f" {'α ' + m:>8}" for m in mods)
+    print(head)
+    for name, s in report["segments"].items():
+        alpha = "".join(f" {s['alpha'].get(m, float('nan')):>8.3f}" for m in mods)
+        print(f"  {name:<12} {s['rows']:>6} {s['users']:>5} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['gauc']:>7.4f}{alpha}")
+
+
+def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
+    import mlflow
+
+    ensure_experiment(cfg.mlflow)
+    client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    tags = {"umair.job": "evaluate", "umair.model": cfg.model}
+    if report.get("train_run_id"):
+        tags["umair.train_run_id"] = report["train_run_id"]
+    run = client.create_run(exp.experiment_id, run_name=cfg.run_name, tags=tags)
+    rid = run.info.run_id
+    params = {"model": cfg.model, "variant": report["variant"], "window_start": report["window"]["start"],
+              "window_end": report["window"]["end"], "segments": report["segments_source"] or "none",
+              "negatives": json.dumps(report["negatives"], sort_keys=True)}
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(f"test_{k}", float(report[k]), now, 0) for k in ("auc", "logloss", "gauc")]
+    for name, s in report["segments"].items():
+        for k in ("auc", "logloss", "gauc"):
+            metrics.append(mlflow.entities.Metric(f"{name}.{k}", float(s[k]), now, 0))
+        for m, v in s["alpha"].items():
+            metrics.append(mlflow.entities.Metric(f"{name}.alpha_{m}", float(v), now, 0))
+    client.log_batch(rid, metrics=[m for m in metrics if np.isfinite(m.value)],
+                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "evaluation.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        client.log_artifact(rid, path)
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Score the test window; print, save and log the report; return it."""
+    import torch
+
+    t0 = time.perf_counter()
+    settings = cfg.storage.to_settings()
+    saved = load_model(cfg.model, settings)
+    inputs, segments_uri = resolve(cfg, saved, settings)
+    ill, users, inter = read_inputs(inputs, settings)
+    test = window(inter, start=inputs.split, end=cfg.end)
+    if test.num_rows == 0:
+        raise FeatureError(f"{inputs.interactions}: the test window (ts >= {inputs.split}"
+                           f"{f', < {cfg.end}' if cfg.end else ''}) is empty")
+    info, _ = inspect_features(inputs, settings)
+    check_dims(info, {m: getattr(saved.config, f"d_{m}") for m in saved.modalities})
+    check_encoders(info, saved)
+    pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, window(inter, end=saved.meta["split"]))
+    test, negatives = with_negatives(test, pool, cfg.negatives, inputs.interactions)
+    require_both_labels(test, f"{inputs.interactions}: test window")
+    rows = attach_rows(test, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
+                       f"{inputs.interactions} (test window)")
+    lookup, user_table, _ = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
+    user_rows = rows.column("user_row").to_numpy()
+    scores = score_rows(saved.model, lookup, torch.as_tensor(user_rows), torch.as_tensor(rows.column("item_row").to_numpy()),
+                        cfg.batch_size)
+    user_ids = user_table.user_ids[user_rows]
+    labels = rows.column("label").to_numpy()
+    seg = segment_map(segments_uri, cfg.segment_column, settings)
+    modalities = list(saved.config.modalities)
+    per_segment = segment_report(user_ids, labels, scores.probs, scores.weights, modalities, seg)
+    overall = per_segment["all"]
+    report: dict[str, Any] = {
+        "model": cfg.model,
+        "variant": saved.meta.get("variant", "full"),
+        "window": {"start": inputs.split, "end": cfg.end},
+        "rows": int(len(labels)),
+        "positives": int(labels.sum()),
+        "users": overall["users"],
+        "auc": overall["auc"],
+        "logloss": overall["logloss"],
+        "gauc": overall["gauc"],
+        "gauc_users": overall["gauc_users"],
+        "gauc_skipped": overall["gauc_skipped"],
+        "gauc_weighting": "impressions",
+        "modalities": modalities,
+        "segments_source": segments_uri,
+        "segment_column": cfg.segment_column if seg else None,
+        "segments": per_segment,
+        "negatives": negatives,
+        "train_run_id": saved.meta.get("mlflow_run_id"),
+    }
+    _print(report)
+    out = cfg.output or storage.join(cfg.model, "evaluation.json")
+    report["output"] = out
+    report["mlflow_run_id"] = _log(cfg, report)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    storage.write_bytes(out, json.dumps(report, indent=2, default=str).encode(), settings)
+    return report
+
+
+def register(sub: Any) -> None:
+    """Add ``umair evaluate`` to the CLI."""
+    from umair.config import load_config
+
+    def handler(args: Any) -> int:
+        overrides = {k: v for k, v in (("model", args.model), ("world", args.world), ("item_features", args.item_features),
+                                       ("output", args.output)) if v is not None}
+        run(load_config(args.config, EvaluateConfig, overrides))
+        return 0
+
+    p = sub.add_parser("evaluate", help="AUC, logloss, GAUC and modality attention of a trained model on the later window")
+    p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/evaluate.yaml)")
+    p.add_argument("--model", help="model directory written by umair train (overrides the config)")
+    p.add_argument("--world", help="sample world: tables and truth segments (overrides the config)")
+    p.add_argument("--item-features", help="item-features table (overrides the config)")
+    p.add_argument("--output", help="JSON report path (overrides the config)")
+    p.set_defaults(func=handler)
