@@ -135,3 +135,16 @@ def tiny_world(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("worlds") / "tiny"
     return write_world(str(out), "tiny", seed=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the whole test session, started after the S3 fixture exported
+    the credentials (Ray workers inherit the driver's environment at ray.init)."""
+    import ray
+
+    from pipelines.ray_runtime import RayConfig, init_ray
+
+    init_ray(RayConfig(num_cpus=4))
+    yield
+    ray.shutdown()

@@ -191,17 +191,6 @@ def test_shipped_config_is_valid():
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """One local Ray for this file, started after the S3 fixture exported the credentials
-    (Ray workers inherit the driver's environment)."""
-    import ray
-
-    from pipelines.ray_runtime import RayConfig, init_ray
-
-    init_ray(RayConfig())
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -308,14 +308,6 @@ def test_popularity_strategy_prefers_items_bookmarked_in_training():
 # --------------------------------------------------------------------------- Ray Train (slow)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (shared with other test modules)."""
-    import ray
-
-    init_ray(RayConfig(num_cpus=4))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -334,7 +326,7 @@ def _slow_cfg(tiny_world, tiny_features, root: Path, **kw) -> train.TrainConfig:
 
 
 @pytest.mark.slow
-def test_two_worker_training_saves_a_model_that_evaluate_loads(ray_session, tiny_world, tiny_features, tmp_path):
+def test_two_worker_training_saves_a_model_that_evaluate_loads(ray_local, tiny_world, tiny_features, tmp_path):
     cfg = _slow_cfg(tiny_world, tiny_features, tmp_path, epochs=2, batch_size=32, run_name="t-2workers")
     summary = train.run(cfg)
     assert summary["epochs"] == 2 and summary["attempt_start_epochs"] == [0]
@@ -374,7 +366,7 @@ def test_two_worker_training_saves_a_model_that_evaluate_loads(ray_session, tiny
 
 
 @pytest.mark.slow
-def test_training_reads_the_committed_output_of_the_extraction_job(ray_session, tiny_world, tmp_path):
+def test_training_reads_the_committed_output_of_the_extraction_job(ray_local, tiny_world, tmp_path):
     from pipelines import extract
 
     out = tmp_path / "extracted"
@@ -412,7 +404,7 @@ def _train_worker_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_world, tiny_features, tmp_path):
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_world, tiny_features, tmp_path):
     epochs = 6
     cfg = _slow_cfg(tiny_world, tiny_features, tmp_path, epochs=epochs, batch_size=8, eval_every_epoch=False,
                     max_failures=2, run_name="t-kill")

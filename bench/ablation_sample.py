@@ -1,0 +1,236 @@
+"""Benchmark: the paper's multimodal ablation (Table 4, first group) on the sample world.
+
+One world (same seed, same split), one item-features table, three training runs with
+the same settings: the full model, "w/o ALL" (no e_SEM / e_STY / e_TSEM: the DCN-V2
+baseline over id and metadata embeddings) and "w/o STY". Each is evaluated on the later
+window: AUC overall, AUC on style-driven users (the world's planted ``taste``), and the
+mean effective attention ᾱ(STY) of style-driven vs content-driven users.
+
+The item features here come from :func:`fixture_item_features`, a TEST/BENCH FIXTURE
+standing in for the extraction job (pipelines/extract.py): the dual image encoder
+(ResNet18, small images) run in-process over the world's images, e_SEM / e_STY from
+``umair.image.encoder.encode``, and e_TSEM = the mean of random but fixed per-tag vectors
+(seeded by a hash of the tag). With ``--pretext-epochs N`` the encoder is first trained
+briefly on the pretext task (multi-label tags, BCE), which gives e_SEM content; e_STY
+(Gram statistics of the early blocks) separates styles even with random weights.
+
+    .venv/bin/python bench/ablation_sample.py --out outputs/bench/ablation
+
+prints one line per variant and a JSON summary (also written to OUT/ablation.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# --------------------------------------------------------------------------- the fixture (not product code)
+
+
+def _tag_vector(tag: str, dim: int, seed: int) -> np.ndarray:
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{tag}".encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng(h).standard_normal(dim).astype(np.float32) / np.sqrt(dim)
+
+
+def fixture_tsem(tags: list[list[str]], dim: int, seed: int = 0) -> np.ndarray:
+    """FIXTURE e_TSEM: mean of random but fixed per-tag vectors (zeros without tags)."""
+    cache: dict[str, np.ndarray] = {}
+    out = np.zeros((len(tags), dim), np.float32)
+    for i, ts in enumerate(tags):
+        if ts:
+            out[i] = np.mean([cache.setdefault(t, _tag_vector(t, dim, seed)) for t in ts], axis=0)
+    return out
+
+
+def _decode_all(world: Any, size: int) -> np.ndarray:
+    from umair import storage
+    from umair.image.preprocess import decode_image
+
+    uris = world.illustrations.column("image_uri").to_pylist()
+    return np.stack([decode_image(storage.read_bytes(u), size) for u in uris])
+
+
+def pretext_encoder(world: Any, image_size: int = 32, epochs: int = 3, seed: int = 0, lr: float = 2e-3,
+                    batch_size: int = 32, backbone: str = "resnet18") -> Any:
+    """FIXTURE: a DualEncoder briefly trained on the pretext task (the world's tags,
+    multi-label BCE, horizontal flips), in this process; the tag head is kept."""
+    import torch
+
+    from pipelines.pretrain_image import multi_hot, tag_vocabulary
+    from umair.image.encoder import DualEncoder, EncoderSpec
+    from umair.image.preprocess import to_tensor_batch
+
+    torch.manual_seed(seed)
+    tags = world.illustrations.column("tags").to_pylist()
+    vocab = tag_vocabulary(tags, 100)
+    labels = torch.from_numpy(multi_hot(tags, vocab))
+    images = to_tensor_batch(_decode_all(world, image_size))
+    model = DualEncoder(EncoderSpec(backbone=backbone, image_size=image_size), n_tags=len(vocab))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images), generator=gen).split(batch_size):
+            x = images[idx]
+            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).logits, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def fixture_item_features(world: Any, out: str, encoder: Any = None, image_size: int = 32, tsem_dim: int = 32,
+                          seed: int = 0, encoder_version: str | None = None) -> str:
+    """FIXTURE item-features table (contract ``item_features``) for a world, written to
+    ``out``: e_SEM / e_STY by ``umair.image.encoder.encode`` with ``encoder`` (default: a
+    random-weight ResNet18 seeded by ``seed``), e_TSEM by :func:`fixture_tsem`. The file
+    metadata carries the keys the extraction job writes (``umair.<m>.dim``,
+    ``umair.encoder.version``, ``umair.encoder.spec``, ``umair.tsem.encoder``)."""
+    import pyarrow as pa
+    import torch
+
+    from umair import storage
+    from umair.image.encoder import DualEncoder, EncoderSpec, encode
+    from umair.image.preprocess import to_tensor_batch
+
+    if encoder is None:
+        torch.manual_seed(seed)
+        encoder = DualEncoder(EncoderSpec(backbone="resnet18", image_size=image_size))
+        encoder_version = encoder_version or f"fixture-resnet18-{image_size}px-random-seed{seed}"
+    size = encoder.spec.image_size
+    images = _decode_all(world, size)
+    sems, stys = [], []
+    for s in range(0, len(images), 64):
+        sem, sty = encode(encoder, to_tensor_batch(images[s:s + 64]), "cpu")
+        sems.append(sem.numpy())
+        stys.append(sty.numpy())
+    sem, sty = np.concatenate(sems), np.concatenate(stys)
+    tsem = fixture_tsem(world.illustrations.column("tags").to_pylist(), tsem_dim, seed)
+    version = encoder_version or f"fixture-{encoder.spec.backbone}-{size}px"
+
+    def vectors(x: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), x.shape[1])
+
+    table = pa.table({"illust_id": world.illustrations.column("illust_id"), "sem": vectors(sem), "sty": vectors(sty),
+                      "tsem": vectors(tsem)})
+    meta = {"umair.sem.dim": str(sem.shape[1]), "umair.sty.dim": str(sty.shape[1]), "umair.tsem.dim": str(tsem_dim),
+            "umair.encoder.version": version, "umair.encoder.spec": encoder.spec.model_dump_json(),
+            "umair.tsem.encoder": f"fixture-hashed-tags-{tsem_dim}d-seed{seed}"}
+    storage.write_parquet(table.replace_schema_metadata(meta), out)
+    return out
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+VARIANTS = ("full", "w/o ALL", "w/o STY")
+
+
+def _train_and_evaluate(args: argparse.Namespace, world: str, features: str, variant: str) -> dict[str, Any]:
+    from pipelines import evaluate, train
+    from pipelines.ray_runtime import MlflowConfig, RayConfig
+
+    slug = variant.replace("/", "").replace(" ", "_")
+    mlflow = MlflowConfig(tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(args.out, 'mlflow.db'))}", experiment="ablation")
+    model_dir = os.path.join(args.out, "models", slug)
+    tcfg = train.TrainConfig(
+        world=world, item_features=features, variant=None if variant == "full" else variant,
+        model={"d": args.d}, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, l2_emb=args.l2_emb,
+        num_workers=args.num_workers, seed=args.seed, run_name=f"ablation-{slug}-{int(time.time())}",
+        checkpoint_dir=os.path.join(args.out, "ray_results"), output=model_dir, eval_every_epoch=False,
+        ray=RayConfig(num_cpus=4), mlflow=mlflow,
+    )
+    t0 = time.perf_counter()
+    summary = train.run(tcfg)
+    train_s = time.perf_counter() - t0
+    report = evaluate.run(evaluate.EvaluateConfig(model=model_dir, world=world, run_name=f"evaluate-{slug}", mlflow=mlflow))
+    seg = report["segments"]
+    return {
+        "variant": variant,
+        "auc": report["auc"], "logloss": report["logloss"], "gauc": report["gauc"],
+        "auc_style_users": seg.get("style", {}).get("auc"),
+        "auc_content_users": seg.get("content", {}).get("auc"),
+        "alpha_sty_style_users": seg.get("style", {}).get("alpha", {}).get("sty"),
+        "alpha_sty_content_users": seg.get("content", {}).get("alpha", {}).get("sty"),
+        "alpha_by_segment": {k: v["alpha"] for k, v in seg.items()},
+        "parameters": summary["parameters"], "train_s": round(train_s, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="outputs/bench/ablation")
+    ap.add_argument("--size", default="default", choices=["tiny", "small", "default"])
+    ap.add_argument("--world-seed", type=int, default=7)
+    ap.add_argument("--image-size", type=int, default=64, help="encoder input size")
+    ap.add_argument("--pretext-epochs", type=int, default=3, help="0 = random-weight encoder")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16, help="per worker")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--l2-emb", type=float, default=1e-3)
+    ap.add_argument("--d", type=int, default=16, help="modality width d")
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (init, shuffling)")
+    ap.add_argument("--feature-seed", type=int, default=0, help="seed of the fixture encoder and tag vectors")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from umair.sample.world import load_world, write_world
+
+    torch.set_num_threads(2)
+    os.makedirs(args.out, exist_ok=True)
+    world_dir = os.path.abspath(os.path.join(args.out, f"world-{args.size}-{args.world_seed}"))
+    t0 = time.perf_counter()
+    if os.path.exists(os.path.join(world_dir, "world.json")):
+        world = load_world(world_dir)
+    else:
+        world = write_world(world_dir, args.size, seed=args.world_seed, progress=False)
+    name = f"features-{args.size}-{args.world_seed}-{args.image_size}px-p{args.pretext_epochs}-s{args.feature_seed}.parquet"
+    features = os.path.abspath(os.path.join(args.out, name))
+    if not os.path.exists(features):
+        encoder, version = None, None
+        if args.pretext_epochs:
+            encoder = pretext_encoder(world, args.image_size, args.pretext_epochs, args.feature_seed)
+            version = f"fixture-resnet18-{args.image_size}px-pretext{args.pretext_epochs}-seed{args.feature_seed}"
+        fixture_item_features(world, features, encoder, args.image_size, seed=args.feature_seed, encoder_version=version)
+    prep_s = time.perf_counter() - t0
+    results = [_train_and_evaluate(args, world_dir, features, v) for v in args.variants.split(",")]
+    by = {r["variant"]: r for r in results}
+    summary: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python", "bench/ablation_sample.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "world": {"size": args.size, "seed": args.world_seed, "split": world.spec.split},
+        "features": features, "prep_s": round(prep_s, 1), "results": results,
+    }
+    if "full" in by and "w/o ALL" in by:
+        summary["full_minus_woALL_auc"] = by["full"]["auc"] - by["w/o ALL"]["auc"]
+    if "full" in by and "w/o STY" in by:
+        summary["full_minus_woSTY_auc_style_users"] = by["full"]["auc_style_users"] - by["w/o STY"]["auc_style_users"]
+    for r in results:
+        print(f"{r['variant']:<8} AUC={r['auc']:.4f} logloss={r['logloss']:.4f} GAUC={r['gauc']:.4f} "
+              f"AUC(style users)={r['auc_style_users']:.4f} α_STY style/content users="
+              f"{r['alpha_sty_style_users']}/{r['alpha_sty_content_users']} ({r['train_s']}s)")
+    print(json.dumps(summary, indent=2, default=str))
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
