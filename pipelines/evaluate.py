@@ -252,12 +252,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def register(sub: Any) -> None:
     """Add ``umair evaluate`` to the CLI."""
-    from umair.config import load_config
+    from umair.config import load_with_flags
 
     def handler(args: Any) -> int:
-        overrides = {k: v for k, v in (("model", args.model), ("world", args.world), ("item_features", args.item_features),
-                                       ("output", args.output)) if v is not None}
-        run(load_config(args.config, EvaluateConfig, overrides))
+        run(load_with_flags(args.config, EvaluateConfig, args, ("model", "world", "item_features", "output")))
         return 0
 
     p = sub.add_parser("evaluate", help="AUC, logloss, GAUC and modality attention of a trained model on the later window")

@@ -298,12 +298,10 @@ def run(cfg: PretrainImageConfig) -> dict:
 
 def register(sub) -> None:
     """Add ``umair pretrain-image`` to the CLI."""
-    from umair.config import load_config
+    from umair.config import load_with_flags
 
     def handler(args) -> int:
-        overrides = {k: v for k, v in (("catalogue", args.catalogue), ("output", args.output), ("epochs", args.epochs),
-                                       ("num_workers", args.num_workers), ("run_name", args.run_name)) if v is not None}
-        run(load_config(args.config, PretrainImageConfig, overrides))
+        run(load_with_flags(args.config, PretrainImageConfig, args, ("catalogue", "output", "epochs", "num_workers", "run_name")))
         return 0
 
     p = sub.add_parser("pretrain-image", help="pretext tag training of the dual image encoder (Ray Train)")

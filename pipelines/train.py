@@ -770,13 +770,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 def register(sub: Any) -> None:
     """Add ``umair train`` to the CLI."""
-    from umair.config import load_config
+    from umair.config import load_with_flags
 
     def handler(args: Any) -> int:
-        overrides = {k: v for k, v in (("world", args.world), ("item_features", args.item_features), ("output", args.output),
-                                       ("epochs", args.epochs), ("num_workers", args.num_workers),
-                                       ("run_name", args.run_name), ("variant", args.variant)) if v is not None}
-        run(load_config(args.config, TrainConfig, overrides))
+        keys = ("world", "item_features", "output", "epochs", "num_workers", "run_name", "variant")
+        run(load_with_flags(args.config, TrainConfig, args, keys))
         return 0
 
     p = sub.add_parser("train", help="train the UMAIR-FPS fusion model (Ray Train) and save it")

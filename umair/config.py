@@ -85,3 +85,10 @@ def load_config(path: str | Path, model: type[M], overrides: dict | None = None)
             node = node.setdefault(k, {})
         node[last] = value
     return parse_settings(data, model, str(p))
+
+
+def load_with_flags(path: str | Path, model: type[M], args: object, keys: tuple[str, ...]) -> M:
+    """:func:`load_config` with the command-line flags named in ``keys`` (``--num-workers``
+    is attribute ``num_workers``) as overrides, where the user gave them."""
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return load_config(path, model, overrides)
