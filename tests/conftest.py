@@ -19,6 +19,8 @@ import pytest
 
 from umair.storage import StorageSettings
 
+ROOT = Path(__file__).resolve().parents[1]
+
 ACCESS_KEY = "umair-test-key"
 SECRET_KEY = "umair-test-secret-0123456789"
 BUCKET = "umair-test"
@@ -148,3 +150,17 @@ def ray_local(s3_server):
     init_ray(RayConfig(num_cpus=4))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_world, tmp_path_factory):
+    """Item features (illust_id, sem, sty, tsem) for the tiny world from
+    ``fixture_item_features`` in bench/ablation_sample.py: a random-weight ResNet18
+    over 32 px images and hashed tag vectors, standing in for the extraction job."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_sample", ROOT / "bench" / "ablation_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("train_features") / "features.parquet"
+    return module.fixture_item_features(tiny_world, str(out), image_size=32, tsem_dim=16, seed=0)

@@ -310,12 +310,6 @@ def test_popularity_strategy_prefers_items_bookmarked_in_training():
 
 
 
-@pytest.fixture(scope="session")
-def tiny_features(tiny_world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train_features") / "features.parquet"
-    return _bench_module().fixture_item_features(tiny_world, str(out), image_size=32, tsem_dim=16, seed=0)
-
-
 def _slow_cfg(tiny_world, tiny_features, root: Path, **kw) -> train.TrainConfig:
     return train.TrainConfig(
         world=tiny_world.root, item_features=tiny_features, num_workers=2, seed=0,
