@@ -25,6 +25,7 @@ JOB_MODULES = [
     "pipelines.extract",
     "pipelines.train",
     "pipelines.evaluate",
+    "pipelines.ablate",
 ]
 
 
