@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 # --------------------------------------------------------------------------- the features (library code)
@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 # Moved to the library (umair ablate generates features the same way); re-exported here
 # because tests/conftest.py loads fixture_item_features from this file.
 from umair.baselines.sample_features import fixture_item_features, fixture_tsem, pretext_encoder  # noqa: E402,F401
+from _machine import machine_line  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     by = {r["variant"]: r for r in results}
     summary: dict[str, Any] = {
         "command": " ".join([".venv/bin/python", "bench/ablation_sample.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "machine": machine_line(),
         "world": {"size": args.size, "seed": args.world_seed, "split": world.spec.split},
         "features": features, "prep_s": round(prep_s, 1), "results": results,
     }

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import sys
 import threading
@@ -38,9 +37,12 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipelines.extract import ExtractConfig, load_image_encoder, run
-from umair import storage
-from umair.config import parse_settings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine_info, machine_line  # noqa: E402,F401
+
+from pipelines.extract import ExtractConfig, load_image_encoder, run  # noqa: E402
+from umair import storage  # noqa: E402
+from umair.config import parse_settings  # noqa: E402
 
 
 def descendants(pid: int) -> list[int]:
@@ -143,19 +145,8 @@ class RssSampler:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import ray
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "os": platform.platform()}
+    """The shared bench/_machine.py description (date, CPU, cores, RAM, load, versions)."""
+    return machine_info()
 
 
 def make_world(root: str, items: int, image_size: int) -> pa.Table:

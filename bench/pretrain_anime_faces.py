@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,10 +23,12 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from pipelines.pretrain_image import PretrainImageConfig, run
-from pipelines.ray_runtime import MlflowConfig
-from umair import contracts, storage
-from umair.image.encoder import EncoderSpec
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine_line  # noqa: E402
+from pipelines.pretrain_image import PretrainImageConfig, run  # noqa: E402
+from pipelines.ray_runtime import MlflowConfig  # noqa: E402
+from umair import contracts, storage  # noqa: E402
+from umair.image.encoder import EncoderSpec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = run(cfg)
     print("\n== anime-faces pretext benchmark ==")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(f"machine: {machine_line()}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"images: {n} (validation 20% by stable id hash); backbone {args.backbone} at {args.image_size}px; "
           f"{args.epochs} epochs; {args.workers} CPU workers")

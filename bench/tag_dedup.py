@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 
 import torch
 from sentence_transformers import SentenceTransformer
 
-from umair.sample.world import SIZES, generate
-from umair.text.finetune import default_base_model
-from umair.text.tag_embeddings import embed_tags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine_line  # noqa: E402
+from umair.sample.world import SIZES, generate  # noqa: E402
+from umair.text.finetune import default_base_model  # noqa: E402
+from umair.text.tag_embeddings import embed_tags  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
             if mode not in best or stats.wall_seconds < best[mode].wall_seconds:
                 best[mode] = stats
     d, j = best["dedup"], best["joined"]
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {args.threads}")
+    print(f"machine: {machine_line()}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"world: {args.size} (seed {args.seed}), {d.illustrations} illustrations, {d.distinct_tags} distinct tags, "
           f"{d.illustrations_without_tags} without tags")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine_line  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TARGETS = {"zh": ("zh-Hans", "zh-Hant"), "zh-Hans": ("zh-Hans",), "zh-Hant": ("zh-Hant",), "en": ("en",)}
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("# text encoder fine-tune benchmark (bangumi-titles)")
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | cpu_count={os.cpu_count()} | "
-          f"torch threads={torch.get_num_threads()} | device={result.model.device}")
+    print(f"machine: {machine_line()}")
+    print(f"torch threads={torch.get_num_threads()} | device={result.model.device}")
     print(f"versions: torch {torch.__version__}, sentence-transformers {st_version}, backend={result.backend}")
     print(f"data: {args.data}: {built.table.num_rows} pairs ({built.stats['duplicates_dropped']} duplicate, "
           f"{built.stats['identical_dropped']} identical dropped, {len(built.bad_rows)} bad rows)")

@@ -514,6 +514,21 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     return summary
 
 
+def _generate_section(path: str) -> dict[str, Any]:
+    """The config file's ``generate`` mapping ({} when absent or null), for ``--generate``."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    section = data.get("generate") if isinstance(data, dict) else None
+    return dict(section) if isinstance(section, dict) else {}
+
+
 def register(sub: Any) -> None:
     """Add ``umair ablate`` to the CLI."""
 
@@ -524,7 +539,7 @@ def register(sub: Any) -> None:
         if args.models:
             overrides["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
         if args.generate:
-            overrides["generate.size"] = args.generate
+            overrides["generate"] = {**_generate_section(args.config), "size": args.generate}
         cfg = load_config(args.config, AblateConfig, overrides)
         run(cfg)
         return 0
