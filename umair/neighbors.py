@@ -1,0 +1,240 @@
+"""Cosine nearest neighbours over item features, and candidate generation (no Ray).
+
+:class:`FeatureIndex` holds, per feature space (``sem`` = e_SEM, ``sty`` = e_STY,
+``tsem`` = e_TSEM), the catalogue's vectors mean-centred (by default: the catalogue mean
+is subtracted, which removes the common component of all-positive vectors such as the
+Gram-matrix statistics of e_STY) and L2-normalised, so the cosine of two items is one
+dot product: ``cos(x, y) = <x̂, ŷ>``, ``x̂ = (x - μ) / ‖x - μ‖``. Exact search (one
+matrix product per query batch); a catalogue of millions would swap in an ANN index
+behind the same methods.
+
+:class:`CandidateGenerator` builds the set a model ranks for one user, as of a time
+``T`` (the model's split: nothing created at or after ``T`` exists yet):
+
+- **recent**: the ``recent`` newest illustrations created before ``T``;
+- **popular**: the ``popular`` most bookmarked ones of the training window;
+- **neighbours**: for each of the user's ``seeds`` most recent training-window
+  bookmarks, its ``neighbors`` nearest illustrations by cosine in each space of
+  ``spaces`` (e_SEM and e_STY by default: "same subject" and "same hand");
+
+minus what the user already bookmarked (``exclude: bookmarked``), everything they were
+shown (``seen``) or nothing (``none``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from umair.config import Settings
+
+Space = Literal["sem", "sty", "tsem"]
+SPACES: tuple[str, ...] = ("sem", "sty", "tsem")
+SPACE_BY: dict[str, str] = {"semantic": "sem", "style": "sty", "text": "tsem"}
+
+
+class UnknownIdError(ValueError):
+    """An illustration or user id that the given table / model does not hold."""
+
+
+def vectors_of(table: pa.Table, column: str, source: str = "<item_features>") -> np.ndarray:
+    """A fixed-size-list column as a float32 matrix [rows, d]."""
+    if column not in table.column_names:
+        raise UnknownIdError(f"{source}: no column '{column}' (columns: {', '.join(table.column_names)})")
+    col = table.column(column).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        raise ValueError(f"{source}: column '{column}' is {col.type}, expected fixed_size_list<float>")
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32)
+
+
+def unit_rows(x: np.ndarray, center: bool = True) -> np.ndarray:
+    """Rows of ``x`` minus the column mean (when ``center``), scaled to unit L2 norm
+    (an all-zero row stays zero: cosine 0 with everything)."""
+    y = np.asarray(x, dtype=np.float32)
+    if center and len(y):
+        y = y - y.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(y, axis=1, keepdims=True)
+    return np.divide(y, norms, out=np.zeros_like(y), where=norms > 0)
+
+
+def cosine_topk(
+    queries: np.ndarray, matrix: np.ndarray, k: int, banned: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``matrix`` most cosine-similar to each query row (both already
+    unit-normalised): (rows [Q, k'], cosines [Q, k']), best first, ``k' = min(k, allowed)``.
+    ``banned``: a boolean mask over ``matrix`` rows [N] or [Q, N] never returned."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    sims = q @ np.asarray(matrix, dtype=np.float32).T
+    if banned is not None:
+        sims = np.where(np.broadcast_to(banned, sims.shape), -np.inf, sims)
+        allowed = int((~np.broadcast_to(banned, sims.shape)).sum(axis=1).min()) if len(sims) else 0
+    else:
+        allowed = sims.shape[1]
+    k = min(k, allowed)
+    if k == 0:
+        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    part_sims = np.take_along_axis(sims, part, axis=1)
+    order = np.lexsort((part, -part_sims), axis=1)  # best first, ties by row
+    rows = np.take_along_axis(part, order, axis=1)
+    return rows.astype(np.int64), np.take_along_axis(part_sims, order, axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureIndex:
+    """Unit-normalised vectors per feature space; row ``r`` is ``illust_ids[r]`` (the
+    item-features table's row order, the same rows as the model's ItemTable)."""
+
+    illust_ids: np.ndarray
+    spaces: dict[str, np.ndarray]
+    source: str
+
+    @classmethod
+    def from_table(cls, table: pa.Table, spaces: Sequence[str], source: str = "<item_features>",
+                   center: bool = True) -> FeatureIndex:
+        """Index the given columns of an item-features table (contract ``item_features``)."""
+        for s in spaces:
+            if s not in SPACES:
+                raise ValueError(f"unknown feature space {s!r}; expected one of {list(SPACES)}")
+        ids = table.column("illust_id").to_numpy().astype(np.int64)
+        return cls(ids, {s: unit_rows(vectors_of(table, s, source), center) for s in spaces}, source)
+
+    def __len__(self) -> int:
+        return len(self.illust_ids)
+
+    def rows(self, illust_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row of each id; -1 where the id is not indexed."""
+        order = np.argsort(self.illust_ids, kind="stable")
+        ids = np.asarray(illust_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.illust_ids[order], ids), 0, max(len(order) - 1, 0))
+        found = self.illust_ids[order][pos] == ids if len(order) else np.zeros(len(ids), bool)
+        return np.where(found, order[pos], -1).astype(np.int64)
+
+    def row(self, illust_id: int) -> int:
+        """The row of one id, or :class:`UnknownIdError` naming the id and the file."""
+        r = int(self.rows([illust_id])[0])
+        if r < 0:
+            raise UnknownIdError(f"illustration {illust_id} is not in the item features {self.source} "
+                                 f"({len(self)} illustrations; run `umair extract` over it first)")
+        return r
+
+    def space(self, name: str) -> np.ndarray:
+        if name not in self.spaces:
+            raise ValueError(f"feature space {name!r} is not indexed (indexed: {', '.join(self.spaces)})")
+        return self.spaces[name]
+
+    def similar(self, illust_id: int, space: str, k: int,
+                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` illustrations nearest to ``illust_id`` by cosine in ``space``, itself
+        excluded: (illust_ids [k], cosines [k]), best first. ``allowed``: a row mask."""
+        r = self.row(illust_id)
+        x = self.space(space)
+        banned = np.zeros(len(self), bool) if allowed is None else ~np.asarray(allowed, bool)
+        banned[r] = True
+        rows, sims = cosine_topk(x[r], x, k, banned)
+        return self.illust_ids[rows[0]], sims[0]
+
+
+class CandidateSettings(Settings):
+    """How many candidates each source adds for one user (see the module docstring)."""
+
+    recent: int = Field(50, ge=0, description="newest illustrations created before the as-of time")
+    popular: int = Field(50, ge=0, description="most bookmarked illustrations of the training window")
+    neighbors: int = Field(10, ge=0, description="nearest neighbours per seed bookmark per space")
+    seeds: int = Field(10, ge=0, description="the user's most recent training-window bookmarks used as seeds")
+    spaces: tuple[Space, ...] = Field(("sem", "sty"), description="feature spaces of the neighbour search")
+    exclude: Literal["bookmarked", "seen", "none"] = Field(
+        "bookmarked", description="never recommend what the user already bookmarked / was shown / (none)")
+    center: bool = Field(True, description="mean-centre the vectors before the cosine")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One user's candidate item rows (index rows, no repeats) and how many each source
+    contributed before de-duplication."""
+
+    rows: np.ndarray
+    sources: dict[str, int]
+
+
+class CandidateGenerator:
+    """Candidate sets as of one time (see the module docstring).
+
+    ``eligible`` [N]: rows that existed at the as-of time (created before it and in the
+    catalogue); ``created_s`` [N]: creation time in seconds (recency order);
+    ``bookmarks`` [N]: training-window bookmark counts (popularity order).
+    """
+
+    def __init__(self, index: FeatureIndex, eligible: np.ndarray, created_s: np.ndarray, bookmarks: np.ndarray,
+                 settings: CandidateSettings) -> None:
+        from umair.ranking import popularity_order
+
+        n = len(index)
+        for name, a in (("eligible", eligible), ("created_s", created_s), ("bookmarks", bookmarks)):
+            if len(a) != n:
+                raise ValueError(f"{name} must have one entry per indexed item ({n}), got {len(a)}")
+        self.index, self.settings = index, settings
+        self.eligible = np.asarray(eligible, bool)
+        ok = np.flatnonzero(self.eligible)
+        self.recent_rows = ok[np.lexsort((index.illust_ids[ok], -np.asarray(created_s, np.float64)[ok]))]
+        rows_by_id = {int(i): r for r, i in enumerate(index.illust_ids)}
+        order = popularity_order(index.illust_ids[ok], np.asarray(bookmarks)[ok], np.asarray(created_s)[ok])
+        self.popular_rows = np.array([rows_by_id[int(i)] for i in order], np.int64)
+        self.popular_rows = self.popular_rows[np.asarray(bookmarks)[self.popular_rows] > 0]
+        for s in settings.spaces:
+            index.space(s)
+
+    def _first(self, ordered: np.ndarray, n: int, banned: np.ndarray) -> np.ndarray:
+        if n == 0:
+            return np.zeros(0, np.int64)
+        keep = ordered[~banned[ordered]]
+        return keep[:n]
+
+    def for_user(self, seed_rows: np.ndarray, excluded_rows: np.ndarray) -> Candidates:
+        """Candidates of a user whose training-window bookmarks, newest first, are
+        ``seed_rows`` and who must not get ``excluded_rows``."""
+        s = self.settings
+        banned = ~self.eligible.copy()
+        banned[np.asarray(excluded_rows, np.int64)] = True
+        parts = {"recent": self._first(self.recent_rows, s.recent, banned),
+                 "popular": self._first(self.popular_rows, s.popular, banned)}
+        seeds = np.asarray(seed_rows, np.int64)[: s.seeds]
+        for space in s.spaces:
+            if s.neighbors == 0 or len(seeds) == 0:
+                parts[f"knn_{space}"] = np.zeros(0, np.int64)
+                continue
+            x = self.index.space(space)
+            rows, _ = cosine_topk(x[seeds], x, s.neighbors, banned)
+            parts[f"knn_{space}"] = rows.ravel()
+        merged = np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64)
+        _, first = np.unique(merged, return_index=True)
+        return Candidates(merged[np.sort(first)], {k: int(len(v)) for k, v in parts.items()})
+
+
+def user_histories(
+    user_ids: np.ndarray, item_rows: np.ndarray, labels: np.ndarray, ts: np.ndarray
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per user: (bookmarked item rows newest first, every shown item row) of a window;
+    rows < 0 (items without features) are dropped."""
+    u = np.asarray(user_ids, np.int64)
+    r = np.asarray(item_rows, np.int64)
+    y = np.asarray(labels)
+    t = np.asarray(ts).astype("datetime64[us]").astype(np.int64)
+    order = np.lexsort((-t, u))
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if not len(order):
+        return out
+    bounds = np.flatnonzero(np.diff(u[order])) + 1
+    for idx in np.split(order, bounds):
+        idx = idx[r[idx] >= 0]
+        if len(idx) == 0:
+            continue
+        out[int(u[idx[0]])] = (r[idx][y[idx] == 1], np.unique(r[idx]))
+    return out
