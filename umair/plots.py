@@ -69,7 +69,7 @@ def contact_sheet(
     tiles = [query, *neighbours]
     cols = max(1, min(cols, len(tiles)))
     rows = -(-len(tiles) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.5 * rows + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.9 * rows + 0.5), squeeze=False)
     q_labels = dict(query.labels or {})
     for ax in axes.ravel():
         ax.axis("off")
@@ -100,7 +100,7 @@ def contact_sheet(
                 spine.set_edgecolor("crimson")
                 spine.set_linewidth(3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=3.0)
     return _save(fig, out, settings, dpi)
 
 
