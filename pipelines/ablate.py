@@ -93,11 +93,12 @@ class AblateConfig(Settings):
     features: FeatureSettings = FeatureSettings()
     negatives: NegativeSettings = NegativeSettings()
     epochs: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     l2_emb: float = Field(1e-3, ge=0)
     seed: int = 0
-    threads: int = Field(2, ge=1, description="torch threads of the training process")
+    threads: int = Field(1, ge=1, description="torch threads of this process (feature generation and training); "
+                         "more than 1 on a busy shared CPU slows small-batch training many times over")
     segments: str | None = Field(None, description="table with user_id and segment_column; default WORLD/truth/users.parquet")
     segment_column: str = "taste"
     style_segment: str = Field("style", description="the segment whose AUC shows what e_STY adds")
@@ -201,7 +202,7 @@ def window_rows(prepared: Any, settings: storage.StorageSettings | None) -> tupl
     for rows in (prepared.train_rows, prepared.test_rows):
         u = rows.column("user_row").to_numpy()
         i = rows.column("item_row").to_numpy()
-        kwargs = lookup.inputs(torch.as_tensor(u), torch.as_tensor(i))
+        kwargs = lookup.inputs(torch.tensor(u), torch.tensor(i))
         out.append(RowInputs.from_kwargs(kwargs, rows.column("label").to_numpy().astype(np.float32),
                                          user_table.user_ids[u], list(prepared.space.user_fields),
                                          list(prepared.space.item_fields)))
@@ -412,6 +413,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     settings = cfg.storage.to_settings()
+    torch.set_num_threads(cfg.threads)
     world, features = cfg.world, cfg.item_features
     if cfg.generate is not None:
         world, features = generate_inputs(cfg.generate)
@@ -419,7 +421,6 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     if "://" not in features and not os.path.exists(features):
         raise FeatureError(f"{features}: no item features here; run `umair demo` (it writes outputs/demo/features), "
                            "point item_features at an extraction output, or add a 'generate' section / --generate")
-    torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     prepared = prepare(train_settings(cfg, world, features))
     train, test = window_rows(prepared, settings)
