@@ -93,7 +93,7 @@ class AblateConfig(Settings):
     features: FeatureSettings = FeatureSettings()
     negatives: NegativeSettings = NegativeSettings()
     epochs: int = Field(8, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     l2_emb: float = Field(1e-3, ge=0)
     seed: int = 0
