@@ -289,9 +289,11 @@ def test_cluster_yaml_setup_commands_run_in_this_environment():
     """The setup commands are real checks of the image: run them here (same package, same Ray)."""
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    for cmd in cluster["setup_commands"]:
-        done = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"cluster.yaml setup command failed here: {cmd}\n{done.stderr[-2000:]}"
+    runs = {cmd: subprocess.Popen(["bash", "-c", cmd], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for cmd in cluster["setup_commands"]}
+    for cmd, proc in runs.items():
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"cluster.yaml setup command failed here: {cmd}\n{err[-2000:]}"
     starts = " ".join(cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in starts and "$RAY_HEAD_IP:6379" in starts
 
@@ -424,9 +426,11 @@ def test_every_entrypoint_command_resolves():
         args, _ = resolve_entrypoint(argv)
         jobs.add(args.job)
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    for job in sorted(jobs):
-        done = subprocess.run([str(VENV_BIN / "umair"), job, "--help"], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "--config" in done.stdout, f"`umair {job} --help` failed:\n{done.stderr[-2000:]}"
+    helps = {job: subprocess.Popen([str(VENV_BIN / "umair"), job, "--help"], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for job in sorted(jobs)}
+    for job, proc in helps.items():  # run side by side: each start imports the job modules
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0 and "--config" in out, f"`umair {job} --help` failed:\n{err[-2000:]}"
     assert jobs >= {"extract", "train", "tune"}
 
 
@@ -564,10 +568,13 @@ def test_dockerfile_installs_the_pinned_project_as_a_non_root_user():
 # --------------------------------------------------------------------------- end to end: a real Ray head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(avoid: range = range(0)) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def _free_range(n: int) -> int:
@@ -612,9 +619,13 @@ def _stop_tree(proc: subprocess.Popen) -> None:
         pass
 
 
-def _wait_http(url: str, timeout: float, headers: dict | None = None, what: str = "", log: Path | None = None) -> None:
+def _wait_http(url: str, timeout: float, headers: dict | None = None, what: str = "", log: Path | None = None,
+               proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"{what} exited with code {proc.returncode} before answering on {url}\n{tail}")
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
                 if r.status == 200:
@@ -637,15 +648,6 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
     from umair.config import load_config
     from umair.sample.world import write_world
 
-    # the tiny world, in the bucket
-    world = write_world(s3_server.uri("infra", "world"), "tiny", seed=11, settings=s3_server.settings, progress=False)
-    created = world.illustrations.column("created_at")
-    since = pc.min(created).as_py() + (pc.max(created).as_py() - pc.min(created).as_py()) / 2
-    since_day = since.date().isoformat()
-    expected = {i for i, c in zip(world.illustrations.column("illust_id").to_pylist(), created.to_pylist())
-                if c.date().isoformat() >= since_day}
-    assert 0 < len(expected) < world.illustrations.num_rows
-
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("RAY_", "AWS_", "UMAIR_", "MLFLOW_")) and k not in ("PYTEST_CURRENT_TEST",)}
     base_env["PATH"] = f"{VENV_BIN}:{os.environ['PATH']}"
@@ -655,23 +657,27 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
 
     # MLflow server, with the Deployment's arguments (sqlite for PostgreSQL, SeaweedFS for S3)
     (c,) = containers(one(K8S / "mlflow.yaml", "Deployment"))
-    mlflow_port = _free_port()
+    workers = _free_range(64)  # Ray worker ports; every other port stays out of this range
+    worker_ports = range(workers, workers + 64)
+    mlflow_port = _free_port(worker_ports)
     artifacts = s3_server.uri("infra", "mlflow-artifacts")
     subst = {"--host": "127.0.0.1", "--port": str(mlflow_port), "--workers": "1",
              "--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination": artifacts}
     mlflow_args = [f"{a.split('=')[0]}={subst[a.split('=')[0]]}" if a.split("=")[0] in subst else a for a in c["args"]]
-    mlflow_env = {**base_env, "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+    literal_env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    assert literal_env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false"
+    mlflow_env = {**base_env, **literal_env, "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
                   "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"], "AWS_REGION": "us-east-1",
                   "AWS_EC2_METADATA_DISABLED": "true", "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
     # Ray head: its own ports and temp dir, beside any Ray this test session already runs
-    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+    ports = {k: _free_port(worker_ports) for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
                                        "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                        "runtime-env-agent-port", "metrics-export-port")}
-    workers = _free_range(64)
+    assert len(set(ports.values()) | {mlflow_port}) == len(ports) + 1
     temp_dir = Path(f"/tmp/umair-infra-{os.getpid()}")
     head_cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                 "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                f"--min-worker-port={workers}", f"--max-worker-port={workers + 63}",
+                f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[-1]}",
                 *[f"--{k}={v}" for k, v in ports.items()]]
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     procs: list[subprocess.Popen] = []
@@ -681,9 +687,21 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
                                           stdout=mlog, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path))
             procs.append(subprocess.Popen(head_cmd, env=ray_env, stdout=hlog, stderr=subprocess.STDOUT,
                                           start_new_session=True, cwd=tmp_path))
-        _wait_http(f"{dashboard}/api/version", 180, {"Authorization": f"Bearer {token.read_text()}"},
-                   "the Ray head's job API", tmp_path / "head.log")
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180, what="the MLflow server", log=tmp_path / "mlflow.log")
+        t_start = time.perf_counter()
+        # the tiny world, in the bucket
+        world = write_world(s3_server.uri("infra", "world"), "tiny", seed=11, settings=s3_server.settings, progress=False)
+        created = world.illustrations.column("created_at")
+        since = pc.min(created).as_py() + (pc.max(created).as_py() - pc.min(created).as_py()) / 2
+        since_day = since.date().isoformat()
+        expected = {i for i, when in zip(world.illustrations.column("illust_id").to_pylist(), created.to_pylist())
+                    if when.date().isoformat() >= since_day}
+        assert 0 < len(expected) < world.illustrations.num_rows
+
+        _wait_http(f"{dashboard}/api/version", 240, {"Authorization": f"Bearer {token.read_text()}"},
+                   "the Ray head's job API", tmp_path / "head.log", procs[1])
+        t_head = time.perf_counter() - t_start
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 300, what="the MLflow server", log=tmp_path / "mlflow.log", proc=procs[0])
+        t_mlflow = time.perf_counter() - t_start
 
         # the job's working dir: the cluster config, with only production endpoints and GPU sizing replaced
         wd = tmp_path / "wd"
@@ -715,6 +733,8 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
         log = done.stdout + done.stderr
         assert done.returncode == 0, f"ray job submit failed ({time.perf_counter() - t0:.0f}s):\n{log[-6000:]}"
         assert "[extract] done" in log and "succeeded" in log, log[-3000:]
+        print(f"[infra] Ray head up in {t_head:.0f}s, MLflow server in {t_mlflow:.0f}s, "
+              f"ray job submit (extraction) {time.perf_counter() - t0:.0f}s")
 
         # the output in the bucket: exactly the illustrations created on/after --since
         features = read_features(cfg["output"], settings=s3_server.settings)
