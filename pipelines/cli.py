@@ -26,6 +26,7 @@ JOB_MODULES = [
     "pipelines.train",
     "pipelines.evaluate",
     "pipelines.ablate",
+    "pipelines.tune",
     "pipelines.recommend", "pipelines.similar", "pipelines.explain",
 ]
 

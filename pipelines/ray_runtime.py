@@ -46,9 +46,10 @@ def init_ray(cfg: RayConfig) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str) -> str:
+def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str, parent_run_id: str | None = None) -> str:
     """The MLflow run id for a job whose state lives in ``run_dir``: a rerun after a crash
-    continues the same MLflow run instead of starting a new one."""
+    continues the same MLflow run instead of starting a new one. A new run is created as a
+    child of ``parent_run_id`` when given (MLflow's ``mlflow.parentRunId`` tag)."""
     import mlflow
 
     marker = storage.join(run_dir, "mlflow_run_id")
@@ -63,6 +64,7 @@ def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str) -> str:
             return run_id
         except mlflow.exceptions.MlflowException:
             pass
-    run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=run_name)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=tags)
     storage.write_bytes(marker, run.info.run_id.encode())
     return run.info.run_id

@@ -90,6 +90,7 @@ class TrainConfig(Settings):
     encoder_version: str | None = Field(None, description="feature set of an extraction output holding several (umair.encoder.version)")
     text_version: str | None = Field(None, description="... and its text encoder (umair.tsem.encoder)")
     split: str | None = Field(None, description="train on ts < split, test on ts >= split (default: the world's)")
+    test_end: str | None = Field(None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)")
     model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)")
     variant: str | None = Field(None, description="a Table-4 variant applied on top, e.g. 'w/o STY'")
     features: FeatureSettings = FeatureSettings()
@@ -100,6 +101,7 @@ class TrainConfig(Settings):
     l2_emb: float = Field(1e-3, ge=0)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker holds")
     threads: int = Field(1, ge=1, description="torch threads per CPU worker")
     eval_every_epoch: bool = Field(True, description="score the later window after every epoch (monitoring only)")
     seed: int = 0
@@ -118,7 +120,7 @@ class TrainConfig(Settings):
             raise ValueError(f"unknown Table-4 variant {v!r}; expected one of {list(TABLE4_VARIANTS)}")
         return v
 
-    @field_validator("split")
+    @field_validator("split", "test_end")
     @classmethod
     def _iso_split(cls, v: str | None) -> str | None:
         if v is not None:
@@ -290,7 +292,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     train, neg_train = with_negatives(train, pool, cfg.negatives, inputs.interactions)
     require_both_labels(train, f"{inputs.interactions}: training window")
     test_settings = cfg.negatives.model_copy(update={"seed": cfg.negatives.seed + 1})
-    test, neg_test = with_negatives(window(inter, start=inputs.split), pool, test_settings, inputs.interactions)
+    test, neg_test = with_negatives(window(inter, start=inputs.split, end=cfg.test_end), pool, test_settings, inputs.interactions)
     space = FeatureSpace.fit(ill, users, train, inputs.split, cfg.features)
     model_config = build_model_config(space, info, cfg.model, cfg.variant)
     train_rows = attach_rows(train, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
@@ -450,6 +452,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: load the lookup tables once, train, and report
     every epoch (rank 0 logs to MLflow and saves the checkpoint)."""
     import mlflow
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -489,21 +492,27 @@ def train_loop(config: dict[str, Any]) -> None:
             "l2_penalty": penalty,
         }
         name = f"checkpoint_epoch_{epoch:04d}"
+        # The worker group's placement group, for `umair tune`: when Tune stops a trial early
+        # it kills the trial before Ray Train can release this reservation (pipelines/tune.py).
+        pg = ray.util.get_current_placement_group()
+        extra = {"placement_group": pg.id.hex()} if pg is not None else {}
         if rank != 0:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            ray.train.report({**metrics, **extra}, checkpoint=None, checkpoint_dir_name=name)
             continue
         if config["eval"]:
-            metrics.update(_eval_test(raw, lookup, ray.train.get_dataset_shard("test"), config["batch_size"]))
+            metrics.update(_eval_test(raw, lookup, ray.train.get_dataset_shard("test"), config["batch_size"],
+                                      config.get("eval_name", "test")))
         history.append(metrics)
         _log_epoch(client, config["run_id"], metrics)
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                         "starts": starts, "history": history}, os.path.join(d, "state.pt"))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+            ray.train.report({**metrics, **extra}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
 
-def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int) -> dict[str, float]:
-    """Test-window AUC / logloss / GAUC on rank 0 (monitoring; selects nothing)."""
+def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int, name: str = "test") -> dict[str, float]:
+    """Later-window AUC / logloss / GAUC on rank 0, keys ``<name>_auc`` etc. (monitoring
+    for ``umair train``; the validation metric ASHA stops on for ``umair tune``)."""
     import torch
 
     users, items, labels = [], [], []
@@ -517,7 +526,7 @@ def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int) -> dict[
     device = lookup.uid.device
     scores = score_rows(model, lookup, torch.as_tensor(u, device=device), torch.as_tensor(i, device=device), max(batch_size, 4096))
     m = window_metrics(u, y, scores.probs)
-    return {f"test_{k}": float(v) for k, v in m.items()}
+    return {f"{name}_{k}": float(v) for k, v in m.items()}
 
 
 # --------------------------------------------------------------------------- the saved model
@@ -653,6 +662,8 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 def _datasets(prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
     import ray.data
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # also inside Tune trial processes
+
     def blocks(t: pa.Table) -> list[pa.Table]:
         n = max(1, min(4 * cfg.num_workers, t.num_rows // 1024 or 1))
         step = -(-t.num_rows // n) or 1
@@ -664,8 +675,13 @@ def _datasets(prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train with Ray Train, save the model to ``cfg.output``, return a summary (also in MLflow)."""
+def run(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None,
+        eval_name: str = "test") -> dict[str, Any]:
+    """Train with Ray Train, save the model to ``cfg.output``, return a summary (also in MLflow).
+
+    ``parent_run_id`` makes the MLflow run a child of that run (a Tune trial under its
+    search); ``callbacks`` are Ray Train callbacks (e.g. Tune's ``TuneReportCallback``);
+    ``eval_name`` prefixes the later window's metrics (``val`` when tuning: ``val_auc``)."""
     import mlflow
     import torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -685,7 +701,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     run_dir = _run_dir(cfg)
     _guard_run_dir(run_dir, _run_fingerprint(cfg, prepared), settings)
     ensure_experiment(cfg.mlflow)
-    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name)
+    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, parent_run_id)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     _log_params(client, run_id, _params(cfg, prepared))
 
@@ -694,6 +710,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     loop_config = {
         **cfg.model_dump(include={"epochs", "batch_size", "lr", "l2_emb", "seed", "use_gpu", "threads"}),
         "eval": "test" in datasets,
+        "eval_name": eval_name,
         "inputs": prepared.inputs.to_dict(),
         "storage": cfg.storage.model_dump(),
         "space": prepared.space.to_dict(),
@@ -707,7 +724,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
@@ -715,6 +733,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     result = trainer.fit()
@@ -727,6 +746,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "model_config": mc.model_dump(mode="json"),
         "variant": cfg.variant or "full",
         "split": prepared.inputs.split,
+        "test_end": cfg.test_end,
         "modalities": list(mc.modalities),
         "feature_dims": {m: prepared.info.dims[m] for m in prepared.modalities},
         "encoder_versions": prepared.info.encoder_versions(),
@@ -754,9 +774,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "train_rows": prepared.train_rows.num_rows,
         "test_rows": prepared.test_rows.num_rows,
         "train_loss": final.get("train_loss"),
-        "test_auc": final.get("test_auc"),
-        "test_logloss": final.get("test_logloss"),
-        "test_gauc": final.get("test_gauc"),
+        f"{eval_name}_auc": final.get(f"{eval_name}_auc"),
+        f"{eval_name}_logloss": final.get(f"{eval_name}_logloss"),
+        f"{eval_name}_gauc": final.get(f"{eval_name}_gauc"),
         "parameters": n_params,
         "negatives": prepared.negatives["train"],
         "encoder_versions": prepared.info.encoder_versions(),
