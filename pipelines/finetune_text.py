@@ -17,7 +17,7 @@ from pydantic import Field
 
 from pipelines.ray_runtime import MlflowConfig
 from umair.config import Settings, StorageConfig
-from umair.text.finetune import FinetuneConfig, finetune
+from umair.text.settings import FinetuneConfig
 from umair.text.pairs import PairSource, build_pairs, write_pairs
 
 
@@ -37,6 +37,8 @@ class FinetuneTextConfig(Settings):
 
 def run(cfg: FinetuneTextConfig) -> dict:
     import mlflow
+
+    from umair.text.finetune import finetune
 
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
