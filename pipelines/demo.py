@@ -22,6 +22,8 @@ STAGES = {
     "extract": ("pipelines.extract", "ExtractConfig"),
     "train": ("pipelines.train", "TrainConfig"),
     "evaluate": ("pipelines.evaluate", "EvaluateConfig"),
+    "recommend": ("pipelines.recommend", "RecommendConfig"),
+    "tune": ("pipelines.tune", "TuneConfig"),
 }
 
 

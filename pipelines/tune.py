@@ -340,10 +340,17 @@ def collect(results: Any, epochs: int, runs_by_key: dict[str, Any]) -> list[dict
             "epochs": done,
             "val_auc": metrics.get("val_auc"), "val_logloss": metrics.get("val_logloss"), "val_gauc": metrics.get("val_gauc"),
             "mlflow_run_id": run.info.run_id if run is not None else None,
-            "error": (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error is not None else "",
+            "error": _one_line(run.data.tags.get("umair.error") if run is not None and "umair.error" in run.data.tags
+                               else str(r.error)) if r.error is not None else "",
         })
     rows.sort(key=lambda x: (x["val_auc"] is None, -(x["val_auc"] or 0.0)))
     return rows
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """An error message as one table cell: its lines joined, pydantic's help links dropped."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+    return " ".join(lines)[:limit]
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
@@ -558,7 +565,8 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             client.set_tag(run.info.run_id, "umair.stopped", f"ASHA stopped it after epoch {row['epochs']}")
             client.set_terminated(run.info.run_id, "KILLED")
         elif row["status"] == "FAILED":
-            client.set_tag(run.info.run_id, "umair.error", row["error"] or run.data.tags.get("umair.error", ""))
+            if "umair.error" not in run.data.tags:  # the trial died before it could say why
+                client.set_tag(run.info.run_id, "umair.error", row["error"])
             client.set_terminated(run.info.run_id, "FAILED")
         else:  # trained every epoch (ASHA may still have stopped it at its last rung, before it saved)
             client.set_terminated(run.info.run_id, "FINISHED")

@@ -1,0 +1,212 @@
+"""`umair tune`: the search space, the best config `umair train` accepts, the K × L heat
+map, and (slow) a real search against a real MLflow tracking server: killed midway with
+SIGKILL, restored without re-running finished trials, a failing trial recorded as failed,
+the best model registered."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines import train, tune
+from umair.config import ConfigError, load_config, parse_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+UMAIR = str(Path(sys.executable).parent / "umair")
+
+
+# --------------------------------------------------------------------------- settings (fast)
+
+
+def test_expert_mixes_parse_and_bad_ones_are_refused_with_the_mix_named():
+    assert tune.parse_experts("att, SEN,att") == ("att", "sen", "att")
+    with pytest.raises(ConfigError, match=r"search\.experts.*'att,moe'"):
+        parse_settings({"train_config": "x.yaml", "search": {"experts": ["att", "att,moe"]}}, tune.TuneConfig, "t.yaml")
+    with pytest.raises(ConfigError, match=r"search\.cross_layers"):
+        parse_settings({"train_config": "x.yaml", "search": {"cross_layers": []}}, tune.TuneConfig, "t.yaml")
+    with pytest.raises(ConfigError, match="driver_cpus"):
+        parse_settings({"train_config": "x.yaml", "trial": {"driver_cpus": 0}}, tune.TuneConfig, "t.yaml")
+
+
+def test_grid_size_counts_every_combination():
+    space = tune.SearchSpace(experts=["att", "att,sen"], cross_layers=[0, 1, 2], lr=[1e-3, 3e-3])
+    assert space.grid() == {"experts": ["att", "att,sen"], "cross_layers": [0, 1, 2], "lr": [1e-3, 3e-3]}
+    assert space.size() == 12
+
+
+def test_the_shipped_config_loads_with_its_train_config(monkeypatch):
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tune.yaml", tune.TuneConfig)
+    assert cfg.scheduler.kind == "asha" and cfg.search.size() >= 4
+    monkeypatch.chdir(ROOT)
+    base = tune.base_train_dict(cfg)
+    assert base["batch_size"] == cfg.train["batch_size"]  # the overrides are merged in
+
+
+def test_a_missing_train_config_is_named(tmp_path):
+    cfg = tune.TuneConfig(train_config=str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="nope.yaml: no such train config"):
+        tune.base_train_dict(cfg)
+
+
+def _base() -> dict:
+    return {"world": "w", "item_features": "f.parquet", "model": {"emb_dim": 4, "d": 8, "experts": ["att", "sen", "att"]},
+            "epochs": 1, "seed": 5}
+
+
+def test_a_trial_is_train_settings_on_the_validation_window():
+    data = tune.trial_train_dict(
+        _base(), {"experts": "sen,att", "cross_layers": 3, "lr": 0.01, "d": 32}, epochs=4, split="2021-08-01",
+        test_end="2021-10-01", resources=tune.TrialResources(num_workers=2, cpus_per_worker=0.5), run_name="trial-x",
+        checkpoint_dir="/c", output="/c/trial-x/model", mlflow=tune.MlflowConfig(tracking_uri="http://m", experiment="e"),
+    )
+    cfg = parse_settings(data, train.TrainConfig, "trial")
+    assert cfg.model == {"emb_dim": 4, "d": 32, "umcm": "moe", "experts": ["sen", "att"], "cross_layers": 3}
+    assert (cfg.split, cfg.test_end, cfg.epochs, cfg.lr) == ("2021-08-01", "2021-10-01", 4, 0.01)
+    assert (cfg.num_workers, cfg.cpus_per_worker, cfg.run_name, cfg.seed) == (2, 0.5, "trial-x", 5)
+    assert cfg.mlflow.tracking_uri == "http://m"
+
+
+def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
+    row = {"experts": "att,sen", "cross_layers": 2, "lr": None, "d": 16, "K": 2}
+    best = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", epochs=3, name="s"))
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(best))
+    cfg = load_config(path, train.TrainConfig)
+    assert cfg.model["experts"] == ["att", "sen"] and cfg.model["cross_layers"] == 2 and cfg.model["d"] == 16
+    assert cfg.split is None and cfg.test_end is None  # the full training window, the world's split
+    assert cfg.epochs == 3 and cfg.run_name == "train-s-best"
+
+
+def test_heat_map_keeps_the_best_auc_per_cell_and_leaves_failed_cells_empty(tmp_path):
+    def row(k, cl, auc, status="FINISHED"):
+        return {"K": k, "cross_layers": cl, "val_auc": auc, "status": status}
+
+    rows = [row(1, 0, 0.61), row(1, 0, 0.64, "STOPPED"), row(1, 2, 0.70), row(3, 0, 0.66), row(3, 2, 0.9, "FAILED")]
+    grid = tune.heatmap(rows, str(tmp_path / "h.png"))
+    assert grid[0, 0] == pytest.approx(0.64) and grid[0, 1] == pytest.approx(0.70) and grid[1, 0] == pytest.approx(0.66)
+    assert np.isnan(grid[1, 1])
+    assert (tmp_path / "h.png").stat().st_size > 5000
+
+
+def test_results_table_has_every_column_and_escapes_nothing_it_should_not():
+    rows = [{c: None for c in tune.RESULT_COLUMNS} | {"trial_id": "a_1", "status": "FAILED", "error": "x | y", "val_auc": 0.5}]
+    md = tune.results_markdown(rows)
+    assert md.splitlines()[0].count("|") == len(tune.RESULT_COLUMNS) + 1
+    assert "x / y" in md and "0.5000" in md
+    assert tune.results_csv(rows).splitlines()[0].split(",") == tune.RESULT_COLUMNS
+
+
+# --------------------------------------------------------------------------- a real search (slow)
+
+
+def _trial_states(tune_dir: Path) -> dict[str, str]:
+    """trial id -> status from Tune's latest saved experiment state."""
+    files = sorted(glob.glob(str(tune_dir / "experiment_state-*.json")))
+    if not files:
+        return {}
+    try:
+        data = json.loads(Path(files[-1]).read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    out = {}
+    for entry in data.get("trial_data", []):  # [trial json, runtime json] per trial
+        trial = json.loads(entry[0])
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, tiny_features, mlflow_server, tmp_path):
+    import mlflow
+
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "world": tiny_world.root, "item_features": tiny_features, "model": {"emb_dim": 4, "d": 8},
+        "epochs": 1, "batch_size": 64, "num_workers": 1,
+        "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
+    }))
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({
+        "train_config": str(tmp_path / "train.yaml"),
+        # L = -1 is not a valid depth: those two trials raise when their model is built.
+        "search": {"experts": ["att", "att,sen"], "cross_layers": [0, 1, -1]},
+        "epochs": 2, "max_concurrent_trials": 2, "name": "t-search", "storage_path": str(tmp_path / "tune"),
+        "register_model": "umair-fps-test", "ray": {"num_cpus": 4},
+        "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
+    }))
+    cmd = [UMAIR, "tune", "--config", str(tmp_path / "tune.yaml")]
+    tune_dir = tmp_path / "tune" / "t-search"
+
+    # 1. Start the search; SIGKILL the driver (and its local Ray) once Tune has recorded
+    #    a trial as finished and others are still to run.
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 900
+        done_before: set[str] = set()
+        while time.time() < deadline and first.poll() is None:
+            states = _trial_states(tune_dir)
+            done_before = {t for t, s in states.items() if s == "TERMINATED"}
+            if done_before and len(done_before) + sum(s == "ERROR" for s in states.values()) < 6:
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, "the search ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        assert done_before, "no trial finished in time:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(60)
+    time.sleep(3)
+
+    # 2. The same command restores the search and completes it.
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "restoring search 't-search'" in second.stdout
+    assert "models:/umair-fps-test/" in second.stdout and "best_train.yaml" in second.stdout
+
+    client = mlflow.MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("t-tune")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 't-search'")
+    assert len(parents) == 1, "the restored search continues the same parent run"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {"results.csv", "results.md", "heatmap_val_auc.png", "best_train.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {c.data.tags["umair.trial_id"]: c for c in children}
+    assert len(children) == len(by_trial) == 6, "one child run per trial, none duplicated by the restore"
+
+    # Trials Tune had finished before the kill were not run again.
+    for trial_id in done_before:
+        attempts = client.get_metric_history(by_trial[trial_id].info.run_id, "trial_attempt")
+        assert len(attempts) == 1, f"trial {trial_id} finished before the kill but ran again"
+
+    failed = [c for c in children if json.loads(c.data.params["trial_params"])["cross_layers"] == -1]
+    assert len(failed) == 2
+    for c in failed:
+        assert c.info.status == "FAILED" and "cross_layers" in c.data.tags["umair.error"]
+    ok = [c for c in children if c not in failed]
+    assert {c.info.status for c in ok} <= {"FINISHED", "KILLED"} and "FINISHED" in {c.info.status for c in ok}
+    for c in ok:  # per-epoch validation metrics in every trial that ran
+        assert client.get_metric_history(c.info.run_id, "val_auc")
+
+    # The best finished trial is registered, with its config, and its model is in its run.
+    with open(tune_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} >= {"FINISHED", "FAILED"} and len(rows) == 6
+    best = max((r for r in rows if r["status"] == "FINISHED"), key=lambda r: float(r["val_auc"]))
+    versions = client.search_model_versions("name='umair-fps-test'")
+    assert len(versions) == 1 and versions[0].run_id == best["mlflow_run_id"]
+    assert versions[0].tags["experts"] == best["experts"] and "umair train config" in versions[0].description
+    assert "model/model.json" in {a.path for a in client.list_artifacts(best["mlflow_run_id"], "model")}
+
+    # best_train.yaml is accepted by `umair train` as it is.
+    best_cfg = load_config(tune_dir / "best_train.yaml", train.TrainConfig)
+    assert best_cfg.model["cross_layers"] == int(best["cross_layers"]) and best_cfg.split is None
