@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,10 @@ from umair.config import ConfigError, Settings, StorageConfig, parse_settings
 from umair.model.features import FeatureError, parse_time, training_window
 
 TAG = "[tune]"
+
+
+class TuneError(RuntimeError):
+    """The search ran but produced no usable trial (every trial failed)."""
 METRIC = "val_auc"
 RESULT_COLUMNS = ["trial_id", "status", "experts", "K", "cross_layers", "lr", "d", "epochs",
                   "val_auc", "val_logloss", "val_gauc", "mlflow_run_id", "error"]
@@ -168,6 +173,12 @@ def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     merged = _merge(data, cfg.train)
     parse_settings(merged, train.TrainConfig, f"{path} + tune 'train' overrides")
+    # Trials run in their own working directories: relative local paths are made absolute here.
+    for key in ("world", "illustrations", "users", "interactions", "item_features"):
+        if merged.get(key):
+            merged[key] = train.absolute(str(merged[key]))
+    if isinstance(merged.get("mlflow"), dict) and merged["mlflow"].get("tracking_uri"):
+        merged["mlflow"] = {**merged["mlflow"], "tracking_uri": MlflowConfig(**merged["mlflow"]).resolved_uri()}
     return merged
 
 
@@ -612,6 +623,9 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     print(f"{TAG} results (best first):\n" + results_markdown(rows), flush=True)
     print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
     _where(summary)
+    if not finished:
+        raise TuneError(f"search {cfg.name!r}: no trial finished ({summary['failed']} failed, {summary['stopped']} stopped); "
+                        f"see the error column above and {storage.join(tune_dir, 'results.md')}")
     return summary
 
 
@@ -633,8 +647,12 @@ def register(sub: Any) -> None:
 
     def handler(args: Any) -> int:
         keys = ("name", "epochs", "max_concurrent_trials", "storage_path")
-        summary = run(load_with_flags(args.config, TuneConfig, args, keys))
-        return 0 if summary.get("finished") else 1
+        try:
+            run(load_with_flags(args.config, TuneConfig, args, keys))
+        except TuneError as err:
+            print(f"umair tune: error: {err}", file=sys.stderr)
+            return 1
+        return 0
 
     p = sub.add_parser("tune", help="Ray Tune search over UMCM experts (K) and DCN-V2 depth (L), tracked in MLflow")
     p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/tune.yaml)")

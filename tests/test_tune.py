@@ -51,6 +51,9 @@ def test_the_shipped_config_loads_with_its_train_config(monkeypatch):
     monkeypatch.chdir(ROOT)
     base = tune.base_train_dict(cfg)
     assert base["batch_size"] == cfg.train["batch_size"]  # the overrides are merged in
+    # trials run in their own working directories: relative inputs and the sqlite store become absolute
+    assert base["world"] == str(ROOT / "outputs" / "demo" / "world")
+    assert base["mlflow"]["tracking_uri"] == f"sqlite:///{ROOT / 'outputs' / 'mlflow.db'}"
 
 
 def test_a_missing_train_config_is_named(tmp_path):
@@ -131,8 +134,11 @@ def _trial_states(tune_dir: Path) -> dict[str, str]:
 def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, tiny_features, mlflow_server, tmp_path):
     import mlflow
 
+    # Relative paths, as in the shipped configs: trials run in other working directories.
+    os.symlink(tiny_world.root, tmp_path / "world")
+    os.symlink(tiny_features, tmp_path / "features.parquet")
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({
-        "world": tiny_world.root, "item_features": tiny_features, "model": {"emb_dim": 4, "d": 8},
+        "world": "world", "item_features": "features.parquet", "model": {"emb_dim": 4, "d": 8},
         "epochs": 1, "batch_size": 64, "num_workers": 1,
         "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
     }))
