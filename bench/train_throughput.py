@@ -15,7 +15,10 @@ Adam lr, BCE + L2 1e-3 on every embedding table) and scored on the same test win
 - ``deepctr DCN-V2``: ``deepctr_torch.models.DCN(cross_parameterization='matrix')``,
   cross_num 2, DNN [64, 32, 16] (``--deepctr-dnn``), embedding width 8;
 - ``deepctr DCN-V2 fit()``: the same deepctr model trained by deepctr's own ``fit``
-  (its DataLoader and its L2 terms), to show the shared loop does not handicap it.
+  (its DataLoader and its L2 terms), to show the shared loop does not handicap it;
+- ``umair DCN-V2-only full-rank`` (side row, ``--no-full-cross`` skips it): ours with
+  ``cross_type="full"``, i.e. deepctr's full-rank cross form x_0 ⊙ (W x_l + b) + x_l
+  instead of the default low-rank mixture; not the headline, which stays the default.
 
 Each model is measured ``--repeat`` times, alternating, and each batch size in
 ``--batch-sizes``; samples/s = training rows of all epochs / loop wall time.
@@ -102,6 +105,9 @@ def part_a(args: argparse.Namespace, prepared: Any, train: Any, test: Any) -> li
         "deepctr DCN-V2": lambda: DeepCTRRanker("DCN-V2", sizes, int(train.user_tags.shape[1]), {}, base.emb_dim,
                                                 args.seed, {"dnn_hidden_units": args.deepctr_dnn}, name="deepctr DCN-V2"),
     }
+    if args.full_cross:
+        builders["umair DCN-V2-only full-rank"] = lambda: FusionRanker(
+            "umair DCN-V2-only full-rank", table4_variant(base, "w/o ALL").model_copy(update={"cross_type": "full"}), args.seed)
     if args.with_dcnmix:
         builders["deepctr DCNMix"] = lambda: DeepCTRRanker("DCNMix", sizes, int(train.user_tags.shape[1]), {}, base.emb_dim,
                                                            args.seed, {"dnn_hidden_units": args.deepctr_dnn},
@@ -183,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of part A")
     ap.add_argument("--deepctr-dnn", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 32, 16))
+    ap.add_argument("--no-full-cross", dest="full_cross", action="store_false",
+                    help="skip the side row: ours with cross_type='full' (deepctr's full-rank cross form)")
     ap.add_argument("--with-dcnmix", action="store_true", help="also deepctr's DCNMix (low-rank mixture, like ours)")
     ap.add_argument("--no-deepctr-fit", dest="deepctr_fit", action="store_false", help="skip deepctr's own fit()")
     ap.add_argument("--skip-ray", action="store_true", help="skip part B")

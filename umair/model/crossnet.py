@@ -61,30 +61,83 @@ class LowRankMixtureCrossLayer(nn.Module):
         activation: ``g``, applied after ``V`` and after ``C``.
 
     Parameters: ``V`` [E, r, D], ``C`` [E, r, r], ``U`` [E, D, r], ``bias`` [D],
-    ``gate`` [E, D] (one bias-free gate vector per expert).
+    ``gate`` [E, D] (one bias-free gate vector per expert). They are views of one flat
+    parameter ``weight`` (one optimizer update per layer instead of five), laid out for
+    the forward: ``[V; gate]`` as one [E r + E, D] block (one GEMM gives every ``V_e x_l``
+    and every gate score), then ``C``, then ``U`` stored transposed ([E, r, D]), then
+    ``bias``. A state dict with the five separate tensors loads too.
     """
 
     def __init__(self, in_features: int, low_rank: int = 32, num_experts: int = 4, activation: Activation = "tanh") -> None:
         super().__init__()
         d, r, e = in_features, low_rank, num_experts
-        self.V = nn.Parameter(torch.empty(e, r, d))
-        self.C = nn.Parameter(torch.empty(e, r, r))
-        self.U = nn.Parameter(torch.empty(e, d, r))
-        self.bias = nn.Parameter(torch.zeros(d))
-        self.gate = nn.Parameter(torch.empty(e, d))
-        for p in (self.V, self.C, self.U):
+        self._shape = (e, r, d)
+        v, c, u, gate = torch.empty(e, r, d), torch.empty(e, r, r), torch.empty(e, d, r), torch.empty(e, d)
+        for p in (v, c, u):  # same draws, in the same order, as five separate parameters
             for k in range(e):
-                nn.init.xavier_normal_(p.data[k])
-        nn.init.xavier_normal_(self.gate)
+                nn.init.xavier_normal_(p[k])
+        nn.init.xavier_normal_(gate)
+        self.weight = nn.Parameter(_pack_lowrank(v, c, u, torch.zeros(d), gate))
         self.g = _ACTIVATIONS[activation]()
+        self._register_load_state_dict_pre_hook(_merge_lowrank_state, with_module=True)
+
+    def _blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Views of ``weight``: ``[V; gate]`` [E r + E, D], ``C`` [E, r, r], ``Uᵀ`` [E r, D], ``bias`` [D]."""
+        e, r, d = self._shape
+        vg, c, ut, bias = self.weight.split([(e * r + e) * d, e * r * r, e * r * d, d])  # one backward cat
+        return vg.view(e * r + e, d), c.view(e, r, r), ut.view(e * r, d), bias
+
+    @property
+    def V(self) -> Tensor:  # noqa: N802 (the paper's name)
+        e, r, d = self._shape
+        return self._blocks()[0][:e * r].view(e, r, d)
+
+    @property
+    def gate(self) -> Tensor:
+        return self._blocks()[0][self._shape[0] * self._shape[1]:]
+
+    @property
+    def C(self) -> Tensor:  # noqa: N802
+        return self._blocks()[1]
+
+    @property
+    def U(self) -> Tensor:  # noqa: N802
+        e, r, d = self._shape
+        return self._blocks()[2].view(e, r, d).transpose(1, 2)
+
+    @property
+    def bias(self) -> Tensor:
+        return self._blocks()[3]
 
     def forward(self, x0: Tensor, xl: Tensor) -> Tensor:
-        """``x0``, ``xl``: [B, D] -> [B, D]."""
-        h = self.g(torch.einsum("erd,bd->ber", self.V, xl))  # [B, E, r]
-        h = self.g(torch.einsum("ers,bes->ber", self.C, h))  # [B, E, r]
-        experts = x0.unsqueeze(1) * (torch.einsum("edr,ber->bed", self.U, h) + self.bias)  # [B, E, D]
-        weights = torch.softmax(xl @ self.gate.T, dim=-1)  # [B, E]
-        return torch.einsum("be,bed->bd", weights, experts) + xl
+        """``x0``, ``xl``: [B, D] -> [B, D].
+
+        Computed as ``x0 ⊙ (Σ_e G_e U_e h_e + b) + x_l`` (the gate weights sum to 1, so the
+        shared bias factors out of the mixture) with the experts side by side: one GEMM
+        for all ``V_e`` and the gate, one batched GEMM for the ``C_e``, one GEMM for all
+        ``U_e`` (the gate-scaled ``h_e`` concatenated), no [B, E, D] intermediate."""
+        e, r, _ = self._shape
+        b = xl.shape[0]
+        vg, c, ut, bias = self._blocks()
+        z = xl @ vg.T  # [B, E r + E]: every V_e x_l, then every gate score <w_e, x_l>
+        h, scores = z.split([e * r, e], dim=1)
+        weights = torch.softmax(scores, dim=-1)  # [B, E]
+        h = self.g(torch.bmm(self.g(h).view(b, e, r).transpose(0, 1), c.transpose(1, 2)))  # [E, B, r]: C_e h_e
+        h = (h * weights.T.unsqueeze(-1)).transpose(0, 1).reshape(b, e * r)  # [B, E r]: G_e h_e
+        return torch.addcmul(xl, x0, torch.addmm(bias, h, ut))  # x_l + x_0 ⊙ (Σ_e G_e U_e h_e + b)
+
+
+def _pack_lowrank(v: Tensor, c: Tensor, u: Tensor, bias: Tensor, gate: Tensor) -> Tensor:
+    """The flat ``weight`` of :class:`LowRankMixtureCrossLayer`: V, gate, C, Uᵀ, bias."""
+    return torch.cat([v.reshape(-1), gate.reshape(-1), c.reshape(-1), u.transpose(1, 2).reshape(-1), bias.reshape(-1)])
+
+
+def _merge_lowrank_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook: ``V``, ``C``, ``U``, ``bias``, ``gate`` saved as five
+    tensors load into the flat ``weight``."""
+    keys = [prefix + k for k in ("V", "C", "U", "bias", "gate")]
+    if prefix + "weight" not in state_dict and all(k in state_dict for k in keys):
+        state_dict[prefix + "weight"] = _pack_lowrank(*(state_dict.pop(k) for k in keys))
 
 
 class CrossNet(nn.Module):

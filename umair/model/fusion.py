@@ -36,13 +36,22 @@ The computation, with ``k`` = ``emb_dim`` (8 like the paper) and ``d`` the modal
    outside (``BCEWithLogitsLoss``).
 
 No layer depends on batch statistics, so batch size 1 works in train and eval mode.
+
+Layout for speed (the function computed is the one above): every id table is a block of
+rows of one ``embeddings`` table (``user_emb``, ``tag_emb``, ``user_field_embs``,
+``item_field_embs`` are views of it) read by one weighted ``embedding_bag`` per step
+(:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack a whole window once and
+call :meth:`UmairFPS.forward_packed`), and the deep MLP and each low-rank cross layer keep
+their weights in one flat parameter each, so Adam updates a handful of tensors per step.
+State dicts saved with one tensor per table / layer weight still load.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
@@ -139,6 +148,43 @@ def _mlp(in_features: int, widths: tuple[int, ...], dropout: float) -> tuple[nn.
     return nn.Sequential(*layers), in_features
 
 
+class _FlatMLP(nn.Module):
+    """The deep MLP: per width ``Linear`` -> ReLU (-> dropout), exactly like
+    ``nn.Sequential`` of those layers (same initial draws), with every weight and bias a
+    view of one flat parameter ``weight`` (one optimizer update instead of two per layer).
+    A state dict of the ``nn.Sequential`` form (``<i>.weight``, ``<i>.bias``) loads too."""
+
+    def __init__(self, in_features: int, widths: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        ref, self.out_features = _mlp(in_features, widths, dropout)
+        linears = [m for m in ref if isinstance(m, nn.Linear)]
+        self.shapes = [(lin.out_features, lin.in_features) for lin in linears]
+        self._sizes = [n for o, i in self.shapes for n in (o * i, o)]
+        self.dropout = dropout
+        self._step = 3 if dropout > 0 else 2  # Sequential index of layer j's Linear: j * step
+        self.weight = nn.Parameter(torch.cat([t.detach().reshape(-1) for lin in linears for t in (lin.weight, lin.bias)])) \
+            if linears else None
+        self._register_load_state_dict_pre_hook(_merge_mlp_state, with_module=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None:
+            return x
+        parts = self.weight.split(self._sizes)
+        for j, (o, i) in enumerate(self.shapes):
+            x = torch.relu(torch.addmm(parts[2 * j + 1], x, parts[2 * j].view(o, i).T))
+            if self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+        return x
+
+
+def _merge_mlp_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook of :class:`_FlatMLP`: per-layer ``<i>.weight`` / ``<i>.bias``."""
+    assert isinstance(module, _FlatMLP)
+    keys = [f"{prefix}{j * module._step}.{n}" for j in range(len(module.shapes)) for n in ("weight", "bias")]
+    if keys and prefix + "weight" not in state_dict and all(k in state_dict for k in keys):
+        state_dict[prefix + "weight"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
+
+
 class UmairFPS(nn.Module):
     """The UMAIR-FPS ranking model; see the module docstring for inputs and layout."""
 
@@ -146,14 +192,33 @@ class UmairFPS(nn.Module):
         super().__init__()
         self.cfg = cfg
         k, d = cfg.emb_dim, cfg.d
-        self.user_emb = nn.Embedding(cfg.n_users, k)
-        self.tag_emb = nn.Embedding(cfg.n_tags, k, padding_idx=0)
-        self.user_field_embs = nn.ModuleList(nn.Embedding(n, k) for n in cfg.user_fields.values())
-        self.item_field_embs = nn.ModuleList(nn.Embedding(n, k) for n in cfg.item_fields.values())
-        for emb in (self.user_emb, self.tag_emb, *self.user_field_embs, *self.item_field_embs):
+        # Every id table (user id, tags, each profile field, each item field) is one block of
+        # rows of a single [Σ vocab, k] table: one lookup, one L2 norm and one Adam update per
+        # step instead of one per table. The blocks are initialised exactly as separate
+        # nn.Embedding tables were (same RNG draws), and ``user_emb`` etc. are views of them.
+        tables = [nn.Embedding(cfg.n_users, k), nn.Embedding(cfg.n_tags, k, padding_idx=0)]
+        tables += [nn.Embedding(n, k) for n in cfg.user_fields.values()]
+        tables += [nn.Embedding(n, k) for n in cfg.item_fields.values()]
+        for emb in tables:
             nn.init.normal_(emb.weight, std=0.1)
+        sizes = [emb.num_embeddings for emb in tables]
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
         with torch.no_grad():
-            self.tag_emb.weight[0].zero_()  # padding
+            weight = torch.cat([emb.weight for emb in tables])
+            weight[starts[1]].zero_()  # tag padding
+        self.embeddings = nn.Embedding(sum(sizes), k, padding_idx=starts[1], _weight=weight)
+        self._tag_pad = starts[1]
+        views = [_TableView(self, a, n) for a, n in zip(starts, sizes, strict=True)]
+        n_uf = len(cfg.user_fields)
+        self.user_emb, self.tag_emb = views[0], views[1]
+        self.user_field_embs: tuple[_TableView, ...] = tuple(views[2:2 + n_uf])
+        self.item_field_embs: tuple[_TableView, ...] = tuple(views[2 + n_uf:])
+        # per packed id column: the first row of its table and its vocabulary size
+        self._table_starts, self._table_sizes = starts, sizes
+        self._bag_starts: dict[tuple, object] = {}  # per-shape index tensors (bag starts, column bounds)
+        self._register_load_state_dict_pre_hook(_merge_per_table_state, with_module=True)
         user_width = (2 + len(cfg.user_fields)) * k
         item_width = len(cfg.item_fields) * k
         self.modality_names: tuple[str, ...] = cfg.modalities
@@ -168,26 +233,100 @@ class UmairFPS(nn.Module):
             width += 2 * d
         self.x0_width = width
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation)
-        self.deep, deep_out = _mlp(width, cfg.mlp, cfg.dropout)
+        self.deep = _FlatMLP(width, cfg.mlp, cfg.dropout)
+        deep_out = self.deep.out_features
         parallel = cfg.structure == "parallel" and cfg.cross_layers > 0
         self.head = nn.Linear(deep_out + (width if parallel else 0), 1)
 
-    def _pool_tags(self, user_tags: Tensor) -> Tensor:
-        """Mean of the non-padding tag embeddings: [B, T] -> [B, k] (zeros if none)."""
-        mask = (user_tags != 0).unsqueeze(-1).to(self.tag_emb.weight.dtype)
-        total = (self.tag_emb(user_tags) * mask).sum(dim=1)
-        return total / mask.sum(dim=1).clamp(min=1.0)
-
     @staticmethod
-    def _fields(tables: nn.ModuleList, ids: Tensor | None, what: str) -> list[Tensor]:
-        n = len(tables)
+    def _check_fields(n: int, ids: Tensor | None, what: str, batch: int, like: Tensor) -> Tensor:
         if ids is None:
             if n:
                 raise ValueError(f"{what}: the config names {n} fields but no tensor was given")
-            return []
+            return like.new_zeros(batch, 0)
         if ids.dim() != 2 or ids.shape[1] != n:
             raise ValueError(f"{what}: expected shape [B, {n}], got {list(ids.shape)}")
-        return [table(ids[:, i]) for i, table in enumerate(tables)]
+        return ids
+
+    def pack_ids(
+        self, user_id: Tensor, user_tags: Tensor, user_fields: Tensor | None = None, item_fields: Tensor | None = None
+    ) -> Tensor:
+        """The id inputs as one int64 matrix [B, 1 + T + P + M] of rows of the fused table
+        ``embeddings`` (columns: user id, the T tags, profile fields, item fields; each id
+        shifted to its table's block). Raises IndexError for an id outside its vocabulary,
+        like a per-table ``nn.Embedding`` lookup. :meth:`forward_packed` reads it; pack a
+        whole window once to skip this per step."""
+        cfg = self.cfg
+        b = user_id.shape[0]
+        user_tags = user_tags.reshape(b, -1)
+        uf = self._check_fields(len(cfg.user_fields), user_fields, "user_fields", b, user_id)
+        itf = self._check_fields(len(cfg.item_fields), item_fields, "item_fields", b, user_id)
+        ids = torch.cat([user_id.reshape(b, 1), user_tags, uf, itf], dim=1).long()
+        starts, sizes = self._column_bounds(user_tags.shape[1], ids.device)
+        if ids.numel():
+            outside = (ids < 0) | (ids >= sizes)
+            if ids.device.type == "cpu":
+                if bool(outside.any()):
+                    row, col = outside.nonzero()[0].tolist()
+                    raise IndexError(f"id {int(ids[row, col])} of input column {col} is outside its vocabulary "
+                                     f"of {int(sizes[0, col])}")
+            else:  # no host sync on an accelerator
+                torch._assert_async(~outside.any(), "UmairFPS.pack_ids: an id is outside its vocabulary")
+        return ids + starts
+
+    def _column_bounds(self, n_tags: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per packed column: the first row of its table and its vocabulary size, [1, C] each."""
+        key = ("bounds", n_tags, str(device))
+        got = self._bag_starts.get(key)
+        if got is None:
+            s, n = self._table_starts, self._table_sizes
+            cols = [0] + [1] * n_tags + list(range(2, len(s)))
+            got = (torch.tensor([[s[c] for c in cols]], device=device), torch.tensor([[n[c] for c in cols]], device=device))
+            self._cache_put(key, got)
+        return got
+
+    def _cache_put(self, key: tuple, value: object) -> None:
+        if len(self._bag_starts) > 16:
+            self._bag_starts.clear()
+        self._bag_starts[key] = value
+
+    def _bag_index(self, b: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """For ``packed.view(-1)`` of a [b, width] batch: the start of every bag (per row
+        the user id, the T = width - 1 - P - M tags, then one bag per field), the bag of
+        every id, and a [b, width] matrix of ones (the weights of single-id bags)."""
+        key = ("bags", b, width, str(device))
+        got = self._bag_starts.get(key)
+        if got is None:
+            n_tags = width - 1 - (len(self._table_sizes) - 2)
+            n_bags = width - n_tags + 1  # user id, tags, P + M fields
+            per_row = torch.tensor([0, 1] + list(range(1 + n_tags, width)), device=device)
+            starts = (torch.arange(b, device=device).unsqueeze(1) * width + per_row).reshape(-1)
+            col_bag = torch.tensor([0] + [1] * n_tags + list(range(2, n_bags)), device=device)
+            bag_of = (torch.arange(b, device=device).unsqueeze(1) * n_bags + col_bag).reshape(-1)
+            got = (starts, bag_of, torch.ones(b, width, device=device))
+            self._cache_put(key, got)
+        return got  # type: ignore[return-value]
+
+    def embed_packed(self, packed: Tensor) -> Tensor:
+        """The raw features [B, (2 + P + M) k] of packed ids (:meth:`pack_ids`): user id,
+        mean of the non-padding tag embeddings (all padding -> zero vector), profile
+        fields, item fields, in that order.
+
+        One weighted ``embedding_bag`` (sum) does every lookup: each field bag holds one id
+        of weight 1, the tag bag the T tags, each of weight 1/(number of non-padding tags)
+        and padding of weight 0 — the masked mean. Its backward is :class:`_BagSum`'s
+        (an ``index_add_``), several times cheaper on CPU than the sort-based dense
+        ``embedding_bag`` backward."""
+        b, width = packed.shape
+        n_tags = width - 1 - (len(self._table_sizes) - 2)
+        offsets, bag_of, ones = self._bag_index(b, width, packed.device)
+        weights = ones.to(self.embeddings.weight.dtype)
+        if n_tags:
+            real = packed[:, 1:1 + n_tags] != self._tag_pad
+            share = real / real.sum(dim=1, keepdim=True).clamp(min=1)
+            weights = torch.cat([weights[:, :1], share.to(weights.dtype), weights[:, 1 + n_tags:]], dim=1)
+        out = _BagSum.apply(self.embeddings.weight, packed.reshape(-1), offsets, weights.reshape(-1), bag_of)
+        return out.view(b, -1)
 
     def _modality(self, name: str, x: Tensor | None, width: int) -> Tensor:
         if x is None:
@@ -208,29 +347,40 @@ class UmairFPS(nn.Module):
     ) -> FusionOutput:
         """Logits [B] plus the UMCM weights α [B, K, J] (J in :attr:`modality_names`
         order) and β [B, K] (K in ``cfg.expert_kinds`` order)."""
+        packed = self.pack_ids(user_id, user_tags, user_fields, item_fields)
+        return self.explain_packed(packed, sem, sty, tsem)
+
+    def explain_packed(
+        self, packed: Tensor, sem: Tensor | None = None, sty: Tensor | None = None, tsem: Tensor | None = None
+    ) -> FusionOutput:
+        """:meth:`explain` of ids already packed by :meth:`pack_ids`."""
         cfg = self.cfg
-        user_parts = [self.user_emb(user_id), self._pool_tags(user_tags)]
-        user_parts += self._fields(self.user_field_embs, user_fields, "user_fields")
-        item_parts = self._fields(self.item_field_embs, item_fields, "item_fields")
-        user_raw = torch.cat(user_parts, dim=-1)
-        parts = [user_raw, *item_parts]
+        raw = self.embed_packed(packed)  # [B, (2 + P + M) k] = [user id, tags, profile | item fields]
         alpha = beta = None
+        x0 = raw
         if cfg.multimodal:
+            split = (2 + len(cfg.user_fields)) * cfg.emb_dim
+            user_raw, item_raw = raw[:, :split], raw[:, split:]
             v_user = self.user_proj(user_raw)
             given = {"tsem": (tsem, cfg.d_tsem), "sem": (sem, cfg.d_sem), "sty": (sty, cfg.d_sty)}
             e = [
-                self.modality_proj[META](torch.cat(item_parts, dim=-1)) if m == META else self._modality(m, *given[m])
+                self.modality_proj[META](item_raw) if m == META else self._modality(m, *given[m])
                 for m in self.modality_names
             ]
             v_il, alpha, beta = self.umcm(v_user, torch.stack(e, dim=1))
-            parts += [v_user, v_il]
-        x0 = torch.cat(parts, dim=-1)
+            x0 = torch.cat([raw, v_user, v_il], dim=-1)
         xl = self.cross(x0)
         if cfg.structure == "parallel" and cfg.cross_layers > 0:
             h = torch.cat([xl, self.deep(x0)], dim=-1)
         else:
             h = self.deep(xl)
         return FusionOutput(self.head(h).squeeze(-1), alpha, beta)
+
+    def forward_packed(
+        self, packed: Tensor, sem: Tensor | None = None, sty: Tensor | None = None, tsem: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`forward` of ids already packed by :meth:`pack_ids` (logits [B])."""
+        return self.explain_packed(packed, sem, sty, tsem).logits
 
     def forward(
         self,
@@ -252,11 +402,67 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def l2_embedding_penalty(model: nn.Module) -> Tensor:
-    """Σ of squared weights of every ``nn.Embedding`` in ``model`` (scale it, e.g. by 1e-3)."""
+    """Σ of squared weights of every ``nn.Embedding`` in ``model`` (scale it, e.g. by 1e-3).
+
+    :class:`UmairFPS` keeps all its tables as blocks of one ``nn.Embedding``, so for it
+    this is one ``Σ w²`` over that table (= the sum over its per-table views)."""
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     if not tables:
         return torch.zeros(())
+    if len(tables) == 1:
+        w = tables[0].reshape(-1)
+        return torch.dot(w, w)
     return torch.stack([w.pow(2).sum() for w in tables]).sum()
+
+
+class _BagSum(torch.autograd.Function):
+    """``embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=w)`` with
+    gradient ``∂weight[ids[i]] += w[i] · ∂out[bag_of[i]]`` (an ``index_add_``; the weights
+    are constants). The same function and gradient as the built-in, whose dense CPU
+    backward sorts the ids every step."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor, offsets: Tensor, w: Tensor, bag_of: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, w, bag_of)
+        ctx.rows = weight.shape[0]
+        return F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        ids, w, bag_of = ctx.saved_tensors
+        per_id = grad.index_select(0, bag_of) * w.unsqueeze(1)
+        return grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids, per_id), None, None, None, None
+
+
+class _TableView:
+    """One id table of :class:`UmairFPS` as a block of rows of its fused ``embeddings``:
+    ``weight`` [n, k] (a view, gradients flow to the fused table) and ``view(ids)``."""
+
+    def __init__(self, owner: UmairFPS, start: int, size: int) -> None:
+        self._owner = [owner]  # a list, so that nn.Module does not register the owner as a child
+        self.start, self.num_embeddings = start, size
+
+    @property
+    def weight(self) -> Tensor:
+        return self._owner[0].embeddings.weight.narrow(0, self.start, self.num_embeddings)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def _merge_per_table_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook: a state dict saved with one ``nn.Embedding`` per table
+    (``user_emb.weight``, ``tag_emb.weight``, ``user_field_embs.<i>.weight``,
+    ``item_field_embs.<i>.weight``) loads into the fused table."""
+    assert isinstance(module, UmairFPS)
+    first = prefix + "user_emb.weight"
+    if first not in state_dict or prefix + "embeddings.weight" in state_dict:
+        return
+    keys = [first, prefix + "tag_emb.weight"]
+    keys += [f"{prefix}user_field_embs.{i}.weight" for i in range(len(module.user_field_embs))]
+    keys += [f"{prefix}item_field_embs.{i}.weight" for i in range(len(module.item_field_embs))]
+    if all(k in state_dict for k in keys):
+        state_dict[prefix + "embeddings.weight"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
 TABLE4_VARIANTS: tuple[str, ...] = (
