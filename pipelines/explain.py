@@ -189,10 +189,7 @@ def register(sub: Any) -> None:
 
     def handler(args: Any) -> int:
         keys = ("model", "world", "item_features", "out", "over")
-        if args.config:
-            cfg = load_with_flags(args.config, ExplainConfig, args, keys)
-        else:
-            cfg = ExplainConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+        cfg = load_with_flags(args.config, ExplainConfig, args, keys)
         run(cfg, args.user_id)
         return 0
 

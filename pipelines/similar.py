@@ -135,10 +135,7 @@ def register(sub: Any) -> None:
 
     def handler(args: Any) -> int:
         keys = ("item_features", "world", "by", "k", "out")
-        if args.config:
-            cfg = load_with_flags(args.config, SimilarConfig, args, keys)
-        else:
-            cfg = SimilarConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+        cfg = load_with_flags(args.config, SimilarConfig, args, keys)
         run(cfg, args.illust_id)
         return 0
 

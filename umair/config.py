@@ -87,8 +87,11 @@ def load_config(path: str | Path, model: type[M], overrides: dict | None = None)
     return parse_settings(data, model, str(p))
 
 
-def load_with_flags(path: str | Path, model: type[M], args: object, keys: tuple[str, ...]) -> M:
+def load_with_flags(path: str | Path | None, model: type[M], args: object, keys: tuple[str, ...]) -> M:
     """:func:`load_config` with the command-line flags named in ``keys`` (``--num-workers``
-    is attribute ``num_workers``) as overrides, where the user gave them."""
+    is attribute ``num_workers``) as overrides, where the user gave them; without a config
+    file (``path`` None) the settings come from those flags alone."""
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if path is None:
+        return parse_settings(overrides, model, "command line")
     return load_config(path, model, overrides)
