@@ -409,7 +409,12 @@ def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     raw.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # a checkpoint of the older per-table parameter layout
+        if rank == 0:
+            print(f"{TAG} the checkpoint's optimizer state does not fit this model's parameter layout ({err}); "
+                  "continuing with a fresh Adam state", flush=True)
     start = int(state["epoch"]) + 1
     if rank == 0:
         print(f"{TAG} resuming from the checkpoint of epoch {start - 1}; next epoch {start}", flush=True)
