@@ -46,6 +46,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.ray_runtime import MlflowConfig
+from pipelines.train import check_model_overrides
 from umair import storage
 from umair.config import ConfigError, Settings, StorageConfig, load_config
 from umair.model.features import FeatureError, FeatureSettings, NegativeSettings, parse_time
@@ -123,13 +124,7 @@ class AblateConfig(Settings):
     @field_validator("model")
     @classmethod
     def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        derived = sorted(set(v) & {"n_users", "n_tags", "user_fields", "item_fields"})
-        if derived:
-            raise ValueError(f"{derived} are derived from the training data; remove them")
-        unknown = sorted(set(v) - set(ModelConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
-        return v
+        return check_model_overrides(v)
 
     @field_validator("split")
     @classmethod

@@ -79,6 +79,17 @@ DERIVED = ("n_users", "n_tags", "user_fields", "item_fields")
 TAG = "[train]"
 
 
+def check_model_overrides(v: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields a config may set: known ones, none of the data-derived sizes."""
+    derived = sorted(set(v) & set(DERIVED))
+    if derived:
+        raise ValueError(f"{derived} are derived from the training data; remove them")
+    unknown = sorted(set(v) - set(ModelConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+    return v
+
+
 class TrainConfig(Settings):
     """Settings of ``umair train`` (see pipelines/configs/train.yaml)."""
 
@@ -130,13 +141,7 @@ class TrainConfig(Settings):
     @field_validator("model")
     @classmethod
     def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        derived = sorted(set(v) & set(DERIVED))
-        if derived:
-            raise ValueError(f"{derived} are derived from the training data; remove them")
-        unknown = sorted(set(v) - set(ModelConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
-        return v
+        return check_model_overrides(v)
 
     @model_validator(mode="after")
     def _tables(self) -> TrainConfig:

@@ -41,7 +41,7 @@ from pipelines import train
 from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
 from umair import contracts, storage
 from umair.config import ConfigError, Settings, StorageConfig, parse_settings
-from umair.model.features import FeatureError, parse_time, training_window
+from umair.model.features import FeatureError, parse_time, training_window, window
 
 TAG = "[tune]"
 
@@ -204,34 +204,25 @@ def trial_train_dict(base: dict[str, Any], params: dict[str, Any], *, epochs: in
     return out
 
 
-def default_validation_start(base: dict[str, Any], settings: storage.StorageSettings | None) -> tuple[str, str]:
-    """(validation_start, split): the 80 % time quantile of the training window, and the split."""
+def validation_window(base: dict[str, Any], start: str | None, settings: storage.StorageSettings | None) -> tuple[str, str]:
+    """(validation_start, split) for the trials, checked: ``start`` or, when None, the 80 %
+    time quantile of the training window; the trials' training window ``ts < start`` and
+    the validation window ``[start, split)`` must both hold interactions."""
     tc = parse_settings(base, train.TrainConfig, "train config")
     inputs = train.resolve_inputs(tc.world, {"illustrations": tc.illustrations, "users": tc.users,
                                              "interactions": tc.interactions},
                                   tc.item_features, tc.split, settings, (tc.encoder_version, tc.text_version))
+    split = inputs.split
     inter = contracts.read_table(inputs.interactions, "interactions", settings)
-    window = training_window(inter, inputs.split, inputs.interactions)
-    ts = window.column("ts").cast("int64").to_numpy()
-    cut = int(np.quantile(ts, 0.8))
-    start = np.datetime64(cut, "us").astype("datetime64[s]").item().isoformat() + "+00:00"
-    return start, inputs.split
-
-
-def check_validation_window(base: dict[str, Any], start: str, split: str, settings: storage.StorageSettings | None) -> None:
-    """Both the trials' training window and the validation window must hold interactions."""
-    tc = parse_settings(base, train.TrainConfig, "train config")
-    inputs = train.resolve_inputs(tc.world, {"illustrations": tc.illustrations, "users": tc.users,
-                                             "interactions": tc.interactions},
-                                  tc.item_features, tc.split, settings, (tc.encoder_version, tc.text_version))
+    if start is None:
+        ts = training_window(inter, split, inputs.interactions).column("ts").cast("int64").to_numpy()
+        start = np.datetime64(int(np.quantile(ts, 0.8)), "us").astype("datetime64[s]").item().isoformat() + "+00:00"
     if parse_time(start) >= parse_time(split):
         raise ConfigError(f"tune: validation_start {start} must be before the split {split}")
-    inter = contracts.read_table(inputs.interactions, "interactions", settings)
     training_window(inter, start, inputs.interactions)
-    from umair.model.features import window
-
     if window(inter, start=start, end=split).num_rows == 0:
         raise FeatureError(f"{inputs.interactions}: no interactions in the validation window [{start}, {split})")
+    return start, split
 
 
 # --------------------------------------------------------------------------- the trial (runs in a Tune actor)
@@ -505,16 +496,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     base = base_train_dict(cfg)
-    split = None
-    if cfg.validation_start:
-        start = cfg.validation_start
-        tc = parse_settings(base, train.TrainConfig, cfg.train_config)
-        split = train.resolve_inputs(tc.world, {"illustrations": tc.illustrations, "users": tc.users,
-                                                "interactions": tc.interactions}, tc.item_features, tc.split,
-                                     settings, (tc.encoder_version, tc.text_version)).split
-    else:
-        start, split = default_validation_start(base, settings)
-    check_validation_window(base, start, split, settings)
+    start, split = validation_window(base, cfg.validation_start, settings)
 
     tune_dir = _tune_dir(cfg)
     restoring = _guard(tune_dir, _fingerprint(cfg, base, start), settings)
