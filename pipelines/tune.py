@@ -319,14 +319,23 @@ def release_callback() -> Any:
 # --------------------------------------------------------------------------- results
 
 
-def collect(results: Any, epochs: int, runs_by_key: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial from Tune's ResultGrid and the MLflow child runs (matched by
-    the trial's point in the search space, :func:`trial_key`)."""
+def collect(results: Any, epochs: int, runs: list[Any]) -> list[dict[str, Any]]:
+    """One row per trial from Tune's ResultGrid and the MLflow child runs.
+
+    A child run is matched by its trial id (tag ``umair.trial_id``), else by the trial's
+    point in the search space (:func:`trial_key`). A restored search's trial that failed
+    before its first report has neither config nor metrics in Tune's result (only its id),
+    so its point in the search space is then read back from the child run's
+    ``trial_params``."""
+    by_id = {r.data.tags["umair.trial_id"]: r for r in runs if "umair.trial_id" in r.data.tags}
+    by_key = {r.data.params["trial_params"]: r for r in runs if "trial_params" in r.data.params}
     rows = []
     for r in results:
-        cfg = r.config or {}
         metrics = r.metrics or {}
-        run = runs_by_key.get(trial_key(cfg))
+        cfg = r.config or {}
+        run = by_id.get(metrics.get("trial_id")) or (by_key.get(trial_key(cfg)) if cfg else None)
+        if not cfg and run is not None and "trial_params" in run.data.params:
+            cfg = json.loads(run.data.params["trial_params"])
         trial_id = metrics.get("trial_id") or (run.data.tags.get("umair.trial_id") if run is not None else None) or "?"
         done = int(metrics.get("training_iteration", 0) or 0)
         if r.error is not None:
@@ -547,8 +556,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     # Child runs of this search, by trial; close the ones Tune stopped or that died hard.
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
-    by_key = {r.data.params.get("trial_params"): r for r in children}
-    rows = collect(results, cfg.epochs, by_key)
+    rows = collect(results, cfg.epochs, children)
     by_id = {r.info.run_id: r for r in children}
     for row in rows:
         run = by_id.get(row["mlflow_run_id"])

@@ -110,6 +110,35 @@ def test_results_table_has_every_column_and_escapes_nothing_it_should_not():
     assert tune.results_csv(rows).splitlines()[0].split(",") == tune.RESULT_COLUMNS
 
 
+def _child_run(run_id: str, trial_id: str, params: dict, error: str | None = None):
+    from mlflow.entities import Param, Run, RunData, RunInfo, RunTag
+
+    tags = [RunTag("umair.trial_id", trial_id)] + ([RunTag("umair.error", error)] if error else [])
+    info = RunInfo(run_id, "1", "u", "RUNNING", 0, None, "active", run_name=f"trial-{trial_id}")
+    return Run(info, RunData(params=[Param("trial_params", tune.trial_key(params))], tags=tags))
+
+
+def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_run(tmp_path):
+    """After Tuner.restore, a trial that errored before its first report comes back with
+    its id only (no config, no metrics): its row must still name its point in the search
+    space and its MLflow run, so the driver can close that run as FAILED (CI once saw it
+    left RUNNING)."""
+    from ray.tune import Result
+
+    ok_params, bad_params = {"experts": "att", "cross_layers": 1}, {"experts": "att,sen", "cross_layers": -1}
+    results = [
+        Result(metrics={"trial_id": "t_1", "config": ok_params, "training_iteration": 2, "val_auc": 0.61},
+               checkpoint=None, error=None, path=str(tmp_path / "t_1")),
+        Result(metrics={"trial_id": "t_2"}, checkpoint=None, error=RuntimeError("trial raised"), path=str(tmp_path / "t_2")),
+    ]
+    runs = [_child_run("r1", "t_1", ok_params), _child_run("r2", "t_2", bad_params, error="ConfigError: cross_layers >= 0")]
+    rows = {r["trial_id"]: r for r in tune.collect(results, 2, runs)}
+    assert rows["t_1"]["status"] == "FINISHED" and rows["t_1"]["mlflow_run_id"] == "r1"
+    bad = rows["t_2"]
+    assert (bad["status"], bad["mlflow_run_id"], bad["K"], bad["cross_layers"]) == ("FAILED", "r2", 2, -1)
+    assert "cross_layers" in bad["error"]
+
+
 # --------------------------------------------------------------------------- a real search (slow)
 
 
