@@ -7,7 +7,8 @@ training window and the same later test window:
   ``full`` is UMAIR-FPS itself, then w/o ALL / STY / SEM / TSEM, w/o UMCM, UMCM_ATT /
   UMCM_SEN, ATT*K / SEN*K, w/o DCN-V2);
 - the Table-3 comparison models (:data:`TABLE3_MODELS`): this project's DCN-V2-only
-  configuration (the Table-4 "w/o ALL" model: DCN-V2 over id and metadata embeddings),
+  configuration (:func:`~umair.model.fusion.dcn_v2_only`: DCN-V2's full-rank cross over
+  the id and metadata embeddings; "w/o ALL" is the same with the low-rank mixture cross),
   deepctr-torch's DCN, DCN-V2 (DCN, matrix cross), DCNMix, xDeepFM, FiBiNET and DIFM
   through :mod:`umair.baselines.deepctr_adapter`, and FinalMLP
   (:mod:`umair.baselines.finalmlp`: fuxictr's layers + the paper's FS / aggregation).
@@ -61,7 +62,6 @@ TABLE3_MODELS: tuple[str, ...] = (
     "DCNMix (deepctr)", FINALMLP, DCN_V2_ONLY,
 )
 ALL_MODELS: tuple[str, ...] = (*TABLE4_VARIANTS, *TABLE3_MODELS)
-SAME_AS = {DCN_V2_ONLY: "w/o ALL"}  # identical configurations: trained once
 
 
 class GenerateSettings(Settings):
@@ -212,7 +212,7 @@ def build_ranker(name: str, base: ModelConfig, train: Any, cfg: AblateConfig) ->
     from umair.baselines.deepctr_adapter import DeepCTRRanker
     from umair.baselines.finalmlp import FinalMLPRanker
     from umair.baselines.rankers import FusionRanker
-    from umair.model.fusion import table4_variant
+    from umair.model.fusion import dcn_v2_only, table4_variant
 
     sizes = {"n_users": base.n_users, "n_tags": base.n_tags, "user_fields": base.user_fields,
              "item_fields": base.item_fields}
@@ -220,7 +220,7 @@ def build_ranker(name: str, base: ModelConfig, train: Any, cfg: AblateConfig) ->
     if name in TABLE4_VARIANTS:
         return FusionRanker(name, table4_variant(base, name), cfg.seed)
     if name == DCN_V2_ONLY:
-        return FusionRanker(name, table4_variant(base, "w/o ALL"), cfg.seed)
+        return FusionRanker(name, dcn_v2_only(base), cfg.seed)
     if name in DEEPCTR_NAMES:
         return DeepCTRRanker(DEEPCTR_NAMES[name], sizes, int(train.user_tags.shape[1]), dims, base.emb_dim, cfg.seed,
                              cfg.baselines.get(name), name=name)
@@ -270,7 +270,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def table_columns(segment_names: list[str]) -> list[str]:
     return ["group", "model", "source", "auc", "logloss", "gauc", *[f"auc_{s}" for s in segment_names],
-            "parameters", "samples_per_s", "train_s", "final_train_loss", "note"]
+            "parameters", "samples_per_s", "train_s", "final_train_loss"]
 
 
 def write_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -298,8 +298,6 @@ def write_markdown(rows: list[dict[str, Any]], segment_names: list[str], header:
             for k, _ in cols:
                 v = r.get(k)
                 cells.append(_fmt(v, 1 if k in ("samples_per_s", "train_s") else 4))
-            name = r["model"] + (f" ({r['note']})" if r.get("note") else "")
-            cells[0] = name
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if checks:
@@ -377,8 +375,6 @@ def _log_mlflow(cfg: AblateConfig, params: dict[str, Any], rows: list[dict[str, 
     children: dict[str, str] = {}
     for r in rows:
         tags = {"mlflow.parentRunId": parent, "umair.job": "ablate", "umair.model": r["model"], "umair.group": r["group"]}
-        if r.get("note"):
-            tags["umair.note"] = r["note"]
         rid = client.create_run(exp.experiment_id, run_name=r["model"], tags=tags).info.run_id
         metrics = {k: r[k] for k in r if isinstance(r[k], (int, float)) and not isinstance(r[k], bool)}
         p = {"model": r["model"], "source": r["source"], "group": r["group"], **details.get(r["model"], {})}
@@ -434,12 +430,6 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     details: dict[str, dict[str, Any]] = {}
     for name in cfg.models:
-        same = SAME_AS.get(name)
-        if same in results:
-            results[name] = {**results[same], "model": name, "group": "Table 3", "note": f"same model as {same}"}
-            details[name] = details[same]
-            print(f"{TAG} {name}: same configuration as {same}, not trained again", flush=True)
-            continue
         ranker = build_ranker(name, base, train, cfg)
         fitres = fit(ranker, train, cfg.epochs, cfg.batch_size, cfg.lr, cfg.l2_emb, cfg.seed)
         ev = evaluate_model(ranker, test, segments)
@@ -449,7 +439,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
             "auc": ev["auc"], "logloss": ev["logloss"], "gauc": ev["gauc"],
             **{f"auc_{s}": ev["segments"].get(s, {}).get("auc") for s in segment_names},
             "parameters": ranker.parameters, "samples_per_s": fitres.samples_per_s, "train_s": fitres.train_s,
-            "final_train_loss": fitres.epoch_loss[-1], "note": "",
+            "final_train_loss": fitres.epoch_loss[-1],
         }
         results[name] = row
         cfg_detail = getattr(ranker, "config", None)

@@ -23,6 +23,7 @@ from umair.model import (
     SENetUMCM,
     UmairFPS,
     count_parameters,
+    dcn_v2_only,
     l2_embedding_penalty,
     table4_variant,
     table4_variants,
@@ -144,8 +145,8 @@ def test_full_rank_cross_layer() -> None:
     w = np.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
     b = np.array([0.1, -0.2, 0.3])
     with torch.no_grad():
-        layer.linear.weight.copy_(t(w))
-        layer.linear.bias.copy_(t(b))
+        layer.W.copy_(t(w))
+        layer.bias.copy_(t(b))
     expected = X0 * (XL @ w.T + b) + XL
     # first row by hand: W x_l = [-1.5, 1.5, 0.75]; + b = [-1.4, 1.3, 1.05]; x0 * that = [-1.4, -1.3, 0.525]
     np.testing.assert_allclose(expected[0], [-1.4 + 0.5, -1.3 + 2.0, 0.525 - 1.0])
@@ -296,6 +297,16 @@ def test_table4_variant_configs() -> None:
         table4_variant(base, "w/o EVERYTHING")
 
 
+def test_dcn_v2_only_is_ids_and_metadata_with_the_full_rank_cross() -> None:
+    base = small_config(cross_layers=3, mlp=(16, 8))
+    dcn = dcn_v2_only(base)
+    assert not dcn.multimodal and dcn.cross_type == "full"
+    assert (dcn.cross_layers, dcn.mlp) == (3, (16, 8))
+    model = UmairFPS(dcn)
+    assert all(isinstance(layer, CrossLayer) for layer in model.cross.layers) and len(model.cross.layers) == 3
+    assert dcn.model_copy(update={"cross_type": "lowrank"}) == table4_variant(base, "w/o ALL")
+
+
 def cross_params(width: int, cfg: ModelConfig) -> int:
     r, n_exp = cfg.low_rank, cfg.cross_experts
     return cfg.cross_layers * (n_exp * (r * width + r * r + width * r) + width + n_exp * width)
@@ -389,3 +400,72 @@ def test_toy_problem_needs_the_modalities() -> None:
     """Control: without e_SEM / e_STY the same problem is a coin flip."""
     auc = train_toy("w/o ALL")
     assert auc < 0.6, auc
+
+
+# ---------------------------------------------------------------- parameter layout
+
+
+def _older_layout(model: UmairFPS) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as the model saved it before its parameters were fused: one
+    ``nn.Embedding`` per id table, ``nn.Linear`` cross layers / five low-rank tensors, an
+    ``nn.Sequential`` MLP and an ``nn.Linear`` output layer."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    tables = sd.pop("embeddings.weight").split(model._table_sizes)
+    n_uf = len(model.user_field_embs)
+    sd["user_emb.weight"], sd["tag_emb.weight"] = tables[0], tables[1]
+    sd.update({f"user_field_embs.{i}.weight": w for i, w in enumerate(tables[2:2 + n_uf])})
+    sd.update({f"item_field_embs.{i}.weight": w for i, w in enumerate(tables[2 + n_uf:])})
+    for i, layer in enumerate(model.cross.layers):
+        del sd[f"cross.layers.{i}.weight"]
+        if isinstance(layer, CrossLayer):
+            sd[f"cross.layers.{i}.linear.weight"], sd[f"cross.layers.{i}.linear.bias"] = layer.W.clone(), layer.bias.clone()
+        else:
+            for name in ("V", "C", "U", "bias", "gate"):
+                sd[f"cross.layers.{i}.{name}"] = getattr(layer, name).clone()
+    parts = sd.pop("deep.weight").split(model.deep._sizes)
+    for j, (o, i) in enumerate(model.deep.shapes):
+        sd[f"deep.{j * model.deep._step}.weight"], sd[f"deep.{j * model.deep._step}.bias"] = parts[2 * j].view(o, i), parts[2 * j + 1]
+    sd["head.weight"], sd["head.bias"] = model.head.weight.clone(), model.head.bias.clone()
+    del sd["head.flat"]
+    return sd
+
+
+@pytest.mark.parametrize("cross_type", ["lowrank", "full"])
+def test_a_state_dict_of_the_older_per_tensor_layout_loads_and_predicts_the_same(cross_type: str) -> None:
+    """Models trained before the parameters were fused (per-table embeddings, per-layer
+    weights) still load strictly into the current layout and give the same logits."""
+    cfg = small_config(cross_type=cross_type, dropout=0.1)
+    torch.manual_seed(0)
+    trained = UmairFPS(cfg).eval()
+    old = _older_layout(trained)
+    assert "embeddings.weight" not in old and "head.weight" in old
+    torch.manual_seed(1)
+    fresh = UmairFPS(cfg).eval()
+    fresh.load_state_dict(old, strict=True)
+    batch = make_batch(cfg, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch), trained(**batch), rtol=0, atol=0)
+    # 5 optimizer tensors (table, 2 cross layers, MLP, output layer) besides the UMCM ones
+    assert len([n for n, _ in fresh.named_parameters() if not n.startswith(("user_proj", "modality_proj", "umcm"))]) == 5
+
+
+def test_dropping_tag_padding_keeps_the_logits_and_the_gradients() -> None:
+    cfg = small_config(use_sem=False, use_sty=False, use_tsem=False)
+    torch.manual_seed(0)
+    model = UmairFPS(cfg)
+    batch = make_batch(cfg, 7)
+    tags = torch.zeros(7, 6, dtype=torch.long)  # padding in the middle and at the end; one row has none
+    tags[0, 1], tags[0, 4], tags[1, 0], tags[2, 5], tags[3, 2], tags[3, 3], tags[3, 5] = 3, 4, 5, 6, 7, 8, 9
+    ids = (batch["user_id"], tags, batch["user_fields"], batch["item_fields"])
+    full, compact = model.pack_ids(*ids), model.pack_ids(*ids, drop_tag_padding=True)
+    assert full.shape[1] - compact.shape[1] == 6 - 3  # row 3 holds the most tags: 3
+    grads = []
+    for packed in (full, compact):
+        model.zero_grad()
+        out = model.forward_packed(packed)
+        out.sum().backward()
+        grads.append((out.detach(), model.embeddings.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-7)
+    with pytest.raises(IndexError, match="outside its vocabulary"):
+        model.pack_ids(batch["user_id"], tags + 100, batch["user_fields"], batch["item_fields"], drop_tag_padding=True)

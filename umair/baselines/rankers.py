@@ -62,14 +62,16 @@ class FusionRanker(Ranker):
 
     def encode(self, rows: RowInputs) -> dict[str, Tensor]:
         """The ids packed once into the model's fused-table rows (:meth:`UmairFPS.pack_ids`,
-        which also checks every id against its vocabulary) plus the vectors it reads."""
+        which also checks every id against its vocabulary; tag columns that are padding
+        in every row of the window are dropped) plus the vectors it reads."""
         used = [m for m in ("sem", "sty", "tsem") if getattr(self.config, f"use_{m}")]
         missing = [m for m in used if m not in rows.vectors]
         if missing:
             raise ValueError(f"{self.name}: the rows hold no {missing} vectors, which this variant reads")
         module: UmairFPS = self.module  # type: ignore[assignment]
         with torch.no_grad():
-            packed = module.pack_ids(rows.user_id, rows.user_tags, rows.user_fields, rows.item_fields)
+            packed = module.pack_ids(rows.user_id, rows.user_tags, rows.user_fields, rows.item_fields,
+                                     drop_tag_padding=True)
         return {"packed": packed, **{m: rows.vectors[m] for m in used}}
 
     def forward(self, encoded: dict[str, Tensor], idx: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 - :mod:`umair.model.crossnet`: DCN-V2 cross layers (full rank, low-rank mixture).
 - :mod:`umair.model.umcm`: UMCM experts (ATT, SEN, mean) and their MoE.
-- :mod:`umair.model.fusion`: :class:`ModelConfig`, :class:`UmairFPS`, Table-4 variants.
+- :mod:`umair.model.fusion`: :class:`ModelConfig`, :class:`UmairFPS`, Table-4 variants, the DCN-V2 baseline.
 - :mod:`umair.model.vocab`: :class:`Vocabulary` and :class:`Buckets` (index 0 = OOV).
 """
 
@@ -13,6 +13,7 @@ from umair.model.fusion import (
     ModelConfig,
     UmairFPS,
     count_parameters,
+    dcn_v2_only,
     l2_embedding_penalty,
     table4_variant,
     table4_variants,
@@ -37,6 +38,7 @@ __all__ = [
     "UmairFPS",
     "Vocabulary",
     "count_parameters",
+    "dcn_v2_only",
     "l2_embedding_penalty",
     "table4_variant",
     "table4_variants",

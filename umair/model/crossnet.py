@@ -38,17 +38,41 @@ class CrossLayer(nn.Module):
 
     Args:
         in_features: ``D``, the width of ``x_0`` and ``x_l``.
+
+    Parameters: ``W`` [D, D] (Xavier-normal) and ``b`` [D] (zeros) are views of one flat
+    parameter ``weight`` (one optimizer update per layer instead of two). A state dict of
+    the ``nn.Linear`` form (``linear.weight``, ``linear.bias``) loads too.
     """
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, in_features)
-        nn.init.xavier_normal_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        self._d = in_features
+        linear = nn.Linear(in_features, in_features)  # same RNG draws as the nn.Linear form
+        nn.init.xavier_normal_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        self.weight = nn.Parameter(torch.cat([linear.weight.detach().reshape(-1), linear.bias.detach()]))
+        self._register_load_state_dict_pre_hook(_merge_linear_state, with_module=True)
+
+    @property
+    def W(self) -> Tensor:  # noqa: N802 (the paper's name)
+        return self.weight[: self._d * self._d].view(self._d, self._d)
+
+    @property
+    def bias(self) -> Tensor:
+        return self.weight[self._d * self._d:]
 
     def forward(self, x0: Tensor, xl: Tensor) -> Tensor:
         """``x0``, ``xl``: [B, D] -> [B, D]."""
-        return x0 * self.linear(xl) + xl
+        d = self._d
+        w, b = self.weight.split([d * d, d])
+        return torch.addcmul(xl, x0, torch.addmm(b, xl, w.view(d, d).T))
+
+
+def _merge_linear_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook of :class:`CrossLayer`: ``linear.weight`` / ``linear.bias``."""
+    keys = [prefix + "linear.weight", prefix + "linear.bias"]
+    if prefix + "weight" not in state_dict and all(k in state_dict for k in keys):
+        state_dict[prefix + "weight"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
 
 
 class LowRankMixtureCrossLayer(nn.Module):

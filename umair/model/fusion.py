@@ -41,8 +41,9 @@ Layout for speed (the function computed is the one above): every id table is a b
 rows of one ``embeddings`` table (``user_emb``, ``tag_emb``, ``user_field_embs``,
 ``item_field_embs`` are views of it) read by one weighted ``embedding_bag`` per step
 (:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack a whole window once and
-call :meth:`UmairFPS.forward_packed`), and the deep MLP and each low-rank cross layer keep
-their weights in one flat parameter each, so Adam updates a handful of tensors per step.
+call :meth:`UmairFPS.forward_packed`), and the deep MLP, each cross layer (either form)
+and the output layer keep their weights and biases in one flat parameter each, so Adam
+updates a handful of tensors per step (5 for the default 2-layer model without UMCM).
 State dicts saved with one tensor per table / layer weight still load.
 """
 
@@ -185,6 +186,38 @@ def _merge_mlp_state(module: nn.Module, state_dict: dict, prefix: str, *args: ob
         state_dict[prefix + "weight"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
 
 
+class _FlatLinear(nn.Module):
+    """``nn.Linear(in_features, out_features)`` (same initial draws) whose weight and bias
+    are views of one flat parameter ``flat`` (one optimizer update instead of two). A
+    state dict of the ``nn.Linear`` form (``weight``, ``bias``) loads too."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        ref = nn.Linear(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.flat = nn.Parameter(torch.cat([ref.weight.detach().reshape(-1), ref.bias.detach()]))
+        self._register_load_state_dict_pre_hook(_merge_linear_state, with_module=True)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.flat[: self.in_features * self.out_features].view(self.out_features, self.in_features)
+
+    @property
+    def bias(self) -> Tensor:
+        return self.flat[self.in_features * self.out_features:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.flat.split([self.in_features * self.out_features, self.out_features])
+        return torch.addmm(b, x, w.view(self.out_features, self.in_features).T)
+
+
+def _merge_linear_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook of :class:`_FlatLinear`: ``weight`` / ``bias``."""
+    keys = [prefix + "weight", prefix + "bias"]
+    if prefix + "flat" not in state_dict and all(k in state_dict for k in keys):
+        state_dict[prefix + "flat"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
+
+
 class UmairFPS(nn.Module):
     """The UMAIR-FPS ranking model; see the module docstring for inputs and layout."""
 
@@ -236,7 +269,7 @@ class UmairFPS(nn.Module):
         self.deep = _FlatMLP(width, cfg.mlp, cfg.dropout)
         deep_out = self.deep.out_features
         parallel = cfg.structure == "parallel" and cfg.cross_layers > 0
-        self.head = nn.Linear(deep_out + (width if parallel else 0), 1)
+        self.head = _FlatLinear(deep_out + (width if parallel else 0), 1)
 
     @staticmethod
     def _check_fields(n: int, ids: Tensor | None, what: str, batch: int, like: Tensor) -> Tensor:
@@ -249,16 +282,32 @@ class UmairFPS(nn.Module):
         return ids
 
     def pack_ids(
-        self, user_id: Tensor, user_tags: Tensor, user_fields: Tensor | None = None, item_fields: Tensor | None = None
+        self,
+        user_id: Tensor,
+        user_tags: Tensor,
+        user_fields: Tensor | None = None,
+        item_fields: Tensor | None = None,
+        drop_tag_padding: bool = False,
     ) -> Tensor:
         """The id inputs as one int64 matrix [B, 1 + T + P + M] of rows of the fused table
         ``embeddings`` (columns: user id, the T tags, profile fields, item fields; each id
         shifted to its table's block). Raises IndexError for an id outside its vocabulary,
         like a per-table ``nn.Embedding`` lookup. :meth:`forward_packed` reads it; pack a
-        whole window once to skip this per step."""
+        whole window once to skip this per step.
+
+        ``drop_tag_padding``: every row's tags are moved ahead of its padding (order kept)
+        and the tag columns that are then padding in every row are dropped (T becomes the
+        most tags any row has, at least 1). The masked mean is the same (padding has weight
+        0), but each step reads fewer ids: users hold ~1–3 of T = 16 tags in the sample
+        world. It costs a host sync, so use it on a whole window, not per step."""
         cfg = self.cfg
         b = user_id.shape[0]
         user_tags = user_tags.reshape(b, -1)
+        if drop_tag_padding and user_tags.shape[1] > 1 and b:
+            pad = user_tags == 0
+            order = torch.argsort(pad.to(torch.int8), dim=1, stable=True)
+            keep = max(int((~pad).sum(dim=1).max()), 1)
+            user_tags = user_tags.gather(1, order[:, :keep])
         uf = self._check_fields(len(cfg.user_fields), user_fields, "user_fields", b, user_id)
         itf = self._check_fields(len(cfg.item_fields), item_fields, "item_fields", b, user_id)
         ids = torch.cat([user_id.reshape(b, 1), user_tags, uf, itf], dim=1).long()
@@ -504,6 +553,16 @@ def table4_variant(base: ModelConfig, name: str) -> ModelConfig:
     else:
         raise KeyError(f"unknown Table-4 variant {name!r}; expected one of {list(TABLE4_VARIANTS)}")
     return ModelConfig.model_validate({**base.model_dump(), **changes})
+
+
+def dcn_v2_only(base: ModelConfig) -> ModelConfig:
+    """This project's DCN-V2 baseline (the paper's Table-3 "DCN-V2" row, and the model
+    compared with deepctr-torch's DCN-V2 in ``bench/train_throughput.py``): the id and
+    metadata embeddings alone (no e_SEM / e_STY / e_TSEM, hence no UMCM), ``base``'s
+    depth ``L`` and MLP, and DCN-V2's own full-rank cross ``x_0 ⊙ (W_l x_l + b_l) + x_l``
+    (deepctr's ``cross_parameterization='matrix'``). The Table-4 "w/o ALL" variant is the
+    same model with ``base``'s cross form (the low-rank mixture by default)."""
+    return table4_variant(base, "w/o ALL").model_copy(update={"cross_type": "full"})
 
 
 def table4_variants(base: ModelConfig) -> dict[str, ModelConfig]:
