@@ -29,7 +29,8 @@ The computation, with ``k`` = ``emb_dim`` (8 like the paper) and ``d`` the modal
 4. UMCM (:mod:`umair.model.umcm`) -> ``v_il`` [B, d], ``α`` [B, K, J], ``β`` [B, K].
 5. ``x_0 = concat[raw user features, raw item features, v_user, v_il]``. With every
    multimodal feature off ("w/o ALL") steps 2-4 are skipped and ``x_0`` is the raw
-   features alone: the model is then the DCN-V2 baseline over id/metadata embeddings.
+   features alone: a DCN-V2 model over id/metadata embeddings (with ``base``'s cross
+   form; :func:`dcn_v2_only` is the same with DCN-V2's own full-rank cross).
 6. Cross network of depth ``L`` (:mod:`umair.model.crossnet`), then, ``structure =
    "stacked"`` (default): ``MLP(x_L)``; ``"parallel"``: ``concat[x_L, MLP(x_0)]`` (the
    MLP alone when ``L = 0``). A final ``Linear`` gives the logit; apply a sigmoid and BCE
