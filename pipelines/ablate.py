@@ -51,7 +51,7 @@ from pipelines.train import check_model_overrides
 from umair import storage
 from umair.config import ConfigError, Settings, StorageConfig, load_config
 from umair.model.features import FeatureError, FeatureSettings, NegativeSettings, parse_time
-from umair.model.fusion import TABLE4_VARIANTS, ModelConfig
+from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 
 TAG = "[ablate]"
 DCN_V2_ONLY = "DCN-V2-only (umair)"
@@ -212,7 +212,7 @@ def build_ranker(name: str, base: ModelConfig, train: Any, cfg: AblateConfig) ->
     from umair.baselines.deepctr_adapter import DeepCTRRanker
     from umair.baselines.finalmlp import FinalMLPRanker
     from umair.baselines.rankers import FusionRanker
-    from umair.model.fusion import dcn_v2_only, table4_variant
+    from umair.model.settings import dcn_v2_only, table4_variant
 
     sizes = {"n_users": base.n_users, "n_tags": base.n_tags, "user_fields": base.user_fields,
              "item_fields": base.item_fields}

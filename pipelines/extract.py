@@ -97,7 +97,7 @@ class EncoderSource(Settings):
     @field_validator("spec")
     @classmethod
     def _valid_spec(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from umair.image.encoder import EncoderSpec
+        from umair.image.spec import EncoderSpec
 
         try:
             return EncoderSpec(**value).model_dump(mode="json")
@@ -290,7 +290,7 @@ def load_image_encoder(source: str | None, spec: dict, seed: int, settings: stor
     import torch
 
     from umair.image.checkpoint import load_encoder
-    from umair.image.encoder import EncoderSpec
+    from umair.image.spec import EncoderSpec
 
     if source is None or source.startswith("torchvision:"):
         torch.manual_seed(seed)
@@ -605,7 +605,7 @@ def new_run_id() -> str:
 def encoder_info(cfg: ExtractConfig, settings: storage.StorageSettings) -> dict:
     """Version, dims and spec of the configured image encoder (exported: manifest only)."""
     from umair.image.checkpoint import MANIFEST
-    from umair.image.encoder import EncoderSpec
+    from umair.image.spec import EncoderSpec
 
     source = cfg.encoder.source
     if source is not None and not source.startswith("torchvision:"):

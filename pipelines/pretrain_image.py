@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
 from umair import contracts, storage
 from umair.config import Settings, StorageConfig
-from umair.image.encoder import EncoderSpec
+from umair.image.spec import EncoderSpec
 
 
 class PretrainImageConfig(Settings):

@@ -71,7 +71,7 @@ from umair.model.features import (
     window,
     with_negatives,
 )
-from umair.model.fusion import TABLE4_VARIANTS, ModelConfig, table4_variant
+from umair.model.settings import TABLE4_VARIANTS, ModelConfig, table4_variant
 
 MODEL_FORMAT = "umair-fps-model/1"
 WEIGHTS, META, SPACE = "model.pt", "model.json", "feature_space.json"

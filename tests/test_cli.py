@@ -36,6 +36,27 @@ def test_library_imports_without_ray():
     assert out.stdout.strip() == "ok", out.stderr
 
 
+def test_help_of_every_job_starts_without_loading_torch_ray_or_mlflow():
+    """`umair <job> --help` (and loading any job's settings) must stay quick: the settings
+    modules (ModelConfig, EncoderSpec, FinetuneConfig ...) import no torch, Ray or MLflow."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from pipelines.cli import build_parser, main\n"
+        "jobs = list(next(a for a in build_parser()._actions if a.dest == 'job').choices)\n"
+        "for job in jobs:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main([job, '--help'])\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, job\n"
+        "print(len(jobs), sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow', 'sentence_transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    n_jobs, loaded = out.stdout.split(" ", 1)
+    assert int(n_jobs) >= 13 and loaded.strip() == "[]", out.stdout
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "demo.yaml"
     bad.write_text("world:\n  out: somewhere\n  seed: abc\n  sizee: tiny\n")

@@ -12,37 +12,13 @@ exported encoder carries only the backbone.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torchvision
 from torch import nn
 
-from umair.config import Settings
-
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
-LAYER1_BLOCKS = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "resnet101": 3}
-
-
-class EncoderSpec(Settings):
-    """What defines an encoder's outputs; stored with every checkpoint.
-
-    style_layers: names of residual blocks (``layer1.0`` ...) whose Gram matrices make
-        e_STY; they must have the same channel count. Default: the first three blocks of
-        layer1 (two on ResNet18, which has only two there).
-    image_size: images are resized to image_size × image_size and scaled to [0, 1]
-        (the authors use 512).
-    """
-
-    backbone: Backbone = "resnet101"
-    image_size: int = 512
-    style_layers: tuple[str, ...] | None = None
-
-    def resolved_style_layers(self) -> tuple[str, ...]:
-        if self.style_layers:
-            return tuple(self.style_layers)
-        return tuple(f"layer1.{i}" for i in range(LAYER1_BLOCKS[self.backbone]))
-
+from umair.image.spec import EncoderSpec  # noqa: F401 - re-exported (the spec lives in a torch-free module)
 
 class DualOutput(NamedTuple):
     sem: torch.Tensor  # [B, D_sem]

@@ -22,13 +22,10 @@ here depends on batch statistics, so any batch size (1 included) works in train 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-CrossType = Literal["full", "lowrank"]
-Activation = Literal["tanh", "relu"]
+from umair.model.settings import Activation, CrossType
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 

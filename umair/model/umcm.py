@@ -27,13 +27,12 @@ together with the weights it used, so a recommendation can be explained.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-ExpertKind = Literal["att", "sen", "mean"]
-SenWeights = Literal["softmax", "sigmoid"]
+from umair.model.settings import ExpertKind, SenWeights
 
 
 class UMCMOutput(NamedTuple):

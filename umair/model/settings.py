@@ -1,0 +1,144 @@
+"""The settings of the UMAIR-FPS ranking model, without PyTorch.
+
+:class:`ModelConfig` (every knob of :class:`umair.model.fusion.UmairFPS`), the paper's
+Table-4 variants as changes of it, and :func:`dcn_v2_only`. Job settings, the CLI and
+``umair --help`` import this module only, so they start without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CrossType = Literal["full", "lowrank"]
+Activation = Literal["tanh", "relu"]
+ExpertKind = Literal["att", "sen", "mean"]
+SenWeights = Literal["softmax", "sigmoid"]
+
+VISUAL_TEXT_MODALITIES = ("tsem", "sem", "sty")
+META = "meta"
+
+
+class ModelConfig(BaseModel):
+    """Every knob of :class:`UmairFPS`; each paper Table-4 ablation is one of these.
+
+    Vocabulary sizes count index 0 (out-of-vocabulary / padding), i.e. they are
+    ``len(vocabulary)`` of :class:`umair.model.vocab.Vocabulary` or ``Buckets``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_users: int = Field(..., ge=1, description="user-id vocabulary size (incl. index 0)")
+    n_tags: int = Field(..., ge=1, description="interest-tag vocabulary size (incl. index 0 = padding)")
+    user_fields: dict[str, int] = Field(default_factory=dict, description="profile field -> vocabulary size; column order of user_fields")
+    item_fields: dict[str, int] = Field(default_factory=dict, description="item metadata field -> vocabulary size; column order of item_fields")
+    d_sem: int = Field(2048, ge=1, description="width of e_SEM (2048 for a torchvision ResNet101)")
+    d_sty: int = Field(256, ge=1, description="width of e_STY (channels of the style layers)")
+    d_tsem: int = Field(384, ge=1, description="width of e_TSEM (384 for all-MiniLM-L6-v2)")
+    emb_dim: int = Field(8, ge=1, description="k: width of every id / field embedding (8 in the paper)")
+    d: int = Field(16, ge=1, description="common width of v_user and of every projected modality")
+    use_sem: bool = True
+    use_sty: bool = True
+    use_tsem: bool = True
+    umcm: Literal["moe", "att", "sen", "none"] = Field("moe", description="none = mean of the modalities, no reweighting")
+    experts: tuple[Literal["att", "sen"], ...] = Field(("att", "sen", "att"), description="expert kinds when umcm='moe'; K = len")
+    att_user_proj: bool = Field(True, description="each ATT expert learns q = W v_user; False = paper's Eq. 7, parameter-free")
+    sen_reduction: int = Field(2, ge=1)
+    sen_weights: SenWeights = "softmax"
+    cross_layers: int = Field(2, ge=0, description="L; 0 = without DCN-V2")
+    cross_type: CrossType = "lowrank"
+    low_rank: int = Field(32, ge=1)
+    cross_experts: int = Field(4, ge=1)
+    cross_activation: Activation = "tanh"
+    structure: Literal["stacked", "parallel"] = "stacked"
+    mlp: tuple[int, ...] = Field((64, 32, 16), description="hidden widths of the deep MLP (ReLU)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.umcm == "moe" and not self.experts:
+            raise ValueError("umcm='moe' needs at least one entry in experts")
+        for name, size in {**self.user_fields, **self.item_fields}.items():
+            if size < 1:
+                raise ValueError(f"vocabulary size of field {name!r} must be >= 1, got {size}")
+        if any(w < 1 for w in self.mlp):
+            raise ValueError(f"mlp widths must be >= 1, got {self.mlp}")
+        return self
+
+    @property
+    def multimodal(self) -> bool:
+        """False for "w/o ALL": no e_SEM, e_STY, e_TSEM, hence no UMCM at all."""
+        return self.use_sem or self.use_sty or self.use_tsem
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Names of the J stacked modalities, in order (empty when not multimodal)."""
+        if not self.multimodal:
+            return ()
+        on = {"tsem": self.use_tsem, "sem": self.use_sem, "sty": self.use_sty}
+        names = tuple(m for m in VISUAL_TEXT_MODALITIES if on[m])
+        return names + ((META,) if self.item_fields else ())
+
+    @property
+    def expert_kinds(self) -> tuple[ExpertKind, ...]:
+        """The UMCM experts actually built: ``experts`` for moe, one expert otherwise."""
+        if self.umcm == "moe":
+            return self.experts
+        return ({"att": "att", "sen": "sen", "none": "mean"}[self.umcm],)
+
+
+TABLE4_VARIANTS: tuple[str, ...] = (
+    "full",
+    "w/o ALL",
+    "w/o STY",
+    "w/o SEM",
+    "w/o TSEM",
+    "w/o UMCM",
+    "UMCM_ATT",
+    "UMCM_SEN",
+    "ATT*2",
+    "ATT*3",
+    "ATT*4",
+    "SEN*2",
+    "SEN*3",
+    "SEN*4",
+    "w/o DCN-V2",
+)
+
+
+def table4_variant(base: ModelConfig, name: str) -> ModelConfig:
+    """The paper's Table-4 variant ``name`` (see :data:`TABLE4_VARIANTS`) as a change of ``base``."""
+    changes: dict[str, object]
+    if name == "full":
+        changes = {}
+    elif name == "w/o ALL":
+        changes = {"use_sem": False, "use_sty": False, "use_tsem": False}
+    elif name in ("w/o STY", "w/o SEM", "w/o TSEM"):
+        changes = {f"use_{name[4:].lower()}": False}
+    elif name == "w/o UMCM":
+        changes = {"umcm": "none"}
+    elif name in ("UMCM_ATT", "UMCM_SEN"):
+        changes = {"umcm": name[5:].lower()}
+    elif name[:4] in ("ATT*", "SEN*") and name[4:].isdigit() and int(name[4:]) >= 1:
+        changes = {"umcm": "moe", "experts": (name[:3].lower(),) * int(name[4:])}
+    elif name == "w/o DCN-V2":
+        changes = {"cross_layers": 0}
+    else:
+        raise KeyError(f"unknown Table-4 variant {name!r}; expected one of {list(TABLE4_VARIANTS)}")
+    return ModelConfig.model_validate({**base.model_dump(), **changes})
+
+
+def dcn_v2_only(base: ModelConfig) -> ModelConfig:
+    """This project's DCN-V2 baseline (the paper's Table-3 "DCN-V2" row, and the model
+    compared with deepctr-torch's DCN-V2 in ``bench/train_throughput.py``): the id and
+    metadata embeddings alone (no e_SEM / e_STY / e_TSEM, hence no UMCM), ``base``'s
+    depth ``L`` and MLP, and DCN-V2's own full-rank cross ``x_0 ⊙ (W_l x_l + b_l) + x_l``
+    (deepctr's ``cross_parameterization='matrix'``). The Table-4 "w/o ALL" variant is the
+    same model with ``base``'s cross form (the low-rank mixture by default)."""
+    return table4_variant(base, "w/o ALL").model_copy(update={"cross_type": "full"})
+
+
+def table4_variants(base: ModelConfig) -> dict[str, ModelConfig]:
+    """Every Table-4 variant of ``base``, keyed by name, in the paper's order."""
+    return {name: table4_variant(base, name) for name in TABLE4_VARIANTS}
