@@ -8,6 +8,10 @@ from umair import storage
 from umair.config import Settings
 
 
+MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"   # MLflow's own variable
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
 class RayConfig(Settings):
     """address: None starts a local Ray (local mode); "auto" joins the cluster this runs on.
     num_cpus: logical CPUs of a local Ray (more than physical cores is fine: it lets data
@@ -18,17 +22,23 @@ class RayConfig(Settings):
 
 
 class MlflowConfig(Settings):
-    tracking_uri: str = "sqlite:///mlflow.db"
+    """tracking_uri: the MLflow tracking server or store. None takes MLFLOW_TRACKING_URI
+    from the environment (how cluster jobs get it: the pod env on Kubernetes, the runtime
+    env of `ray job submit` elsewhere), else a local ``sqlite:///mlflow.db``."""
+
+    tracking_uri: str | None = None
     experiment: str = "umair"
 
     def resolved_uri(self) -> str:
-        """Relative sqlite paths made absolute (Ray workers run in other directories)."""
+        """The config's URI, else $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db``;
+        a relative sqlite path made absolute (Ray workers run in other directories)."""
+        uri = self.tracking_uri or os.environ.get(MLFLOW_TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
         prefix = "sqlite:///"
-        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
-            path = os.path.abspath(self.tracking_uri[len(prefix):])
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            path = os.path.abspath(uri[len(prefix):])
             os.makedirs(os.path.dirname(path), exist_ok=True)
             return prefix + path
-        return self.tracking_uri
+        return uri
 
 
 def init_ray(cfg: RayConfig) -> None:

@@ -10,14 +10,21 @@ What is checked, for real:
   expanded by bash, its ``ray job submit`` options parsed by Ray's own CLI, and the
   ``umair`` entrypoint parsed by the umair CLI, its config loaded into the job's settings,
   and ``umair <job> --help`` run;
+- cluster.yaml turns on token auth (RAY_AUTH_MODE=token in the `docker run` Ray builds, the
+  token file bind-mounted at Ray's default path) without holding the token;
+- the cluster configs leave mlflow.tracking_uri null and every Ray pod sets
+  MLFLOW_TRACKING_URI to the MLflow Service of infra/k8s/mlflow.yaml;
 - the IAM policies, evaluated statement by statement, let each job read and write exactly
-  the prefixes its cluster config names (and never write images);
+  the prefixes its cluster config names (and never write images), and every `ray job submit`
+  the README shows (and the nightly CronJob's) goes to a cluster whose role allows what the
+  submitted job's config reads and writes;
 - the Dockerfiles pass hadolint (Docker itself is not installed on CI machines);
 - end to end (slow): a real Ray head (``ray start --head`` on 127.0.0.1, own ports, token
-  auth) and a real MLflow server started with the manifest's arguments (sqlite instead of
+  auth set up as cluster.yaml does) and a real MLflow server started with the manifest's arguments (sqlite instead of
   PostgreSQL, SeaweedFS instead of S3); the nightly CronJob's ``ray job submit`` command
   runs the extraction of a tiny world read from the bucket, credentials passed only through
-  ``--runtime-env-json``; features, MLflow run and artifact are checked in the bucket.
+  ``--runtime-env-json`` (the MLflow URL too, as MLFLOW_TRACKING_URI); features, MLflow run
+  and artifact are checked in the bucket.
 """
 
 from __future__ import annotations
@@ -107,6 +114,28 @@ def dockerfile_workdir(path: Path) -> str:
 
 
 IMAGE_WORKDIR = dockerfile_workdir(ROOT / "infra" / "Dockerfile")
+IMAGE_HOME = "/home/ray"  # HOME of rayproject/ray images (user ray, uid 1000), which infra/Dockerfile keeps
+
+
+def cluster_yaml_docker_run(home: str = IMAGE_HOME) -> tuple[dict[str, str], dict[str, str]]:
+    """The `docker run` Ray's launcher builds for a cluster.yaml node (Ray's own
+    ``docker_start_cmds``): (container env set by it, {container path: host path} of its bind mounts)."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    docker = cluster["docker"]
+    cmd = docker_start_cmds("ubuntu", docker["image"], cluster.get("file_mounts") or {}, docker["container_name"],
+                            docker.get("run_options", []), cluster["cluster_name"], home, "docker")
+    argv = shlex.split(cmd)
+    env, mounts = {}, {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-e", "--env"):
+            k, _, v = value.partition("=")
+            env[k] = v
+        elif flag in ("-v", "--volume"):
+            src, dest = value.split(":")[:2]
+            mounts[dest] = src
+    return env, mounts
 
 
 def cronjob_submit_argv(env: dict[str, str] | None = None) -> list[str]:
@@ -298,13 +327,35 @@ def test_cluster_yaml_setup_commands_run_in_this_environment():
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in starts and "$RAY_HEAD_IP:6379" in starts
 
 
+def test_cluster_yaml_turns_on_token_auth_without_holding_the_token(monkeypatch):
+    """Every container runs with RAY_AUTH_MODE=token and gets the submitter's token file
+    (``ray get-auth-token --generate``) bind-mounted where Ray reads it by default."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    env, mounts = cluster_yaml_docker_run()
+    assert env.get("RAY_AUTH_MODE") == "token", "cluster.yaml containers run without token authentication"
+    assert "RAY_AUTH_TOKEN" not in env and "RAY_AUTH_TOKEN_PATH" not in env
+    monkeypatch.setenv("HOME", IMAGE_HOME)
+    in_container = str(_get_default_token_path())  # where `ray start`, drivers and the autoscaler look
+    assert in_container in mounts, f"no token file at {in_container} in the containers (mounts: {sorted(mounts)})"
+    source = cluster["file_mounts"]["~/" + os.path.relpath(in_container, IMAGE_HOME)]
+    monkeypatch.setenv("HOME", "/home/someone")
+    generated = str(_get_default_token_path())  # where `ray get-auth-token --generate` writes on the laptop
+    assert os.path.expanduser(source) == generated, f"file_mounts copies {source}, the token is made at {generated}"
+    commands = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] + cluster["setup_commands"]
+    assert not any("RAY_AUTH" in c for c in commands), "no start command overrides the auth mode or the token"
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]|\b[0-9a-f]{32,}\b", text), "no token in cluster.yaml"
+
+
 # --------------------------------------------------------------------------- manifests
 
 
 def test_every_manifest_parses_and_names_the_project_image():
     paths = sorted(K8S.glob("*.yaml"))
-    assert {p.name for p in paths} >= {"base.yaml", "raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml",
-                                        "nightly-extract.yaml", "mlflow.yaml"}
+    assert {p.name for p in paths} >= {"base.yaml", "raycluster.yaml", "raycluster-train.yaml", "rayjob-train.yaml",
+                                        "rayjob-tune.yaml", "nightly-extract.yaml", "mlflow.yaml"}
     kinds = []
     for path in paths:
         for doc in docs(path):
@@ -320,7 +371,9 @@ def test_every_manifest_parses_and_names_the_project_image():
                 assert c["image"] == want, f"{where}: container {c['name']} runs {c['image']}, expected {want}"
                 env = {e["name"]: e for e in c.get("env", [])}
                 for name, e in env.items():
-                    if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|_URI$", name):
+                    if name == "MLFLOW_TRACKING_URI" and "value" in e:  # a plain URL: no userinfo, no query
+                        assert re.fullmatch(r"https?://[^@/?#]+", e["value"]), f"{where}: {name} holds more than a host"
+                    elif re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|_URI$", name):
                         assert "valueFrom" in e, f"{where}: {name} must come from a Secret, not a literal"
             text = path.read_text()
             assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key", text, re.I), f"{path.name}: credentials in a manifest"
@@ -368,6 +421,22 @@ def test_raycluster_has_a_cpu_decode_group_and_a_gpu_group():
     extract = _load_cluster_config("extract_nightly.yaml")
     assert extract.use_gpu and extract.encode_concurrency <= groups["gpu-encode"]["maxReplicas"] * int(gpus["gpu-encode"]), \
         "the nightly config's encoder actors fit the GPU group"
+
+
+def test_train_raycluster_runs_as_umair_train_and_fits_the_tune_search():
+    rc = one(K8S / "raycluster-train.yaml", "RayCluster")
+    groups = _check_ray_cluster_spec(rc["spec"], "raycluster-train.yaml", "umair-train")
+    workers = {n: g for n, g in groups.items() if n != "head"}
+    assert workers and all(g["minReplicas"] == 0 for g in workers.values()), "GPU workers scale from zero"
+    gpu = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+              for g in workers.values())
+    for g in workers.values():
+        assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"].get("tolerations", []))
+    tune, train = _load_cluster_config("tune.yaml"), _load_cluster_config("train.yaml")
+    assert gpu >= tune.trial.num_workers * tune.max_concurrent_trials and gpu >= train.num_workers, \
+        f"raycluster-train.yaml: {gpu} GPUs at most, the cluster configs want more"
+    assert rc["spec"]["authOptions"]["secretName"] != one(K8S / "raycluster.yaml", "RayCluster")["spec"]["authOptions"]["secretName"], \
+        "its own token: who may train need not run extractions"
 
 
 @pytest.mark.parametrize("job", ["train", "tune"])
@@ -450,33 +519,210 @@ def _mlflow_service_url() -> str:
     return f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:{port}"
 
 
+def ray_pods() -> list[tuple[str, dict]]:
+    """(where, container) of every Ray container in infra/k8s/ (RayClusters and RayJobs' clusters)."""
+    found = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in docs(path):
+            if doc["kind"] in ("RayCluster", "RayJob"):
+                spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+                for group, g in cluster_groups(spec).items():
+                    for c in g["template"]["spec"]["containers"]:
+                        found.append((f"{path.name}: {doc['kind']} {doc['metadata']['name']}/{group}/{c['name']}", c))
+                if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+                    for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]:
+                        found.append((f"{path.name}: RayJob {doc['metadata']['name']}/submitter/{c['name']}", c))
+    return found
+
+
+def test_mlflow_tracking_uri_resolution(monkeypatch, tmp_path):
+    from pipelines.ray_runtime import MlflowConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert MlflowConfig(tracking_uri="http://from-config:5000").resolved_uri() == "http://from-config:5000", "the config wins"
+    assert MlflowConfig().resolved_uri() == "http://from-env:5000", "then the environment"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/runs.db")
+    assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'env' / 'runs.db'}", "a relative env sqlite made absolute"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}", "else a local sqlite store"
+    assert MlflowConfig(tracking_uri="sqlite:///a/b.db").resolved_uri() == f"sqlite:///{tmp_path / 'a' / 'b.db'}"
+    assert MlflowConfig(tracking_uri="sqlite:////abs/m.db").resolved_uri() == "sqlite:////abs/m.db"
+
+
 @pytest.mark.parametrize("name", ["extract_nightly.yaml", "train.yaml", "tune.yaml"])
-def test_cluster_configs_load_and_point_at_the_cluster(name):
+def test_cluster_configs_load_and_point_at_the_cluster(name, monkeypatch):
     cfg = _load_cluster_config(name)
     assert cfg.ray.address == "auto", "join the cluster the job runs on"
-    assert cfg.mlflow.tracking_uri == _mlflow_service_url(), "the shared MLflow server (infra/k8s/mlflow.yaml)"
+    assert cfg.mlflow.tracking_uri is None, "the MLflow URL comes from MLFLOW_TRACKING_URI (pod env / runtime env)"
+    url = _mlflow_service_url()
+    pods = ray_pods()
+    assert len(pods) >= 7, [w for w, _ in pods]
+    for where, c in pods:
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env.get("MLFLOW_TRACKING_URI") == url, f"{where}: MLFLOW_TRACKING_URI must be the mlflow Service, {url}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    assert cfg.mlflow.resolved_uri() == url, "in such a pod the job logs to the shared MLflow server"
     assert cfg.storage.endpoint is None, "AWS S3: credentials from the instance profile / IRSA"
     text = (CLUSTER_CONFIGS / name).read_text()
     assert not re.search(r"(?i)secret|access_key|password", text.split("#")[0]), f"{name}: no credentials"
 
 
+def job_access(job: str, settings, working_dir: Path = ROOT) -> tuple[list[str], list[str]]:
+    """(s3 URIs the job reads, s3 prefixes it writes) from its settings. Every s3:// value of
+    the settings must be classified here, so a new key cannot slip past the IAM checks."""
+    from umair.config import parse_settings
+
+    if job == "extract":
+        reads = [settings.catalogue, settings.encoder.source, settings.text_model, f"s3://{BUCKET}/images/2026/11/1234.jpg"]
+        writes = [settings.output]
+        inner = []
+    elif job == "train":
+        reads = [settings.illustrations, settings.users, settings.interactions, settings.item_features, settings.world]
+        writes = [settings.checkpoint_dir, settings.output]
+        inner = []
+    elif job == "tune":
+        from pipelines import tune
+        from pipelines.train import TrainConfig
+
+        base = tune.base_train_dict(settings.model_copy(update={"train_config": str(working_dir / settings.train_config)}))
+        train_reads, train_writes = job_access("train", parse_settings(base, TrainConfig, "tune base"), working_dir)
+        reads, writes = train_reads, train_writes + [settings.storage_path, settings.best_config_out.rsplit("/", 1)[0] + "/"]
+        inner = [base]
+    else:
+        raise AssertionError(f"no access list known for `umair {job}`")
+    reads = [u for u in reads if u and u.startswith("s3://")]
+    writes = [u for u in writes if u and u.startswith("s3://")]
+
+    def s3_values(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from s3_values(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from s3_values(v)
+        elif isinstance(x, str) and x.startswith("s3://"):
+            yield x
+
+    for uri in [u for d in [settings.model_dump(), *inner] for u in s3_values(d)]:
+        assert uri in reads or any(uri.startswith(w) for w in writes), f"umair {job}: {uri} is neither a read nor a write here"
+    return reads, writes
+
+
+def assert_role_covers(policies: list[dict], role: str, job: str, settings, working_dir: Path = ROOT) -> None:
+    reads, writes = job_access(job, settings, working_dir)
+    assert reads and writes
+    for uri in reads:
+        assert can_read(policies, uri), f"{role} cannot read {uri} (umair {job})"
+    for uri in writes:
+        assert can_write(policies, uri), f"{role} cannot write {uri} (umair {job})"
+
+
 def test_each_job_role_may_touch_exactly_what_its_config_names():
     extract_role, train_role = [policy("umair-extract-policy.json")], [policy("umair-train-policy.json")]
     ex = _load_cluster_config("extract_nightly.yaml")
-    assert can_read(extract_role, ex.catalogue) and can_read(extract_role, ex.encoder.source) and can_read(extract_role, ex.text_model)
-    assert can_write(extract_role, ex.output)
-    assert can_read(extract_role, f"s3://{BUCKET}/images/2026/11/1234.jpg"), "extraction reads the images"
-    tr = _load_cluster_config("train.yaml")
-    for uri in (tr.illustrations, tr.users, tr.interactions, tr.item_features):
-        assert can_read(train_role, uri), f"umair-train cannot read {uri}"
-    for uri in (tr.checkpoint_dir, tr.output):
-        assert can_write(train_role, uri), f"umair-train cannot write {uri}"
+    assert_role_covers(extract_role, "umair-extract", "extract", ex)
+    assert can_read(extract_role, ex.encoder.source) and can_read(extract_role, ex.text_model) and can_write(extract_role, ex.output)
+    for name, job in (("train.yaml", "train"), ("tune.yaml", "tune")):
+        assert_role_covers(train_role, "umair-train", job, _load_cluster_config(name))
+        with pytest.raises(AssertionError, match="cannot"):  # the extraction role could not run them
+            assert_role_covers(extract_role, "umair-extract", job, _load_cluster_config(name))
     tu = _load_cluster_config("tune.yaml")
     assert can_write(train_role, tu.storage_path) and can_write(train_role, tu.best_config_out.rsplit("/", 1)[0] + "/")
     mlflow_role = [policy("umair-mlflow-policy.json")]
     dest = next(a.split("=", 1)[1] for a in containers(one(K8S / "mlflow.yaml", "Deployment"))[0]["args"]
                 if a.startswith("--artifacts-destination="))
     assert can_write(mlflow_role, dest + "/")
+
+
+# cluster.yaml nodes: instance profile -> the policies attached to its role (infra/README.md)
+INSTANCE_PROFILE_POLICIES = {
+    "umair-ray-head": ["umair-extract-policy.json", "umair-train-policy.json", "umair-ray-head-autoscaler-policy.json"],
+    "umair-ray-worker": ["umair-extract-policy.json", "umair-train-policy.json", "umair-ray-worker-ecr-policy.json"],
+}
+
+
+def _readme_cluster_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    return [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", section, re.S)]
+
+
+def _ray_cluster_by_head_service(host: str) -> tuple[str, dict]:
+    """The RayCluster manifest whose KubeRay head service (<name>-head-svc) is ``host``."""
+    name = host.split(".")[0]
+    for path in sorted(K8S.glob("raycluster*.yaml")):
+        rc = one(path, "RayCluster")
+        if f"{rc['metadata']['name']}-head-svc" == name:
+            return path.name, rc
+    raise AssertionError(f"no RayCluster in infra/k8s/ has the head service {name}")
+
+
+def documented_submissions() -> list[dict]:
+    """Every `ray job submit` the README's cluster section shows, plus the nightly CronJob:
+    where it goes (a RayCluster manifest or cluster.yaml) and what it runs."""
+    found = []
+    for block in _readme_cluster_blocks():
+        for line in block.splitlines():
+            line = line.strip()
+            if not line.startswith("ray job submit"):
+                continue
+            params = parse_ray_submit(shlex.split(line))
+            forward = re.findall(r"kubectl -n \S+ port-forward svc/(\S+) 8265", block)
+            launcher = re.findall(r"ray (?:up|dashboard) (\S+\.yaml)", block)
+            assert len(forward) + len(set(launcher)) == 1, f"README: cannot tell where this goes:\n{block}"
+            assert params["address"] == "http://127.0.0.1:8265", "submitted through the forwarded / tunnelled job API"
+            sub = {"where": f"README: {line[:60]}...", "params": params, "block": block}
+            if forward:
+                sub["manifest"], sub["cluster"] = _ray_cluster_by_head_service(forward[0])
+            else:
+                assert launcher[0] == "cluster.yaml", launcher
+                sub["launcher"] = launcher[0]
+            found.append(sub)
+    params = parse_ray_submit(cronjob_submit_argv())
+    manifest, rc = _ray_cluster_by_head_service(params["address"].split("//")[1].split(":")[0])
+    found.append({"where": "infra/k8s/nightly-extract.yaml", "params": params, "manifest": manifest, "cluster": rc, "block": ""})
+    return found
+
+
+def test_each_documented_submission_runs_under_a_role_that_covers_its_config():
+    subs = documented_submissions()
+    assert len(subs) >= 3 and {s.get("manifest") for s in subs} >= {"raycluster.yaml", "raycluster-train.yaml"}
+    assert any("launcher" in s for s in subs), "the README's cluster.yaml submission"
+    for sub in subs:
+        params, where = sub["params"], sub["where"]
+        entry = list(params["entrypoint"])
+        working_dir = ROOT if params["working_dir"] in (".", IMAGE_WORKDIR) else None
+        assert working_dir is not None, f"{where}: working dir {params['working_dir']} is neither the checkout nor the image's copy"
+        args, settings = resolve_entrypoint(entry, working_dir)
+        runtime_env = json.loads(params["runtime_env_json"] or "{}").get("env_vars", {})
+        if "cluster" in sub:
+            rc = sub["cluster"]
+            pod = rc["spec"]["headGroupSpec"]["template"]["spec"]  # the driver runs on the head
+            groups = cluster_groups(rc["spec"])
+            accounts = {g["template"]["spec"]["serviceAccountName"] for g in groups.values()}
+            assert accounts == {pod["serviceAccountName"]}, f"{sub['manifest']}: one service account for all pods"
+            role = _role_of(pod["serviceAccountName"]).rsplit("/", 1)[1]
+            policies = [policy(f"{role}-policy.json")]
+            env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])} | runtime_env
+            assert env.get("MLFLOW_TRACKING_URI") == _mlflow_service_url(), f"{where}: the job gets the MLflow URL"
+            if sub["block"]:  # the token exported in the README is this cluster's
+                secret = re.findall(r"kubectl -n \S+ get secret (\S+)", sub["block"])
+                assert secret == [rc["spec"]["authOptions"]["secretName"]], f"{where}: token of {secret}, the cluster uses " \
+                    f"{rc['spec']['authOptions']['secretName']}"
+        else:
+            env, _ = cluster_yaml_docker_run()
+            env = env | runtime_env
+            assert re.fullmatch(r"https?://[^/]+", env.get("MLFLOW_TRACKING_URI", "")), \
+                f"{where}: cluster.yaml nodes have no MLflow URL: pass MLFLOW_TRACKING_URI in the runtime env"
+            assert "RAY_AUTH_MODE=token" in sub["block"], f"{where}: the job API of cluster.yaml clusters wants the token"
+            cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+            profiles = {t["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for t in cluster["available_node_types"].values()}
+            for profile in profiles:
+                assert_role_covers([policy(n) for n in INSTANCE_PROFILE_POLICIES[profile]], profile, args.job, settings, working_dir)
+            continue
+        assert_role_covers(policies, role, args.job, settings, working_dir)
 
 
 def test_extraction_policy_reads_images_and_writes_only_features():
@@ -651,9 +897,16 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("RAY_", "AWS_", "UMAIR_", "MLFLOW_")) and k not in ("PYTEST_CURRENT_TEST",)}
     base_env["PATH"] = f"{VENV_BIN}:{os.environ['PATH']}"
-    token = tmp_path / "ray_token"
+    # token auth as cluster.yaml sets it up: its containers' RAY_AUTH_MODE, and the token file
+    # at the path its file_mounts fill (~/.ray/auth_token, Ray's default), in a HOME of our own
+    home = tmp_path / "home"
+    docker_env, _ = cluster_yaml_docker_run()
+    (remote,) = yaml.safe_load((ROOT / "cluster.yaml").read_text())["file_mounts"]
+    token = home / remote.removeprefix("~/")
+    token.parent.mkdir(parents=True)
     token.write_text(secrets.token_hex(32))
-    ray_env = {**base_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    ray_env = {**base_env, **{k: v for k, v in docker_env.items() if k.startswith("RAY_")}, "HOME": str(home)}
+    assert ray_env["RAY_AUTH_MODE"] == "token"
 
     # MLflow server, with the Deployment's arguments (sqlite for PostgreSQL, SeaweedFS for S3)
     (c,) = containers(one(K8S / "mlflow.yaml", "Deployment"))
@@ -711,12 +964,13 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
                    encoder={"source": None, "spec": {"backbone": "resnet18", "image_size": 32}}, text_model=None,
                    use_gpu=False, encode_concurrency=1, encode_num_cpus=1, batch_size=16, decode_batch_size=16,
                    chunk_rows=48, write_batch_rows=24, io_retry_s=60)
-        cfg["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{mlflow_port}"
+        assert cfg["mlflow"]["tracking_uri"] is None, "the URL comes from MLFLOW_TRACKING_URI"
         cfg["storage"]["region"] = "us-east-1"
         (wd / "extract_nightly.yaml").write_text(yaml.safe_dump(cfg))
         assert load_config(wd / "extract_nightly.yaml", ExtractConfig).ray.address == "auto"
 
-        # the CronJob's command: its address, working dir and config replaced, credentials via the runtime env
+        # the CronJob's command: its address, working dir and config replaced; credentials and the
+        # MLflow URL (a Ray pod's MLFLOW_TRACKING_URI) via the runtime env, as on cluster.yaml clusters
         argv = cronjob_submit_argv({"RAY_API_SERVER_ADDRESS": dashboard})
         split = argv.index("--")
         opts, entry = argv[:split], argv[split + 1:]
@@ -726,7 +980,8 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
         runtime_env = {"env_vars": {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
                                     "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
                                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                                    "UMAIR_S3_ENDPOINT": s3_server.endpoint}}
+                                    "UMAIR_S3_ENDPOINT": s3_server.endpoint,
+                                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}}
         cmd = [str(VENV_BIN / "ray"), *opts[1:], "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=ray_env, capture_output=True, text=True, timeout=480, cwd=tmp_path)
