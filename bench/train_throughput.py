@@ -70,7 +70,25 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any, Any, str, str]:
     world, features = generate_inputs(gen)
     prepared = prepare(TrainConfig(world=world, item_features=features))
     train, test = window_rows(prepared, None)
+    train, test = _compact_tags(train, test)
     return prepared, train, test, world, features
+
+
+def _compact_tags(*windows: Any) -> list[Any]:
+    """Identical inputs for every model: each row's tags moved ahead of its padding and the
+    columns that are padding in every row of every window dropped (what FusionRanker's
+    ``drop_tag_padding`` does to its own input), so deepctr-torch reads the same T."""
+    import dataclasses
+
+    import torch
+
+    keep = max(max(int((w.user_tags != 0).sum(dim=1).max()) if len(w.labels) else 0 for w in windows), 1)
+    out = []
+    for w in windows:
+        order = torch.argsort((w.user_tags == 0).to(torch.int8), dim=1, stable=True)
+        out.append(dataclasses.replace(w, user_tags=w.user_tags.gather(1, order[:, :keep]).contiguous()))
+    print(f"user tags: T {int(windows[0].user_tags.shape[1])} -> {keep} columns for every model (padding dropped)", flush=True)
+    return out
 
 
 def _deepctr_fit(model_cfg: Any, train: Any, test: Any, args: argparse.Namespace, batch: int) -> dict[str, Any]:

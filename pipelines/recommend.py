@@ -126,8 +126,9 @@ class Context:
         """The user's row in the users table, or :class:`UnknownIdError` naming the file."""
         r = int(self.user_table.rows(np.array([user_id]))[0])
         if r < 0:
+            trained_on = self.saved.meta.get("data", {}).get("users") or "its training data"
             raise UnknownIdError(f"user {user_id} is not in the users table {self.inputs.users} "
-                                 f"that the model {self.saved.meta['data'].get('users', '')} scores from")
+                                 f"(the model was trained with {trained_on})")
         return r
 
     def is_cold(self, user_row: int) -> bool:

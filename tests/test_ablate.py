@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.ablate import ALL_MODELS, DEEPCTR_NAMES, AblateConfig, build_ranker, run, window_rows
+from pipelines.ablate import (
+    ALL_MODELS,
+    DCN_V2_ONLY,
+    DEEPCTR_NAMES,
+    AblateConfig,
+    CheckMargins,
+    build_ranker,
+    planted_checks,
+    run,
+    window_rows,
+)
 from pipelines.train import TrainConfig, prepare
 from umair.baselines.finalmlp import InteractionAggregation
 from umair.baselines.training import fit, predict
@@ -105,6 +115,20 @@ def test_every_model_gets_a_row_with_finite_metrics(tiny_world, tiny_features, t
     # DCN-V2-only is its own model (DCN-V2's full-rank cross), not a copy of w/o ALL's row
     by = {r["model"]: r for r in summary["rows"]}
     assert by["DCN-V2-only (umair)"]["parameters"] != by["w/o ALL"]["parameters"]
+
+
+def test_planted_effects_count_only_gaps_beyond_their_margins():
+    by = {"full": {"auc": 0.75, "auc_style": 0.80}, DCN_V2_ONLY: {"auc": 0.72, "auc_style": 0.60},
+          "w/o STY": {"auc": 0.74, "auc_style": 0.79}}
+    checks = planted_checks(by, "style")
+    # +0.03 overall is below the 0.05 default margin; +0.01 on style users below 0.02
+    assert checks["full ahead of DCN-V2-only"]["value"] == pytest.approx(0.03)
+    assert not checks["full ahead of DCN-V2-only"]["met"] and not checks["STY matters for style-driven users"]["met"]
+    assert "needs >= +0.05" in checks["full ahead of DCN-V2-only"]["text"]
+    loose = planted_checks(by, "style", CheckMargins(full_vs_dcn_v2_only=0.02, sty_on_style_users=0.01))
+    assert all(c["met"] for c in loose.values())
+    by["w/o STY"]["auc_style"] = None  # no style-driven users in the test window: that check is not made
+    assert set(planted_checks(by, "style")) == {"full ahead of DCN-V2-only"}
 
 
 def test_bad_model_name_is_a_clear_error(tmp_path, capsys):
