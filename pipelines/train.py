@@ -426,9 +426,28 @@ def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[
     return start, list(state["starts"]), list(state["history"])
 
 
-def _train_epoch(model: Any, raw: Any, optimizer: Any, shard: Any, lookup: Lookup, config: dict[str, Any], device: Any) -> Any:
-    """One pass over this worker's shard: BCE(logit, y) + l2_emb · Σ‖E‖² (every
-    embedding table E), Adam. Returns [Σ BCE·n, n] of this worker (float64 tensor)."""
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite (usually a learning rate too high)."""
+
+
+def check_finite_loss(value: float, *, epoch: int, step: int, lr: float) -> None:
+    """Raise :class:`TrainingDiverged` when a step's loss ``value`` is NaN or infinite."""
+    if not np.isfinite(value):
+        raise TrainingDiverged(
+            f"training diverged: the BCE loss is {value} at epoch {epoch}, step {step} (lr {lr:g}); "
+            "this step was not applied and this epoch is not checkpointed; lower the learning rate (lr)")
+
+
+def _train_epoch(model: Any, raw: Any, optimizer: Any, batches: Any, lookup: Lookup, config: dict[str, Any],
+                 epoch: int = 0) -> Any:
+    """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
+    tensors): BCE(logit, y) + l2_emb · Σ‖E‖² (every embedding table E), Adam. Returns
+    [Σ BCE·n, n] of this worker (float64 tensor).
+
+    Raises :class:`TrainingDiverged` on a non-finite loss, before that step updates the
+    weights, and at the end if any weight is not finite, so a diverged model is never
+    checkpointed. The check reuses the per-step loss value the epoch sum needs anyway
+    (no extra device sync per step)."""
     import torch
     import torch.nn.functional as F
 
@@ -436,15 +455,23 @@ def _train_epoch(model: Any, raw: Any, optimizer: Any, shard: Any, lookup: Looku
 
     model.train()
     sums = torch.zeros(2, dtype=torch.float64)
-    dtypes = {"user_row": torch.int64, "item_row": torch.int64, "label": torch.float32}
-    for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device, dtypes=dtypes):
+    step = -1
+    for step, batch in enumerate(batches):
         logits = model(**lookup.inputs(batch["user_row"], batch["item_row"]))
         bce = F.binary_cross_entropy_with_logits(logits, batch["label"])
         loss = bce + config["l2_emb"] * l2_embedding_penalty(raw).to(bce.device) if config["l2_emb"] else bce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        value = float(bce.detach())
+        check_finite_loss(value, epoch=epoch, step=step, lr=config["lr"])
         optimizer.step()
-        sums += torch.tensor([float(bce.detach()) * len(logits), len(logits)], dtype=torch.float64)
+        sums += torch.tensor([value * len(logits), len(logits)], dtype=torch.float64)
+    with torch.no_grad():
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all())
+    if not finite:
+        raise TrainingDiverged(
+            f"training diverged: weights are NaN or infinite after epoch {epoch}, step {step} (lr {config['lr']:g}); "
+            "this epoch is not checkpointed; lower the learning rate (lr)")
     return sums
 
 
@@ -486,10 +513,12 @@ def train_loop(config: dict[str, Any]) -> None:
     model = prepare_model(raw)
     train_shard = ray.train.get_dataset_shard("train")
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    dtypes = {"user_row": torch.int64, "item_row": torch.int64, "label": torch.float32}
 
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.perf_counter()
-        sums = _train_epoch(model, raw, optimizer, train_shard, lookup, config, device)
+        batches = train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device, dtypes=dtypes)
+        sums = _train_epoch(model, raw, optimizer, batches, lookup, config, epoch)
         if world > 1:
             dist.all_reduce(sums)
         with torch.no_grad():

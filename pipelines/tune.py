@@ -26,6 +26,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines import train
 from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
@@ -49,6 +50,25 @@ TAG = "[tune]"
 class TuneError(RuntimeError):
     """The search ran but produced no usable trial (every trial failed)."""
 METRIC = "val_auc"
+K_RANGE = (1, 4)  # UMCM experts per mix
+L_RANGE = (0, 4)  # DCN-V2 cross layers
+# Keys of `umair train` settings that every trial sets itself: in tune's `train:` overrides
+# they would be silently ignored, so they are refused with the tune setting to use instead.
+TRIAL_OWNED = {
+    "epochs": "use tune's `epochs`",
+    "test_end": "trials validate on [validation_start, split): use tune's `validation_start` (the split comes from the train config or world)",
+    "num_workers": "use tune's `trial.num_workers`",
+    "use_gpu": "use tune's `trial.use_gpu`",
+    "cpus_per_worker": "use tune's `trial.cpus_per_worker`",
+    "run_name": "each trial gets its own, under tune's `storage_path` / `name`",
+    "checkpoint_dir": "each trial checkpoints under tune's `storage_path` / `name`",
+    "output": "each trial writes its model under tune's `storage_path` / `name`",
+    "mlflow": "use tune's `mlflow`",
+    "variant": "trials build the model from tune's `search` (experts, cross_layers)",
+    "eval_every_epoch": "trials always score the validation window (val_auc) every epoch",
+    "ray": "trials run on the search's Ray: use tune's `ray`",
+}
+MODEL_OWNED = {"umcm": "search.experts", "experts": "search.experts", "cross_layers": "search.cross_layers"}
 RESULT_COLUMNS = ["trial_id", "status", "experts", "K", "cross_layers", "lr", "d", "epochs",
                   "val_auc", "val_logloss", "val_gauc", "mlflow_run_id", "error"]
 
@@ -57,8 +77,9 @@ class SearchSpace(Settings):
     """The grid: every combination is one trial (``num_samples`` repeats it with new seeds).
 
     ``experts``: UMCM expert mixes, each a comma-separated list of ``att`` / ``sen``; K is
-    its length (1–4 in the paper's range). ``cross_layers``: DCN-V2 depths L (0 = none).
-    ``lr`` / ``d``: optional grids of the learning rate and the common width d."""
+    its length (1–4, the paper's range). ``cross_layers``: DCN-V2 depths L (0–4; 0 = none).
+    ``lr`` / ``d``: optional grids of the learning rate (> 0) and the common width d (>= 1).
+    Values out of these ranges are refused when the settings are loaded."""
 
     experts: list[str] = Field(default_factory=lambda: ["att", "att,sen", "att,sen,att", "att,sen,att,sen"])
     cross_layers: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -71,7 +92,10 @@ class SearchSpace(Settings):
         if not v:
             raise ValueError("give at least one expert mix, e.g. ['att', 'att,sen']")
         for mix in v:
-            parse_experts(mix)
+            k = len(parse_experts(mix))
+            if not K_RANGE[0] <= k <= K_RANGE[1]:
+                raise ValueError(f"expert mix {mix!r} has K = {k} experts; each mix in search.experts must have "
+                                 f"K in {K_RANGE[0]}..{K_RANGE[1]} (1 to 4 comma-separated att / sen)")
         return v
 
     @field_validator("cross_layers")
@@ -79,6 +103,34 @@ class SearchSpace(Settings):
     def _depths(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("give at least one cross depth, e.g. [0, 2]")
+        bad = [x for x in v if not L_RANGE[0] <= x <= L_RANGE[1]]
+        if bad:
+            raise ValueError(f"cross depth(s) {bad} out of range; each L in search.cross_layers must be in "
+                             f"{L_RANGE[0]}..{L_RANGE[1]} (0 = no DCN-V2)")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _rates(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one learning rate, e.g. [0.001, 0.003], or leave search.lr out")
+        bad = [x for x in v if not (math.isfinite(x) and x > 0)]
+        if bad:
+            raise ValueError(f"learning rate(s) {bad} out of range; each lr in search.lr must be > 0 (and finite)")
+        return v
+
+    @field_validator("d")
+    @classmethod
+    def _widths(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one width, e.g. [16, 32], or leave search.d out")
+        bad = [x for x in v if x < 1]
+        if bad:
+            raise ValueError(f"width(s) {bad} out of range; each d in search.d must be >= 1")
         return v
 
     def grid(self) -> dict[str, list[Any]]:
@@ -114,7 +166,8 @@ class TuneConfig(Settings):
     """Settings of ``umair tune`` (see pipelines/configs/tune.yaml)."""
 
     train_config: str = Field(..., description="the `umair train` YAML every trial starts from")
-    train: dict[str, Any] = Field(default_factory=dict, description="keys of that YAML to override for every trial")
+    train: dict[str, Any] = Field(default_factory=dict, description="keys of that YAML to override for every trial; keys each "
+                                  "trial sets itself (TRIAL_OWNED, model.experts / cross_layers / umcm) are refused")
     search: SearchSpace = SearchSpace()
     num_samples: int = Field(1, ge=1, description="repeats of the grid (trial seeds differ)")
     epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t)")
@@ -137,6 +190,25 @@ class TuneConfig(Settings):
         if v is not None:
             parse_time(v)
         return v
+
+    @field_validator("train")
+    @classmethod
+    def _not_trial_owned(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problems = [f"train.{k} is set per trial by tune: {why}" for k, why in TRIAL_OWNED.items() if k in v]
+        model = v.get("model")
+        if isinstance(model, dict):
+            problems += [f"train.model.{k} is set per trial by tune: use tune's `{key}`" for k, key in MODEL_OWNED.items() if k in model]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @model_validator(mode="after")
+    def _one_source_per_key(self) -> TuneConfig:
+        if self.search.lr and "lr" in self.train:
+            raise ValueError("train.lr and search.lr both set: every trial takes its lr from search.lr; remove train.lr")
+        if self.search.d and isinstance(self.train.get("model"), dict) and "d" in self.train["model"]:
+            raise ValueError("train.model.d and search.d both set: every trial takes its d from search.d; remove train.model.d")
+        return self
 
 
 # --------------------------------------------------------------------------- search space helpers
@@ -194,7 +266,7 @@ def trial_train_dict(base: dict[str, Any], params: dict[str, Any], *, epochs: in
         "model": model, "epochs": epochs, "split": split, "test_end": test_end,
         "num_workers": resources.num_workers, "use_gpu": resources.use_gpu, "cpus_per_worker": resources.cpus_per_worker,
         "run_name": run_name, "checkpoint_dir": checkpoint_dir, "output": output,
-        "mlflow": mlflow.model_dump(), "variant": None,
+        "mlflow": mlflow.model_dump(), "variant": None, "eval_every_epoch": True,
     })
     out["model"] = model  # replace, not merge: the experts list is the trial's own
     if params.get("lr") is not None:
@@ -202,6 +274,32 @@ def trial_train_dict(base: dict[str, Any], params: dict[str, Any], *, epochs: in
     if seed is not None:
         out["seed"] = seed
     return out
+
+
+def grid_points(cfg: TuneConfig) -> list[dict[str, Any]]:
+    """Every point of the search grid (without ``num_samples`` repeats)."""
+    grid = cfg.search.grid()
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def check_trials(cfg: TuneConfig, base: dict[str, Any]) -> int:
+    """Build every grid point's trial settings once, before Ray starts: the
+    :class:`~pipelines.train.TrainConfig` and its :class:`ModelConfig` overrides (with
+    placeholder data sizes). An invalid combination fails here with a
+    :class:`ConfigError` naming the grid point, not later inside a trial. Returns the
+    number of points checked."""
+    from umair.model.settings import ModelConfig
+
+    points = grid_points(cfg)
+    tune_dir = _tune_dir(cfg)
+    for point in points:
+        where = f"tune: grid point {json.dumps(point)}"
+        data = trial_train_dict(base, point, epochs=cfg.epochs, split=base.get("split"), test_end=None, resources=cfg.trial,
+                                run_name="trial-check", checkpoint_dir=storage.join(tune_dir, "trials"),
+                                output=storage.join(tune_dir, "trials", "trial-check", "model"), mlflow=cfg.mlflow)
+        tc = parse_settings(data, train.TrainConfig, where)
+        parse_settings({"n_users": 1, "n_tags": 1, **tc.model}, ModelConfig, f"{where}: model")
+    return len(points)
 
 
 def validation_window(base: dict[str, Any], start: str | None, settings: storage.StorageSettings | None) -> tuple[str, str]:
@@ -261,8 +359,21 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     except Exception as err:
         # Recorded here; the search driver sets the run's final status from Tune's view
         # (an ASHA stop also lands here, as the Train controller dying under us).
-        client.set_tag(run_id, "umair.error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_tag(run_id, "umair.error", error_text(err)[:5000])
         raise
+
+
+def error_text(err: BaseException) -> str:
+    """An error as ``Type: message``; for a Ray Train worker group's failure the worker's
+    own error comes first (a divergence preferred over the collateral errors of other
+    ranks), then Ray's full report."""
+    text = f"{type(err).__name__}: {err}"
+    failures = getattr(err, "worker_failures", None) or {}
+    if not failures:
+        return text
+    ranks = sorted(failures)
+    rank = next((r for r in ranks if isinstance(failures[r], train.TrainingDiverged)), ranks[0])
+    return f"{type(failures[rank]).__name__}: {failures[rank]} (Ray Train worker rank {rank})\n{text}"
 
 
 def trial_settings(context: dict[str, Any], params: dict[str, Any], trial_id: str) -> train.TrainConfig:
@@ -368,7 +479,9 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         if v is None or v == "":
             return ""
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):  # 4 decimals; a learning rate like 1e-05 or 1e+30 in short form
+            return f"{v:.4g}" if v != 0 and not 1e-3 <= abs(v) < 1e4 else f"{v:.4f}"
+        return str(v)
 
     head = "| " + " | ".join(RESULT_COLUMNS) + " |\n|" + "---|" * len(RESULT_COLUMNS) + "\n"
     return head + "".join("| " + " | ".join(fmt(r[c]).replace("|", "/") for c in RESULT_COLUMNS) + " |\n" for r in rows)
@@ -422,8 +535,11 @@ def heatmap(rows: list[dict[str, Any]], path: str) -> np.ndarray:
 
 def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfig) -> dict[str, Any]:
     """The best trial as settings ``umair train`` accepts unchanged: the base config with
-    the trial's K/mix, L (and lr/d), trained on the full training window (the world's split)."""
+    the trial's K/mix, L (and lr/d), trained on the full training window (the world's split).
+    Its model, checkpoints and run name are the search's own (``TUNE_DIR/best_model``,
+    ``TUNE_DIR/best_checkpoints``), so training it overwrites no model of the base config."""
     params = {"experts": best["experts"], "cross_layers": best["cross_layers"], "lr": best["lr"], "d": best["d"]}
+    tune_dir = _tune_dir(cfg)
     model = dict(base.get("model") or {})
     model.update({"umcm": "moe", "experts": list(parse_experts(params["experts"])), "cross_layers": int(params["cross_layers"])})
     if params["d"] is not None:
@@ -436,6 +552,8 @@ def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfi
         out["lr"] = float(params["lr"])
     out.setdefault("run_name", "train")
     out["run_name"] = f"{out['run_name']}-{cfg.name}-best"
+    out["output"] = storage.join(tune_dir, "best_model")
+    out["checkpoint_dir"] = storage.join(tune_dir, "best_checkpoints")
     return parse_settings(out, train.TrainConfig, "best config").model_dump(mode="json")
 
 
@@ -481,7 +599,10 @@ def _guard(tune_dir: str, fingerprint: str, settings: storage.StorageSettings | 
     return False
 
 
-def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str) -> Any:
+def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str, best_yaml_path: str) -> Any:
+    """Register the best trial's ``model/`` artifacts as a version of ``name``, after adding
+    ``best_yaml_path`` (best_train.yaml) to them: the version holds the model files and the
+    ``umair train`` config together."""
     import mlflow
 
     try:
@@ -490,6 +611,7 @@ def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str) -> An
         if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
             raise
     run = client.get_run(row["mlflow_run_id"])
+    client.log_artifact(run.info.run_id, best_yaml_path, "model")
     tags = {"val_auc": f"{row['val_auc']:.6f}", "experts": row["experts"], "K": str(row["K"]),
             "cross_layers": str(row["cross_layers"]), "trial_id": row["trial_id"]}
     return client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
@@ -505,6 +627,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     base = base_train_dict(cfg)
+    check_trials(cfg, base)  # every grid point's settings, before any data is read or Ray starts
     start, split = validation_window(base, cfg.validation_start, settings)
 
     tune_dir = _tune_dir(cfg)
@@ -601,7 +724,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
                             "best_mlflow_run_id": best["mlflow_run_id"]})
             client.log_metric(parent, "best_val_auc", float(best["val_auc"]))
             if cfg.register_model:
-                version = _register(client, cfg.register_model, best, best_yaml)
+                version = _register(client, cfg.register_model, best, best_yaml, str(Path(tmp) / "best_train.yaml"))
                 summary.update({"registered_model": cfg.register_model, "model_version": str(version.version)})
         for name in ("results.md", "results.csv"):
             storage.write_bytes(storage.join(tune_dir, name), (Path(tmp) / name).read_bytes(), settings)

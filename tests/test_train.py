@@ -253,6 +253,55 @@ def test_settings_refuse_derived_sizes_and_unknown_variants(hand_paths, tmp_path
         load_config(ROOT / "pipelines" / "configs" / "train.yaml", train.TrainConfig, {"epochs": 0})
 
 
+# --------------------------------------------------------------------------- divergence guard
+
+
+def _one_epoch(hand_paths, tmp_path, lr: float, batch_size: int = 2):
+    """A real model on the hand-made tables, Adam at ``lr``, one epoch through
+    ``_train_epoch`` (batches as Ray's iter_torch_batches gives them)."""
+    import torch
+
+    from umair.model.fusion import UmairFPS
+
+    p = train.prepare(_cfg(hand_paths, tmp_path))
+    lookup, _, _ = train.load_lookup(p.space, p.inputs, p.modalities, "cpu")
+    torch.manual_seed(0)
+    model = UmairFPS(p.model_config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    rows = p.train_rows
+    u, i, y = (torch.tensor(rows.column(c).to_numpy()) for c in ("user_row", "item_row", "label"))
+    batches = [{"user_row": u[s:s + batch_size], "item_row": i[s:s + batch_size], "label": y[s:s + batch_size].float()}
+               for s in range(0, rows.num_rows, batch_size)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = lambda: sorted({int(st["step"]) for st in optimizer.state.values()})  # noqa: E731
+    try:
+        return train._train_epoch(model, model, optimizer, batches, lookup, {"lr": lr, "l2_emb": 1e-3}, 3), steps(), None, before, model
+    except train.TrainingDiverged as err:
+        return None, steps(), err, before, model
+
+
+def test_a_diverging_loss_stops_training_before_the_step_is_applied(hand_paths, tmp_path):
+    # Adam moves every weight the first batch touches by ~lr: the second batch's logits overflow.
+    _, steps, err, before, model = _one_epoch(hand_paths, tmp_path, lr=1e30)
+    assert isinstance(err, train.TrainingDiverged) and isinstance(err, RuntimeError)
+    msg = str(err)
+    assert msg.startswith("training diverged: the BCE loss is nan at epoch 3, step 1 (lr 1e+30)"), msg
+    assert "lower the learning rate (lr)" in msg
+    assert steps == [1], "the diverged step's update must not be applied (Adam stepped once)"
+    assert any(not bool((before[k] == v).all()) for k, v in model.state_dict().items())  # the first step was
+
+    sums, steps, err, _, _ = _one_epoch(hand_paths, tmp_path, lr=1e-3)
+    assert err is None and steps == [2]
+    assert float(sums[1]) == 4 and np.isfinite(float(sums[0])) and float(sums[0]) > 0
+
+
+def test_the_loss_check_names_epoch_step_and_lr():
+    train.check_finite_loss(0.69, epoch=0, step=0, lr=1e-3)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(train.TrainingDiverged, match=r"epoch 2, step 17 \(lr 0\.5\); .*lower the learning rate"):
+            train.check_finite_loss(value, epoch=2, step=17, lr=0.5)
+
+
 # --------------------------------------------------------------------------- negatives
 
 

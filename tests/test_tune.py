@@ -39,6 +39,87 @@ def test_expert_mixes_parse_and_bad_ones_are_refused_with_the_mix_named():
         parse_settings({"train_config": "x.yaml", "trial": {"driver_cpus": 0}}, tune.TuneConfig, "t.yaml")
 
 
+@pytest.mark.parametrize("search, message", [
+    ({"experts": ["att", "att,sen,att,sen,att"]},
+     r"search\.experts: Value error, expert mix 'att,sen,att,sen,att' has K = 5 experts; each mix in search\.experts must have K in 1\.\.4"),
+    ({"cross_layers": [0, -1]}, r"search\.cross_layers: Value error, cross depth\(s\) \[-1\] out of range; each L in search\.cross_layers must be in 0\.\.4"),
+    ({"cross_layers": [2, 5]}, r"search\.cross_layers: Value error, cross depth\(s\) \[5\] out of range; .* 0\.\.4"),
+    ({"lr": [0.001, 0.0]}, r"search\.lr: Value error, learning rate\(s\) \[0\.0\] out of range; each lr in search\.lr must be > 0"),
+    ({"lr": [-0.01]}, r"search\.lr: Value error, learning rate\(s\) \[-0\.01\] out of range; each lr in search\.lr must be > 0"),
+    ({"lr": []}, r"search\.lr: Value error, give at least one learning rate"),
+    ({"d": [16, 0]}, r"search\.d: Value error, width\(s\) \[0\] out of range; each d in search\.d must be >= 1"),
+])
+def test_search_values_out_of_range_are_refused_when_the_config_loads(search, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_settings({"train_config": "x.yaml", "search": search}, tune.TuneConfig, "t.yaml")
+    assert str(err.value).startswith("t.yaml: search.")
+    # the edges of each range are accepted
+    ok = tune.SearchSpace(experts=["att", "att,sen,sen,att"], cross_layers=[0, 4], lr=[1e-5], d=[1])
+    assert ok.size() == 4
+
+
+def _tiny_train_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"world": "w", "item_features": "f.parquet", "model": {"emb_dim": 4, "d": 8}}))
+    return path
+
+
+def test_every_grid_point_is_built_before_ray_starts_and_a_bad_one_is_named(tmp_path):
+    import ray
+
+    data = {"train_config": str(_tiny_train_yaml(tmp_path)), "search": {"experts": ["att", "sen"], "cross_layers": [0, 3], "d": [8, 16]},
+            "storage_path": str(tmp_path / "tune"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}}
+    cfg = parse_settings(data, tune.TuneConfig, "t.yaml")
+    assert tune.check_trials(cfg, tune.base_train_dict(cfg)) == 8
+    # A value only the model settings refuse (a low-rank cross of rank 0) fails every trial:
+    # the search stops on the first grid point, before reading data, MLflow or Ray.
+    bad = parse_settings({**data, "train": {"model": {"low_rank": 0}}}, tune.TuneConfig, "t.yaml")
+    with pytest.raises(ConfigError) as err:
+        tune.run(bad)
+    assert str(err.value).startswith('tune: grid point {"experts": "att", "cross_layers": 0, "d": 8}: model: low_rank: '
+                                     "Input should be greater than or equal to 1 (got 0)"), str(err.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("key, value, tune_key", [
+    ("epochs", 1, "use tune's `epochs`"),
+    ("test_end", "2021-11-01", "use tune's `validation_start`"),
+    ("num_workers", 2, "use tune's `trial.num_workers`"),
+    ("use_gpu", True, "use tune's `trial.use_gpu`"),
+    ("cpus_per_worker", 2, "use tune's `trial.cpus_per_worker`"),
+    ("run_name", "x", "under tune's `storage_path` / `name`"),
+    ("checkpoint_dir", "c", "under tune's `storage_path` / `name`"),
+    ("output", "o", "under tune's `storage_path` / `name`"),
+    ("mlflow", {"experiment": "e"}, "use tune's `mlflow`"),
+    ("variant", "w/o STY", "from tune's `search`"),
+    ("eval_every_epoch", False, "validation window"),
+    ("ray", {"num_cpus": 2}, "use tune's `ray`"),
+])
+def test_train_overrides_that_every_trial_sets_itself_are_refused(key, value, tune_key):
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"train_config": "x.yaml", "train": {"batch_size": 8, key: value}}, tune.TuneConfig, "t.yaml")
+    assert f"t.yaml: train: Value error, train.{key} is set per trial by tune: " in str(err.value)
+    assert tune_key in str(err.value)
+
+
+def test_model_and_lr_overrides_that_the_search_sets_are_refused():
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8, "experts": ["att"], "cross_layers": 1}}},
+                       tune.TuneConfig, "t.yaml")
+    msg = str(err.value)
+    assert "train.model.experts is set per trial by tune: use tune's `search.experts`" in msg
+    assert "train.model.cross_layers is set per trial by tune: use tune's `search.cross_layers`" in msg
+    with pytest.raises(ConfigError, match=r"train\.lr and search\.lr both set"):
+        parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01}, "search": {"lr": [0.001]}}, tune.TuneConfig, "t.yaml")
+    with pytest.raises(ConfigError, match=r"train\.model\.d and search\.d both set"):
+        parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8}}, "search": {"d": [16]}}, tune.TuneConfig, "t.yaml")
+    # without a search grid of their own they are the trials' common settings
+    cfg = parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01, "seed": 3, "split": "2021-09-01", "model": {"d": 8}}},
+                         tune.TuneConfig, "t.yaml")
+    assert cfg.train["lr"] == 0.01
+
+
 def test_grid_size_counts_every_combination():
     space = tune.SearchSpace(experts=["att", "att,sen"], cross_layers=[0, 1, 2], lr=[1e-3, 3e-3])
     assert space.grid() == {"experts": ["att", "att,sen"], "cross_layers": [0, 1, 2], "lr": [1e-3, 3e-3]}
@@ -48,8 +129,11 @@ def test_grid_size_counts_every_combination():
 def test_the_shipped_config_loads_with_its_train_config(monkeypatch):
     cfg = load_config(ROOT / "pipelines" / "configs" / "tune.yaml", tune.TuneConfig)
     assert cfg.scheduler.kind == "asha" and cfg.search.size() >= 4
+    cluster = load_config(ROOT / "pipelines" / "configs" / "cluster" / "tune.yaml", tune.TuneConfig)
+    assert cluster.search.size() == 9
     monkeypatch.chdir(ROOT)
     base = tune.base_train_dict(cfg)
+    assert tune.check_trials(cfg, base) == cfg.search.size()
     assert base["batch_size"] == cfg.train["batch_size"]  # the overrides are merged in
     # trials run in their own working directories: relative inputs and the sqlite store become absolute
     assert base["world"] == str(ROOT / "outputs" / "demo" / "world")
@@ -89,6 +173,12 @@ def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
     assert cfg.model["experts"] == ["att", "sen"] and cfg.model["cross_layers"] == 2 and cfg.model["d"] == 16
     assert cfg.split is None and cfg.test_end is None  # the full training window, the world's split
     assert cfg.epochs == 3 and cfg.run_name == "train-s-best"
+    # its model and checkpoints are the search's own: training it overwrites no base-config model
+    tune_dir = os.path.abspath(os.path.join("outputs", "tune", "s"))
+    assert cfg.output == os.path.join(tune_dir, "best_model")
+    assert cfg.checkpoint_dir == os.path.join(tune_dir, "best_checkpoints")
+    s3 = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune"))
+    assert (s3["output"], s3["checkpoint_dir"]) == ("s3://b/tune/s/best_model", "s3://b/tune/s/best_checkpoints")
 
 
 def test_heat_map_keeps_the_best_auc_per_cell_and_leaves_failed_cells_empty(tmp_path):
@@ -107,6 +197,8 @@ def test_results_table_has_every_column_and_escapes_nothing_it_should_not():
     md = tune.results_markdown(rows)
     assert md.splitlines()[0].count("|") == len(tune.RESULT_COLUMNS) + 1
     assert "x / y" in md and "0.5000" in md
+    lrs = tune.results_markdown([rows[0] | {"lr": lr} for lr in (0.003, 1e-5, 1e30)])
+    assert "| 0.0030 |" in lrs and "| 1e-05 |" in lrs and "| 1e+30 |" in lrs
     assert tune.results_csv(rows).splitlines()[0].split(",") == tune.RESULT_COLUMNS
 
 
@@ -125,18 +217,31 @@ def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_ru
     left RUNNING)."""
     from ray.tune import Result
 
-    ok_params, bad_params = {"experts": "att", "cross_layers": 1}, {"experts": "att,sen", "cross_layers": -1}
+    ok_params, bad_params = {"experts": "att", "cross_layers": 1}, {"experts": "att,sen", "cross_layers": 2, "lr": 1e30}
     results = [
         Result(metrics={"trial_id": "t_1", "config": ok_params, "training_iteration": 2, "val_auc": 0.61},
                checkpoint=None, error=None, path=str(tmp_path / "t_1")),
         Result(metrics={"trial_id": "t_2"}, checkpoint=None, error=RuntimeError("trial raised"), path=str(tmp_path / "t_2")),
     ]
-    runs = [_child_run("r1", "t_1", ok_params), _child_run("r2", "t_2", bad_params, error="ConfigError: cross_layers >= 0")]
+    runs = [_child_run("r1", "t_1", ok_params),
+            _child_run("r2", "t_2", bad_params, error="TrainingDiverged: training diverged: the BCE loss is nan")]
     rows = {r["trial_id"]: r for r in tune.collect(results, 2, runs)}
     assert rows["t_1"]["status"] == "FINISHED" and rows["t_1"]["mlflow_run_id"] == "r1"
     bad = rows["t_2"]
-    assert (bad["status"], bad["mlflow_run_id"], bad["K"], bad["cross_layers"]) == ("FAILED", "r2", 2, -1)
-    assert "cross_layers" in bad["error"]
+    assert (bad["status"], bad["mlflow_run_id"], bad["K"], bad["cross_layers"], bad["lr"]) == ("FAILED", "r2", 2, 2, 1e30)
+    assert "training diverged" in bad["error"]
+
+
+def test_a_trial_error_from_ray_train_workers_leads_with_the_worker_error():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    diverged = train.TrainingDiverged("training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30); lower the learning rate (lr)")
+    err = WorkerGroupError("[Rank 0] Traceback ... allreduce aborted\n[Rank 1] Traceback ... TrainingDiverged",
+                           {0: RuntimeError("allreduce aborted"), 1: diverged})
+    text = tune.error_text(err)
+    assert text.startswith("TrainingDiverged: training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30)")
+    assert "(Ray Train worker rank 1)" in text and "WorkerGroupError: Training failed due to worker errors" in text
+    assert tune.error_text(ValueError("x")) == "ValueError: x"
 
 
 # --------------------------------------------------------------------------- a real search (slow)
@@ -160,7 +265,8 @@ def _trial_states(tune_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, tiny_features, mlflow_server, tmp_path):
+def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, tiny_features, mlflow_server, tmp_path,
+                                                                    monkeypatch):
     import mlflow
 
     # Relative paths, as in the shipped configs: trials run in other working directories.
@@ -173,8 +279,10 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     }))
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump({
         "train_config": str(tmp_path / "train.yaml"),
-        # L = -1 is not a valid depth: those two trials raise when their model is built.
-        "search": {"experts": ["att", "att,sen"], "cross_layers": [0, 1, -1]},
+        # lr 1e30 is a valid setting whose training diverges: Adam moves every weight by ~lr
+        # on the first step, the second batch's loss is NaN and the divergence guard raises
+        # on the Ray Train worker, so those three trials fail inside their training loop.
+        "search": {"experts": ["att", "att,sen", "sen"], "cross_layers": [1], "lr": [0.003, 1.0e30]},
         "epochs": 2, "max_concurrent_trials": 2, "name": "t-search", "storage_path": str(tmp_path / "tune"),
         "register_model": "umair-fps-test", "ray": {"num_cpus": 4},
         "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
@@ -223,10 +331,14 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
         attempts = client.get_metric_history(by_trial[trial_id].info.run_id, "trial_attempt")
         assert len(attempts) == 1, f"trial {trial_id} finished before the kill but ran again"
 
-    failed = [c for c in children if json.loads(c.data.params["trial_params"])["cross_layers"] == -1]
-    assert len(failed) == 2
+    failed = [c for c in children if json.loads(c.data.params["trial_params"])["lr"] == 1.0e30]
+    assert len(failed) == 3
     for c in failed:
-        assert c.info.status == "FAILED" and "cross_layers" in c.data.tags["umair.error"]
+        error = c.data.tags["umair.error"]
+        assert c.info.status == "FAILED", (c.info.status, error)
+        assert error.startswith("TrainingDiverged: training diverged: the BCE loss is nan at epoch 0, step "), error
+        assert "(lr 1e+30)" in error and "lower the learning rate (lr)" in error
+        assert not client.get_metric_history(c.info.run_id, "val_auc"), "a diverged trial reports no epoch"
     ok = [c for c in children if c not in failed]
     assert {c.info.status for c in ok} <= {"FINISHED", "KILLED"} and "FINISHED" in {c.info.status for c in ok}
     for c in ok:  # per-epoch validation metrics in every trial that ran
@@ -236,12 +348,28 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     with open(tune_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["status"] for r in rows} >= {"FINISHED", "FAILED"} and len(rows) == 6
+    assert all(r["error"].startswith("TrainingDiverged: training diverged") for r in rows if r["status"] == "FAILED")
     best = max((r for r in rows if r["status"] == "FINISHED"), key=lambda r: float(r["val_auc"]))
     versions = client.search_model_versions("name='umair-fps-test'")
     assert len(versions) == 1 and versions[0].run_id == best["mlflow_run_id"]
     assert versions[0].tags["experts"] == best["experts"] and "umair train config" in versions[0].description
     assert "model/model.json" in {a.path for a in client.list_artifacts(best["mlflow_run_id"], "model")}
 
-    # best_train.yaml is accepted by `umair train` as it is.
+    # best_train.yaml is accepted by `umair train` as it is, and trains into the search's own directory.
     best_cfg = load_config(tune_dir / "best_train.yaml", train.TrainConfig)
     assert best_cfg.model["cross_layers"] == int(best["cross_layers"]) and best_cfg.split is None
+    assert best_cfg.output == str(tune_dir / "best_model") and best_cfg.checkpoint_dir == str(tune_dir / "best_checkpoints")
+    assert best_cfg.lr == pytest.approx(0.003)
+
+    # The registered version holds the model and its umair train config together, and loads.
+    # (MLflow resolves models:/ URIs with the process's tracking / registry URI, not the call's
+    # arguments; unset, it would create ./mlflow.db.)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/umair-fps-test/{versions[0].version}",
+                                                   dst_path=str(tmp_path / "registered"), tracking_uri=mlflow_server.url))
+    assert {"model.pt", "model.json", "feature_space.json", "best_train.yaml"} <= {f.name for f in got.iterdir()}
+    assert (got / "best_train.yaml").read_text() == (tune_dir / "best_train.yaml").read_text()
+    saved = train.load_model(str(got))
+    assert list(saved.config.experts) == best_cfg.model["experts"] and saved.config.cross_layers == best_cfg.model["cross_layers"]
+    assert saved.meta["mlflow_run_id"] == best["mlflow_run_id"]
