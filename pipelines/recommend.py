@@ -70,7 +70,7 @@ class RecommendConfig(Settings):
     k: int = Field(20, ge=1, description="recommendations per user")
     cutoffs: tuple[int, ...] = Field((5, 10, 20), description="K of Recall@K / NDCG@K (those above k are dropped; k itself is always included)")
     candidates: CandidateSettings = CandidateSettings()
-    exposure_power: float = Field(0.5, ge=0, description="γ: rank by ŷ · exposure share^γ (0 = the model's ŷ alone; see rank_users)")
+    exposure_power: float = Field(1.0, ge=0, description="γ: rank by ŷ · exposure share^γ (1 = expected bookmarks; 0 = the model's ŷ alone; see rank_users)")
     user_ids: list[int] | None = Field(None, description="only these users (default: every user of the users table)")
     users_per_batch: int = Field(32, ge=1, description="users per Ray Data batch")
     actors: int = Field(2, ge=1, description="scoring actors (one model load each)")

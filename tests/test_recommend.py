@@ -238,9 +238,12 @@ def test_recommend_writes_top_k_per_user_and_beats_popularity_on_the_test_window
     from pipelines.ray_runtime import RayConfig
 
     out = trained["root"] / "recs"
+    # Neighbours of the user's bookmarks only (on this small world the newest / most
+    # bookmarked candidates add nothing the model ranks well: bench/RESULTS.md), ranked by
+    # expected bookmarks ŷ · exposure share (γ = 1, the default).
     cfg = recommend.RecommendConfig(
-        model=trained["model"], world=trained["world"].root, output=str(out), k=10, cutoffs=(5, 10),
-        candidates=CandidateSettings(recent=0, popular=0, neighbors=10, seeds=10), exposure_power=0.5,
+        model=trained["model"], world=trained["world"].root, output=str(out), k=20, cutoffs=(10, 20),
+        candidates=CandidateSettings(recent=0, popular=0, neighbors=20, seeds=20),
         mlflow=trained["mlflow"], ray=RayConfig(num_cpus=4), run_name="t-recommend",
     )
     summary = recommend.run(cfg)
@@ -251,7 +254,7 @@ def test_recommend_writes_top_k_per_user_and_beats_popularity_on_the_test_window
     df = table.to_pandas()
     assert df["user_id"].nunique() == 120
     for _, g in df.groupby("user_id"):
-        assert g["rank"].tolist() == list(range(1, len(g) + 1)) and len(g) == 10
+        assert g["rank"].tolist() == list(range(1, len(g) + 1)) and len(g) == 20
         assert g["illust_id"].is_unique and (np.diff(g["score"].to_numpy()) <= 0).all()
     # Never an illustration the user bookmarked before the as-of time, never one not yet published.
     inter = trained["world"].interactions.to_pandas()
@@ -265,12 +268,14 @@ def test_recommend_writes_top_k_per_user_and_beats_popularity_on_the_test_window
 
     model_r, pop_r = summary["metrics"]["model"], summary["metrics"]["popularity"]
     assert summary["users_evaluated"] + summary["users_skipped"] == 120 and summary["users_evaluated"] > 80
-    assert model_r["recall_at_10"] > pop_r["recall_at_10"], (model_r, pop_r)
-    assert model_r["ndcg_at_10"] > pop_r["ndcg_at_10"], (model_r, pop_r)
+    # Measured over training seeds 0-2: R@20 1.25x the popularity ranking (min 1.23x), NDCG@20
+    # 1.38x (min 1.35x), R@10 1.82x (min 1.65x).
+    for key in ("recall_at_10", "recall_at_20", "ndcg_at_20"):
+        assert model_r[key] >= 1.1 * pop_r[key], (key, model_r, pop_r)
     run = mlflow.MlflowClient(trained["mlflow"].resolved_uri()).get_run(summary["mlflow_run_id"])
     assert run.data.metrics["recall_at_10"] == pytest.approx(model_r["recall_at_10"])
     assert run.data.metrics["popularity_recall_at_10"] == pytest.approx(pop_r["recall_at_10"])
-    assert run.data.params["k"] == "10"
+    assert run.data.params["k"] == "20"
     artifacts = {f.path for f in mlflow.MlflowClient(trained["mlflow"].resolved_uri()).list_artifacts(run.info.run_id)}
     assert {"topk_sample.csv", "recommend_summary.json"} <= artifacts
     # A second run replaces the first: one committed run directory, the manifest names it.

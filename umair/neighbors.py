@@ -145,9 +145,9 @@ class FeatureIndex:
 class CandidateSettings(Settings):
     """How many candidates each source adds for one user (see the module docstring)."""
 
-    recent: int = Field(50, ge=0, description="newest illustrations created before the as-of time")
-    popular: int = Field(50, ge=0, description="most bookmarked illustrations of the training window")
-    neighbors: int = Field(10, ge=0, description="nearest neighbours per seed bookmark per space")
+    recent: int = Field(10, ge=0, description="newest illustrations created before the as-of time")
+    popular: int = Field(10, ge=0, description="most bookmarked illustrations of the training window")
+    neighbors: int = Field(20, ge=0, description="nearest neighbours per seed bookmark per space")
     seeds: int = Field(10, ge=0, description="the user's most recent training-window bookmarks used as seeds")
     spaces: tuple[Space, ...] = Field(("sem", "sty"), description="feature spaces of the neighbour search")
     exclude: Literal["bookmarked", "seen", "none"] = Field(
