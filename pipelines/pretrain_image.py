@@ -234,6 +234,7 @@ def run(cfg: PretrainImageConfig) -> dict:
     from umair.image.encoder import DualEncoder
 
     t_start = time.perf_counter()
+    settings = cfg.storage.to_settings()
     data, vocab, is_val = prepare_data(cfg)
     labels = np.stack(data.column("labels").to_numpy(zero_copy_only=False))
     baseline = frequency_baseline(labels, is_val)
@@ -244,12 +245,12 @@ def run(cfg: PretrainImageConfig) -> dict:
     data_version = hashlib.sha256(data.column("illust_id").to_numpy().tobytes() + "\n".join(vocab).encode()).hexdigest()[:16]
     run_dir = os.path.abspath(os.path.join(cfg.checkpoint_dir, cfg.run_name)) if not storage.is_s3(cfg.checkpoint_dir) else storage.join(cfg.checkpoint_dir, cfg.run_name)
     marker = storage.join(run_dir, "data_version")
-    if storage.exists(marker) and storage.read_bytes(marker).decode() != data_version:
+    if storage.exists(marker, settings) and storage.read_bytes(marker, settings).decode() != data_version:
         raise ValueError(f"{run_dir} holds checkpoints of run '{cfg.run_name}' trained on other data "
-                         f"({storage.read_bytes(marker).decode()} vs {data_version} now); resuming would mix them. "
+                         f"({storage.read_bytes(marker, settings).decode()} vs {data_version} now); resuming would mix them. "
                          f"Use a new run_name or delete that directory.")
-    storage.write_bytes(marker, data_version.encode())
-    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name)
+    storage.write_bytes(marker, data_version.encode(), settings)
+    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     params = {"backbone": cfg.encoder.backbone, "image_size": cfg.encoder.image_size, "epochs": cfg.epochs,
               "batch_size": cfg.batch_size, "lr": cfg.lr, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,

@@ -56,17 +56,19 @@ def init_ray(cfg: RayConfig) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str, parent_run_id: str | None = None) -> str:
+def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str, parent_run_id: str | None = None,
+                         settings: storage.StorageSettings | None = None) -> str:
     """The MLflow run id for a job whose state lives in ``run_dir``: a rerun after a crash
     continues the same MLflow run instead of starting a new one. A new run is created as a
-    child of ``parent_run_id`` when given (MLflow's ``mlflow.parentRunId`` tag)."""
+    child of ``parent_run_id`` when given (MLflow's ``mlflow.parentRunId`` tag). ``settings``:
+    the job's object-storage settings, for a ``run_dir`` on s3://."""
     import mlflow
 
     marker = storage.join(run_dir, "mlflow_run_id")
     mlflow.set_tracking_uri(cfg.resolved_uri())
     experiment = mlflow.set_experiment(cfg.experiment)
-    if storage.exists(marker):
-        run_id = storage.read_bytes(marker).decode().strip()
+    if storage.exists(marker, settings):
+        run_id = storage.read_bytes(marker, settings).decode().strip()
         client = mlflow.MlflowClient()
         try:
             client.get_run(run_id)
@@ -76,5 +78,5 @@ def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str, parent_
             pass
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=tags)
-    storage.write_bytes(marker, run.info.run_id.encode())
+    storage.write_bytes(marker, run.info.run_id.encode(), settings)
     return run.info.run_id

@@ -740,7 +740,7 @@ def run(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
     run_dir = _run_dir(cfg)
     _guard_run_dir(run_dir, _run_fingerprint(cfg, prepared), settings)
     ensure_experiment(cfg.mlflow)
-    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, parent_run_id)
+    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, parent_run_id, settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     _log_params(client, run_id, _params(cfg, prepared))
 

@@ -344,7 +344,8 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     run_dir = storage.join(trials_dir, run_name) if storage.is_s3(trials_dir) else os.path.join(trials_dir, run_name)
     mcfg = MlflowConfig(**context["mlflow"])
     train.ensure_experiment(mcfg)
-    run_id = resumable_mlflow_run(mcfg, run_dir, run_name, context["parent_run_id"])
+    settings = StorageConfig(**(context["base"].get("storage") or {})).to_settings()
+    run_id = resumable_mlflow_run(mcfg, run_dir, run_name, context["parent_run_id"], settings)
     client = mlflow.MlflowClient(mcfg.resolved_uri())
     client.set_tag(run_id, "umair.trial_id", trial_id)
     client.set_tag(run_id, "umair.search", context["name"])
@@ -633,7 +634,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     tune_dir = _tune_dir(cfg)
     restoring = _guard(tune_dir, _fingerprint(cfg, base, start), settings)
     train.ensure_experiment(cfg.mlflow)
-    parent = resumable_mlflow_run(cfg.mlflow, tune_dir, cfg.name)
+    parent = resumable_mlflow_run(cfg.mlflow, tune_dir, cfg.name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     existing = client.get_run(parent).data.params
     params = {"search": json.dumps(cfg.search.grid()), "trials": cfg.search.size() * cfg.num_samples,

@@ -72,3 +72,25 @@ def test_missing_object_and_bad_scheme(s3_server, tmp_path):
         storage.read_bytes(str(tmp_path / "missing.bin"))
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         storage.resolve("gs://bucket/key")
+
+
+def test_a_run_directory_on_s3_keeps_its_mlflow_run_across_restarts(s3_server, tmp_path, monkeypatch):
+    """The marker that lets a rerun continue its MLflow run lives beside the job's
+    checkpoints, on s3:// too, reached through the job's own storage settings."""
+    import mlflow
+
+    from pipelines.ray_runtime import MlflowConfig, resumable_mlflow_run
+
+    monkeypatch.delenv("UMAIR_S3_ENDPOINT", raising=False)  # the endpoint comes only from the settings
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t-resume")
+    run_dir = s3_server.uri("runs", "job-1")
+    first = resumable_mlflow_run(cfg, run_dir, "job-1", settings=s3_server.settings)
+    assert storage.read_bytes(storage.join(run_dir, "mlflow_run_id"), s3_server.settings).decode() == first
+    mlflow.MlflowClient(cfg.resolved_uri()).set_terminated(first, status="FAILED")  # the job died
+    again = resumable_mlflow_run(cfg, run_dir, "job-1", settings=s3_server.settings)
+    assert again == first
+    assert mlflow.MlflowClient(cfg.resolved_uri()).get_run(first).info.status == "RUNNING"
+    other = resumable_mlflow_run(cfg, s3_server.uri("runs", "job-2"), "job-2", parent_run_id=first,
+                                 settings=s3_server.settings)
+    assert other != first
+    assert mlflow.MlflowClient(cfg.resolved_uri()).get_run(other).data.tags["mlflow.parentRunId"] == first
