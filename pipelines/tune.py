@@ -603,7 +603,8 @@ def _guard(tune_dir: str, fingerprint: str, settings: storage.StorageSettings | 
 def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str, best_yaml_path: str) -> Any:
     """Register the best trial's ``model/`` artifacts as a version of ``name``, after adding
     ``best_yaml_path`` (best_train.yaml) to them: the version holds the model files and the
-    ``umair train`` config together."""
+    ``umair train`` config together. A run already registered under ``name`` keeps its
+    version (rerunning a finished search registers nothing new)."""
     import mlflow
 
     try:
@@ -612,6 +613,9 @@ def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str, best_
         if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
             raise
     run = client.get_run(row["mlflow_run_id"])
+    same = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
+    if same:  # a rerun of a finished search: its best model is already a version
+        return max(same, key=lambda v: int(v.version))
     client.log_artifact(run.info.run_id, best_yaml_path, "model")
     tags = {"val_auc": f"{row['val_auc']:.6f}", "experts": row["experts"], "K": str(row["K"]),
             "cross_layers": str(row["cross_layers"]), "trial_id": row["trial_id"]}
@@ -647,6 +651,11 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     print(f"{TAG} {'restoring' if restoring else 'starting'} search {cfg.name!r}: {cfg.search.size() * cfg.num_samples} trials "
           f"over {cfg.search.grid()}; {cfg.epochs} epochs each; train < {start}, validate [{start}, {split}); "
           f"MLflow parent run {parent}", flush=True)
+
+    started_with = existing.get("max_concurrent_trials")
+    if restoring and started_with is not None and started_with != str(cfg.max_concurrent_trials):
+        print(f"{TAG} note: max_concurrent_trials {cfg.max_concurrent_trials} is ignored: a restored search keeps the "
+              f"concurrency it started with ({started_with}); start a new search (another name) to change it", flush=True)
 
     init_ray(cfg.ray)
     context = {"tune_dir": tune_dir, "parent_run_id": parent, "name": cfg.name, "base": base, "epochs": cfg.epochs,

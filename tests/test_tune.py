@@ -375,3 +375,16 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     saved = train.load_model(str(got))
     assert list(saved.config.experts) == best_cfg.model["experts"] and saved.config.cross_layers == best_cfg.model["cross_layers"]
     assert saved.meta["mlflow_run_id"] == best["mlflow_run_id"]
+
+    # Running the finished search again (a nightly schedule does) restores it, re-runs no
+    # trial and registers nothing new: the best model keeps its version.
+    attempts = {tid: len(client.get_metric_history(r.info.run_id, "trial_attempt")) for tid, r in by_trial.items()}
+    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    assert "restoring search 't-search'" in third.stdout
+    assert f"models:/umair-fps-test/{versions[0].version}" in third.stdout
+    assert len(client.search_model_versions("name='umair-fps-test'")) == 1
+    again = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(again) == 6
+    assert {c.data.tags["umair.trial_id"]: len(client.get_metric_history(c.info.run_id, "trial_attempt"))
+            for c in again} == attempts, "no trial started again"
