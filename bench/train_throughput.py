@@ -80,13 +80,10 @@ def _compact_tags(*windows: Any) -> list[Any]:
     ``drop_tag_padding`` does to its own input), so deepctr-torch reads the same T."""
     import dataclasses
 
-    import torch
+    from umair.model.fusion import compact_tags
 
     keep = max(max(int((w.user_tags != 0).sum(dim=1).max()) if len(w.labels) else 0 for w in windows), 1)
-    out = []
-    for w in windows:
-        order = torch.argsort((w.user_tags == 0).to(torch.int8), dim=1, stable=True)
-        out.append(dataclasses.replace(w, user_tags=w.user_tags.gather(1, order[:, :keep]).contiguous()))
+    out = [dataclasses.replace(w, user_tags=compact_tags(w.user_tags, keep).contiguous()) for w in windows]
     print(f"user tags: T {int(windows[0].user_tags.shape[1])} -> {keep} columns for every model (padding dropped)", flush=True)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from umair import storage
 from umair.config import Settings
@@ -33,12 +34,29 @@ class MlflowConfig(Settings):
         """The config's URI, else $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db``;
         a relative sqlite path made absolute (Ray workers run in other directories)."""
         uri = self.tracking_uri or os.environ.get(MLFLOW_TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+        if not self.tracking_uri and not os.environ.get(MLFLOW_TRACKING_URI_ENV):
+            _warn_default_store_once()
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             path = os.path.abspath(uri[len(prefix):])
             os.makedirs(os.path.dirname(path), exist_ok=True)
             return prefix + path
         return uri
+
+
+_WARNED_DEFAULT_STORE = False
+
+
+def _warn_default_store_once() -> None:
+    """On a cluster a job without mlflow.tracking_uri or $MLFLOW_TRACKING_URI would log to
+    a sqlite file in its temporary working directory (lost with it): say so, once."""
+    global _WARNED_DEFAULT_STORE
+    if not _WARNED_DEFAULT_STORE:
+        _WARNED_DEFAULT_STORE = True
+        print(f"[mlflow] WARNING: no mlflow.tracking_uri and no ${MLFLOW_TRACKING_URI_ENV}: logging to "
+              f"{DEFAULT_TRACKING_URI} in {os.getcwd()}; on a cluster pass "
+              f"--runtime-env-json '{{\"env_vars\": {{\"{MLFLOW_TRACKING_URI_ENV}\": \"http://<mlflow>:5000\"}}}}'",
+              file=sys.stderr, flush=True)
 
 
 def init_ray(cfg: RayConfig) -> None:

@@ -126,9 +126,9 @@ class Context:
         """The user's row in the users table, or :class:`UnknownIdError` naming the file."""
         r = int(self.user_table.rows(np.array([user_id]))[0])
         if r < 0:
-            trained_on = self.saved.meta.get("data", {}).get("users") or "its training data"
-            raise UnknownIdError(f"user {user_id} is not in the users table {self.inputs.users} "
-                                 f"(the model was trained with {trained_on})")
+            trained_on = self.saved.meta.get("data", {}).get("users")
+            raise UnknownIdError(f"user {user_id} is not in the users table {self.inputs.users}"
+                                 + (f" (the model was trained with {trained_on})" if trained_on else ""))
         return r
 
     def is_cold(self, user_row: int) -> bool:
@@ -193,7 +193,7 @@ def load_context(model: str, inputs: Any, cand: CandidateSettings, settings: sto
 
 
 def rank_users(ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 8192,
-               exposure_power: float = 0.0) -> tuple[pa.Table, dict[str, int]]:
+               exposure_power: float = 1.0) -> tuple[pa.Table, dict[str, int]]:
     """Top-``k`` rows (user_id, rank, illust_id, score) of the given users, and counts
     of candidates per source (summed over the users).
 
@@ -240,7 +240,7 @@ class Recommender:
     """Ray Data actor: loads the :class:`Context` once, ranks batches of users."""
 
     def __init__(self, model: str, inputs: dict[str, Any], candidates: dict[str, Any], storage_cfg: dict[str, Any],
-                 k: int, threads: int, score_batch: int, exposure_power: float = 0.0) -> None:
+                 k: int, threads: int, score_batch: int, exposure_power: float = 1.0) -> None:
         import torch
 
         from pipelines.train import Inputs

@@ -537,7 +537,8 @@ def heatmap(rows: list[dict[str, Any]], path: str) -> np.ndarray:
 def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfig) -> dict[str, Any]:
     """The best trial as settings ``umair train`` accepts unchanged: the base config with
     the trial's K/mix, L (and lr/d), trained on the full training window (the world's split).
-    Its model, checkpoints and run name are the search's own (``TUNE_DIR/best_model``,
+    Its model, checkpoints and run name are the search's own (the model in ``best_model``
+    beside ``best_config_out`` when that is set, else ``TUNE_DIR/best_model``; checkpoints in
     ``TUNE_DIR/best_checkpoints``), so training it overwrites no model of the base config."""
     params = {"experts": best["experts"], "cross_layers": best["cross_layers"], "lr": best["lr"], "d": best["d"]}
     tune_dir = _tune_dir(cfg)
@@ -553,7 +554,7 @@ def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfi
         out["lr"] = float(params["lr"])
     out.setdefault("run_name", "train")
     out["run_name"] = f"{out['run_name']}-{cfg.name}-best"
-    out["output"] = storage.join(tune_dir, "best_model")
+    out["output"] = storage.join(storage.parent(cfg.best_config_out) if cfg.best_config_out else tune_dir, "best_model")
     out["checkpoint_dir"] = storage.join(tune_dir, "best_checkpoints")
     return parse_settings(out, train.TrainConfig, "best config").model_dump(mode="json")
 

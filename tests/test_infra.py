@@ -535,8 +535,11 @@ def ray_pods() -> list[tuple[str, dict]]:
     return found
 
 
-def test_mlflow_tracking_uri_resolution(monkeypatch, tmp_path):
+def test_mlflow_tracking_uri_resolution(monkeypatch, tmp_path, capsys):
+    from pipelines import ray_runtime
     from pipelines.ray_runtime import MlflowConfig
+
+    monkeypatch.setattr(ray_runtime, "_WARNED_DEFAULT_STORE", False)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
@@ -544,25 +547,32 @@ def test_mlflow_tracking_uri_resolution(monkeypatch, tmp_path):
     assert MlflowConfig().resolved_uri() == "http://from-env:5000", "then the environment"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/runs.db")
     assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'env' / 'runs.db'}", "a relative env sqlite made absolute"
+    assert "WARNING" not in capsys.readouterr().err
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}", "else a local sqlite store"
+    # ... said once, since on a cluster that file would be lost with the job's working directory
+    assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    err = capsys.readouterr().err
+    assert err.count("[mlflow] WARNING: no mlflow.tracking_uri and no $MLFLOW_TRACKING_URI") == 1
+    assert '"MLFLOW_TRACKING_URI": "http://<mlflow>:5000"' in err
     assert MlflowConfig(tracking_uri="sqlite:///a/b.db").resolved_uri() == f"sqlite:///{tmp_path / 'a' / 'b.db'}"
     assert MlflowConfig(tracking_uri="sqlite:////abs/m.db").resolved_uri() == "sqlite:////abs/m.db"
 
 
-@pytest.mark.parametrize("name", ["extract_nightly.yaml", "train.yaml", "tune.yaml"])
-def test_cluster_configs_load_and_point_at_the_cluster(name, monkeypatch):
-    cfg = _load_cluster_config(name)
-    assert cfg.ray.address == "auto", "join the cluster the job runs on"
-    assert cfg.mlflow.tracking_uri is None, "the MLflow URL comes from MLFLOW_TRACKING_URI (pod env / runtime env)"
+def test_every_ray_pod_points_jobs_at_the_mlflow_service():
     url = _mlflow_service_url()
     pods = ray_pods()
     assert len(pods) >= 7, [w for w, _ in pods]
     for where, c in pods:
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert env.get("MLFLOW_TRACKING_URI") == url, f"{where}: MLFLOW_TRACKING_URI must be the mlflow Service, {url}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    assert cfg.mlflow.resolved_uri() == url, "in such a pod the job logs to the shared MLflow server"
+
+
+@pytest.mark.parametrize("name", ["extract_nightly.yaml", "train.yaml", "tune.yaml"])
+def test_cluster_configs_load_and_point_at_the_cluster(name):
+    cfg = _load_cluster_config(name)
+    assert cfg.ray.address == "auto", "join the cluster the job runs on"
+    assert cfg.mlflow.tracking_uri is None, "the MLflow URL comes from MLFLOW_TRACKING_URI (pod env / runtime env)"
     assert cfg.storage.endpoint is None, "AWS S3: credentials from the instance profile / IRSA"
     text = (CLUSTER_CONFIGS / name).read_text()
     assert not re.search(r"(?i)secret|access_key|password", text.split("#")[0]), f"{name}: no credentials"

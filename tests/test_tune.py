@@ -181,6 +181,10 @@ def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
     assert cfg.checkpoint_dir == os.path.join(tune_dir, "best_checkpoints")
     s3 = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune"))
     assert (s3["output"], s3["checkpoint_dir"]) == ("s3://b/tune/s/best_model", "s3://b/tune/s/best_checkpoints")
+    # with best_config_out set (the cluster config puts it under models/), the model goes beside it
+    out = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune",
+                                                               best_config_out="s3://b/models/tune/best_train.yaml"))
+    assert (out["output"], out["checkpoint_dir"]) == ("s3://b/models/tune/best_model", "s3://b/tune/s/best_checkpoints")
 
 
 def test_heat_map_keeps_the_best_auc_per_cell_and_leaves_failed_cells_empty(tmp_path):

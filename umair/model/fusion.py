@@ -241,10 +241,7 @@ class UmairFPS(nn.Module):
         b = user_id.shape[0]
         user_tags = user_tags.reshape(b, -1)
         if drop_tag_padding and user_tags.shape[1] > 1 and b:
-            pad = user_tags == 0
-            order = torch.argsort(pad.to(torch.int8), dim=1, stable=True)
-            keep = max(int((~pad).sum(dim=1).max()), 1)
-            user_tags = user_tags.gather(1, order[:, :keep])
+            user_tags = compact_tags(user_tags)
         uf = self._check_fields(len(cfg.user_fields), user_fields, "user_fields", b, user_id)
         itf = self._check_fields(len(cfg.item_fields), item_fields, "item_fields", b, user_id)
         ids = torch.cat([user_id.reshape(b, 1), user_tags, uf, itf], dim=1).long()
@@ -380,6 +377,18 @@ class UmairFPS(nn.Module):
     ) -> Tensor:
         """Logits [B] (apply a sigmoid for bookmark probabilities)."""
         return self.explain(user_id, user_tags, user_fields, item_fields, sem, sty, tsem).logits
+
+
+def compact_tags(user_tags: Tensor, keep: int | None = None) -> Tensor:
+    """[N, T] tag ids (0 = padding) → [N, keep]: each row's tags moved ahead of its padding
+    (order kept), then only the first ``keep`` columns (default: the most tags any row
+    has, at least 1). A masked mean over the result equals the one over the input when
+    ``keep`` is at least that maximum."""
+    pad = user_tags == 0
+    order = torch.argsort(pad.to(torch.int8), dim=1, stable=True)
+    if keep is None:
+        keep = max(int((~pad).sum(dim=1).max()), 1) if len(user_tags) else 1
+    return user_tags.gather(1, order[:, :keep])
 
 
 def count_parameters(model: nn.Module) -> int:
