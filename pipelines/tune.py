@@ -291,13 +291,11 @@ def check_trials(cfg: TuneConfig, base: dict[str, Any]) -> int:
     from umair.model.settings import ModelConfig
 
     points = grid_points(cfg)
-    tune_dir = _tune_dir(cfg)
+    context = {"tune_dir": _tune_dir(cfg), "base": base, "epochs": cfg.epochs, "validation_start": base.get("split"),
+               "split": None, "trial": cfg.trial.model_dump(), "mlflow": cfg.mlflow.model_dump()}
     for point in points:
         where = f"tune: grid point {json.dumps(point)}"
-        data = trial_train_dict(base, point, epochs=cfg.epochs, split=base.get("split"), test_end=None, resources=cfg.trial,
-                                run_name="trial-check", checkpoint_dir=storage.join(tune_dir, "trials"),
-                                output=storage.join(tune_dir, "trials", "trial-check", "model"), mlflow=cfg.mlflow)
-        tc = parse_settings(data, train.TrainConfig, where)
+        tc = trial_settings(context, point, "check", where)
         parse_settings({"n_users": 1, "n_tags": 1, **tc.model}, ModelConfig, f"{where}: model")
     return len(points)
 
@@ -377,9 +375,11 @@ def error_text(err: BaseException) -> str:
     return f"{type(failures[rank]).__name__}: {failures[rank]} (Ray Train worker rank {rank})\n{text}"
 
 
-def trial_settings(context: dict[str, Any], params: dict[str, Any], trial_id: str) -> train.TrainConfig:
+def trial_settings(context: dict[str, Any], params: dict[str, Any], trial_id: str,
+                   where: str | None = None) -> train.TrainConfig:
     """The validated ``umair train`` settings of trial ``trial_id`` (its run dir, model
-    output and MLflow run are keyed by the trial id, so a restored trial resumes)."""
+    output and MLflow run are keyed by the trial id, so a restored trial resumes);
+    ``where`` names the source in an error (default: the trial)."""
     run_name = f"trial-{trial_id}"
     trials_dir = storage.join(context["tune_dir"], "trials")
     run_dir = storage.join(trials_dir, run_name) if storage.is_s3(trials_dir) else os.path.join(trials_dir, run_name)
@@ -390,7 +390,7 @@ def trial_settings(context: dict[str, Any], params: dict[str, Any], trial_id: st
         checkpoint_dir=trials_dir, output=storage.join(run_dir, "model") if storage.is_s3(run_dir) else os.path.join(run_dir, "model"),
         mlflow=MlflowConfig(**context["mlflow"]), seed=seed,
     )
-    return parse_settings(data, train.TrainConfig, f"trial {trial_id}")
+    return parse_settings(data, train.TrainConfig, where or f"trial {trial_id}")
 
 
 def release_callback() -> Any:

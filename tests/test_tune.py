@@ -53,7 +53,9 @@ def test_search_values_out_of_range_are_refused_when_the_config_loads(search, me
     with pytest.raises(ConfigError, match=message) as err:
         parse_settings({"train_config": "x.yaml", "search": search}, tune.TuneConfig, "t.yaml")
     assert str(err.value).startswith("t.yaml: search.")
-    # the edges of each range are accepted
+
+
+def test_search_ranges_accept_their_edges():
     ok = tune.SearchSpace(experts=["att", "att,sen,sen,att"], cross_layers=[0, 4], lr=[1e-5], d=[1])
     assert ok.size() == 4
 
