@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines import train
 from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
@@ -67,6 +67,11 @@ TRIAL_OWNED = {
     "variant": "trials build the model from tune's `search` (experts, cross_layers)",
     "eval_every_epoch": "trials always score the validation window (val_auc) every epoch",
     "ray": "trials run on the search's Ray: use tune's `ray`",
+}
+# Optional search dimensions: (name in messages, example, valid value, the rule as words).
+_OPTIONAL_GRIDS: dict[str, tuple[str, str, Any, str]] = {
+    "lr": ("learning rate", "[0.001, 0.003]", lambda x: math.isfinite(x) and x > 0, "> 0 (and finite)"),
+    "d": ("width", "[16, 32]", lambda x: x >= 1, ">= 1"),
 }
 MODEL_OWNED = {"umcm": "search.experts", "experts": "search.experts", "cross_layers": "search.cross_layers"}
 RESULT_COLUMNS = ["trial_id", "status", "experts", "K", "cross_layers", "lr", "d", "epochs",
@@ -109,23 +114,18 @@ class SearchSpace(Settings):
                              f"{L_RANGE[0]}..{L_RANGE[1]} (0 = no DCN-V2)")
         return v
 
-    @field_validator("lr")
+    @field_validator("lr", "d")
     @classmethod
-    def _rates(cls, v: list[float] | None) -> list[float] | None:
+    def _optional_grid(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
         if v is None:
             return v
+        what, example, ok, rule = _OPTIONAL_GRIDS[info.field_name]
         if not v:
-            raise ValueError("give at least one learning rate, e.g. [0.001, 0.003], or leave search.lr out")
-        bad = [x for x in v if not (math.isfinite(x) and x > 0)]
+            raise ValueError(f"give at least one {what}, e.g. {example}, or leave search.{info.field_name} out")
+        bad = [x for x in v if not ok(x)]
         if bad:
-            raise ValueError(f"learning rate(s) {bad} out of range; each lr in search.lr must be > 0 (and finite)")
+            raise ValueError(f"{what}(s) {bad} out of range; each {info.field_name} in search.{info.field_name} must be {rule}")
         return v
-
-    @field_validator("d")
-    @classmethod
-    def _widths(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
         if not v:
             raise ValueError("give at least one width, e.g. [16, 32], or leave search.d out")
         bad = [x for x in v if x < 1]
