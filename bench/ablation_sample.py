@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,7 +51,7 @@ VARIANTS = ("full", "w/o ALL", "w/o STY")
 
 def _train_and_evaluate(args: argparse.Namespace, world: str, features: str, variant: str) -> dict[str, Any]:
     from pipelines import evaluate, train
-    from pipelines.ray_runtime import MlflowConfig, RayConfig
+    from umair.config import MlflowConfig, RayConfig
 
     slug = variant.replace("/", "").replace(" ", "_")
     mlflow = MlflowConfig(tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(args.out, 'mlflow.db'))}", experiment="ablation")

@@ -40,7 +40,8 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_info, machine_line  # noqa: E402,F401
 
-from pipelines.extract import ExtractConfig, load_image_encoder, run  # noqa: E402
+from pipelines.extract import ExtractConfig, run  # noqa: E402
+from umair.extraction.stages import load_image_encoder  # noqa: E402
 from umair import storage  # noqa: E402
 from umair.config import parse_settings  # noqa: E402
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
 from pipelines.pretrain_image import PretrainImageConfig, run  # noqa: E402
-from pipelines.ray_runtime import MlflowConfig  # noqa: E402
+from umair.config import MlflowConfig  # noqa: E402
 from umair import contracts, storage  # noqa: E402
 from umair.image.encoder import EncoderSpec  # noqa: E402
 

@@ -63,7 +63,7 @@ def _generate_small(root: str) -> tuple[str, str]:
 
 def _train(args: argparse.Namespace, world: str, features: str, seed: int, root: str) -> str:
     from pipelines import train
-    from pipelines.ray_runtime import MlflowConfig, RayConfig
+    from umair.config import MlflowConfig, RayConfig
     from umair.config import load_config
 
     out = os.path.join(root, f"model-seed{seed}")
@@ -80,20 +80,20 @@ def _train(args: argparse.Namespace, world: str, features: str, seed: int, root:
 
 def evaluate(model: str, world: str, gammas: list[float]) -> dict[tuple[str, float], dict[str, float]]:
     """Ratio model / popularity of Recall@K and NDCG@K for every preset × γ (one model)."""
-    from pipelines import recommend
-    from pipelines.train import load_model
     from umair.neighbors import CandidateSettings
+    from umair.recommender import load_context, rank_users, ranking_metrics
+    from umair.training.inputs import resolve_eval_inputs
+    from umair.training.model_io import load_model
 
     saved = load_model(model, None)
-    base = recommend.RecommendConfig(model=model, world=world, k=max(CUTOFFS), cutoffs=CUTOFFS)
-    inputs, _ = recommend.resolve_inputs(model, saved, base, None)
+    inputs, _ = resolve_eval_inputs(saved, None, world=world)
     out: dict[tuple[str, float], dict[str, float]] = {}
     for name, preset in PRESETS.items():
-        ctx = recommend.load_context(model, inputs, CandidateSettings(**preset), None)
+        ctx = load_context(model, inputs, CandidateSettings(**preset), None)
         users = np.sort(ctx.user_table.user_ids)
         for g in gammas:
-            top, _ = recommend.rank_users(ctx, users, max(CUTOFFS), 8192, g)
-            m = recommend.ranking_metrics(ctx, top, users, None, list(CUTOFFS))
+            top, _ = rank_users(ctx, users, max(CUTOFFS), 8192, g)
+            m = ranking_metrics(ctx, top, users, None, list(CUTOFFS))
             mo, po = m["model"], m["popularity"]
             row = {}
             for k in CUTOFFS:

@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import __version__ as st_version
 
-    from umair.text.finetune import FinetuneConfig, finetune, retrieval_metrics
+    from umair.text.finetune import finetune
     from umair.text.pairs import build_pairs, read_records
+    from umair.text.retrieval import retrieval_metrics
+    from umair.text.settings import FinetuneConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {machine_line()}")
     print(f"torch threads={torch.get_num_threads()} | device={result.model.device}")
-    print(f"versions: torch {torch.__version__}, sentence-transformers {st_version}, backend={result.backend}")
+    print(f"versions: torch {torch.__version__}, sentence-transformers {st_version} (SentenceTransformerTrainer)")
     print(f"data: {args.data}: {built.table.num_rows} pairs ({built.stats['duplicates_dropped']} duplicate, "
           f"{built.stats['identical_dropped']} identical dropped, {len(built.bad_rows)} bad rows)")
     n_titles = len(set(built.table.column("group").to_pylist()))

@@ -64,7 +64,8 @@ from _machine import machine_info, print_machine  # noqa: E402
 
 def _data(args: argparse.Namespace) -> tuple[Any, Any, Any, str, str]:
     from pipelines.ablate import GenerateSettings, generate_inputs, window_rows
-    from pipelines.train import TrainConfig, prepare
+    from umair.training.inputs import prepare
+    from umair.training.settings import TrainConfig
 
     gen = GenerateSettings(out=args.sample_out, size=args.size, seed=args.world_seed)
     world, features = generate_inputs(gen)
@@ -90,7 +91,7 @@ def _compact_tags(*windows: Any) -> list[Any]:
 
 def _deepctr_fit(model_cfg: Any, train: Any, test: Any, args: argparse.Namespace, batch: int) -> dict[str, Any]:
     """deepctr's own compile + fit on the same rows (its loop, its L2 terms)."""
-    from pipelines.train import window_metrics
+    from umair.training.scoring import window_metrics
     from umair.baselines.deepctr_adapter import DeepCTRRanker
 
     sizes = {k: getattr(model_cfg, k) for k in ("n_users", "n_tags", "user_fields", "item_fields")}
@@ -120,7 +121,7 @@ PAIRS: dict[str, tuple[str, str]] = {
 
 
 def part_a(args: argparse.Namespace, prepared: Any, train: Any, test: Any) -> list[dict[str, Any]]:
-    from pipelines.train import window_metrics
+    from umair.training.scoring import window_metrics
     from umair.baselines.deepctr_adapter import DeepCTRRanker
     from umair.baselines.rankers import FusionRanker
     from umair.baselines.training import fit, predict
@@ -187,8 +188,9 @@ def part_a(args: argparse.Namespace, prepared: Any, train: Any, test: Any) -> li
 
 
 def part_b(args: argparse.Namespace, world: str, features: str) -> dict[str, Any]:
-    from pipelines.ray_runtime import MlflowConfig, RayConfig
-    from pipelines.train import TrainConfig, run
+    from umair.config import MlflowConfig, RayConfig
+    from pipelines.train import run
+    from umair.training.settings import TrainConfig
 
     res: dict[str, Any] = {"batch_size_per_worker": args.ray_batch, "epochs": args.ray_epochs}
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,8 +34,6 @@ artifacts) with one child run per model.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -46,8 +44,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.ray_runtime import MlflowConfig
-from pipelines.train import check_model_overrides
+from umair.plots import ablation_chart
+from umair.reports import ablation_columns, ablation_markdown, csv_text, fmt_cell
+from umair.config import MlflowConfig
+from umair.training.settings import check_model_overrides
 from umair import storage
 from umair.config import ConfigError, Settings, StorageConfig, load_config
 from umair.model.features import FeatureError, FeatureSettings, NegativeSettings, parse_time
@@ -184,7 +184,7 @@ def generate_inputs(gen: GenerateSettings) -> tuple[str, str]:
 
 def train_settings(cfg: AblateConfig, world: str | None, item_features: str) -> Any:
     """The :class:`pipelines.train.TrainConfig` whose :func:`prepare` gives the rows."""
-    from pipelines.train import TrainConfig
+    from umair.training.settings import TrainConfig
 
     return TrainConfig(world=world, illustrations=cfg.illustrations, users=cfg.users, interactions=cfg.interactions,
                        item_features=item_features, split=cfg.split, model=cfg.model, features=cfg.features,
@@ -196,7 +196,7 @@ def window_rows(prepared: Any, settings: storage.StorageSettings | None) -> tupl
     training job's lookup tables gathered for every row of each window."""
     import torch
 
-    from pipelines.train import load_lookup
+    from umair.training.lookup import load_lookup
     from umair.baselines.inputs import RowInputs
 
     lookup, user_table, _ = load_lookup(prepared.space, prepared.inputs, prepared.modalities, "cpu", settings,
@@ -250,7 +250,7 @@ def source_of(name: str) -> str:
 
 def evaluate_model(ranker: Any, test: Any, segments: dict[int, str]) -> dict[str, Any]:
     """Test-window AUC / logloss / GAUC overall and AUC per segment."""
-    from pipelines.evaluate import segment_report
+    from umair.training.scoring import segment_report
     from umair.baselines.training import predict
 
     probs = predict(ranker, test)
@@ -264,84 +264,6 @@ def evaluate_model(ranker: Any, test: Any, segments: dict[int, str]) -> dict[str
 
 
 # --------------------------------------------------------------------------- the table
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def table_columns(segment_names: list[str]) -> list[str]:
-    return ["group", "model", "source", "auc", "logloss", "gauc", *[f"auc_{s}" for s in segment_names],
-            "parameters", "samples_per_s", "train_s", "final_train_loss"]
-
-
-def write_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c) for c in columns})
-    return buf.getvalue()
-
-
-def write_markdown(rows: list[dict[str, Any]], segment_names: list[str], header: list[str], checks: dict[str, Any]) -> str:
-    cols = [("model", "model"), ("source", "source"), ("auc", "AUC"), ("logloss", "logloss"), ("gauc", "GAUC"),
-            *[(f"auc_{s}", f"AUC {s} users") for s in segment_names],
-            ("parameters", "parameters"), ("samples_per_s", "train samples/s"), ("train_s", "train s")]
-    lines = ["# UMAIR-FPS: Tables 3 and 4 on one dataset and one split", "", *header, ""]
-    for group in ("Table 4", "Table 3"):
-        members = [r for r in rows if r["group"] == group]
-        if not members:
-            continue
-        lines += [f"## {group}", "", "| " + " | ".join(t for _, t in cols) + " |",
-                  "|" + "|".join("---" if k in ("model", "source") else "---:" for k, _ in cols) + "|"]
-        for r in members:
-            cells = []
-            for k, _ in cols:
-                v = r.get(k)
-                cells.append(_fmt(v, 1 if k in ("samples_per_s", "train_s") else 4))
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    if checks:
-        lines += ["## Planted effects", ""]
-        for k, c in checks.items():
-            lines.append(f"- {k}: {c['text']} → {'met' if c['met'] else 'NOT met'}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_chart(rows: list[dict[str, Any]], style_segment: str, path: str, title: str) -> None:
-    """Horizontal bars: test AUC of every model and its AUC on the style-driven users."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["model"] for r in rows]
-    auc = [r["auc"] for r in rows]
-    style = [r.get(f"auc_{style_segment}") or float("nan") for r in rows]
-    y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 0.38 * len(rows) + 1.6))
-    colors = ["#1f77b4" if r["group"] == "Table 4" else "#7f7f7f" for r in rows]
-    ax.barh(y - 0.2, auc, height=0.4, color=colors, label="AUC (all users)")
-    ax.barh(y + 0.2, style, height=0.4, color="#ff7f0e", label=f"AUC ({style_segment}-driven users)")
-    ax.set_yticks(y, names)
-    ax.invert_yaxis()
-    lo = np.nanmin([*auc, *style]) if rows else 0.5
-    ax.set_xlim(max(0.0, min(0.5, lo - 0.02)), 1.0)
-    ax.axvline(0.5, color="k", lw=0.5)
-    ax.set_xlabel("test-window AUC (blue: UMAIR-FPS Table-4 variants; grey: Table-3 models)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def planted_checks(by: dict[str, dict[str, Any]], style_segment: str,
@@ -375,7 +297,7 @@ def _log_mlflow(cfg: AblateConfig, params: dict[str, Any], rows: list[dict[str, 
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from pipelines.train import ensure_experiment
+    from pipelines.runtime import ensure_experiment
 
     ensure_experiment(cfg.mlflow)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
@@ -411,8 +333,8 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     """Train and evaluate every model of ``cfg.models``; write, print and log the table."""
     import torch
 
-    from pipelines.evaluate import segment_map
-    from pipelines.train import prepare
+    from umair.training.scoring import segment_map
+    from umair.training.inputs import prepare
     from umair.baselines.training import fit
 
     t_start = time.perf_counter()
@@ -461,7 +383,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
         details[name]["encode_s"] = round(fitres.encode_s, 3)
         style = row.get(f"auc_{cfg.style_segment}")
         print(f"{TAG} {name:<22} AUC={row['auc']:.4f} logloss={row['logloss']:.4f} GAUC={row['gauc']:.4f} "
-              f"AUC({cfg.style_segment})={_fmt(style)} params={row['parameters']:,} "
+              f"AUC({cfg.style_segment})={fmt_cell(style)} params={row['parameters']:,} "
               f"{row['samples_per_s']:.0f} samples/s ({row['train_s']:.0f}s)", flush=True)
 
     rows = [results[n] for n in cfg.models if results[n]["group"] == "Table 4"] + \
@@ -480,13 +402,13 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
         f"samples/s = training rows of all epochs / loop wall time.",
         f"Machine: {machine}; date {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC.",
     ]
-    columns = table_columns(segment_names)
-    md = write_markdown(rows, segment_names, header, checks)
-    csv_text = write_csv(rows, columns)
+    columns = ablation_columns(segment_names)
+    md = ablation_markdown(rows, segment_names, header, checks)
+    table_csv = csv_text(rows, columns)
     os.makedirs(cfg.output, exist_ok=True) if "://" not in cfg.output else None
     with tempfile.TemporaryDirectory() as d:
         png = os.path.join(d, "ablate.png")
-        write_chart(rows, cfg.style_segment, png, f"UMAIR-FPS Tables 3-4, split {prepared.inputs.split}, "
+        ablation_chart(rows, cfg.style_segment, png, f"UMAIR-FPS Tables 3-4, split {prepared.inputs.split}, "
                                                   f"{cfg.epochs} epochs, batch {cfg.batch_size}")
         with open(png, "rb") as f:
             png_bytes = f.read()
@@ -497,7 +419,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
                                                           "baseline_vectors", "model", "baselines"}),
         "rows": rows, "checks": checks, "machine": machine,
     }
-    files = {"ablate.md": md.encode(), "ablate.csv": csv_text.encode(), "ablate.png": png_bytes,
+    files = {"ablate.md": md.encode(), "ablate.csv": table_csv.encode(), "ablate.png": png_bytes,
              "ablate.json": json.dumps(summary, indent=2, default=str).encode()}
     params = {"world": world, "item_features": features, "split": prepared.inputs.split, "models": ",".join(cfg.models),
               **summary["settings"], "train_rows": len(train), "test_rows": len(test), "training": "in-process loop"}

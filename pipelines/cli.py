@@ -13,8 +13,7 @@ import sys
 import time
 
 from umair import config as cfg
-from umair.contracts import ContractError
-from umair.storage import StorageError
+from umair.errors import UmairError, find_cause
 
 
 # Ray jobs: each module defines register(subparsers) adding its subcommand.
@@ -117,12 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one job; its errors become one line on stderr and an exit code, in this one place:
+    an :class:`~umair.errors.UmairError` (also when Ray wrapped it, e.g. raised inside a Ray
+    Train worker) exits with its ``exit_code`` (2 bad input, 1 a job that failed midway);
+    ``FileExistsError`` / ``ValueError`` from other libraries' input checks exit 2; anything
+    else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (cfg.ConfigError, ContractError, StorageError, FileExistsError, ValueError) as err:
-        print(f"umair {args.job}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        cause = find_cause(err, UmairError)
+        if cause is not None:
+            print(f"umair {args.job}: error: {cause}", file=sys.stderr)
+            return cause.exit_code
+        if isinstance(err, (FileExistsError, ValueError)):
+            print(f"umair {args.job}: error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

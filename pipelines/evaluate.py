@@ -28,25 +28,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from pipelines.ray_runtime import MlflowConfig
-from pipelines.train import (
-    Inputs,
-    SavedModel,
-    ensure_experiment,
-    inspect_features,
-    absolute,
-    load_lookup,
-    load_model,
-    read_inputs,
-    score_rows,
-    window_metrics,
-)
+from umair.config import MlflowConfig
+from pipelines.runtime import ensure_experiment
+from umair.training.inputs import check_encoders, inspect_features, read_inputs, resolve_eval_inputs
+from umair.training.lookup import load_lookup
+from umair.training.model_io import load_model
+from umair.training.scoring import score_rows, segment_map, segment_report
 from umair import storage
 from umair.config import Settings, StorageConfig
-from umair.metrics import mean_attention
 from umair.model.features import (
     FeatureError,
-    FeaturesInfo,
     ItemPool,
     NegativeSettings,
     attach_rows,
@@ -86,64 +77,6 @@ class EvaluateConfig(Settings):
         if v is not None:
             parse_time(v)  # an ISO date or datetime, e.g. 2021-10-01
         return v
-
-
-def resolve(cfg: EvaluateConfig, saved: SavedModel, settings: storage.StorageSettings | None) -> tuple[Inputs, str | None]:
-    """Tables (explicit > world > the model's training data; the feature set the model
-    was trained on), the test-window start and the segments table."""
-    trained = saved.meta["data"]
-    uris = {}
-    for k in ("illustrations", "users", "interactions"):
-        uris[k] = getattr(cfg, k) or (storage.join(cfg.world, f"{k}.parquet") if cfg.world else trained[k])
-    split = parse_time(cfg.split or saved.meta["split"])
-    if split < parse_time(saved.meta["split"]):
-        raise FeatureError(
-            f"the test window must start at or after the model's training split {saved.meta['split']}, got {split.isoformat()}"
-        )
-    segments = cfg.segments
-    if segments is None and cfg.world:
-        candidate = storage.join(cfg.world, "truth", "users.parquet")
-        segments = candidate if storage.exists(candidate, settings) else None
-    return Inputs(absolute(uris["illustrations"]), absolute(uris["users"]), absolute(uris["interactions"]),
-                  absolute(cfg.item_features or trained["item_features"]), split.isoformat(),
-                  trained.get("encoder_version"), trained.get("text_version")), segments
-
-
-def check_encoders(info: FeaturesInfo, saved: SavedModel) -> None:
-    """The features must come from the encoders the model was trained on."""
-    trained = saved.meta.get("encoder_versions", {})
-    now = info.encoder_versions()
-    differ = {k: (v, now[k]) for k, v in trained.items() if k in now and now[k] != v}
-    if differ:
-        k, (old, new) = next(iter(differ.items()))
-        raise FeatureError(f"{info.uri}: {k} is {new!r}, but the model was trained on features from {old!r}")
-
-
-def segment_map(uri: str | None, column: str, settings: storage.StorageSettings | None) -> dict[int, str]:
-    """user_id -> segment from a table with ``user_id`` and ``column`` (empty without one)."""
-    if uri is None:
-        return {}
-    table = storage.read_parquet(uri, settings)
-    if "user_id" not in table.column_names or column not in table.column_names:
-        raise FeatureError(f"{uri}: expected columns 'user_id' and '{column}' (columns: {', '.join(table.column_names)})")
-    return {int(u): str(s) for u, s in zip(table.column("user_id").to_pylist(), table.column(column).to_pylist()) if s is not None}
-
-
-def segment_report(
-    users: np.ndarray, labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None,
-    modalities: list[str], segments: dict[int, str],
-) -> dict[str, dict[str, Any]]:
-    """Per segment (``all`` first): rows, users, AUC, logloss, GAUC and mean ᾱ per modality."""
-    alpha = mean_attention(users, weights, modalities, segments) if weights is not None else {}
-    seg_of_row = np.array([segments.get(int(u), "") for u in users], dtype=object)
-    names = ["all"] + sorted({s for s in seg_of_row if s})
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        mask = np.ones(len(users), bool) if name == "all" else seg_of_row == name
-        m = window_metrics(users[mask], labels[mask], probs[mask])
-        out[name] = {"rows": int(mask.sum()), "users": int(len(np.unique(users[mask]))), **m,
-                     "alpha": {k: v for k, v in alpha.get(name, {}).items() if k != "users"}}
-    return out
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -197,7 +130,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, segments_uri = resolve(cfg, saved, settings)
+    inputs, segments_uri = resolve_eval_inputs(
+        saved, settings, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
+        interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split, segments=cfg.segments)
     ill, users, inter = read_inputs(inputs, settings)
     test = window(inter, start=inputs.split, end=cfg.end)
     if test.num_rows == 0:

@@ -150,14 +150,17 @@ def _print_user(res: dict[str, Any], segment: str | None, ctx: Any) -> None:
 
 def run(cfg: ExplainConfig, user_id: int) -> dict[str, Any]:
     """Explain ``user_id``, draw the α-per-segment plot of the test window; return both."""
-    from pipelines.evaluate import segment_map
-    from pipelines.recommend import load_context, resolve_inputs
-    from pipelines.train import load_model
+    from umair.recommender import load_context
+    from umair.training.inputs import resolve_eval_inputs
+    from umair.training.model_io import load_model
+    from umair.training.scoring import segment_map
     from umair.plots import attention_plot
 
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, default_segments = resolve_inputs(cfg.model, saved, cfg, settings)
+    inputs, default_segments = resolve_eval_inputs(
+        saved, settings, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
+        interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split, segments=cfg.segments)
     ctx = load_context(cfg.model, inputs, cfg.candidates, settings)
     ctx.user_row(int(user_id))  # an unknown user fails here, before any scoring
     seg_uri = cfg.segments or default_segments

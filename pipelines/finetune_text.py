@@ -11,14 +11,18 @@ its manifest. The saved model's version string keys the e_TSEM tag cache.
 from __future__ import annotations
 
 import json
+import math
 import time
+from typing import Any
 
 from pydantic import Field
 
-from pipelines.ray_runtime import MlflowConfig
+from umair.config import MlflowConfig
 from umair.config import Settings, StorageConfig
 from umair.text.settings import FinetuneConfig
 from umair.text.pairs import PairSource, build_pairs, write_pairs
+
+MLFLOW_PARAM_CHARS = 500  # longer param values are cut: MLflow stores at most this many characters
 
 
 class SourceConfig(Settings):
@@ -35,7 +39,39 @@ class FinetuneTextConfig(Settings):
     storage: StorageConfig = StorageConfig()
 
 
+class MlflowRunLogger:
+    """Logs what :func:`umair.text.finetune.finetune` reports (its ``RunLogger``) into the
+    MLflow run ``run_id`` of the current tracking URI. Param values become strings cut
+    to :data:`MLFLOW_PARAM_CHARS`; None and NaN metrics are left out."""
+
+    def __init__(self, run_id: str) -> None:
+        import mlflow
+
+        self.client = mlflow.MlflowClient()
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log ``params`` as run params (values as strings)."""
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MLFLOW_PARAM_CHARS]) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+        """Log ``metrics`` at ``step`` (0 when None), leaving out None and NaN values."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        kept = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+        self.client.log_batch(self.run_id, metrics=kept)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        """Store ``data`` as the JSON artifact ``name``."""
+        self.client.log_dict(self.run_id, data, name)
+
+
 def run(cfg: FinetuneTextConfig) -> dict:
+    """Build the pairs, fine-tune and save the encoder, all logged to one MLflow run
+    (ended FAILED when anything raises); returns the summary it prints."""
     import mlflow
 
     from umair.text.finetune import finetune
@@ -55,9 +91,9 @@ def run(cfg: FinetuneTextConfig) -> dict:
     with mlflow.start_run(run_name="finetune-text") as active:
         mlflow.log_metric("pairs", built.table.num_rows)
         mlflow.log_metric("bad_rows", len(built.bad_rows))
-        result = finetune(built.table, cfg.finetune, mlflow_run=active, settings=settings)
+        result = finetune(built.table, cfg.finetune, logger=MlflowRunLogger(active.info.run_id), settings=settings)
     summary = {
-        "model": result.output_dir, "version": result.version, "backend": result.backend,
+        "model": result.output_dir, "version": result.version,
         "train_pairs": result.train_pairs, "eval_pairs": result.eval_pairs.num_rows, "added_tokens": len(result.added_tokens),
         "before": result.metrics_before, "after": result.metrics_after, "bad_rows": len(built.bad_rows),
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -79,6 +115,3 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/finetune_text.yaml)")
     p.add_argument("--output", help="model output directory (overrides finetune.output_dir)")
     p.set_defaults(func=handler)
-
-
-

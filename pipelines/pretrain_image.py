@@ -16,16 +16,17 @@ import json
 import os
 import tempfile
 import time
-from collections import Counter
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
+from pipelines.runtime import init_ray, resumable_mlflow_run
+from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import Settings, StorageConfig
 from umair.image.spec import EncoderSpec
+from umair.image.tags import multi_hot, split_ids, tag_vocabulary
 
 
 class PretrainImageConfig(Settings):
@@ -49,34 +50,22 @@ class PretrainImageConfig(Settings):
     storage: StorageConfig = StorageConfig()
 
 
-def tag_vocabulary(tags: list[list[str]], top: int) -> list[str]:
-    """The ``top`` most frequent tags (ties broken by the tag string, so it is stable)."""
-    counts = Counter(t for ts in tags for t in set(ts))
-    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+@dataclass(frozen=True)
+class PretrainWorker:
+    """What every Ray Train worker of one pretext run needs (pickled into ``train_loop_config``)."""
 
-
-def multi_hot(tags: list[list[str]], vocab: list[str]) -> np.ndarray:
-    index = {t: i for i, t in enumerate(vocab)}
-    out = np.zeros((len(tags), len(vocab)), np.float32)
-    for r, ts in enumerate(tags):
-        for t in ts:
-            if t in index:
-                out[r, index[t]] = 1.0
-    return out
-
-
-def split_ids(ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """True for validation rows: a stable hash of (seed, id), so a rerun splits the same."""
-    h = np.array([int(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).hexdigest(), 16) for i in ids])
-    return (h % 10_000) < val_fraction * 10_000
+    cfg: PretrainImageConfig
+    n_tags: int
+    run_id: str
+    tracking_uri: str
 
 
 class DecodeRows:
     """Ray Data UDF: read each image's bytes and decode it; failures are flagged, not raised."""
 
-    def __init__(self, image_size: int, storage_cfg: dict):
+    def __init__(self, image_size: int, storage_config: StorageConfig):
         self.size = image_size
-        self.settings = StorageConfig(**storage_cfg).to_settings()
+        self.settings = storage_config.to_settings()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from umair.image.preprocess import DecodeError, decode_image
@@ -104,8 +93,8 @@ def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"mAP": m_ap, "micro_f1": micro_f1}
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+def train_loop(config: dict[str, PretrainWorker]) -> None:
+    """Runs on every Ray Train worker; ``config["settings"]`` holds the run's typed settings."""
     import mlflow
     import ray.train
     import torch
@@ -114,14 +103,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from umair.image.encoder import DualEncoder
 
-    torch.manual_seed(config["seed"])
-    if not config["use_gpu"]:
-        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    w = config["settings"]
+    c = w.cfg
+    torch.manual_seed(c.seed)
+    if not c.use_gpu:
+        torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    spec = EncoderSpec(**config["encoder"])
-    model = DualEncoder(spec, n_tags=config["n_tags"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    model = DualEncoder(c.encoder, n_tags=w.n_tags)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -135,10 +125,10 @@ def train_loop(config: dict[str, Any]) -> None:
     model = prepare_model(model)
     device = next(model.parameters()).device
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    per_worker_batch = max(1, config["batch_size"] // world)  # batch_size is the global batch
+    per_worker_batch = max(1, c.batch_size // world)  # batch_size is the global batch
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    client = mlflow.MlflowClient(w.tracking_uri) if rank == 0 else None
 
     def allreduce(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -146,7 +136,7 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.all_reduce(t)
         return t.tolist()
 
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, c.epochs):
         model.train()
         t0 = time.perf_counter()
         loss_sum = seen = failed = 0.0
@@ -171,7 +161,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model.eval()
         scores, labels, val_failed = [], [], 0
         with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
+            for batch in val_shard.iter_torch_batches(batch_size=c.batch_size, device=device):
                 ok = batch["ok"].bool()
                 val_failed += int((~ok).sum())
                 if ok.any():
@@ -188,7 +178,7 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         if rank == 0:
             print(f"[pretrain-image] epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
-            client.log_batch(config["run_id"], metrics=[
+            client.log_batch(w.run_id, metrics=[
                 mlflow.entities.Metric(k, float(v), int(time.time() * 1000), epoch) for k, v in metrics.items() if k != "epoch"
             ])
             with tempfile.TemporaryDirectory() as d:
@@ -227,6 +217,7 @@ def run(cfg: PretrainImageConfig) -> dict:
     """Train, export the encoder, return a summary (also logged to MLflow)."""
     import mlflow
     import ray.data
+    from ray.data import ActorPoolStrategy
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -261,15 +252,13 @@ def run(cfg: PretrainImageConfig) -> dict:
 
     init_ray(cfg.ray)
     decode = DecodeRows
-    common = dict(fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_cfg": cfg.storage.model_dump()},
-                  batch_size=cfg.batch_size, concurrency=1)
+    common = dict(fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_config": cfg.storage},
+                  batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=1))
     train_ds = ray.data.from_arrow(data.filter(pa.array(~is_val))).random_shuffle(seed=cfg.seed).map_batches(decode, **common)
     val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**cfg.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "seed", "use_gpu"}),
-                           "encoder": cfg.encoder.model_dump(), "n_tags": len(vocab), "run_id": run_id,
-                           "tracking_uri": cfg.mlflow.resolved_uri()},
+        train_loop_config={"settings": PretrainWorker(cfg, len(vocab), run_id, cfg.mlflow.resolved_uri())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),

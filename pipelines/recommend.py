@@ -37,23 +37,25 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray
+from pipelines.runtime import ensure_experiment, init_ray
+from umair.recommender import SCHEMA, load_context, rank_users, ranking_metrics
+from umair.training.inputs import Inputs, resolve_eval_inputs
+from umair.training.model_io import load_model
+from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import Settings, StorageConfig
-from umair.model.features import FeatureError, parse_time, window
-from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, user_histories
+from umair.model.features import FeatureError, parse_time
+from umair.neighbors import CandidateSettings, UnknownIdError
 
 TAG = "[recommend]"
 FORMAT = "umair-recommendations/1"
 MANIFEST = "manifest.json"
-SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("illust_id", pa.int64()), ("score", pa.float32())])
 
 
 class RecommendConfig(Settings):
@@ -102,153 +104,16 @@ class RecommendConfig(Settings):
         return sorted({*(c for c in self.cutoffs if c <= self.k), self.k})
 
 
-# --------------------------------------------------------------------------- what every actor loads once
-
-
-@dataclass
-class Context:
-    """A model with its lookup tables, the candidate index and the users' histories
-    before the as-of time: everything needed to rank for any user."""
-
-    saved: Any  # pipelines.train.SavedModel
-    inputs: Any  # pipelines.train.Inputs
-    lookup: Any  # pipelines.train.Lookup
-    user_table: Any  # umair.model.features.UserTable
-    index: FeatureIndex
-    generator: CandidateGenerator
-    histories: dict[int, tuple[np.ndarray, np.ndarray]]
-    eligible: np.ndarray
-    interactions: pa.Table
-    settings: CandidateSettings
-    exposure: np.ndarray  # impressions of each item row before the as-of time
-
-    def user_row(self, user_id: int) -> int:
-        """The user's row in the users table, or :class:`UnknownIdError` naming the file."""
-        r = int(self.user_table.rows(np.array([user_id]))[0])
-        if r < 0:
-            trained_on = self.saved.meta.get("data", {}).get("users")
-            raise UnknownIdError(f"user {user_id} is not in the users table {self.inputs.users}"
-                                 + (f" (the model was trained with {trained_on})" if trained_on else ""))
-        return r
-
-    def is_cold(self, user_row: int) -> bool:
-        """True when the model never saw the user in training (id embedding = OOV slot 0)."""
-        return int(self.user_table.uid[user_row]) == 0
-
-    def excluded(self, user_id: int) -> np.ndarray:
-        bookmarked, seen = self.histories.get(int(user_id), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        return {"bookmarked": bookmarked, "seen": seen, "none": np.zeros(0, np.int64)}[self.settings.exclude]
-
-    def candidates(self, user_id: int):
-        """:class:`umair.neighbors.Candidates` of one user."""
-        bookmarked, _ = self.histories.get(int(user_id), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        return self.generator.for_user(bookmarked, self.excluded(user_id))
-
-
-def resolve_inputs(model: str, saved: Any, cfg: Any, settings: storage.StorageSettings | None) -> tuple[Any, str | None]:
-    """Tables and as-of time as ``umair evaluate`` resolves them (explicit > world > the
-    model's training data; the feature set the model was trained on), plus the segments table."""
-    from pipelines.evaluate import EvaluateConfig, resolve
-
-    ecfg = EvaluateConfig(model=model, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
-                          interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split,
-                          end=getattr(cfg, "end", None))
-    return resolve(ecfg, saved, settings)
-
-
-def load_context(model: str, inputs: Any, cand: CandidateSettings, settings: storage.StorageSettings | None) -> Context:
-    """Load the model, its lookup tables, the candidate index and the histories (once per actor)."""
-    from pipelines.evaluate import check_encoders
-    from pipelines.train import inspect_features, load_lookup, load_model, read_inputs, read_item_features
-    from umair.model.features import check_dims
-    from umair.ranking import bookmark_counts
-
-    saved = load_model(model, settings)
-    info, _ = inspect_features(inputs, settings)
-    check_dims(info, {m: getattr(saved.config, f"d_{m}") for m in saved.modalities})
-    check_encoders(info, saved)
-    ill, _, inter = read_inputs(inputs, settings)
-    lookup, user_table, item_table = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
-    features = read_item_features(inputs, settings, columns=["illust_id", *cand.spaces])
-    index = FeatureIndex.from_table(features, cand.spaces, inputs.item_features, cand.center)
-    if not np.array_equal(index.illust_ids, item_table.illust_ids):
-        raise FeatureError(f"{inputs.item_features}: the item features changed while loading (rows differ between reads)")
-    # Eligibility and recency: in the catalogue and created before T.
-    split_us = int(pa.scalar(parse_time(inputs.split), contracts.TIMESTAMP).cast(pa.int64()).as_py())
-    cat_ids = ill.column("illust_id").to_numpy().astype(np.int64)
-    created = ill.column("created_at").cast(pa.int64()).to_numpy()
-    pos = index.rows(cat_ids)
-    created_s = np.full(len(index), np.inf)
-    created_s[pos[pos >= 0]] = created[pos >= 0] / 1e6
-    eligible = created_s < split_us / 1e6
-    history = window(inter, end=inputs.split)
-    item_rows = index.rows(history.column("illust_id").to_numpy())
-    labels = history.column("label").to_numpy()
-    histories = user_histories(history.column("user_id").to_numpy(), item_rows, labels,
-                               history.column("ts").to_numpy())
-    counts = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy()[labels == 1])
-    exposure = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy())
-    generator = CandidateGenerator(index, eligible, np.where(np.isfinite(created_s), created_s, -np.inf), counts, cand)
-    return Context(saved, inputs, lookup, user_table, index, generator, histories, eligible, inter, cand, exposure)
-
-
-def rank_users(ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 8192,
-               exposure_power: float = 1.0) -> tuple[pa.Table, dict[str, int]]:
-    """Top-``k`` rows (user_id, rank, illust_id, score) of the given users, and counts
-    of candidates per source (summed over the users).
-
-    ``score = ŷ · x_i^γ`` with ``ŷ = σ(logit)`` the model's bookmark probability of a
-    shown item, ``x_i = (n_i + 1) / (max_j n_j + 1)`` the item's share of exposure
-    (``n_i`` its impressions before the as-of time) and ``γ = exposure_power``: ``γ = 0``
-    ranks by ``ŷ`` alone, ``γ = 1`` by the expected bookmarks ``P(shown) · P(bookmark | shown)``
-    under exposure proportional to past impressions."""
-    import torch
-
-    from pipelines.train import score_rows
-
-    u_rows, i_rows, owners = [], [], []
-    sources: dict[str, int] = {"cold_start_users": 0}
-    for uid in np.asarray(user_ids, np.int64):
-        r = ctx.user_row(int(uid))
-        sources["cold_start_users"] += int(ctx.is_cold(r))
-        cands = ctx.candidates(int(uid))
-        for name, n in cands.sources.items():
-            sources[name] = sources.get(name, 0) + n
-        sources["candidates"] = sources.get("candidates", 0) + len(cands.rows)
-        u_rows.append(np.full(len(cands.rows), r, np.int64))
-        i_rows.append(cands.rows)
-        owners.append(np.full(len(cands.rows), uid, np.int64))
-    if not u_rows or not sum(len(x) for x in u_rows):
-        return SCHEMA.empty_table(), sources
-    ur, ir, owner = np.concatenate(u_rows), np.concatenate(i_rows), np.concatenate(owners)
-    probs = score_rows(ctx.saved.model, ctx.lookup, torch.as_tensor(ur), torch.as_tensor(ir), score_batch).probs
-    if exposure_power:
-        share = (ctx.exposure[ir] + 1.0) / (float(ctx.exposure.max(initial=0)) + 1.0)
-        probs = (probs * share ** exposure_power).astype(np.float32)
-    ids = ctx.index.illust_ids[ir]
-    order = np.lexsort((ids, -probs, owner))  # per user: best score first, ties by id
-    owner, ids, probs = owner[order], ids[order], probs[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(owner)) + 1]
-    rank = np.arange(len(owner)) - np.repeat(starts, np.diff(np.r_[starts, len(owner)])) + 1
-    keep = rank <= k
-    table = pa.table({"user_id": pa.array(owner[keep], pa.int64()), "rank": pa.array(rank[keep], pa.int32()),
-                      "illust_id": pa.array(ids[keep], pa.int64()), "score": pa.array(probs[keep], pa.float32())})
-    return table, sources
-
-
 class Recommender:
     """Ray Data actor: loads the :class:`Context` once, ranks batches of users."""
 
-    def __init__(self, model: str, inputs: dict[str, Any], candidates: dict[str, Any], storage_cfg: dict[str, Any],
+    def __init__(self, model: str, inputs: Inputs, candidates: CandidateSettings, storage_config: StorageConfig,
                  k: int, threads: int, score_batch: int, exposure_power: float = 1.0) -> None:
         import torch
 
-        from pipelines.train import Inputs
-
         torch.set_num_threads(threads)
         self.k, self.score_batch, self.exposure_power = k, score_batch, exposure_power
-        self.ctx = load_context(model, Inputs(**inputs), CandidateSettings(**candidates),
-                                StorageConfig(**storage_cfg).to_settings())
+        self.ctx = load_context(model, inputs, candidates, storage_config.to_settings())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         table, _ = rank_users(self.ctx, batch["user_id"], self.k, self.score_batch, self.exposure_power)
@@ -299,53 +164,12 @@ def _run_dirs(runs: str, settings: storage.StorageSettings | None) -> list[str]:
 # --------------------------------------------------------------------------- metrics
 
 
-def relevant_items(test: pa.Table) -> dict[int, set[int]]:
-    """user_id -> their bookmarked illust_ids in a window."""
-    pos = test.filter(pa.array(test.column("label").to_numpy() == 1))
-    out: dict[int, set[int]] = {}
-    for u, i in zip(pos.column("user_id").to_numpy().tolist(), pos.column("illust_id").to_numpy().tolist()):
-        out.setdefault(int(u), set()).add(int(i))
-    return out
-
-
-def popularity_rankings(ctx: Context, user_ids: np.ndarray, k: int) -> dict[int, list[int]]:
-    """The baseline: per user, the most bookmarked eligible items of the training window
-    (the candidate generator's popularity order, extended by recency for items never
-    bookmarked), minus the same exclusions as the model's lists."""
-    from umair.ranking import popularity_ranking
-
-    rest = ctx.generator.recent_rows[~np.isin(ctx.generator.recent_rows, ctx.generator.popular_rows)]
-    order = ctx.index.illust_ids[np.concatenate([ctx.generator.popular_rows, rest])]
-    return {int(u): popularity_ranking(order, k, ctx.index.illust_ids[ctx.excluded(int(u))]) for u in user_ids}
-
-
-def ranking_metrics(ctx: Context, topk: pa.Table, user_ids: np.ndarray, end: str | None, ks: list[int]) -> dict[str, Any]:
-    """Recall@K / NDCG@K of the model's lists and of the popularity baseline on ``[T, end)``."""
-    from umair.ranking import evaluate_rankings
-
-    test = window(ctx.interactions, start=ctx.inputs.split, end=end)
-    relevant = relevant_items(test)
-    relevant = {u: r for u, r in relevant.items() if u in set(int(x) for x in user_ids)}
-    model_lists: dict[int, list[int]] = {}
-    for u, i in zip(topk.column("user_id").to_numpy().tolist(), topk.column("illust_id").to_numpy().tolist()):
-        model_lists.setdefault(int(u), []).append(int(i))
-    pop_lists = popularity_rankings(ctx, np.array(sorted(relevant), np.int64), max(ks))
-    model = evaluate_rankings(model_lists, relevant, ks, users=user_ids)
-    pop = evaluate_rankings(pop_lists, relevant, ks, users=user_ids)
-    n_rel = sum(len(r) for r in relevant.values())
-    eligible_ids = set(ctx.index.illust_ids[ctx.eligible].tolist())
-    reachable = sum(len(r & eligible_ids) for r in relevant.values())
-    return {"model": model, "popularity": pop, "relevant": n_rel, "reachable": reachable,
-            "test_rows": test.num_rows}
-
-
 # --------------------------------------------------------------------------- the driver
 
 
 def _mlflow_log(cfg: RecommendConfig, summary: dict[str, Any], sample: pa.Table, params: dict[str, Any]) -> str:
     import mlflow
 
-    from pipelines.train import ensure_experiment
 
     ensure_experiment(cfg.mlflow)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
@@ -375,12 +199,12 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     """Rank for every user with Ray Data, commit the top-K parquet, measure and log; return the summary."""
     import ray.data
 
-    from pipelines.train import load_model
 
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, _ = resolve_inputs(cfg.model, saved, cfg, settings)
+    inputs, _ = resolve_eval_inputs(saved, settings, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
+                                    interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split)
     users = contracts.read_table(inputs.users, "users", settings)
     all_ids = users.column("user_id").to_numpy().astype(np.int64)
     if cfg.user_ids is not None:
@@ -404,8 +228,8 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
                               for part in np.array_split(user_ids, n_blocks) if len(part)])
     ds = ds.map_batches(
         Recommender,
-        fn_constructor_kwargs={"model": cfg.model, "inputs": inputs.to_dict(), "candidates": cfg.candidates.model_dump(mode="json"),
-                               "storage_cfg": cfg.storage.model_dump(), "k": cfg.k, "threads": cfg.threads,
+        fn_constructor_kwargs={"model": cfg.model, "inputs": inputs, "candidates": cfg.candidates,
+                               "storage_config": cfg.storage, "k": cfg.k, "threads": cfg.threads,
                                "score_batch": cfg.score_batch, "exposure_power": cfg.exposure_power},
         batch_size=cfg.users_per_batch, batch_format="numpy", concurrency=cfg.actors, num_cpus=1,
     )

@@ -46,7 +46,7 @@ class SimilarConfig(Settings):
 def read_features(uri: str, columns: list[str], encoder_version: str | None, text_version: str | None,
                   settings: storage.StorageSettings | None) -> pa.Table:
     """The item features (contract ``item_features``) from a parquet table or an extraction output."""
-    from pipelines.train import Inputs, read_item_features
+    from umair.training.inputs import Inputs, read_item_features
 
     inputs = Inputs("", "", "", uri, "", encoder_version, text_version)
     return read_item_features(inputs, settings, columns=columns)

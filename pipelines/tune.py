@@ -1,7 +1,7 @@
 """Tune job: Ray Tune over the UMCM experts (K and the ATT/SEN mix) and the DCN-V2 depth L.
 
 Each trial is one distributed Ray Train run: a Tune function builds the trial's
-:class:`~pipelines.train.TrainConfig` and calls :func:`pipelines.train.run`, whose
+:class:`~pipelines.TrainConfig` and calls :func:`pipelines.train.run`, whose
 TorchTrainer reports every epoch back to Tune through ``TuneReportCallback``. Trials
 train on ``ts < validation_start`` and are scored on the validation window
 ``[validation_start, split)`` (``val_auc``), so the test window is never seen while
@@ -21,14 +21,11 @@ Ray Train checkpoint. A trial that raises is recorded as failed; the others go o
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
-import io
 import itertools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,16 +35,25 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipelines import train
-from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray, resumable_mlflow_run
+from pipelines.fusion_training import fit
+from pipelines.runtime import ensure_experiment
+from umair.training.inputs import absolute, resolve_inputs
+from umair.training.model_io import META
+from umair.training.settings import TrainConfig
+from umair.training.step import TrainingDiverged
+from pipelines.runtime import init_ray, resumable_mlflow_run
+from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
+from umair.plots import tune_heatmap
+from umair.reports import results_csv, results_markdown
 from umair.config import ConfigError, Settings, StorageConfig, parse_settings
+from umair.errors import JobFailed
 from umair.model.features import FeatureError, parse_time, training_window, window
 
 TAG = "[tune]"
 
 
-class TuneError(RuntimeError):
+class TuneError(JobFailed):
     """The search ran but produced no usable trial (every trial failed)."""
 METRIC = "val_auc"
 K_RANGE = (1, 4)  # UMCM experts per mix
@@ -74,8 +80,6 @@ _OPTIONAL_GRIDS: dict[str, tuple[str, str, Any, str]] = {
     "d": ("width", "[16, 32]", lambda x: x >= 1, ">= 1"),
 }
 MODEL_OWNED = {"umcm": "search.experts", "experts": "search.experts", "cross_layers": "search.cross_layers"}
-RESULT_COLUMNS = ["trial_id", "status", "experts", "K", "cross_layers", "lr", "d", "epochs",
-                  "val_auc", "val_logloss", "val_gauc", "mlflow_run_id", "error"]
 
 
 class SearchSpace(Settings):
@@ -125,12 +129,6 @@ class SearchSpace(Settings):
         bad = [x for x in v if not ok(x)]
         if bad:
             raise ValueError(f"{what}(s) {bad} out of range; each {info.field_name} in search.{info.field_name} must be {rule}")
-        return v
-        if not v:
-            raise ValueError("give at least one width, e.g. [16, 32], or leave search.d out")
-        bad = [x for x in v if x < 1]
-        if bad:
-            raise ValueError(f"width(s) {bad} out of range; each d in search.d must be >= 1")
         return v
 
     def grid(self) -> dict[str, list[Any]]:
@@ -235,7 +233,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
     """The trials' common starting point: ``train_config`` with ``train`` merged in,
-    validated as a :class:`~pipelines.train.TrainConfig` (errors name the file)."""
+    validated as a :class:`~pipelines.TrainConfig` (errors name the file)."""
     path = Path(cfg.train_config)
     if not path.is_file():
         raise ConfigError(f"{path}: no such train config (tune: train_config)")
@@ -244,11 +242,11 @@ def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     merged = _merge(data, cfg.train)
-    parse_settings(merged, train.TrainConfig, f"{path} + tune 'train' overrides")
+    parse_settings(merged, TrainConfig, f"{path} + tune 'train' overrides")
     # Trials run in their own working directories: relative local paths are made absolute here.
     for key in ("world", "illustrations", "users", "interactions", "item_features"):
         if merged.get(key):
-            merged[key] = train.absolute(str(merged[key]))
+            merged[key] = absolute(str(merged[key]))
     if isinstance(merged.get("mlflow"), dict) and merged["mlflow"].get("tracking_uri"):
         merged["mlflow"] = {**merged["mlflow"], "tracking_uri": MlflowConfig(**merged["mlflow"]).resolved_uri()}
     return merged
@@ -284,7 +282,7 @@ def grid_points(cfg: TuneConfig) -> list[dict[str, Any]]:
 
 def check_trials(cfg: TuneConfig, base: dict[str, Any]) -> int:
     """Build every grid point's trial settings once, before Ray starts: the
-    :class:`~pipelines.train.TrainConfig` and its :class:`ModelConfig` overrides (with
+    :class:`~pipelines.TrainConfig` and its :class:`ModelConfig` overrides (with
     placeholder data sizes). An invalid combination fails here with a
     :class:`ConfigError` naming the grid point, not later inside a trial. Returns the
     number of points checked."""
@@ -304,8 +302,8 @@ def validation_window(base: dict[str, Any], start: str | None, settings: storage
     """(validation_start, split) for the trials, checked: ``start`` or, when None, the 80 %
     time quantile of the training window; the trials' training window ``ts < start`` and
     the validation window ``[start, split)`` must both hold interactions."""
-    tc = parse_settings(base, train.TrainConfig, "train config")
-    inputs = train.resolve_inputs(tc.world, {"illustrations": tc.illustrations, "users": tc.users,
+    tc = parse_settings(base, TrainConfig, "train config")
+    inputs = resolve_inputs(tc.world, {"illustrations": tc.illustrations, "users": tc.users,
                                              "interactions": tc.interactions},
                                   tc.item_features, tc.split, settings, (tc.encoder_version, tc.text_version))
     split = inputs.split
@@ -341,7 +339,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     trials_dir = storage.join(context["tune_dir"], "trials")
     run_dir = storage.join(trials_dir, run_name) if storage.is_s3(trials_dir) else os.path.join(trials_dir, run_name)
     mcfg = MlflowConfig(**context["mlflow"])
-    train.ensure_experiment(mcfg)
+    ensure_experiment(mcfg)
     settings = StorageConfig(**(context["base"].get("storage") or {})).to_settings()
     run_id = resumable_mlflow_run(mcfg, run_dir, run_name, context["parent_run_id"], settings)
     client = mlflow.MlflowClient(mcfg.resolved_uri())
@@ -354,7 +352,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     print(f"{TAG} trial {trial_id} (attempt {attempts + 1}): {json.dumps(params)}", flush=True)
     try:
         cfg = trial_settings(context, params, trial_id)
-        train.run(cfg, parent_run_id=context["parent_run_id"], callbacks=[TuneReportCallback()], eval_name="val")
+        fit(cfg, parent_run_id=context["parent_run_id"], callbacks=[TuneReportCallback()], eval_name="val")
     except Exception as err:
         # Recorded here; the search driver sets the run's final status from Tune's view
         # (an ASHA stop also lands here, as the Train controller dying under us).
@@ -371,12 +369,12 @@ def error_text(err: BaseException) -> str:
     if not failures:
         return text
     ranks = sorted(failures)
-    rank = next((r for r in ranks if isinstance(failures[r], train.TrainingDiverged)), ranks[0])
+    rank = next((r for r in ranks if isinstance(failures[r], TrainingDiverged)), ranks[0])
     return f"{type(failures[rank]).__name__}: {failures[rank]} (Ray Train worker rank {rank})\n{text}"
 
 
 def trial_settings(context: dict[str, Any], params: dict[str, Any], trial_id: str,
-                   where: str | None = None) -> train.TrainConfig:
+                   where: str | None = None) -> TrainConfig:
     """The validated ``umair train`` settings of trial ``trial_id`` (its run dir, model
     output and MLflow run are keyed by the trial id, so a restored trial resumes);
     ``where`` names the source in an error (default: the trial)."""
@@ -390,7 +388,7 @@ def trial_settings(context: dict[str, Any], params: dict[str, Any], trial_id: st
         checkpoint_dir=trials_dir, output=storage.join(run_dir, "model") if storage.is_s3(run_dir) else os.path.join(run_dir, "model"),
         mlflow=MlflowConfig(**context["mlflow"]), seed=seed,
     )
-    return parse_settings(data, train.TrainConfig, where or f"trial {trial_id}")
+    return parse_settings(data, TrainConfig, where or f"trial {trial_id}")
 
 
 def release_callback() -> Any:
@@ -476,64 +474,6 @@ def _one_line(text: str, limit: int = 300) -> str:
     return " ".join(lines)[:limit]
 
 
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if v is None or v == "":
-            return ""
-        if isinstance(v, float):  # 4 decimals; a learning rate like 1e-05 or 1e+30 in short form
-            return f"{v:.4g}" if v != 0 and not 1e-3 <= abs(v) < 1e4 else f"{v:.4f}"
-        return str(v)
-
-    head = "| " + " | ".join(RESULT_COLUMNS) + " |\n|" + "---|" * len(RESULT_COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(fmt(r[c]).replace("|", "/") for c in RESULT_COLUMNS) + " |\n" for r in rows)
-
-
-def results_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: "" if r[c] is None else r[c] for c in RESULT_COLUMNS})
-    return buf.getvalue()
-
-
-def heatmap(rows: list[dict[str, Any]], path: str) -> np.ndarray:
-    """K × L grid of the best validation AUC (any trial with that K and L; failed trials
-    leave the cell empty), drawn with matplotlib to ``path``. Returns the grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted({r["K"] for r in rows})
-    ls = sorted({r["cross_layers"] for r in rows})
-    grid = np.full((len(ks), len(ls)), np.nan)
-    for r in rows:
-        if r["val_auc"] is None or r["status"] == "FAILED":
-            continue
-        i, j = ks.index(r["K"]), ls.index(r["cross_layers"])
-        grid[i, j] = r["val_auc"] if np.isnan(grid[i, j]) else max(grid[i, j], r["val_auc"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(ls) + 2.5, 0.9 * len(ks) + 1.8))
-    masked = np.ma.masked_invalid(grid)
-    finite = grid[np.isfinite(grid)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    im = ax.imshow(masked, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
-    ax.set_xticks(range(len(ls)), [str(v) for v in ls])
-    ax.set_yticks(range(len(ks)), [str(v) for v in ks])
-    ax.set_xlabel("L: DCN-V2 cross layers")
-    ax.set_ylabel("K: UMCM experts")
-    ax.set_title("validation AUC (best trial per cell)")
-    for i in range(len(ks)):
-        for j in range(len(ls)):
-            text = "—" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
-            ax.text(j, i, text, ha="center", va="center", color="white" if np.isnan(grid[i, j]) or grid[i, j] < (lo + hi) / 2 else "black")
-    fig.colorbar(im, ax=ax, label="val AUC")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return grid
-
-
 def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfig) -> dict[str, Any]:
     """The best trial as settings ``umair train`` accepts unchanged: the base config with
     the trial's K/mix, L (and lr/d), trained on the full training window (the world's split).
@@ -556,7 +496,7 @@ def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfi
     out["run_name"] = f"{out['run_name']}-{cfg.name}-best"
     out["output"] = storage.join(storage.parent(cfg.best_config_out) if cfg.best_config_out else tune_dir, "best_model")
     out["checkpoint_dir"] = storage.join(tune_dir, "best_checkpoints")
-    return parse_settings(out, train.TrainConfig, "best config").model_dump(mode="json")
+    return parse_settings(out, TrainConfig, "best config").model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- the driver
@@ -569,10 +509,10 @@ def finalize_model(context: dict[str, Any], row: dict[str, Any], child: Any, set
     further epoch and writes the model (and its MLflow artifacts) from it."""
     params = json.loads(child.data.params["trial_params"])
     cfg = trial_settings(context, params, row["trial_id"])
-    if storage.exists(storage.join(cfg.output, train.META), settings):
+    if storage.exists(storage.join(cfg.output, META), settings):
         return
     print(f"{TAG} writing the model of trial {row['trial_id']} from its last checkpoint", flush=True)
-    train.run(cfg, parent_run_id=context["parent_run_id"], eval_name="val")
+    fit(cfg, parent_run_id=context["parent_run_id"], eval_name="val")
 
 
 def _tune_dir(cfg: TuneConfig) -> str:
@@ -638,7 +578,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
 
     tune_dir = _tune_dir(cfg)
     restoring = _guard(tune_dir, _fingerprint(cfg, base, start), settings)
-    train.ensure_experiment(cfg.mlflow)
+    ensure_experiment(cfg.mlflow)
     parent = resumable_mlflow_run(cfg.mlflow, tune_dir, cfg.name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     existing = client.get_run(parent).data.params
@@ -719,7 +659,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "results.md").write_text(results_markdown(rows))
         (Path(tmp) / "results.csv").write_text(results_csv(rows))
-        heatmap(rows, str(Path(tmp) / "heatmap_val_auc.png"))
+        tune_heatmap(rows, str(Path(tmp) / "heatmap_val_auc.png"))
         if finished:
             best = finished[0]
             best_cfg = best_train_config(base, best, cfg)
@@ -771,11 +711,7 @@ def register(sub: Any) -> None:
 
     def handler(args: Any) -> int:
         keys = ("name", "epochs", "max_concurrent_trials", "storage_path")
-        try:
-            run(load_with_flags(args.config, TuneConfig, args, keys))
-        except TuneError as err:
-            print(f"umair tune: error: {err}", file=sys.stderr)
-            return 1
+        run(load_with_flags(args.config, TuneConfig, args, keys))
         return 0
 
     p = sub.add_parser("tune", help="Ray Tune search over UMCM experts (K) and DCN-V2 depth (L), tracked in MLflow")

@@ -145,7 +145,8 @@ def ray_local(s3_server):
     the credentials (Ray workers inherit the driver's environment at ray.init)."""
     import ray
 
-    from pipelines.ray_runtime import RayConfig, init_ray
+    from pipelines.runtime import init_ray
+    from umair.config import RayConfig
 
     init_ray(RayConfig(num_cpus=4))
     yield

@@ -22,7 +22,8 @@ from pipelines.ablate import (
     run,
     window_rows,
 )
-from pipelines.train import TrainConfig, prepare
+from umair.training.inputs import prepare
+from umair.training.settings import TrainConfig
 from umair.baselines.finalmlp import InteractionAggregation
 from umair.baselines.training import fit, predict
 from umair.config import ConfigError, load_config

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,3 +103,32 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
     os.remove(out / "manifest.json")
     with pytest.raises(CheckpointError, match="manifest.json: not a readable encoder manifest"):
         load_encoder(str(out))
+
+
+def test_the_dual_encoder_docstring_example_runs():
+    """The ``>>>`` example of :class:`DualEncoder`, run with empty globals (it imports
+    what it uses), so it cannot rot."""
+    assert "G^b     = F^b (F^b)ᵀ / (H·W)" in (DualEncoder.__doc__ or "")
+    tests = doctest.DocTestFinder(recurse=False).find(DualEncoder, globs={})
+    assert sum(len(test.examples) for test in tests) >= 3
+    report: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
+def test_the_encoder_imports_neither_ray_nor_mlflow_nor_pipelines():
+    """Blocked imports fail: the encoder module loads and runs without them."""
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'mlflow', 'pipelines'):\n"
+        "    sys.modules[name] = None\n"
+        "import torch\n"
+        "from umair.image.encoder import DualEncoder, EncoderSpec, encode\n"
+        "encode(DualEncoder(EncoderSpec(backbone='resnet18', image_size=32)), torch.zeros(1, 3, 32, 32), 'cpu')\n"
+        "print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('ray', 'mlflow', 'pipelines')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -33,26 +33,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines.extract import (
-    ExtractConfig,
-    ExtractError,
-    _chunk_manifest,
-    _close_stale_runs,
-    apply_moves,
-    begin_commit,
-    build_pipeline,
-    feature_metadata,
-    finish_commit,
-    list_manifests,
-    load_image_encoder,
-    read_errors,
-    read_features,
-    recover,
-    run,
-    write_parts,
-)
+from pipelines.extract import ExtractConfig, ExtractError, _close_stale_runs, build_pipeline, run
+from umair.extraction.stages import load_image_encoder, write_parts
+from umair.feature_store import apply_moves, begin_commit, chunk_manifest, feature_metadata, finish_commit, list_manifests, read_errors, read_features, recover
 from umair import storage
-from umair.config import parse_settings
+from umair.config import StorageConfig, parse_settings
 from umair.image.preprocess import DecodeError, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +385,7 @@ def _parts(output: str, run_id: str, ids: list[int], meta: dict) -> list[dict]:
              "reason": np.array(["corrupt" if i % 5 == 0 else "" for i in ids], dtype=object),
              "error": np.array(["corrupt: x" if i % 5 == 0 else "" for i in ids], dtype=object),
              "sem": np.random.default_rng(0).random((n, 4), np.float32), "sty": np.ones((n, 2), np.float32)}
-    out = write_parts(batch, output, run_id, meta, {}, 1.0)
+    out = write_parts(batch, output, run_id, meta, StorageConfig(), 1.0)
     return [{k: v[0] for k, v in out.items()}]
 
 
@@ -410,11 +395,11 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     meta = feature_metadata(enc, None, "run-a")
     out_meta = {"key": "enc-v1", "encoder_version": "enc-v1", "text_version": None, "sem_dim": 4, "sty_dim": 2,
                 "tsem_dim": None, "metadata": meta, "mlflow_run_id": None}
-    first = _chunk_manifest(_parts(output, "run-a", list(range(1, 11)), meta), "run-a", 0, out_meta)
+    first = chunk_manifest(_parts(output, "run-a", list(range(1, 11)), meta), "run-a", 0, out_meta)
     begin_commit(output, first, settings, 1.0)
     apply_moves(output, first, settings, 1.0)
     finish_commit(output, first, settings, 1.0)
-    second = _chunk_manifest(_parts(output, "run-a", list(range(11, 21)), meta), "run-a", 1, out_meta)
+    second = chunk_manifest(_parts(output, "run-a", list(range(11, 21)), meta), "run-a", 1, out_meta)
     begin_commit(output, second, settings, 1.0)
     src, dst = second["moves"][0]  # the driver dies after moving one of the two files
     os.makedirs(os.path.dirname(os.path.join(output, dst)), exist_ok=True)
@@ -428,7 +413,7 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     assert recover(output, settings, 1.0) == {"rolled_forward": 0, "rolled_back": 0, "tmp_runs_removed": 0}
 
     # a pending chunk whose temporary files are gone cannot be finished: it is undone
-    third = _chunk_manifest(_parts(output, "run-b", list(range(21, 31)), meta), "run-b", 0, out_meta)
+    third = chunk_manifest(_parts(output, "run-b", list(range(21, 31)), meta), "run-b", 0, out_meta)
     begin_commit(output, third, settings, 1.0)
     src, dst = third["moves"][0]
     os.makedirs(os.path.dirname(os.path.join(output, dst)), exist_ok=True)
@@ -443,7 +428,7 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
 
     # another encoder's features beside them: readers must say which set they want
     other = {**out_meta, "key": "enc-v2", "encoder_version": "enc-v2"}
-    commit = _chunk_manifest(_parts(output, "run-d", [1, 2, 3], meta), "run-d", 0, other)
+    commit = chunk_manifest(_parts(output, "run-d", [1, 2, 3], meta), "run-d", 0, other)
     begin_commit(output, commit, settings, 1.0)
     apply_moves(output, commit, settings, 1.0)
     finish_commit(output, commit, settings, 1.0)

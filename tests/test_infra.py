@@ -166,7 +166,7 @@ def parse_ray_submit(argv: list[str]) -> dict:
 
 def job_settings_class(job: str):
     from pipelines.extract import ExtractConfig
-    from pipelines.train import TrainConfig
+    from umair.training.settings import TrainConfig
 
     classes = {"extract": ExtractConfig, "train": TrainConfig}
     if job == "tune":
@@ -536,10 +536,10 @@ def ray_pods() -> list[tuple[str, dict]]:
 
 
 def test_mlflow_tracking_uri_resolution(monkeypatch, tmp_path, capsys):
-    from pipelines import ray_runtime
-    from pipelines.ray_runtime import MlflowConfig
+    from umair import config as umair_config
+    from umair.config import MlflowConfig
 
-    monkeypatch.setattr(ray_runtime, "_WARNED_DEFAULT_STORE", False)
+    monkeypatch.setattr(umair_config, "_WARNED_DEFAULT_STORE", False)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
@@ -593,7 +593,7 @@ def job_access(job: str, settings, working_dir: Path = ROOT) -> tuple[list[str],
         inner = []
     elif job == "tune":
         from pipelines import tune
-        from pipelines.train import TrainConfig
+        from umair.training.settings import TrainConfig
 
         base = tune.base_train_dict(settings.model_copy(update={"train_config": str(working_dir / settings.train_config)}))
         train_reads, train_writes = job_access("train", parse_settings(base, TrainConfig, "tune base"), working_dir)
@@ -899,7 +899,8 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
     import mlflow
     import pyarrow.compute as pc
 
-    from pipelines.extract import ExtractConfig, read_errors, read_features
+    from pipelines.extract import ExtractConfig
+    from umair.feature_store import read_errors, read_features
     from umair import storage
     from umair.config import load_config
     from umair.sample.world import write_world

@@ -3,6 +3,9 @@ a small learning check. Expected values are worked out with numpy, not the modul
 
 from __future__ import annotations
 
+import doctest
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -405,48 +408,28 @@ def test_toy_problem_needs_the_modalities() -> None:
 # ---------------------------------------------------------------- parameter layout
 
 
-def _older_layout(model: UmairFPS) -> dict[str, torch.Tensor]:
-    """``model``'s state dict as the model saved it before its parameters were fused: one
-    ``nn.Embedding`` per id table, ``nn.Linear`` cross layers / five low-rank tensors, an
-    ``nn.Sequential`` MLP and an ``nn.Linear`` output layer."""
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    tables = sd.pop("embeddings.weight").split(model._table_sizes)
-    n_uf = len(model.user_field_embs)
-    sd["user_emb.weight"], sd["tag_emb.weight"] = tables[0], tables[1]
-    sd.update({f"user_field_embs.{i}.weight": w for i, w in enumerate(tables[2:2 + n_uf])})
-    sd.update({f"item_field_embs.{i}.weight": w for i, w in enumerate(tables[2 + n_uf:])})
-    for i, layer in enumerate(model.cross.layers):
-        del sd[f"cross.layers.{i}.weight"]
-        if isinstance(layer, CrossLayer):
-            sd[f"cross.layers.{i}.linear.weight"], sd[f"cross.layers.{i}.linear.bias"] = layer.W.clone(), layer.bias.clone()
-        else:
-            for name in ("V", "C", "U", "bias", "gate"):
-                sd[f"cross.layers.{i}.{name}"] = getattr(layer, name).clone()
-    parts = sd.pop("deep.weight").split(model.deep._sizes)
-    for j, (o, i) in enumerate(model.deep.shapes):
-        sd[f"deep.{j * model.deep._step}.weight"], sd[f"deep.{j * model.deep._step}.bias"] = parts[2 * j].view(o, i), parts[2 * j + 1]
-    sd["head.weight"], sd["head.bias"] = model.head.weight.clone(), model.head.bias.clone()
-    del sd["head.flat"]
-    return sd
-
-
-@pytest.mark.parametrize("cross_type", ["lowrank", "full"])
-def test_a_state_dict_of_the_older_per_tensor_layout_loads_and_predicts_the_same(cross_type: str) -> None:
-    """Models trained before the parameters were fused (per-table embeddings, per-layer
-    weights) still load strictly into the current layout and give the same logits."""
-    cfg = small_config(cross_type=cross_type, dropout=0.1)
+def test_the_flat_layout_has_a_handful_of_optimizer_tensors_and_plain_initialisation() -> None:
     torch.manual_seed(0)
-    trained = UmairFPS(cfg).eval()
-    old = _older_layout(trained)
-    assert "embeddings.weight" not in old and "head.weight" in old
-    torch.manual_seed(1)
-    fresh = UmairFPS(cfg).eval()
-    fresh.load_state_dict(old, strict=True)
-    batch = make_batch(cfg, 6)
+    for cross_type in ("lowrank", "full"):
+        model = UmairFPS(small_config(cross_type=cross_type, dropout=0.1))
+        # 5 optimizer tensors (table, 2 cross layers, MLP, output layer) besides the UMCM ones
+        names = [n for n, _ in model.named_parameters() if not n.startswith(("user_proj", "modality_proj", "umcm"))]
+        assert names == ["embeddings.weight", "cross.layers.0.weight", "cross.layers.1.weight", "deep.weight", "head.flat"]
     with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch), trained(**batch), rtol=0, atol=0)
-    # 5 optimizer tensors (table, 2 cross layers, MLP, output layer) besides the UMCM ones
-    assert len([n for n, _ in fresh.named_parameters() if not n.startswith(("user_proj", "modality_proj", "umcm"))]) == 5
+        table = model.embeddings.weight
+        assert torch.equal(model.tag_emb.weight[0], torch.zeros(8)) and float(table.std()) == pytest.approx(0.1, rel=0.2)
+        head = model.head
+        bound = 1 / head.in_features**0.5
+        assert float(head.flat.abs().max()) <= bound and head.weight.shape == (1, head.in_features)
+        for j, (o, i) in enumerate(model.deep.shapes):
+            assert float(model.deep.weight.split(model.deep._sizes)[2 * j].abs().max()) <= 1 / i**0.5
+        d = model.x0_width
+        full = CrossLayer(d)
+        assert torch.equal(full.bias, torch.zeros(d)) and float(full.W.std()) == pytest.approx((1 / d) ** 0.5, rel=0.1)
+        low = LowRankMixtureCrossLayer(d, low_rank=16, num_experts=4)
+        assert torch.equal(low.bias, torch.zeros(d))
+        for block, fans in ((low.V, 16 + d), (low.C, 32), (low.U, 16 + d), (low.gate, 4 + d)):
+            assert float(block.std()) == pytest.approx((2 / fans) ** 0.5, rel=0.15)  # Xavier-normal per expert
 
 
 def test_dropping_tag_padding_keeps_the_logits_and_the_gradients() -> None:
@@ -469,3 +452,41 @@ def test_dropping_tag_padding_keeps_the_logits_and_the_gradients() -> None:
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-7)
     with pytest.raises(IndexError, match="outside its vocabulary"):
         model.pack_ids(batch["user_id"], tags + 100, batch["user_fields"], batch["item_fields"], drop_tag_padding=True)
+
+
+# ---------------------------------------------------------------- docs and imports
+
+
+def run_docstring_example(obj: object) -> None:
+    """Run the ``>>>`` example of ``obj``'s own docstring with empty globals (so it must
+    import what it uses, as a reader would); fail with doctest's report."""
+    tests = doctest.DocTestFinder(recurse=False).find(obj, globs={})
+    assert sum(len(test.examples) for test in tests) >= 3, f"{obj!r} has no docstring example"
+    report: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
+def test_the_umair_fps_docstring_example_runs() -> None:
+    assert "x_{l+1}  = x_0 ⊙ (W_l x_l + b_l) + x_l" in (UmairFPS.__doc__ or "")
+    run_docstring_example(UmairFPS)
+
+
+def test_the_model_modules_import_neither_ray_nor_mlflow_nor_pipelines() -> None:
+    """Blocked imports fail: the model modules load, build and run a model without them."""
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'mlflow', 'pipelines'):\n"
+        "    sys.modules[name] = None\n"
+        "import torch\n"
+        "from umair.model import crossnet, fusion, umcm\n"
+        "cfg = fusion.ModelConfig(n_users=3, n_tags=3, d_sem=2, d_sty=2, d_tsem=2)\n"
+        "x = torch.zeros(1, 2)\n"
+        "fusion.UmairFPS(cfg)(torch.tensor([1]), torch.tensor([[1]]), sem=x, sty=x, tsem=x)\n"
+        "print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('ray', 'mlflow', 'pipelines')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

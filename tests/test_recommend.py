@@ -222,7 +222,7 @@ def test_similar_cli_prints_neighbours_draws_a_contact_sheet_and_refuses_unknown
 @pytest.fixture(scope="module")
 def trained(small, ray_local):
     from pipelines import train
-    from pipelines.ray_runtime import MlflowConfig, RayConfig
+    from umair.config import MlflowConfig, RayConfig
 
     root = small["root"]
     mlf = MlflowConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment="t-recommend")
@@ -235,7 +235,7 @@ def trained(small, ray_local):
 @pytest.mark.slow
 def test_recommend_writes_top_k_per_user_and_beats_popularity_on_the_test_window(trained):
     from pipelines import recommend
-    from pipelines.ray_runtime import RayConfig
+    from umair.config import RayConfig
 
     out = trained["root"] / "recs"
     # Neighbours of the user's bookmarks only (on this small world the newest / most

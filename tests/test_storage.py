@@ -79,7 +79,8 @@ def test_a_run_directory_on_s3_keeps_its_mlflow_run_across_restarts(s3_server, t
     checkpoints, on s3:// too, reached through the job's own storage settings."""
     import mlflow
 
-    from pipelines.ray_runtime import MlflowConfig, resumable_mlflow_run
+    from pipelines.runtime import resumable_mlflow_run
+    from umair.config import MlflowConfig
 
     monkeypatch.delenv("UMAIR_S3_ENDPOINT", raising=False)  # the endpoint comes only from the settings
     cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t-resume")

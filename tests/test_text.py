@@ -21,7 +21,12 @@ from umair import contracts
 from umair.contracts import ContractError
 from umair.sample import vocab
 from umair.text import pairs as P
-from umair.text import finetune as F
+from umair.text.batch_sampler import GroupedNoDuplicatesBatchSampler, batch_keys
+from umair.text.cjk_tokens import add_cjk_tokens, unknown_cjk_chars
+from umair.text.finetune import finetune, split_by_group, trainer_arguments
+from umair.text.retrieval import retrieval_metrics
+from umair.text.saved_encoder import MANIFEST, load_text_encoder, publish_encoder_dir
+from umair.text.settings import FinetuneConfig, TextEncoderError, default_base_model
 from umair.text.tag_embeddings import embed_tags
 
 
@@ -38,7 +43,7 @@ def one_thread():
 def base_model():
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(F.default_base_model(), device="cpu")
+    model = SentenceTransformer(default_base_model(), device="cpu")
     model.max_seq_length = 32
     return model
 
@@ -158,17 +163,17 @@ def test_pairs_round_trip_and_validation(tmp_path):
 
 def test_split_keeps_each_group_on_one_side():
     table = P.pairs_table(vocab.name_table(), "names").table
-    train, held = F.split_by_group(table, 0.3, seed=1)
+    train, held = split_by_group(table, 0.3, seed=1)
     assert train.num_rows + held.num_rows == table.num_rows and held.num_rows > 0
     assert not set(train.column("group").to_pylist()) & set(held.column("group").to_pylist())
-    again, _ = F.split_by_group(table, 0.3, seed=1)
+    again, _ = split_by_group(table, 0.3, seed=1)
     assert again.equals(train)
 
 
 def test_batches_never_repeat_a_text_or_group():
     table = P.pairs_table(vocab.name_table(), "names").table
-    keys = F._batch_keys(table)
-    sampler = F.GroupedNoDuplicatesBatchSampler(keys, batch_size=8, seed=0, keys=keys)
+    keys = batch_keys(table)
+    sampler = GroupedNoDuplicatesBatchSampler(keys, batch_size=8, seed=0, keys=keys)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -185,11 +190,13 @@ def test_batches_never_repeat_a_text_or_group():
 
 def test_config_refuses_unknown_keys_and_trainer_arguments_exist():
     with pytest.raises(Exception, match="extra"):
-        F.FinetuneConfig(output_dir="x", epoch=1)
+        FinetuneConfig(output_dir="x", epoch=1)
+    with pytest.raises(Exception, match="extra"):  # one training path only: the trainer
+        FinetuneConfig(output_dir="x", backend="torch")
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     names = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
-    kwargs = F.trainer_arguments(F.FinetuneConfig(output_dir="x"), "/tmp/w", [("a",)])
+    kwargs = trainer_arguments(FinetuneConfig(output_dir="x"), "/tmp/w", [("a",)])
     assert set(kwargs) <= names, set(kwargs) - names
 
 
@@ -199,10 +206,10 @@ def test_config_refuses_unknown_keys_and_trainer_arguments_exist():
 def test_unknown_cjk_characters_become_tokens():
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(F.default_base_model(), device="cpu")
+    model = SentenceTransformer(default_base_model(), device="cpu")
     tok = model.tokenizer
     names = [r["name"] for r in vocab.name_table()]
-    unknown = F.unknown_cjk_chars(tok, names)
+    unknown = unknown_cjk_chars(tok, names)
     ja_only = {c for r in vocab.name_table() if r["lang"] == "ja" for c in r["name"]}
     zh_only = {c for r in vocab.name_table() if r["lang"] == "zh" for c in r["name"]}
     assert unknown and set(unknown) & ja_only and set(unknown) & zh_only
@@ -210,30 +217,39 @@ def test_unknown_cjk_characters_become_tokens():
     assert tok.unk_token_id in tok(probe, add_special_tokens=False)["input_ids"]
     vocab_before = len(tok)
 
-    added = F.add_cjk_tokens(model, names)
+    added = add_cjk_tokens(model, names)
     assert added == unknown and len(tok) == vocab_before + len(added)
     assert model[0].auto_model.get_input_embeddings().weight.shape[0] == len(tok)
     for name in names:  # the sample names are pure CJK or ASCII: nothing is unknown any more
         assert tok.unk_token_id not in tok(name, add_special_tokens=False)["input_ids"], name
     assert tok.convert_ids_to_tokens(tok(probe, add_special_tokens=False)["input_ids"]) == [probe]
-    assert F.unknown_cjk_chars(tok, names) == []
+    assert unknown_cjk_chars(tok, names) == []
     assert tok.unk_token_id not in model.preprocess(names)["input_ids"]  # what training and encode() see
     assert model.encode(names[:3]).shape == (3, 384)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One short fine-tune on the sample vocabulary's names (51 pairs), logged to sqlite MLflow."""
+    """One short fine-tune on the sample vocabulary's names (51 pairs), logged to sqlite
+    MLflow by the job's logger."""
+    import mlflow
+
+    from pipelines.finetune_text import MlflowRunLogger
+
     root = tmp_path_factory.mktemp("finetune")
     pairs = P.pairs_table(vocab.name_table(), "names", "vocab").table
-    cfg = F.FinetuneConfig(output_dir=str(root / "enc"), epochs=3, batch_size=16, lr=2e-4, max_seq_length=32,
-                           eval_fraction=0.2, seed=0, device="cpu", backend="trainer")
+    cfg = FinetuneConfig(output_dir=str(root / "enc"), epochs=3, batch_size=16, lr=2e-4, max_seq_length=32,
+                         eval_fraction=0.2, seed=0, device="cpu")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
+    cwd, previous_uri = os.getcwd(), mlflow.get_tracking_uri()
     os.chdir(root)  # the sqlite store puts artifacts under the working directory
     try:
-        result = F.finetune(pairs, cfg, mlflow_run=tracking)
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_experiment("umair-text-finetune")
+        with mlflow.start_run(run_name="text-finetune") as active:
+            result = finetune(pairs, cfg, logger=MlflowRunLogger(active.info.run_id))
     finally:
+        mlflow.set_tracking_uri(previous_uri)
         os.chdir(cwd)
     return pairs, cfg, result, tracking, root
 
@@ -251,14 +267,14 @@ def test_short_finetune_learns_saves_reloads_and_logs(trained, base_model):
     held = set(result.eval_pairs.column("group").to_pylist())
     train = pairs.filter(pa.array([g not in held for g in pairs.column("group").to_pylist()]))
     a, p = train.column("anchor").to_pylist(), train.column("positive").to_pylist()
-    assert F.retrieval_metrics(result.model, a, p)["mrr"] > F.retrieval_metrics(base_model, a, p)["mrr"] + 0.1
+    assert retrieval_metrics(result.model, a, p)["mrr"] > retrieval_metrics(base_model, a, p)["mrr"] + 0.1
 
     # saved, complete, reloads to the same embeddings and tokenizer
-    manifest = json.loads((root / "enc" / F.MANIFEST).read_text())
+    manifest = json.loads((root / "enc" / MANIFEST).read_text())
     assert manifest["added_tokens"] == len(result.added_tokens) and manifest["embedding_dim"] == 384
     assert manifest["version"] == result.version and manifest["metrics_after"] == result.metrics_after
     assert len(manifest["data_hash"]) == 64
-    loaded = F.load_text_encoder(cfg.output_dir, device="cpu")
+    loaded = load_text_encoder(cfg.output_dir, device="cpu")
     assert loaded.version == result.version
     texts = ["月亮", "オリジナル", "night sky", "二次創作"]
     assert torch.allclose(result.model.encode(texts, convert_to_tensor=True), loaded.model.encode(texts, convert_to_tensor=True), atol=1e-6)
@@ -270,12 +286,54 @@ def test_short_finetune_learns_saves_reloads_and_logs(trained, base_model):
     assert run.data.metrics["eval_after_r1"] == pytest.approx(result.metrics_after["r1"])
     assert run.data.params["train_pairs"] == str(result.train_pairs)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(result.loss_history)
+    assert run.data.params["version"] == result.version and run.data.params["base_model"] == default_base_model()
+    assert run.data.metrics["added_cjk_tokens"] == len(result.added_tokens)
+    assert MANIFEST in [a.path for a in client.list_artifacts(run.info.run_id)]
 
-    with pytest.raises(F.TextEncoderError, match="no manifest"):
-        F.load_text_encoder(str(root))
+    with pytest.raises(TextEncoderError, match="no manifest"):
+        load_text_encoder(str(root))
     # a rerun replaces an encoder, but never a directory that holds something else
-    with pytest.raises(F.TextEncoderError, match="refusing to overwrite"):
-        F.finetune(pairs, cfg.model_copy(update={"output_dir": str(root)}))
+    with pytest.raises(TextEncoderError, match="refusing to overwrite"):
+        finetune(pairs, cfg.model_copy(update={"output_dir": str(root)}))
+
+
+def test_job_ends_its_mlflow_run_failed_when_finetune_raises(tmp_path):
+    import mlflow
+
+    from pipelines.finetune_text import FinetuneTextConfig, run
+
+    names = _write(tmp_path / "names.tsv", "concept\tlang\tname\nmoon\ten\tmoon\nmoon\tja\t月\n")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("not an encoder")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = FinetuneTextConfig(sources=[{"uri": names, "kind": "names"}], finetune={"output_dir": str(taken)},
+                             mlflow={"tracking_uri": tracking, "experiment": "umair-text-finetune"})
+    cwd, previous_uri = os.getcwd(), mlflow.get_tracking_uri()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(TextEncoderError, match="refusing to overwrite") as err:
+            run(cfg)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        os.chdir(cwd)
+    assert err.value.exit_code == 2 and mlflow.active_run() is None
+    client = mlflow.MlflowClient(tracking)
+    [failed] = client.search_runs([client.get_experiment_by_name("umair-text-finetune").experiment_id])
+    assert failed.info.status == "FAILED" and failed.data.metrics == {"pairs": 1.0, "bad_rows": 0.0}
+
+
+def test_text_library_imports_no_mlflow_or_ray():
+    """umair.text is a library: the job (pipelines/finetune_text.py) does the MLflow logging."""
+    import ast
+    import pathlib
+
+    import umair.text
+
+    for path in pathlib.Path(umair.text.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("mlflow", "ray")], (path.name, names)
 
 
 # --------------------------------------------------------------------------- e_TSEM
@@ -345,8 +403,8 @@ def test_pairs_tag_cache_and_encoder_on_object_storage(s3_server, trained, base_
 
     _, cfg, result, _, _ = trained
     enc_uri = s3_server.uri("text", "encoder")
-    F._publish(cfg.output_dir, enc_uri, st)
-    loaded = F.load_text_encoder(enc_uri, device="cpu", settings=st)
+    publish_encoder_dir(cfg.output_dir, enc_uri, st)
+    loaded = load_text_encoder(enc_uri, device="cpu", settings=st)
     assert loaded.version == result.version
     texts = ["夜空", "commission"]
     assert torch.allclose(result.model.encode(texts, convert_to_tensor=True), loaded.model.encode(texts, convert_to_tensor=True), atol=1e-6)

@@ -27,7 +27,10 @@ import pytest
 import yaml
 
 from pipelines import evaluate, train
-from pipelines.ray_runtime import MlflowConfig, RayConfig, init_ray
+from umair.training.inputs import prepare
+from umair.training.lookup import load_lookup
+from umair.training.step import StepSettings, TrainingDiverged, check_finite_loss, train_epoch
+from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import ConfigError, load_config
 from umair.metrics import auc, gauc, logloss, mean_attention, modality_weights, rank_auc
@@ -193,7 +196,7 @@ def test_feature_space_is_fitted_on_the_training_window_only_and_unknowns_map_to
 
 
 def test_prepare_maps_interactions_to_rows_of_the_item_features_table(hand_paths, tmp_path):
-    p = train.prepare(_cfg(hand_paths, tmp_path))
+    p = prepare(_cfg(hand_paths, tmp_path))
     assert p.train_rows.column_names == ["user_row", "item_row", "label"]
     assert p.train_rows.schema.field("item_row").type == pa.int64()
     ids = p.info.illust_ids[p.train_rows.column("item_row").to_numpy()]
@@ -209,7 +212,7 @@ def test_prepare_maps_interactions_to_rows_of_the_item_features_table(hand_paths
 
 def test_empty_training_window_is_refused(hand_paths, tmp_path):
     with pytest.raises(FeatureError) as err:
-        train.prepare(_cfg(hand_paths, tmp_path, split="2021-03-01"))
+        prepare(_cfg(hand_paths, tmp_path, split="2021-03-01"))
     inter = hand_paths["interactions"]
     assert str(err.value) == (
         f"{inter}: the training window (ts < 2021-03-01T00:00:00+00:00) is empty: the 6 interactions run from "
@@ -221,7 +224,7 @@ def test_empty_training_window_is_refused(hand_paths, tmp_path):
 def test_missing_item_features_are_counted_with_an_example(hand_paths, tmp_path):
     storage.write_parquet(_features([10, 20], DIMS), hand_paths["item_features"])
     with pytest.raises(FeatureError) as err:
-        train.prepare(_cfg(hand_paths, tmp_path))
+        prepare(_cfg(hand_paths, tmp_path))
     assert str(err.value) == (
         f"{hand_paths['item_features']}: 2 illustration(s) referenced by 3 interaction(s) in {hand_paths['interactions']} "
         "have no item features (e.g. illust_id 40); run the extraction over them first"
@@ -230,16 +233,16 @@ def test_missing_item_features_are_counted_with_an_example(hand_paths, tmp_path)
 
 def test_feature_dimension_must_match_the_model_config(hand_paths, tmp_path):
     with pytest.raises(FeatureError) as err:
-        train.prepare(_cfg(hand_paths, tmp_path, model={"d_sem": 8}))
+        prepare(_cfg(hand_paths, tmp_path, model={"d_sem": 8}))
     assert str(err.value) == (
         f"{hand_paths['item_features']}: column 'sem' holds 4-d vectors (file metadata umair.sem.dim=4), "
         "but the model config sets d_sem=8"
     )
     # A table without e_STY trains the "w/o STY" variant, and refuses the full model.
     storage.write_parquet(_features([10, 20, 30, 40], {"sem": 4, "tsem": 2}), hand_paths["item_features"])
-    assert train.prepare(_cfg(hand_paths, tmp_path, variant="w/o STY")).model_config.modalities == ("tsem", "sem", "meta")
+    assert prepare(_cfg(hand_paths, tmp_path, variant="w/o STY")).model_config.modalities == ("tsem", "sem", "meta")
     with pytest.raises(FeatureError, match=r"no column 'sty' in the item features .*\(model\.use_sty: false\)"):
-        train.prepare(_cfg(hand_paths, tmp_path))
+        prepare(_cfg(hand_paths, tmp_path))
 
 
 def test_settings_refuse_derived_sizes_and_unknown_variants(hand_paths, tmp_path):
@@ -258,13 +261,13 @@ def test_settings_refuse_derived_sizes_and_unknown_variants(hand_paths, tmp_path
 
 def _one_epoch(hand_paths, tmp_path, lr: float, batch_size: int = 2):
     """A real model on the hand-made tables, Adam at ``lr``, one epoch through
-    ``_train_epoch`` (batches as Ray's iter_torch_batches gives them)."""
+    ``train_epoch`` (batches as Ray's iter_torch_batches gives them)."""
     import torch
 
     from umair.model.fusion import UmairFPS
 
-    p = train.prepare(_cfg(hand_paths, tmp_path))
-    lookup, _, _ = train.load_lookup(p.space, p.inputs, p.modalities, "cpu")
+    p = prepare(_cfg(hand_paths, tmp_path))
+    lookup, _, _ = load_lookup(p.space, p.inputs, p.modalities, "cpu")
     torch.manual_seed(0)
     model = UmairFPS(p.model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -275,15 +278,15 @@ def _one_epoch(hand_paths, tmp_path, lr: float, batch_size: int = 2):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     steps = lambda: sorted({int(st["step"]) for st in optimizer.state.values()})  # noqa: E731
     try:
-        return train._train_epoch(model, model, optimizer, batches, lookup, {"lr": lr, "l2_emb": 1e-3}, 3), steps(), None, before, model
-    except train.TrainingDiverged as err:
+        return train_epoch(model, model, optimizer, batches, lookup, StepSettings(lr=lr, l2_emb=1e-3), 3), steps(), None, before, model
+    except TrainingDiverged as err:
         return None, steps(), err, before, model
 
 
 def test_a_diverging_loss_stops_training_before_the_step_is_applied(hand_paths, tmp_path):
     # Adam moves every weight the first batch touches by ~lr: the second batch's logits overflow.
     _, steps, err, before, model = _one_epoch(hand_paths, tmp_path, lr=1e30)
-    assert isinstance(err, train.TrainingDiverged) and isinstance(err, RuntimeError)
+    assert isinstance(err, TrainingDiverged) and err.exit_code == 1
     msg = str(err)
     assert msg.startswith("training diverged: the BCE loss is nan at epoch 3, step 1 (lr 1e+30)"), msg
     assert "lower the learning rate (lr)" in msg
@@ -296,10 +299,10 @@ def test_a_diverging_loss_stops_training_before_the_step_is_applied(hand_paths, 
 
 
 def test_the_loss_check_names_epoch_step_and_lr():
-    train.check_finite_loss(0.69, epoch=0, step=0, lr=1e-3)
+    check_finite_loss(0.69, epoch=0, step=0, lr=1e-3)
     for value in (float("nan"), float("inf"), float("-inf")):
-        with pytest.raises(train.TrainingDiverged, match=r"epoch 2, step 17 \(lr 0\.5\); .*lower the learning rate"):
-            train.check_finite_loss(value, epoch=2, step=17, lr=0.5)
+        with pytest.raises(TrainingDiverged, match=r"epoch 2, step 17 \(lr 0\.5\); .*lower the learning rate"):
+            check_finite_loss(value, epoch=2, step=17, lr=0.5)
 
 
 # --------------------------------------------------------------------------- negatives
@@ -327,7 +330,7 @@ def test_negatives_are_sampled_for_a_positives_only_log_and_recorded(hand_paths,
 
     # The training job samples and records it when the log holds positives only.
     storage.write_parquet(positives, hand_paths["interactions"])
-    p = train.prepare(_cfg(hand_paths, tmp_path, negatives={"ratio": 2, "strategy": "popularity"}))
+    p = prepare(_cfg(hand_paths, tmp_path, negatives={"ratio": 2, "strategy": "popularity"}))
     assert p.negatives["train"]["applied"] and p.negatives["train"]["strategy"] == "popularity"
     assert p.train_rows.num_rows == 2 + p.negatives["train"]["negatives"]
 
@@ -419,13 +422,13 @@ def test_training_reads_the_committed_output_of_the_extraction_job(ray_local, ti
         batch_size=32, decode_batch_size=16, chunk_rows=50, write_batch_rows=50, ray=RayConfig(num_cpus=4),
         mlflow=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t-extract"),
     ))
-    p = train.prepare(_slow_cfg(tiny_world, str(out), tmp_path, variant="w/o TSEM"))
+    p = prepare(_slow_cfg(tiny_world, str(out), tmp_path, variant="w/o TSEM"))
     assert p.info.dims == {"sem": 512, "sty": 64} and p.model_config.modalities == ("sem", "sty", "meta")
     assert p.inputs.encoder_version == p.info.metadata["umair.encoder.version"]  # the feature set is pinned
-    lookup, _, items = train.load_lookup(p.space, p.inputs, p.modalities, "cpu", None, p.info.fingerprint)
+    lookup, _, items = load_lookup(p.space, p.inputs, p.modalities, "cpu", None, p.info.fingerprint)
     assert items.vectors["sem"].shape == (96, 512) and abs(float(items.vectors["sty"].mean())) < 0.2  # standardised
     with pytest.raises(FeatureError, match=r"no column 'tsem' in the item features \(columns: sem, sty\)"):
-        train.prepare(_slow_cfg(tiny_world, str(out), tmp_path))
+        prepare(_slow_cfg(tiny_world, str(out), tmp_path))
 
 
 def _latest_registered_epoch(run_dir: Path) -> int | None:

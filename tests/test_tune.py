@@ -20,6 +20,10 @@ import pytest
 import yaml
 
 from pipelines import train, tune
+from umair.plots import tune_heatmap
+from umair.reports import TUNE_COLUMNS, results_csv, results_markdown
+from umair.training.model_io import load_model
+from umair.training.step import TrainingDiverged
 from umair.config import ConfigError, load_config, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,20 +198,20 @@ def test_heat_map_keeps_the_best_auc_per_cell_and_leaves_failed_cells_empty(tmp_
         return {"K": k, "cross_layers": cl, "val_auc": auc, "status": status}
 
     rows = [row(1, 0, 0.61), row(1, 0, 0.64, "STOPPED"), row(1, 2, 0.70), row(3, 0, 0.66), row(3, 2, 0.9, "FAILED")]
-    grid = tune.heatmap(rows, str(tmp_path / "h.png"))
+    grid = tune_heatmap(rows, str(tmp_path / "h.png"))
     assert grid[0, 0] == pytest.approx(0.64) and grid[0, 1] == pytest.approx(0.70) and grid[1, 0] == pytest.approx(0.66)
     assert np.isnan(grid[1, 1])
     assert (tmp_path / "h.png").stat().st_size > 5000
 
 
 def test_results_table_has_every_column_and_escapes_nothing_it_should_not():
-    rows = [{c: None for c in tune.RESULT_COLUMNS} | {"trial_id": "a_1", "status": "FAILED", "error": "x | y", "val_auc": 0.5}]
-    md = tune.results_markdown(rows)
-    assert md.splitlines()[0].count("|") == len(tune.RESULT_COLUMNS) + 1
+    rows = [{c: None for c in TUNE_COLUMNS} | {"trial_id": "a_1", "status": "FAILED", "error": "x | y", "val_auc": 0.5}]
+    md = results_markdown(rows)
+    assert md.splitlines()[0].count("|") == len(TUNE_COLUMNS) + 1
     assert "x / y" in md and "0.5000" in md
-    lrs = tune.results_markdown([rows[0] | {"lr": lr} for lr in (0.003, 1e-5, 1e30)])
+    lrs = results_markdown([rows[0] | {"lr": lr} for lr in (0.003, 1e-5, 1e30)])
     assert "| 0.0030 |" in lrs and "| 1e-05 |" in lrs and "| 1e+30 |" in lrs
-    assert tune.results_csv(rows).splitlines()[0].split(",") == tune.RESULT_COLUMNS
+    assert results_csv(rows).splitlines()[0].split(",") == TUNE_COLUMNS
 
 
 def _child_run(run_id: str, trial_id: str, params: dict, error: str | None = None):
@@ -243,7 +247,7 @@ def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_ru
 def test_a_trial_error_from_ray_train_workers_leads_with_the_worker_error():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    diverged = train.TrainingDiverged("training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30); lower the learning rate (lr)")
+    diverged = TrainingDiverged("training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30); lower the learning rate (lr)")
     err = WorkerGroupError("[Rank 0] Traceback ... allreduce aborted\n[Rank 1] Traceback ... TrainingDiverged",
                            {0: RuntimeError("allreduce aborted"), 1: diverged})
     text = tune.error_text(err)
@@ -378,7 +382,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
                                                    dst_path=str(tmp_path / "registered"), tracking_uri=mlflow_server.url))
     assert {"model.pt", "model.json", "feature_space.json", "best_train.yaml"} <= {f.name for f in got.iterdir()}
     assert (got / "best_train.yaml").read_text() == (tune_dir / "best_train.yaml").read_text()
-    saved = train.load_model(str(got))
+    saved = load_model(str(got))
     assert list(saved.config.experts) == best_cfg.model["experts"] and saved.config.cross_layers == best_cfg.model["cross_layers"]
     assert saved.meta["mlflow_run_id"] == best["mlflow_run_id"]
 

@@ -8,6 +8,8 @@ file fails before any work starts, e.g.::
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -15,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from umair.storage import StorageSettings
+from umair.errors import UmairError
 
 
 class Settings(BaseModel):
@@ -30,6 +33,56 @@ class StorageConfig(Settings):
 
     def to_settings(self) -> StorageSettings:
         return StorageSettings(endpoint=self.endpoint, region=self.region, retries=self.retries)
+
+
+MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"   # MLflow's own variable
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class RayConfig(Settings):
+    """address: None starts a local Ray (local mode); "auto" joins the cluster this runs on.
+    num_cpus: logical CPUs of a local Ray (more than physical cores is fine: it lets data
+    tasks run beside training workers)."""
+
+    address: str | None = None
+    num_cpus: int | None = 4
+
+
+class MlflowConfig(Settings):
+    """tracking_uri: the MLflow tracking server or store. None takes MLFLOW_TRACKING_URI
+    from the environment (how cluster jobs get it: the pod env on Kubernetes, the runtime
+    env of `ray job submit` elsewhere), else a local ``sqlite:///mlflow.db``."""
+
+    tracking_uri: str | None = None
+    experiment: str = "umair"
+
+    def resolved_uri(self) -> str:
+        """The config's URI, else $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db``;
+        a relative sqlite path made absolute (Ray workers run in other directories)."""
+        uri = self.tracking_uri or os.environ.get(MLFLOW_TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+        if not self.tracking_uri and not os.environ.get(MLFLOW_TRACKING_URI_ENV):
+            _warn_default_store_once()
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            path = os.path.abspath(uri[len(prefix):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return prefix + path
+        return uri
+
+
+_WARNED_DEFAULT_STORE = False
+
+
+def _warn_default_store_once() -> None:
+    """On a cluster a job without mlflow.tracking_uri or $MLFLOW_TRACKING_URI would log to
+    a sqlite file in its temporary working directory (lost with it): say so, once."""
+    global _WARNED_DEFAULT_STORE
+    if not _WARNED_DEFAULT_STORE:
+        _WARNED_DEFAULT_STORE = True
+        print(f"[mlflow] WARNING: no mlflow.tracking_uri and no ${MLFLOW_TRACKING_URI_ENV}: logging to "
+              f"{DEFAULT_TRACKING_URI} in {os.getcwd()}; on a cluster pass "
+              f"--runtime-env-json '{{\"env_vars\": {{\"{MLFLOW_TRACKING_URI_ENV}\": \"http://<mlflow>:5000\"}}}}'",
+              file=sys.stderr, flush=True)
 
 
 class SampleConfig(Settings):
@@ -48,7 +101,7 @@ class DemoConfig(Settings):
     stages: dict[str, str] = Field(default_factory=dict)
 
 
-class ConfigError(ValueError):
+class ConfigError(UmairError, ValueError):
     """A settings file is unreadable or invalid; the message names the file and key."""
 
 

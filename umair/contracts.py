@@ -25,12 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from umair import storage
+from umair.errors import UmairError
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 TAGS = pa.list_(pa.string())
 
 
-class ContractError(ValueError):
+class ContractError(UmairError, ValueError):
     """A table broke its contract. Attributes say where and what was expected."""
 
     def __init__(self, file: str, column: str | None, expected: str, found: str, row: int | None = None):

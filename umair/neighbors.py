@@ -32,13 +32,14 @@ import pyarrow as pa
 from pydantic import Field
 
 from umair.config import Settings
+from umair.errors import UmairError
 
 Space = Literal["sem", "sty", "tsem"]
 SPACES: tuple[str, ...] = ("sem", "sty", "tsem")
 SPACE_BY: dict[str, str] = {"semantic": "sem", "style": "sty", "text": "tsem"}
 
 
-class UnknownIdError(ValueError):
+class UnknownIdError(UmairError, ValueError):
     """An illustration or user id that the given table / model does not hold."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -146,3 +147,60 @@ def attention_plot(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out, settings, dpi)
+
+
+def tune_heatmap(rows: list[dict[str, Any]], path: str) -> np.ndarray:
+    """K × L grid of the best validation AUC (any trial with that K and L; failed trials
+    leave the cell empty), drawn with matplotlib to ``path``. Returns the grid."""
+    plt = _figure()
+    ks = sorted({r["K"] for r in rows})
+    ls = sorted({r["cross_layers"] for r in rows})
+    grid = np.full((len(ks), len(ls)), np.nan)
+    for r in rows:
+        if r["val_auc"] is None or r["status"] == "FAILED":
+            continue
+        i, j = ks.index(r["K"]), ls.index(r["cross_layers"])
+        grid[i, j] = r["val_auc"] if np.isnan(grid[i, j]) else max(grid[i, j], r["val_auc"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(ls) + 2.5, 0.9 * len(ks) + 1.8))
+    masked = np.ma.masked_invalid(grid)
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    im = ax.imshow(masked, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
+    ax.set_xticks(range(len(ls)), [str(v) for v in ls])
+    ax.set_yticks(range(len(ks)), [str(v) for v in ks])
+    ax.set_xlabel("L: DCN-V2 cross layers")
+    ax.set_ylabel("K: UMCM experts")
+    ax.set_title("validation AUC (best trial per cell)")
+    for i in range(len(ks)):
+        for j in range(len(ls)):
+            text = "—" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
+            ax.text(j, i, text, ha="center", va="center", color="white" if np.isnan(grid[i, j]) or grid[i, j] < (lo + hi) / 2 else "black")
+    fig.colorbar(im, ax=ax, label="val AUC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return grid
+
+
+def ablation_chart(rows: list[dict[str, Any]], style_segment: str, path: str, title: str) -> None:
+    """Horizontal bars: test AUC of every model and its AUC on the style-driven users."""
+    plt = _figure()
+    names = [r["model"] for r in rows]
+    auc = [r["auc"] for r in rows]
+    style = [r.get(f"auc_{style_segment}") or float("nan") for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(rows) + 1.6))
+    colors = ["#1f77b4" if r["group"] == "Table 4" else "#7f7f7f" for r in rows]
+    ax.barh(y - 0.2, auc, height=0.4, color=colors, label="AUC (all users)")
+    ax.barh(y + 0.2, style, height=0.4, color="#ff7f0e", label=f"AUC ({style_segment}-driven users)")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    lo = np.nanmin([*auc, *style]) if rows else 0.5
+    ax.set_xlim(max(0.0, min(0.5, lo - 0.02)), 1.0)
+    ax.axvline(0.5, color="k", lw=0.5)
+    ax.set_xlabel("test-window AUC (blue: UMAIR-FPS Table-4 variants; grey: Table-3 models)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -18,21 +18,28 @@ import hashlib
 import io
 import os
 import posixpath
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from umair.errors import UmairError
+
+T = TypeVar("T")
+
 ENDPOINT_ENV_VARS = ("UMAIR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-class StorageError(OSError):
+class StorageError(UmairError, OSError):
     """A storage operation failed; the message names the URI and what to check."""
 
 
@@ -227,3 +234,49 @@ def read_parquet(uri: str, settings: StorageSettings | None = None, columns: lis
     fs, path = resolve(uri, settings)
     with storage_errors(uri, "read", settings):
         return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _is_permanent(err: BaseException) -> bool:
+    """Errors that retrying cannot fix: missing objects and rejected credentials."""
+    cause = err.__cause__ if isinstance(err, StorageError) and err.__cause__ is not None else err
+    if isinstance(cause, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    return "rejected the credentials" in str(err)
+
+
+_last_retry_note = 0.0
+
+
+def _note_retry(what: str, err: BaseException, deadline_s: float) -> None:
+    """Say (at most every 5 s per process) that storage calls are being retried."""
+    global _last_retry_note
+    if time.monotonic() - _last_retry_note > 5.0:
+        _last_retry_note = time.monotonic()
+        print(f"[storage] storage error, retrying for up to {deadline_s:.0f}s: {what}: {err}", file=sys.stderr, flush=True)
+
+
+def with_retries(op: Callable[[], T], what: str, deadline_s: float) -> T:
+    """Run ``op`` (a storage call); retry transient failures with backoff for
+    ``deadline_s`` seconds; permanent ones (missing object, rejected credentials) at once."""
+    start, delay = time.monotonic(), 0.25
+    while True:
+        try:
+            return op()
+        except (OSError, pa.ArrowException) as err:
+            if _is_permanent(err):
+                raise
+            if time.monotonic() - start + delay > deadline_s:
+                raise StorageError(f"{what}: gave up after {deadline_s:.0f}s of retries: {err}") from err
+            _note_retry(what, err, deadline_s)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def move(src: str, dst: str, settings: StorageSettings | None = None) -> None:
+    """Rename one file (local: atomic rename; S3: server-side copy, then delete)."""
+    fs, src_path = resolve(src, settings)
+    _, dst_path = resolve(dst, settings)
+    with storage_errors(src, "move", settings):
+        if not is_s3(src):
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        fs.move(src_path, dst_path)

@@ -53,7 +53,7 @@ def pretext_encoder(world: Any, image_size: int = 32, epochs: int = 3, seed: int
     multi-label BCE, horizontal flips), in this process; the tag head is kept."""
     import torch
 
-    from pipelines.pretrain_image import multi_hot, tag_vocabulary
+    from umair.image.tags import multi_hot, tag_vocabulary
     from umair.image.encoder import DualEncoder, EncoderSpec
     from umair.image.preprocess import to_tensor_batch
 

@@ -19,12 +19,13 @@ import torch
 
 from umair import storage
 from umair.image.encoder import DualEncoder, EncoderSpec
+from umair.errors import UmairError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UmairError, ValueError):
     """A checkpoint cannot be used; the message names the file and why."""
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from umair.image.spec import EncoderSpec  # noqa: F401 - re-exported (the spec lives in a torch-free module)
 
+
 class DualOutput(NamedTuple):
     sem: torch.Tensor  # [B, D_sem]
     sty: torch.Tensor  # [B, C_sty]
@@ -41,7 +42,52 @@ def gram_style(feature_maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 class DualEncoder(nn.Module):
-    """ResNet backbone returning (e_SEM, e_STY[, tag logits])."""
+    """The dual-output image encoder E_img (paper section 2.2): one torchvision ResNet,
+    two image features e_SEM and e_STY (plus the pretext task's tag logits when it has a
+    tag head).
+
+    With ``F_last`` [B, C_last, H', W'] the output of the last stage (``layer4``) and
+    ``F^b`` [B, C, H, W] the output of each style block ``b`` (``spec.style_layers``;
+    default the blocks of ``layer1``: ``layer1.0..2``, only two on ResNet18), read as
+    [B, C, H·W]::
+
+        e_SEM   = GAP(F_last) = 1/(H' W') Σ_{h,w} F_last[:, :, h, w]      [B, C_last]
+        G^b     = F^b (F^b)ᵀ / (H·W)                                      [B, C, C]
+        s^b_c   = max_{c'} G^b_{c c'}      (max over one channel axis)    [B, C]
+        e_STY   = max_b s^b                (max over the style blocks)    [B, C]
+        logits  = W_tag e_SEM + b_tag      (only when ``n_tags > 0``)     [B, n_tags]
+
+    ``C_last`` (:attr:`sem_dim`) is 2048 on ResNet50/101 and 512 on ResNet18/34; ``C``
+    (:attr:`sty_dim`) is 256 and 64 with the default style blocks. The Gram matrices are
+    computed in float32 (:func:`gram_style`).
+
+    Args:
+        spec: backbone, image size and style blocks (:class:`EncoderSpec`); the style
+            blocks must exist and share one channel count (ValueError otherwise).
+        n_tags: width of the multi-label tag head of the pretext task; 0 = no head (the
+            exported encoder carries only the backbone).
+        weights: a torchvision weights enum name such as ``"IMAGENET1K_V2"``, or None for
+            a randomly initialised backbone.
+
+    Input: ``images`` [B, 3, S, S] floats in [0, 1] (``S = spec.image_size``; any size
+    the backbone accepts works). Output: :class:`DualOutput` ``(sem [B, sem_dim],
+    sty [B, sty_dim], logits [B, n_tags] or None)``. For inference on uint8 images, on a
+    GPU if there is one, use :func:`encode`.
+
+    Example::
+
+        >>> import torch
+        >>> from umair.image.encoder import DualEncoder, EncoderSpec
+        >>> model = DualEncoder(EncoderSpec(backbone="resnet18", image_size=32), n_tags=5).eval()
+        >>> model.style_layers, model.sem_dim, model.sty_dim
+        (('layer1.0', 'layer1.1'), 512, 64)
+        >>> with torch.no_grad():
+        ...     out = model(torch.rand(2, 3, 32, 32))
+        >>> out.sem.shape, out.sty.shape, out.logits.shape
+        (torch.Size([2, 512]), torch.Size([2, 64]), torch.Size([2, 5]))
+        >>> bool((out.sty >= 0).all())  # each Gram diagonal entry is a mean of squares
+        True
+    """
 
     def __init__(self, spec: EncoderSpec, n_tags: int = 0, weights: str | None = None):
         super().__init__()

@@ -23,11 +23,12 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageFile
+from umair.errors import UmairError
 
 MAX_PIXELS = 64_000_000  # refuse larger images from their header (decompression bombs)
 
 
-class DecodeError(ValueError):
+class DecodeError(UmairError, ValueError):
     """The bytes are not a decodable image; ``reason`` is a short machine-readable tag."""
 
     def __init__(self, reason: str, detail: str):

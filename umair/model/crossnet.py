@@ -37,18 +37,20 @@ class CrossLayer(nn.Module):
         in_features: ``D``, the width of ``x_0`` and ``x_l``.
 
     Parameters: ``W`` [D, D] (Xavier-normal) and ``b`` [D] (zeros) are views of one flat
-    parameter ``weight`` (one optimizer update per layer instead of two). A state dict of
-    the ``nn.Linear`` form (``linear.weight``, ``linear.bias``) loads too.
+    parameter ``weight`` [D D + D] (one optimizer update per layer instead of two).
     """
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
         self._d = in_features
-        linear = nn.Linear(in_features, in_features)  # same RNG draws as the nn.Linear form
-        nn.init.xavier_normal_(linear.weight)
-        nn.init.zeros_(linear.bias)
-        self.weight = nn.Parameter(torch.cat([linear.weight.detach().reshape(-1), linear.bias.detach()]))
-        self._register_load_state_dict_pre_hook(_merge_linear_state, with_module=True)
+        self.weight = nn.Parameter(torch.empty(in_features * in_features + in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``W`` Xavier-normal, ``b`` zeros."""
+        with torch.no_grad():
+            nn.init.xavier_normal_(self.W)
+            nn.init.zeros_(self.bias)
 
     @property
     def W(self) -> Tensor:  # noqa: N802 (the paper's name)
@@ -65,13 +67,6 @@ class CrossLayer(nn.Module):
         return torch.addcmul(xl, x0, torch.addmm(b, xl, w.view(d, d).T))
 
 
-def _merge_linear_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """load_state_dict pre-hook of :class:`CrossLayer`: ``linear.weight`` / ``linear.bias``."""
-    keys = [prefix + "linear.weight", prefix + "linear.bias"]
-    if prefix + "weight" not in state_dict and all(k in state_dict for k in keys):
-        state_dict[prefix + "weight"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
-
-
 class LowRankMixtureCrossLayer(nn.Module):
     """One low-rank mixture-of-experts cross layer (DCN-Mix).
 
@@ -86,21 +81,26 @@ class LowRankMixtureCrossLayer(nn.Module):
     parameter ``weight`` (one optimizer update per layer instead of five), laid out for
     the forward: ``[V; gate]`` as one [E r + E, D] block (one GEMM gives every ``V_e x_l``
     and every gate score), then ``C``, then ``U`` stored transposed ([E, r, D]), then
-    ``bias``. A state dict with the five separate tensors loads too.
+    ``bias``. Initialisation: every ``V_e``, ``C_e``, ``U_e`` and ``gate`` Xavier-normal
+    (each expert's matrix on its own fans), ``bias`` zeros.
     """
 
     def __init__(self, in_features: int, low_rank: int = 32, num_experts: int = 4, activation: Activation = "tanh") -> None:
         super().__init__()
         d, r, e = in_features, low_rank, num_experts
         self._shape = (e, r, d)
-        v, c, u, gate = torch.empty(e, r, d), torch.empty(e, r, r), torch.empty(e, d, r), torch.empty(e, d)
-        for p in (v, c, u):  # same draws, in the same order, as five separate parameters
-            for k in range(e):
-                nn.init.xavier_normal_(p[k])
-        nn.init.xavier_normal_(gate)
-        self.weight = nn.Parameter(_pack_lowrank(v, c, u, torch.zeros(d), gate))
+        self.weight = nn.Parameter(torch.empty((e * r + e) * d + e * r * r + e * r * d + d))
         self.g = _ACTIVATIONS[activation]()
-        self._register_load_state_dict_pre_hook(_merge_lowrank_state, with_module=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal ``V_e``, ``C_e``, ``U_e`` (per expert) and ``gate``; zero ``bias``."""
+        with torch.no_grad():
+            for block in (self.V, self.C, self.U):
+                for expert in block:
+                    nn.init.xavier_normal_(expert)
+            nn.init.xavier_normal_(self.gate)
+            nn.init.zeros_(self.bias)
 
     def _blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views of ``weight``: ``[V; gate]`` [E r + E, D], ``C`` [E, r, r], ``Uᵀ`` [E r, D], ``bias`` [D]."""
@@ -146,19 +146,6 @@ class LowRankMixtureCrossLayer(nn.Module):
         h = self.g(torch.bmm(self.g(h).view(b, e, r).transpose(0, 1), c.transpose(1, 2)))  # [E, B, r]: C_e h_e
         h = (h * weights.T.unsqueeze(-1)).transpose(0, 1).reshape(b, e * r)  # [B, E r]: G_e h_e
         return torch.addcmul(xl, x0, torch.addmm(bias, h, ut))  # x_l + x_0 ⊙ (Σ_e G_e U_e h_e + b)
-
-
-def _pack_lowrank(v: Tensor, c: Tensor, u: Tensor, bias: Tensor, gate: Tensor) -> Tensor:
-    """The flat ``weight`` of :class:`LowRankMixtureCrossLayer`: V, gate, C, Uᵀ, bias."""
-    return torch.cat([v.reshape(-1), gate.reshape(-1), c.reshape(-1), u.transpose(1, 2).reshape(-1), bias.reshape(-1)])
-
-
-def _merge_lowrank_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """load_state_dict pre-hook: ``V``, ``C``, ``U``, ``bias``, ``gate`` saved as five
-    tensors load into the flat ``weight``."""
-    keys = [prefix + k for k in ("V", "C", "U", "bias", "gate")]
-    if prefix + "weight" not in state_dict and all(k in state_dict for k in keys):
-        state_dict[prefix + "weight"] = _pack_lowrank(*(state_dict.pop(k) for k in keys))
 
 
 class CrossNet(nn.Module):

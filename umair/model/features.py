@@ -42,6 +42,7 @@ from pydantic import Field
 from umair import contracts, storage
 from umair.config import Settings
 from umair.model.vocab import Buckets, Vocabulary
+from umair.errors import UmairError
 
 MODALITIES: tuple[str, ...] = ("sem", "sty", "tsem")
 ITEM_NUMERIC: tuple[str, ...] = ("created_at", "width", "height", "page_count")
@@ -52,7 +53,7 @@ FORMAT = "umair-feature-space/1"
 Encoder = Vocabulary | Buckets
 
 
-class FeatureError(ValueError):
+class FeatureError(UmairError, ValueError):
     """The inputs cannot train or score the model; raised before any training starts."""
 
 

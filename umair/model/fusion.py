@@ -1,51 +1,21 @@
 """UMAIR-FPS: user-aware multi-modal fusion + DCN-V2 crosses + deep MLP -> one logit.
 
-Inputs (one batch of B user-item pairs; every id is a vocabulary index with 0 reserved
-for out-of-vocabulary / padding, see :mod:`umair.model.vocab`):
-
-=============  ==============  ====================================================
-name           shape, dtype    meaning
-=============  ==============  ====================================================
-user_id        [B] int64       the user (``n_users`` rows)
-user_tags      [B, T] int64    the user's interest tags u^IL, padded with 0; the
-                               non-zero entries are mean-pooled (all-0 -> zero vector)
-user_fields    [B, P] int64    profile fields u^O, columns in ``user_fields`` order
-item_fields    [B, M] int64    item metadata i^O (bucketised created_at, size, page
-                               count, artist, optionally the illustration id itself),
-                               columns in ``item_fields`` order
-sem            [B, d_sem]      e_SEM   (only read when ``use_sem``)
-sty            [B, d_sty]      e_STY   (only read when ``use_sty``)
-tsem           [B, d_tsem]     e_TSEM  (only read when ``use_tsem``)
-=============  ==============  ====================================================
-
-The computation, with ``k`` = ``emb_dim`` (8 like the paper) and ``d`` the modality width:
-
-1. Field embeddings (width ``k`` each): user id, pooled tags, each profile field, each
-   item field. Concatenated they are the "raw" features, width ``(2 + P + M) k``.
-2. ``v_user = Linear(concat[user id, tags, profile])`` -> ``d``.
-3. Modalities, each ``Linear`` -> ``d``: ``e_TSEM``, ``e_SEM``, ``e_STY`` (those enabled)
-   and ``F_emb(i_O) = Linear(concat[item field embeddings])`` (when ``M > 0``), stacked
-   in that order (:attr:`UmairFPS.modality_names`) as ``e`` [B, J, d].
-4. UMCM (:mod:`umair.model.umcm`) -> ``v_il`` [B, d], ``α`` [B, K, J], ``β`` [B, K].
-5. ``x_0 = concat[raw user features, raw item features, v_user, v_il]``. With every
-   multimodal feature off ("w/o ALL") steps 2-4 are skipped and ``x_0`` is the raw
-   features alone: a DCN-V2 model over id/metadata embeddings (with ``base``'s cross
-   form; :func:`dcn_v2_only` is the same with DCN-V2's own full-rank cross).
-6. Cross network of depth ``L`` (:mod:`umair.model.crossnet`), then, ``structure =
-   "stacked"`` (default): ``MLP(x_L)``; ``"parallel"``: ``concat[x_L, MLP(x_0)]`` (the
-   MLP alone when ``L = 0``). A final ``Linear`` gives the logit; apply a sigmoid and BCE
-   outside (``BCEWithLogitsLoss``).
+:class:`UmairFPS` is the model (its docstring gives the formulas, inputs and outputs);
+:class:`FusionOutput` what :meth:`UmairFPS.explain` returns. The building blocks are
+:mod:`umair.model.umcm` (UMCM experts and their MoE) and :mod:`umair.model.crossnet`
+(DCN-V2 cross layers); :class:`ModelConfig` (:mod:`umair.model.settings`) holds every knob.
 
 No layer depends on batch statistics, so batch size 1 works in train and eval mode.
 
-Layout for speed (the function computed is the one above): every id table is a block of
-rows of one ``embeddings`` table (``user_emb``, ``tag_emb``, ``user_field_embs``,
-``item_field_embs`` are views of it) read by one weighted ``embedding_bag`` per step
-(:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack a whole window once and
-call :meth:`UmairFPS.forward_packed`), and the deep MLP, each cross layer (either form)
-and the output layer keep their weights and biases in one flat parameter each, so Adam
-updates a handful of tensors per step (5 for the default 2-layer model without UMCM).
-State dicts saved with one tensor per table / layer weight still load.
+Layout for speed (the function computed is the one of :class:`UmairFPS`): every id table
+is a block of rows of one ``embeddings`` table (``user_emb``, ``tag_emb``,
+``user_field_embs``, ``item_field_embs`` are views of it) read by one weighted
+``embedding_bag`` per step (:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack
+a whole window once and call :meth:`UmairFPS.forward_packed`), and the deep MLP, each
+cross layer (either form) and the output layer keep their weights and biases in one flat
+parameter each, so Adam updates a handful of tensors per step (5 for the default 2-layer
+model without UMCM). Initialisation: tables N(0, 0.1²) (the tag padding row 0), MLP and
+output layer like ``nn.Linear``, cross layers as in :mod:`umair.model.crossnet`.
 """
 
 from __future__ import annotations
@@ -68,6 +38,7 @@ from umair.model.settings import (  # noqa: F401 - re-exported: the settings liv
 )
 from umair.model.umcm import MoEUMCM
 
+
 class FusionOutput(NamedTuple):
     """``logits`` [B]; ``alpha`` [B, K, J] and ``beta`` [B, K] (None for "w/o ALL")."""
 
@@ -76,33 +47,36 @@ class FusionOutput(NamedTuple):
     beta: Tensor | None
 
 
-def _mlp(in_features: int, widths: tuple[int, ...], dropout: float) -> tuple[nn.Sequential, int]:
-    layers: list[nn.Module] = []
-    for w in widths:
-        layers += [nn.Linear(in_features, w), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        in_features = w
-    return nn.Sequential(*layers), in_features
+def _linear_init_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
+    """``nn.Linear``'s default initialisation, in place: weight and bias ~ U(-1/√fan_in, 1/√fan_in)
+    (what its ``kaiming_uniform_(a=√5)`` amounts to)."""
+    bound = 1.0 / fan_in**0.5 if fan_in > 0 else 0.0
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
 
 
 class _FlatMLP(nn.Module):
-    """The deep MLP: per width ``Linear`` -> ReLU (-> dropout), exactly like
-    ``nn.Sequential`` of those layers (same initial draws), with every weight and bias a
-    view of one flat parameter ``weight`` (one optimizer update instead of two per layer).
-    A state dict of the ``nn.Sequential`` form (``<i>.weight``, ``<i>.bias``) loads too."""
+    """The deep MLP: per width ``Linear`` -> ReLU (-> dropout), with every weight and bias
+    a view of one flat parameter ``weight`` (one optimizer update instead of two per
+    layer), each layer initialised like ``nn.Linear``. No widths: the identity."""
 
     def __init__(self, in_features: int, widths: tuple[int, ...], dropout: float) -> None:
         super().__init__()
-        ref, self.out_features = _mlp(in_features, widths, dropout)
-        linears = [m for m in ref if isinstance(m, nn.Linear)]
-        self.shapes = [(lin.out_features, lin.in_features) for lin in linears]
+        dims = (in_features, *widths)
+        self.shapes = list(zip(dims[1:], dims[:-1], strict=True))  # (out, in) of each layer
         self._sizes = [n for o, i in self.shapes for n in (o * i, o)]
+        self.out_features = dims[-1]
         self.dropout = dropout
-        self._step = 3 if dropout > 0 else 2  # Sequential index of layer j's Linear: j * step
-        self.weight = nn.Parameter(torch.cat([t.detach().reshape(-1) for lin in linears for t in (lin.weight, lin.bias)])) \
-            if linears else None
-        self._register_load_state_dict_pre_hook(_merge_mlp_state, with_module=True)
+        self.weight = nn.Parameter(torch.empty(sum(self._sizes))) if self.shapes else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is None:
+            return
+        with torch.no_grad():
+            parts = self.weight.split(self._sizes)
+            for j, (_, i) in enumerate(self.shapes):
+                _linear_init_(parts[2 * j], parts[2 * j + 1], i)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:
@@ -115,25 +89,19 @@ class _FlatMLP(nn.Module):
         return x
 
 
-def _merge_mlp_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """load_state_dict pre-hook of :class:`_FlatMLP`: per-layer ``<i>.weight`` / ``<i>.bias``."""
-    assert isinstance(module, _FlatMLP)
-    keys = [f"{prefix}{j * module._step}.{n}" for j in range(len(module.shapes)) for n in ("weight", "bias")]
-    if keys and prefix + "weight" not in state_dict and all(k in state_dict for k in keys):
-        state_dict[prefix + "weight"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
-
-
 class _FlatLinear(nn.Module):
-    """``nn.Linear(in_features, out_features)`` (same initial draws) whose weight and bias
-    are views of one flat parameter ``flat`` (one optimizer update instead of two). A
-    state dict of the ``nn.Linear`` form (``weight``, ``bias``) loads too."""
+    """``nn.Linear(in_features, out_features)`` (its initialisation too) whose weight and
+    bias are views of one flat parameter ``flat`` (one optimizer update instead of two)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        ref = nn.Linear(in_features, out_features)
         self.in_features, self.out_features = in_features, out_features
-        self.flat = nn.Parameter(torch.cat([ref.weight.detach().reshape(-1), ref.bias.detach()]))
-        self._register_load_state_dict_pre_hook(_merge_linear_state, with_module=True)
+        self.flat = nn.Parameter(torch.empty(in_features * out_features + out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            _linear_init_(self.weight, self.bias, self.in_features)
 
     @property
     def weight(self) -> Tensor:
@@ -148,15 +116,100 @@ class _FlatLinear(nn.Module):
         return torch.addmm(b, x, w.view(self.out_features, self.in_features).T)
 
 
-def _merge_linear_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """load_state_dict pre-hook of :class:`_FlatLinear`: ``weight`` / ``bias``."""
-    keys = [prefix + "weight", prefix + "bias"]
-    if prefix + "flat" not in state_dict and all(k in state_dict for k in keys):
-        state_dict[prefix + "flat"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
-
-
 class UmairFPS(nn.Module):
-    """The UMAIR-FPS ranking model; see the module docstring for inputs and layout."""
+    """The UMAIR-FPS ranking model (paper section 2.4-2.5): one bookmark logit per
+    user-item pair from id embeddings, the item's image / text features and their
+    user-aware fusion.
+
+    With ``k`` = ``emb_dim`` (8 like the paper), ``d`` the common width, ``E_*`` the id
+    embedding tables (width ``k``) and ``[a; b]`` concatenation::
+
+        raw      = [E_uid(u); mean_{t ∈ u^IL} E_tag(t); E_f(u^O_f)...; E_f(i^O_f)...]   [B, (2 + P + M) k]
+        v_user   = W_u [E_uid(u); mean_t E_tag(t); E_f(u^O_f)...] + b_u                  [B, d]
+        e_j      = W_j x_j + b_j   for x_j in (e_TSEM, e_SEM, e_STY, [E_f(i^O_f)...])     [B, J, d]
+
+    the enabled modalities in that order (:attr:`modality_names`; the last one is
+    ``F_emb(i^O)``, present when there are item fields). UMCM (:mod:`umair.model.umcm`),
+    ``K`` experts of ``cfg.expert_kinds``; an ATT expert ``k``::
+
+        α^k_j    = softmax_j(<q_k, e_j>),  q_k = v_user (paper) or W_k v_user (default)  [B, K, J]
+        v_il^k   = Σ_j α^k_j e_j                                                         [B, K, d]
+
+    (a SEN expert takes ``α^k`` from squeeze-and-excitation of ``e``, "w/o UMCM" is the
+    mean), and the gate::
+
+        β_k      = softmax_k(<v_user, v_il^k>)                                           [B, K]
+        v_il     = Σ_k β_k v_il^k                                                        [B, d]
+
+    then DCN-V2 (:mod:`umair.model.crossnet`, ``L = cfg.cross_layers``; the low-rank
+    mixture of experts form by default), the deep MLP and the output layer::
+
+        x_0      = [raw; v_user; v_il]                                                   [B, D]
+        x_{l+1}  = x_0 ⊙ (W_l x_l + b_l) + x_l,    l = 0 .. L - 1                        [B, D]
+        h        = MLP(x_L)    (ReLU layers ``cfg.mlp``; "parallel": [x_L; MLP(x_0)])
+        logit    = w_o h + b_o,    ŷ = sigmoid(logit)                                    [B]
+
+    The sigmoid is left to the caller (train with ``BCEWithLogitsLoss``). With every
+    multimodal feature off ("w/o ALL") there is no ``v_user``, ``e``, UMCM: ``x_0 = raw``,
+    a DCN-V2 model over id / metadata embeddings (:func:`dcn_v2_only` is the same with
+    DCN-V2's own full-rank cross).
+
+    Args:
+        cfg: every knob (:class:`ModelConfig`): vocabulary sizes, modality widths
+            ``d_sem`` / ``d_sty`` / ``d_tsem``, ``emb_dim``, ``d``, the enabled
+            modalities, the UMCM experts, the cross network and the MLP.
+
+    Inputs of :meth:`forward` / :meth:`explain` (one batch of B user-item pairs; every id
+    is a vocabulary index, 0 = out-of-vocabulary / padding, see :mod:`umair.model.vocab`):
+
+    =============  ==============  ====================================================
+    name           shape, dtype    meaning
+    =============  ==============  ====================================================
+    user_id        [B] int64       the user (``n_users`` rows)
+    user_tags      [B, T] int64    the user's interest tags u^IL, padded with 0; the
+                                   non-zero entries are mean-pooled (all-0 -> zero vector)
+    user_fields    [B, P] int64    profile fields u^O, columns in ``user_fields`` order
+    item_fields    [B, M] int64    item metadata i^O (bucketised created_at, size, page
+                                   count, artist, optionally the illustration id itself),
+                                   columns in ``item_fields`` order
+    sem            [B, d_sem]      e_SEM   (only read when ``use_sem``)
+    sty            [B, d_sty]      e_STY   (only read when ``use_sty``)
+    tsem           [B, d_tsem]     e_TSEM  (only read when ``use_tsem``)
+    =============  ==============  ====================================================
+
+    Outputs: :meth:`forward` the logits [B]; :meth:`explain` a :class:`FusionOutput`
+    (``logits`` [B], ``alpha`` [B, K, J], ``beta`` [B, K]; None for "w/o ALL").
+    :meth:`pack_ids` gives the ids as one [B, 1 + T + P + M] matrix for
+    :meth:`forward_packed` / :meth:`explain_packed`.
+
+    Example::
+
+        >>> import torch
+        >>> from umair.model import ModelConfig, UmairFPS
+        >>> cfg = ModelConfig(n_users=10, n_tags=20, user_fields={"gender": 3},
+        ...                   item_fields={"artist": 7, "size": 4}, d_sem=12, d_sty=6, d_tsem=5)
+        >>> model = UmairFPS(cfg).eval()
+        >>> B = 4
+        >>> ids = dict(user_id=torch.tensor([1, 2, 3, 0]),
+        ...            user_tags=torch.tensor([[3, 7, 0], [1, 0, 0], [0, 0, 0], [2, 5, 9]]),
+        ...            user_fields=torch.tensor([[1], [2], [0], [1]]),
+        ...            item_fields=torch.tensor([[6, 1], [2, 3], [0, 0], [4, 2]]))
+        >>> feats = dict(sem=torch.randn(B, 12), sty=torch.randn(B, 6), tsem=torch.randn(B, 5))
+        >>> logits = model(**ids, **feats)
+        >>> logits.shape
+        torch.Size([4])
+        >>> probs = torch.sigmoid(logits)  # bookmark probabilities
+        >>> out = model.explain(**ids, **feats)
+        >>> model.modality_names, out.alpha.shape, out.beta.shape  # J = 4, K = 3
+        (('tsem', 'sem', 'sty', 'meta'), torch.Size([4, 3, 4]), torch.Size([4, 3]))
+        >>> bool(torch.allclose(out.alpha.sum(-1), torch.ones(B, 3)))
+        True
+        >>> packed = model.pack_ids(**ids)  # [B, 1 + T + P + M]
+        >>> packed.shape
+        torch.Size([4, 7])
+        >>> bool(torch.allclose(model.forward_packed(packed, **feats), logits))
+        True
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -164,21 +217,15 @@ class UmairFPS(nn.Module):
         k, d = cfg.emb_dim, cfg.d
         # Every id table (user id, tags, each profile field, each item field) is one block of
         # rows of a single [Σ vocab, k] table: one lookup, one L2 norm and one Adam update per
-        # step instead of one per table. The blocks are initialised exactly as separate
-        # nn.Embedding tables were (same RNG draws), and ``user_emb`` etc. are views of them.
-        tables = [nn.Embedding(cfg.n_users, k), nn.Embedding(cfg.n_tags, k, padding_idx=0)]
-        tables += [nn.Embedding(n, k) for n in cfg.user_fields.values()]
-        tables += [nn.Embedding(n, k) for n in cfg.item_fields.values()]
-        for emb in tables:
-            nn.init.normal_(emb.weight, std=0.1)
-        sizes = [emb.num_embeddings for emb in tables]
+        # step instead of one per table. ``user_emb`` etc. are views of the blocks.
+        sizes = [cfg.n_users, cfg.n_tags, *cfg.user_fields.values(), *cfg.item_fields.values()]
         starts = [0]
         for n in sizes[:-1]:
             starts.append(starts[-1] + n)
+        self.embeddings = nn.Embedding(sum(sizes), k, padding_idx=starts[1], _weight=torch.empty(sum(sizes), k))
         with torch.no_grad():
-            weight = torch.cat([emb.weight for emb in tables])
-            weight[starts[1]].zero_()  # tag padding
-        self.embeddings = nn.Embedding(sum(sizes), k, padding_idx=starts[1], _weight=weight)
+            nn.init.normal_(self.embeddings.weight, std=0.1)
+            self.embeddings.weight[starts[1]].zero_()  # tag padding (tag id 0)
         self._tag_pad = starts[1]
         views = [_TableView(self, a, n) for a, n in zip(starts, sizes, strict=True)]
         n_uf = len(cfg.user_fields)
@@ -188,7 +235,6 @@ class UmairFPS(nn.Module):
         # per packed id column: the first row of its table and its vocabulary size
         self._table_starts, self._table_sizes = starts, sizes
         self._bag_starts: dict[tuple, object] = {}  # per-shape index tensors (bag starts, column bounds)
-        self._register_load_state_dict_pre_hook(_merge_per_table_state, with_module=True)
         user_width = (2 + len(cfg.user_fields)) * k
         item_width = len(cfg.item_fields) * k
         self.modality_names: tuple[str, ...] = cfg.modalities
@@ -444,17 +490,3 @@ class _TableView:
     def __call__(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight)
 
-
-def _merge_per_table_state(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """load_state_dict pre-hook: a state dict saved with one ``nn.Embedding`` per table
-    (``user_emb.weight``, ``tag_emb.weight``, ``user_field_embs.<i>.weight``,
-    ``item_field_embs.<i>.weight``) loads into the fused table."""
-    assert isinstance(module, UmairFPS)
-    first = prefix + "user_emb.weight"
-    if first not in state_dict or prefix + "embeddings.weight" in state_dict:
-        return
-    keys = [first, prefix + "tag_emb.weight"]
-    keys += [f"{prefix}user_field_embs.{i}.weight" for i in range(len(module.user_field_embs))]
-    keys += [f"{prefix}item_field_embs.{i}.weight" for i in range(len(module.item_field_embs))]
-    if all(k in state_dict for k in keys):
-        state_dict[prefix + "embeddings.weight"] = torch.cat([state_dict.pop(k) for k in keys])

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from umair import contracts, storage
 from umair.sample import vocab
 from umair.sample.painter import CONTENTS, STYLES, paint
+from umair.errors import UmairError
 
 SizeName = Literal["tiny", "small", "default"]
 TASTES = ("style", "content", "tag", "popularity")
@@ -375,7 +376,7 @@ def write_world(
     return world
 
 
-class WorldError(ValueError):
+class WorldError(UmairError, ValueError):
     """A world directory is incomplete or inconsistent."""
 
 

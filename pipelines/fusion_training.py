@@ -1,0 +1,355 @@
+"""The Ray Train run of the UMAIR-FPS fusion model (TorchTrainer, N workers), shared by
+``umair train`` (pipelines/train.py) and every ``umair tune`` trial.
+
+Before any worker starts, the driver reads the tables (contracts checked), cuts the
+training window ``ts < split``, samples negatives when the log holds positives only,
+fits the :class:`~umair.model.features.FeatureSpace` on that window, builds the
+:class:`~umair.model.fusion.ModelConfig` (sizes from the feature space, vector widths
+from the item-features file, overrides and an optional Table-4 variant from the
+settings) and maps every interaction to ``(user_row, item_row, label)``. Bad inputs stop
+the job here with a :class:`~umair.model.features.FeatureError`.
+
+Each worker loads the users and the item-features table once (the vectors as tensors,
+on the GPU when there is one) and gathers rows by index per batch; the narrow
+interaction rows stream through Ray Data (``random_shuffle``) into
+``iter_torch_batches``. Loss: BCE on the logit + ``l2_emb`` · Σ‖embedding tables‖²
+(paper: Adam, lr 1e-3, L2 1e-3, one epoch). Rank 0 checkpoints every epoch; a worker
+that dies restarts the group from the latest checkpoint (``max_failures``), and a rerun
+with the same ``run_name`` / ``checkpoint_dir`` resumes too. Per-epoch metrics (train
+loss, and AUC / logloss / GAUC on the later window when ``eval_every_epoch``) go to
+MLflow; at the end the model is written to ``output``::
+
+    OUTPUT/
+      model.pt            UmairFPS state dict (torch.load(weights_only=True))
+      model.json          format, model_config, variant, split, feature dims, encoder
+                          versions and umair.* metadata of the features file, data URIs
+                          and fingerprints, negative sampling record, training history
+      feature_space.json  the fitted FeatureSpace (vocabularies, buckets, vector stats)
+
+and logged to the MLflow run as artifacts under ``model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.runtime import claim_run_dir, ensure_experiment, fingerprint, init_ray, resumable_mlflow_run, run_dir_of
+from umair import storage
+from umair.config import StorageConfig
+from umair.model.features import FeatureSpace
+from umair.model.settings import ModelConfig
+from umair.training.inputs import Inputs, Prepared, prepare
+from umair.training.lookup import Lookup, load_lookup
+from umair.training.model_io import META, MODEL_FORMAT, SPACE, WEIGHTS, save_model
+from umair.training.scoring import score_rows, window_metrics
+from umair.training.settings import TrainConfig
+from umair.training.step import StepSettings, train_epoch
+
+TAG = "[train]"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every Ray Train worker of one run needs (pickled into ``train_loop_config``)."""
+
+    inputs: Inputs
+    space: FeatureSpace
+    model: ModelConfig
+    modalities: list[str]
+    features_fingerprint: str
+    users_fingerprint: str
+    storage: StorageConfig
+    step: StepSettings
+    epochs: int
+    batch_size: int
+    seed: int
+    use_gpu: bool
+    threads: int
+    evaluate: bool
+    eval_name: str
+    run_id: str
+    tracking_uri: str
+
+
+def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[dict[str, float]]]:
+    """Load the latest checkpoint, if any: (next epoch, start epoch of every attempt so
+    far, per-epoch metrics so far)."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, [], []
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    raw.load_state_dict(state["model"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # a checkpoint of the older per-table parameter layout
+        if rank == 0:
+            print(f"{TAG} the checkpoint's optimizer state does not fit this model's parameter layout ({err}); "
+                  "continuing with a fresh Adam state", flush=True)
+    start = int(state["epoch"]) + 1
+    if rank == 0:
+        print(f"{TAG} resuming from the checkpoint of epoch {start - 1}; next epoch {start}", flush=True)
+    return start, list(state["starts"]), list(state["history"])
+
+
+def _log_epoch(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    import mlflow
+
+    epoch = int(metrics["epoch"])
+    print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, epoch)
+                                      for k, v in metrics.items() if k != "epoch" and np.isfinite(v)])
+
+
+def train_loop(config: dict[str, WorkerSettings]) -> None:
+    """Runs on every Ray Train worker: load the lookup tables once, train, and report
+    every epoch (rank 0 logs to MLflow and saves the checkpoint). ``config["settings"]``
+    holds everything the worker needs, typed."""
+    import mlflow
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train.torch import get_device, prepare_model
+
+    from umair.model.fusion import UmairFPS, l2_embedding_penalty
+
+    ws = config["settings"]
+    torch.manual_seed(ws.seed)
+    if not ws.use_gpu:
+        torch.set_num_threads(ws.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    lookup, _, _ = load_lookup(ws.space, ws.inputs, ws.modalities, device, ws.storage.to_settings(),
+                               ws.features_fingerprint, ws.users_fingerprint)
+    raw = UmairFPS(ws.model).to(device)
+    optimizer = torch.optim.Adam(raw.parameters(), lr=ws.step.lr)  # built on the device: resumed state lands there too
+    start_epoch, starts, history = _restore(raw, optimizer, rank)
+    starts.append(start_epoch)
+    model = prepare_model(raw)
+    train_shard = ray.train.get_dataset_shard("train")
+    client = mlflow.MlflowClient(ws.tracking_uri) if rank == 0 else None
+    dtypes = {"user_row": torch.int64, "item_row": torch.int64, "label": torch.float32}
+
+    for epoch in range(start_epoch, ws.epochs):
+        t0 = time.perf_counter()
+        batches = train_shard.iter_torch_batches(batch_size=ws.batch_size, device=device, dtypes=dtypes)
+        sums = train_epoch(model, raw, optimizer, batches, lookup, ws.step, epoch)
+        if world > 1:
+            dist.all_reduce(sums)
+        with torch.no_grad():
+            penalty = float(l2_embedding_penalty(raw))
+        metrics: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": float(sums[0] / max(float(sums[1]), 1.0)),
+            "train_rows": float(sums[1]),
+            "rows_per_s": float(sums[1]) / (time.perf_counter() - t0),
+            "l2_penalty": penalty,
+        }
+        name = f"checkpoint_epoch_{epoch:04d}"
+        # The worker group's placement group, for `umair tune`: when Tune stops a trial early
+        # it kills the trial before Ray Train can release this reservation (pipelines/tune.py).
+        pg = ray.util.get_current_placement_group()
+        extra = {"placement_group": pg.id.hex()} if pg is not None else {}
+        if rank != 0:
+            ray.train.report({**metrics, **extra}, checkpoint=None, checkpoint_dir_name=name)
+            continue
+        if ws.evaluate:
+            metrics.update(_eval_test(raw, lookup, ray.train.get_dataset_shard("test"), ws.batch_size, ws.eval_name))
+        history.append(metrics)
+        _log_epoch(client, ws.run_id, metrics)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "starts": starts, "history": history}, os.path.join(d, "state.pt"))
+            ray.train.report({**metrics, **extra}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+
+
+def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int, name: str = "test") -> dict[str, float]:
+    """Later-window AUC / logloss / GAUC on rank 0, keys ``<name>_auc`` etc. (monitoring
+    for ``umair train``; the validation metric ASHA stops on for ``umair tune``)."""
+    import torch
+
+    users, items, labels = [], [], []
+    for batch in shard.iter_batches(batch_size=65536, batch_format="numpy"):
+        users.append(batch["user_row"])
+        items.append(batch["item_row"])
+        labels.append(batch["label"])
+    if not users:
+        return {}
+    u, i, y = (np.concatenate(x) for x in (users, items, labels))
+    device = lookup.uid.device
+    scores = score_rows(model, lookup, torch.as_tensor(u, device=device), torch.as_tensor(i, device=device), max(batch_size, 4096))
+    m = window_metrics(u, y, scores.probs)
+    return {f"{name}_{k}": float(v) for k, v in m.items()}
+
+
+def _run_fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
+    """What must not change between a run and its resumption (epochs may grow)."""
+    return fingerprint({
+        "model": prepared.model_config.model_dump(mode="json"),
+        "space": prepared.space.to_dict(),
+        "features": prepared.info.fingerprint,
+        "train_rows": prepared.train_rows.num_rows,
+        "opt": cfg.model_dump(include={"batch_size", "lr", "l2_emb", "seed", "num_workers"}),
+    })
+
+
+def _params(cfg: TrainConfig, prepared: Prepared) -> dict[str, Any]:
+    mc = prepared.model_config
+    params: dict[str, Any] = {
+        **prepared.inputs.to_dict(),
+        "variant": cfg.variant or "full",
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "l2_emb": cfg.l2_emb,
+        "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "seed": cfg.seed,
+        "emb_dim": mc.emb_dim, "d": mc.d, "umcm": mc.umcm, "experts": ",".join(mc.experts), "cross_layers": mc.cross_layers,
+        "modalities": ",".join(mc.modalities) or "none",
+        "train_rows": prepared.train_rows.num_rows, "test_rows": prepared.test_rows.num_rows,
+        "features_fingerprint": prepared.info.fingerprint,
+        "negatives": json.dumps(prepared.negatives["train"], sort_keys=True),
+    }
+    params.update({f"encoder.{k}": v for k, v in prepared.info.encoder_versions().items()})
+    return params
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    import mlflow
+
+    existing = client.get_run(run_id).data.params
+    new = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    if new:
+        client.log_batch(run_id, params=new)
+
+
+def _datasets(prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # also inside Tune trial processes
+
+    def blocks(t: pa.Table) -> list[pa.Table]:
+        n = max(1, min(4 * cfg.num_workers, t.num_rows // 1024 or 1))
+        step = -(-t.num_rows // n) or 1
+        return [t.slice(s, step) for s in range(0, max(t.num_rows, 1), step)]
+
+    out = {"train": ray.data.from_arrow(blocks(prepared.train_rows)).random_shuffle(seed=cfg.seed)}
+    if cfg.eval_every_epoch and prepared.test_rows.num_rows:
+        out["test"] = ray.data.from_arrow(blocks(prepared.test_rows))
+    return out
+
+
+def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None,
+        eval_name: str = "test") -> dict[str, Any]:
+    """Train with Ray Train, save the model to ``cfg.output``, return a summary (also in MLflow).
+
+    ``parent_run_id`` makes the MLflow run a child of that run (a Tune trial under its
+    search); ``callbacks`` are Ray Train callbacks (e.g. Tune's ``TuneReportCallback``);
+    ``eval_name`` prefixes the later window's metrics (``val`` when tuning: ``val_auc``)."""
+    import mlflow
+    import torch
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from umair.model.fusion import UmairFPS, count_parameters
+
+    t_start = time.perf_counter()
+    settings = cfg.storage.to_settings()
+    prepared = prepare(cfg)
+    mc = prepared.model_config
+    n_params = count_parameters(UmairFPS(mc))
+    print(f"{TAG} {prepared.train_rows.num_rows} training rows, {prepared.test_rows.num_rows} test rows (split "
+          f"{prepared.inputs.split}); variant {cfg.variant or 'full'}, modalities {list(mc.modalities)}, "
+          f"{n_params} parameters; negatives: {json.dumps(prepared.negatives['train'])}", flush=True)
+
+    run_dir = run_dir_of(cfg.checkpoint_dir, cfg.run_name)
+    claim_run_dir(run_dir, _run_fingerprint(cfg, prepared), "train", settings)
+    ensure_experiment(cfg.mlflow)
+    run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, parent_run_id, settings)
+    client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
+    _log_params(client, run_id, _params(cfg, prepared))
+
+    init_ray(cfg.ray)
+    datasets = _datasets(prepared, cfg)
+    worker = WorkerSettings(
+        inputs=prepared.inputs, space=prepared.space, model=mc, modalities=prepared.modalities,
+        features_fingerprint=prepared.info.fingerprint, users_fingerprint=prepared.users_fingerprint,
+        storage=cfg.storage, step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb), epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=cfg.seed, use_gpu=cfg.use_gpu, threads=cfg.threads,
+        evaluate="test" in datasets, eval_name=eval_name, run_id=run_id, tracking_uri=cfg.mlflow.resolved_uri(),
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"settings": worker},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    history, starts = list(state["history"]), list(state["starts"])
+    final = history[-1] if history else {}
+    meta = {
+        "format": MODEL_FORMAT,
+        "model_config": mc.model_dump(mode="json"),
+        "variant": cfg.variant or "full",
+        "split": prepared.inputs.split,
+        "test_end": cfg.test_end,
+        "modalities": list(mc.modalities),
+        "feature_dims": {m: prepared.info.dims[m] for m in prepared.modalities},
+        "encoder_versions": prepared.info.encoder_versions(),
+        "feature_metadata": prepared.info.metadata,
+        "data": {**prepared.inputs.to_dict(), "features_fingerprint": prepared.info.fingerprint,
+                 "users_fingerprint": prepared.users_fingerprint},
+        "negatives": prepared.negatives,
+        "training": {"epochs": int(state["epoch"]) + 1, "attempt_start_epochs": starts, "history": history,
+                     **cfg.model_dump(include={"batch_size", "lr", "l2_emb", "num_workers", "use_gpu", "seed"})},
+        "parameters": n_params,
+        "mlflow_run_id": run_id,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(tmp, state["model"], meta, prepared.space)
+        for name in (WEIGHTS, SPACE, META):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(storage.join(cfg.output, name), f.read(), settings)
+        client.log_artifacts(run_id, tmp, "model")
+    client.set_terminated(run_id, "FINISHED")
+    summary = {
+        "model": cfg.output,
+        "variant": cfg.variant or "full",
+        "epochs": int(state["epoch"]) + 1,
+        "attempt_start_epochs": starts,
+        "train_rows": prepared.train_rows.num_rows,
+        "test_rows": prepared.test_rows.num_rows,
+        "train_loss": final.get("train_loss"),
+        f"{eval_name}_auc": final.get(f"{eval_name}_auc"),
+        f"{eval_name}_logloss": final.get(f"{eval_name}_logloss"),
+        f"{eval_name}_gauc": final.get(f"{eval_name}_gauc"),
+        "parameters": n_params,
+        "negatives": prepared.negatives["train"],
+        "encoder_versions": prepared.info.encoder_versions(),
+        "run_dir": run_dir,
+        "mlflow_run_id": run_id,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
+    return summary

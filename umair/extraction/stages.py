@@ -1,0 +1,237 @@
+"""The stages of the extraction pipeline, as plain callables that Ray Data runs
+(``map_batches``) on its workers: read + decode per row (a failure marks its row only),
+the dual image encoder (e_SEM, e_STY), the tag-text encoder (e_TSEM) and the part
+writer. Nothing here imports Ray; settings arrive typed (:class:`StorageConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from umair import storage
+from umair.config import StorageConfig
+from umair.feature_store import part_uri
+from umair.storage import with_retries
+
+
+class PermanentReadError(Exception):
+    """An image that cannot be read however often one tries; becomes an error row."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int, retry_s: float) -> bytes:
+    """The bytes at ``uri``, at most ``max_bytes`` of them (a larger file is refused
+    without being read whole). Missing objects raise :class:`PermanentReadError`; other
+    failures are retried for ``retry_s``, then raise :class:`umair.storage.StorageError`."""
+    try:
+        fs, path = storage.resolve(uri, settings)
+    except storage.StorageError as err:
+        raise PermanentReadError("bad_uri", str(err)) from err
+
+    def read() -> bytes:
+        with storage.storage_errors(uri, "read", settings):
+            with fs.open_input_stream(path) as f:
+                return f.read(max_bytes + 1)
+
+    try:
+        data = with_retries(read, f"read {uri}", retry_s)
+    except storage.StorageError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            raise PermanentReadError("missing", f"no such file or object: {uri}") from err
+        if isinstance(err.__cause__, (IsADirectoryError, NotADirectoryError)):
+            raise PermanentReadError("not_a_file", f"{uri} is not a file") from err
+        raise
+    if len(data) > max_bytes:
+        raise PermanentReadError("too_large", f"file is larger than max_image_bytes={max_bytes}")
+    return data
+
+
+def decode_rows(batch: dict[str, np.ndarray], image_size: int, max_pixels: int, max_bytes: int,
+                storage_config: StorageConfig, retry_s: float) -> dict[str, np.ndarray]:
+    """Ray Data UDF (CPU tasks): read and decode each row; a failure marks its row only."""
+    from umair.image.preprocess import DecodeError, decode_image
+
+    settings = storage_config.to_settings()
+    n = len(batch["illust_id"])
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    stage, reason, error = (np.full(n, "", dtype=object) for _ in range(3))
+    for i, uri in enumerate(batch["image_uri"]):
+        uri = str(uri)
+        try:
+            data = read_image_bytes(uri, settings, max_bytes, retry_s)
+        except PermanentReadError as err:
+            stage[i], reason[i], error[i] = "read", err.reason, str(err)
+            continue
+        try:
+            images[i] = decode_image(data, image_size, max_pixels)
+            ok[i] = True
+        except DecodeError as err:
+            stage[i], reason[i], error[i] = "decode", err.reason, str(err)
+    out = {k: v for k, v in batch.items() if k not in ("created_at", "tags")}
+    out.update(image=images, ok=ok, stage=stage, reason=reason, error=error)
+    return out
+
+
+def load_image_encoder(source: str | None, spec: dict, seed: int, settings: storage.StorageSettings | None = None):
+    """(model, manifest) for an :class:`EncoderSource`; random weights are seeded, so every
+    actor (and every run) with the same seed holds the same weights, and the seed is part
+    of the version."""
+    import torch
+
+    from umair.image.checkpoint import load_encoder
+    from umair.image.spec import EncoderSpec
+
+    if source is None or source.startswith("torchvision:"):
+        torch.manual_seed(seed)
+        model, manifest = load_encoder(source, EncoderSpec(**spec))
+        if source is None:
+            manifest["version"] = f"{manifest['version']}-seed{seed}"
+        return model, manifest
+    if settings is not None and storage.is_s3(source):
+        return _load_exported(source, settings)  # load_encoder would use the environment's endpoint
+    return load_encoder(source)
+
+
+def _load_exported(source: str, settings: storage.StorageSettings):
+    """load_encoder for an s3:// directory on a non-default endpoint: copy it locally first."""
+    import tempfile
+
+    from umair.image.checkpoint import MANIFEST, WEIGHTS, load_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (MANIFEST, WEIGHTS):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(source, name), settings))
+        model, manifest = load_encoder(tmp)
+    return model, manifest
+
+
+class EncodeImages:
+    """Ray Data actor: the dual image encoder, loaded once; rows that failed upstream
+    pass through with zero vectors (the writer routes them to the errors table)."""
+
+    def __init__(self, source: str | None, spec: dict, seed: int, use_gpu: bool, threads: int, storage_config: StorageConfig):
+        import torch
+
+        if not use_gpu:
+            torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        model, manifest = load_image_encoder(source, spec, seed, storage_config.to_settings())
+        self.model = model.to(self.device).eval()
+        if use_gpu:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.sem_dim, self.sty_dim = int(manifest["sem_dim"]), int(manifest["sty_dim"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from umair.image.encoder import encode
+
+        ok = batch["ok"].astype(bool)
+        n = len(ok)
+        sem = np.zeros((n, self.sem_dim), np.float32)
+        sty = np.zeros((n, self.sty_dim), np.float32)
+        if ok.any():
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2)
+            s, t = encode(self.model, images, self.device)
+            sem[ok], sty[ok] = s.numpy(), t.numpy()
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out.update(sem=sem, sty=sty)
+        return out
+
+
+class _RememberingTextModel:
+    """Wraps a Sentence-Transformers model so every string is encoded once per actor
+    (dedup mode sends each batch's distinct tags; most were seen in earlier batches)."""
+
+    def __init__(self, model: Any, max_entries: int = 1_000_000):
+        self.model, self.max_entries = model, max_entries
+        self.memory: dict[str, np.ndarray] = {}
+
+    def get_embedding_dimension(self) -> int:
+        fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(fn())
+
+    def encode(self, texts: list[str], batch_size: int = 32, normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
+        if missing:
+            vectors = self.model.encode(missing, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
+                                        convert_to_numpy=True, show_progress_bar=False)
+            if len(self.memory) + len(missing) > self.max_entries:
+                self.memory.clear()
+            self.memory.update(zip(missing, np.asarray(vectors, np.float32), strict=True))
+        dim = self.get_embedding_dimension()
+        return np.stack([self.memory[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
+
+
+class EmbedTags:
+    """Ray Data actor: e_TSEM of each row from its tags (umair.text.tag_embeddings)."""
+
+    def __init__(self, path: str, mode: str, batch_size: int, use_gpu: bool, storage_config: StorageConfig):
+        from umair.text.finetune import load_text_encoder
+
+        encoder = load_text_encoder(path, device="cuda" if use_gpu else "cpu", settings=storage_config.to_settings())
+        self.model, self.version = _RememberingTextModel(encoder.model), encoder.version
+        self.mode, self.batch_size = mode, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from umair.text.tag_embeddings import embed_tags
+
+        tsem, _ = embed_tags(batch.select(["illust_id", "tags"]), self.model, self.version, mode=self.mode, batch_size=self.batch_size)
+        if not tsem.column("illust_id").equals(batch.column("illust_id")):
+            order = {i: r for r, i in enumerate(tsem.column("illust_id").to_pylist())}  # join by id
+            tsem = tsem.take(pa.array([order[i] for i in batch.column("illust_id").to_pylist()]))
+        return batch.drop_columns(["tags"]).append_column("tsem", tsem.column("tsem"))
+
+
+def _vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
+    arr = np.stack(values) if values.dtype == object else values
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32()), dim)
+
+
+def write_parts(batch: dict[str, np.ndarray], output: str, run_id: str, meta: dict[str, str],
+                storage_config: StorageConfig, retry_s: float) -> dict[str, np.ndarray]:
+    """Ray Data UDF (tasks): write a batch's good rows and error rows as temporary part
+    files; return one descriptor row for the driver to commit."""
+    settings = storage_config.to_settings()
+    ok = batch["ok"].astype(bool)
+    part = uuid.uuid4().hex[:16]
+    desc: dict[str, Any] = {"features": "", "features_rows": 0, "errors": "", "errors_rows": 0, "reasons": "{}"}
+    if ok.any():
+        columns = {"illust_id": pa.array(batch["illust_id"][ok].astype(np.int64), pa.int64())}
+        for name in ("sem", "sty", "tsem"):
+            if name in batch:
+                columns[name] = _vectors(batch[name][ok], int(meta[f"umair.{name}.dim"]))
+        table = pa.table(columns).replace_schema_metadata(meta)
+        rel = f"_tmp/{run_id}/features/{part}.parquet"
+        uri = part_uri(output, rel)
+        with_retries(lambda: storage.write_parquet(table, uri, settings), f"write {uri}", retry_s)
+        desc.update(features=rel, features_rows=int(ok.sum()))
+    bad = ~ok
+    if bad.any():
+        table = pa.table({
+            "illust_id": pa.array(batch["illust_id"][bad].astype(np.int64), pa.int64()),
+            "uri": pa.array([str(u) for u in batch["image_uri"][bad]], pa.string()),
+            "stage": pa.array([str(s) for s in batch["stage"][bad]], pa.string()),
+            "reason": pa.array([str(s) for s in batch["reason"][bad]], pa.string()),
+            "error": pa.array([str(s) for s in batch["error"][bad]], pa.string()),
+        }).replace_schema_metadata({k: v for k, v in meta.items() if k.startswith("umair.encoder") or k.startswith("umair.extract")})
+        rel = f"_tmp/{run_id}/errors/{part}.parquet"
+        uri = part_uri(output, rel)
+        with_retries(lambda: storage.write_parquet(table, uri, settings), f"write {uri}", retry_s)
+        reasons = Counter(f"{s}:{r}" for s, r in zip(batch["stage"][bad], batch["reason"][bad]))
+        desc.update(errors=rel, errors_rows=int(bad.sum()), reasons=json.dumps(dict(reasons)))
+    return {k: np.array([v]) for k, v in desc.items()}
+
+

@@ -1,0 +1,177 @@
+"""Ranking candidates for users with a trained model (no Ray): the per-actor
+:class:`Context` (model, lookup tables, candidate index, histories) and
+:func:`rank_users`, the top-K of a batch of users. ``umair recommend`` runs these on a
+Ray Data actor pool; ``umair explain`` and the benchmarks call them directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from umair import contracts, storage
+from umair.model.features import FeatureError, UserTable, check_dims, parse_time, window
+from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, user_histories
+from umair.ranking import bookmark_counts
+from umair.training.inputs import Inputs, check_encoders, inspect_features, read_inputs, read_item_features
+from umair.training.lookup import Lookup, load_lookup
+from umair.training.model_io import SavedModel, load_model
+from umair.training.scoring import score_rows
+
+SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("illust_id", pa.int64()), ("score", pa.float32())])
+
+
+@dataclass
+class Context:
+    """A model with its lookup tables, the candidate index and the users' histories
+    before the as-of time: everything needed to rank for any user."""
+
+    saved: SavedModel
+    inputs: Inputs
+    lookup: Lookup
+    user_table: UserTable
+    index: FeatureIndex
+    generator: CandidateGenerator
+    histories: dict[int, tuple[np.ndarray, np.ndarray]]
+    eligible: np.ndarray
+    interactions: pa.Table
+    settings: CandidateSettings
+    exposure: np.ndarray  # impressions of each item row before the as-of time
+
+    def user_row(self, user_id: int) -> int:
+        """The user's row in the users table, or :class:`UnknownIdError` naming the file."""
+        r = int(self.user_table.rows(np.array([user_id]))[0])
+        if r < 0:
+            trained_on = self.saved.meta.get("data", {}).get("users")
+            raise UnknownIdError(f"user {user_id} is not in the users table {self.inputs.users}"
+                                 + (f" (the model was trained with {trained_on})" if trained_on else ""))
+        return r
+
+    def is_cold(self, user_row: int) -> bool:
+        """True when the model never saw the user in training (id embedding = OOV slot 0)."""
+        return int(self.user_table.uid[user_row]) == 0
+
+    def excluded(self, user_id: int) -> np.ndarray:
+        bookmarked, seen = self.histories.get(int(user_id), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        return {"bookmarked": bookmarked, "seen": seen, "none": np.zeros(0, np.int64)}[self.settings.exclude]
+
+    def candidates(self, user_id: int):
+        """:class:`umair.neighbors.Candidates` of one user."""
+        bookmarked, _ = self.histories.get(int(user_id), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        return self.generator.for_user(bookmarked, self.excluded(user_id))
+
+
+def load_context(model: str, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None) -> Context:
+    """Load the model, its lookup tables, the candidate index and the histories (once per actor)."""
+    saved = load_model(model, settings)
+    info, _ = inspect_features(inputs, settings)
+    check_dims(info, {m: getattr(saved.config, f"d_{m}") for m in saved.modalities})
+    check_encoders(info, saved)
+    ill, _, inter = read_inputs(inputs, settings)
+    lookup, user_table, item_table = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
+    features = read_item_features(inputs, settings, columns=["illust_id", *cand.spaces])
+    index = FeatureIndex.from_table(features, cand.spaces, inputs.item_features, cand.center)
+    if not np.array_equal(index.illust_ids, item_table.illust_ids):
+        raise FeatureError(f"{inputs.item_features}: the item features changed while loading (rows differ between reads)")
+    # Eligibility and recency: in the catalogue and created before T.
+    split_us = int(pa.scalar(parse_time(inputs.split), contracts.TIMESTAMP).cast(pa.int64()).as_py())
+    cat_ids = ill.column("illust_id").to_numpy().astype(np.int64)
+    created = ill.column("created_at").cast(pa.int64()).to_numpy()
+    pos = index.rows(cat_ids)
+    created_s = np.full(len(index), np.inf)
+    created_s[pos[pos >= 0]] = created[pos >= 0] / 1e6
+    eligible = created_s < split_us / 1e6
+    history = window(inter, end=inputs.split)
+    item_rows = index.rows(history.column("illust_id").to_numpy())
+    labels = history.column("label").to_numpy()
+    histories = user_histories(history.column("user_id").to_numpy(), item_rows, labels,
+                               history.column("ts").to_numpy())
+    counts = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy()[labels == 1])
+    exposure = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy())
+    generator = CandidateGenerator(index, eligible, np.where(np.isfinite(created_s), created_s, -np.inf), counts, cand)
+    return Context(saved, inputs, lookup, user_table, index, generator, histories, eligible, inter, cand, exposure)
+
+
+def rank_users(ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 8192,
+               exposure_power: float = 1.0) -> tuple[pa.Table, dict[str, int]]:
+    """Top-``k`` rows (user_id, rank, illust_id, score) of the given users, and counts
+    of candidates per source (summed over the users).
+
+    ``score = ŷ · x_i^γ`` with ``ŷ = σ(logit)`` the model's bookmark probability of a
+    shown item, ``x_i = (n_i + 1) / (max_j n_j + 1)`` the item's share of exposure
+    (``n_i`` its impressions before the as-of time) and ``γ = exposure_power``: ``γ = 0``
+    ranks by ``ŷ`` alone, ``γ = 1`` by the expected bookmarks ``P(shown) · P(bookmark | shown)``
+    under exposure proportional to past impressions."""
+    import torch
+
+
+    u_rows, i_rows, owners = [], [], []
+    sources: dict[str, int] = {"cold_start_users": 0}
+    for uid in np.asarray(user_ids, np.int64):
+        r = ctx.user_row(int(uid))
+        sources["cold_start_users"] += int(ctx.is_cold(r))
+        cands = ctx.candidates(int(uid))
+        for name, n in cands.sources.items():
+            sources[name] = sources.get(name, 0) + n
+        sources["candidates"] = sources.get("candidates", 0) + len(cands.rows)
+        u_rows.append(np.full(len(cands.rows), r, np.int64))
+        i_rows.append(cands.rows)
+        owners.append(np.full(len(cands.rows), uid, np.int64))
+    if not u_rows or not sum(len(x) for x in u_rows):
+        return SCHEMA.empty_table(), sources
+    ur, ir, owner = np.concatenate(u_rows), np.concatenate(i_rows), np.concatenate(owners)
+    probs = score_rows(ctx.saved.model, ctx.lookup, torch.as_tensor(ur), torch.as_tensor(ir), score_batch).probs
+    if exposure_power:
+        share = (ctx.exposure[ir] + 1.0) / (float(ctx.exposure.max(initial=0)) + 1.0)
+        probs = (probs * share ** exposure_power).astype(np.float32)
+    ids = ctx.index.illust_ids[ir]
+    order = np.lexsort((ids, -probs, owner))  # per user: best score first, ties by id
+    owner, ids, probs = owner[order], ids[order], probs[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(owner)) + 1]
+    rank = np.arange(len(owner)) - np.repeat(starts, np.diff(np.r_[starts, len(owner)])) + 1
+    keep = rank <= k
+    table = pa.table({"user_id": pa.array(owner[keep], pa.int64()), "rank": pa.array(rank[keep], pa.int32()),
+                      "illust_id": pa.array(ids[keep], pa.int64()), "score": pa.array(probs[keep], pa.float32())})
+    return table, sources
+
+
+def relevant_items(test: pa.Table) -> dict[int, set[int]]:
+    """user_id -> their bookmarked illust_ids in a window."""
+    pos = test.filter(pa.array(test.column("label").to_numpy() == 1))
+    out: dict[int, set[int]] = {}
+    for u, i in zip(pos.column("user_id").to_numpy().tolist(), pos.column("illust_id").to_numpy().tolist()):
+        out.setdefault(int(u), set()).add(int(i))
+    return out
+
+
+def popularity_rankings(ctx: Context, user_ids: np.ndarray, k: int) -> dict[int, list[int]]:
+    """The baseline: per user, the most bookmarked eligible items of the training window
+    (the candidate generator's popularity order, extended by recency for items never
+    bookmarked), minus the same exclusions as the model's lists."""
+    from umair.ranking import popularity_ranking
+
+    rest = ctx.generator.recent_rows[~np.isin(ctx.generator.recent_rows, ctx.generator.popular_rows)]
+    order = ctx.index.illust_ids[np.concatenate([ctx.generator.popular_rows, rest])]
+    return {int(u): popularity_ranking(order, k, ctx.index.illust_ids[ctx.excluded(int(u))]) for u in user_ids}
+
+
+def ranking_metrics(ctx: Context, topk: pa.Table, user_ids: np.ndarray, end: str | None, ks: list[int]) -> dict[str, Any]:
+    """Recall@K / NDCG@K of the model's lists and of the popularity baseline on ``[T, end)``."""
+    from umair.ranking import evaluate_rankings
+
+    test = window(ctx.interactions, start=ctx.inputs.split, end=end)
+    relevant = relevant_items(test)
+    relevant = {u: r for u, r in relevant.items() if u in set(int(x) for x in user_ids)}
+    model_lists: dict[int, list[int]] = {}
+    for u, i in zip(topk.column("user_id").to_numpy().tolist(), topk.column("illust_id").to_numpy().tolist()):
+        model_lists.setdefault(int(u), []).append(int(i))
+    pop_lists = popularity_rankings(ctx, np.array(sorted(relevant), np.int64), max(ks))
+    model = evaluate_rankings(model_lists, relevant, ks, users=user_ids)
+    pop = evaluate_rankings(pop_lists, relevant, ks, users=user_ids)
+    n_rel = sum(len(r) for r in relevant.values())
+    eligible_ids = set(ctx.index.illust_ids[ctx.eligible].tolist())
+    reachable = sum(len(r & eligible_ids) for r in relevant.values())
+    return {"model": model, "popularity": pop, "relevant": n_rel, "reachable": reachable,
+            "test_rows": test.num_rows}

@@ -1,0 +1,243 @@
+"""Training inputs: table URIs resolved and checked, the training window cut, negatives
+sampled, the :class:`~umair.model.features.FeatureSpace` fitted and every interaction
+mapped to ``(user_row, item_row, label)``. Bad inputs raise
+:class:`~umair.model.features.FeatureError` here, before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from umair import contracts, storage
+from umair.model.features import (
+    MODALITIES,
+    FeatureError,
+    FeaturesInfo,
+    FeatureSpace,
+    ItemPool,
+    attach_rows,
+    check_dims,
+    check_item_coverage,
+    features_info,
+    fit_vector_stats,
+    ids_fingerprint,
+    inspect_item_features,
+    parse_time,
+    require_both_labels,
+    training_window,
+    vector_stats_of,
+    window,
+    with_negatives,
+)
+from umair.feature_store import read_features
+from umair.model.settings import ModelConfig, table4_variant
+from umair.training.model_io import SavedModel
+from umair.training.settings import TrainConfig
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Resolved table URIs and the train/test boundary."""
+
+    illustrations: str
+    users: str
+    interactions: str
+    item_features: str
+    split: str
+    encoder_version: str | None = None  # the feature set read from an extraction output
+    text_version: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return dict(self.__dict__)
+
+    def pinned(self, info: FeaturesInfo) -> Inputs:
+        """These inputs with the feature set's versions fixed from its metadata, so the
+        workers and later evaluations read the same set even if another is committed."""
+        meta = info.metadata
+        return replace(self, encoder_version=meta.get("umair.encoder.version", self.encoder_version),
+                       text_version=meta.get("umair.tsem.encoder", self.text_version))
+
+
+def world_split(world: str, settings: storage.StorageSettings | None = None) -> str:
+    """The train/test boundary a sample world's manifest records (``spec.split``)."""
+    manifest_uri = storage.join(world, "world.json")
+    if not storage.exists(manifest_uri, settings):
+        raise FeatureError(f"{world}: no world.json manifest, so not a complete sample world (write one with "
+                           "`umair sample`); or give the tables and 'split' explicitly")
+    return json.loads(storage.read_bytes(manifest_uri, settings))["spec"]["split"]
+
+
+def resolve_inputs(
+    world: str | None,
+    tables: dict[str, str | None],
+    item_features: str,
+    split: str | None,
+    settings: storage.StorageSettings | None = None,
+    versions: tuple[str | None, str | None] = (None, None),
+) -> Inputs:
+    """Explicit table URIs win over the world's; the split defaults to the world's.
+    Local paths are made absolute (Ray workers run in other directories)."""
+    uris = {k: v or (storage.join(world, f"{k}.parquet") if world else None) for k, v in tables.items()}
+    missing = [k for k, v in uris.items() if v is None]
+    if missing:
+        raise FeatureError(f"no URI for {missing}: give them or a world")
+    if split is None:
+        if world is None:
+            raise FeatureError("no split: give 'split' (an ISO date) or a world whose manifest records one")
+        split = world_split(world, settings)
+    return Inputs(absolute(uris["illustrations"]), absolute(uris["users"]), absolute(uris["interactions"]),
+                  absolute(item_features), parse_time(split).isoformat(), *versions)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute; s3:// and file:// URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def is_extraction_output(uri: str, settings: storage.StorageSettings | None = None) -> bool:
+    """True for the output root of ``umair extract`` (committed parts listed in ``_commits/``)."""
+    return storage.exists(storage.join(uri, "_commits"), settings)
+
+
+def read_item_features(inputs: Inputs, settings: storage.StorageSettings | None = None,
+                       columns: list[str] | None = None) -> pa.Table:
+    """The item-features table (contract ``item_features``): a parquet file or directory,
+    or the committed feature set of an extraction output (``umair.feature_store.read_features``)."""
+    uri = inputs.item_features
+    if is_extraction_output(uri, settings):
+        table = read_features(uri, inputs.encoder_version, inputs.text_version, settings)
+        return table.select(columns) if columns else table
+    return contracts.validate(storage.read_parquet(uri, settings, columns=columns), "item_features", uri)
+
+
+def inspect_features(inputs: Inputs, settings: storage.StorageSettings | None = None) -> tuple[FeaturesInfo, pa.Table | None]:
+    """Ids, dims and metadata of the item features; from a plain parquet without reading
+    the vectors (None returned), from an extraction output via the whole committed table."""
+    if is_extraction_output(inputs.item_features, settings):
+        table = read_item_features(inputs, settings)
+        return features_info(table, inputs.item_features), table
+    return inspect_item_features(inputs.item_features, settings), None
+
+
+@dataclass
+class Prepared:
+    """Everything the workers need, checked on the driver before training."""
+
+    inputs: Inputs
+    space: FeatureSpace
+    model_config: ModelConfig
+    info: FeaturesInfo
+    users_fingerprint: str
+    train_rows: pa.Table  # user_row, item_row, label
+    test_rows: pa.Table
+    negatives: dict[str, Any]
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self.model_config, f"use_{m}")]
+
+
+def build_model_config(
+    space: FeatureSpace, info: FeaturesInfo, overrides: dict[str, Any], variant: str | None
+) -> ModelConfig:
+    """Sizes from ``space``, vector widths from the features file (checked against any
+    ``d_*`` override), then the overrides and the Table-4 ``variant``."""
+    probe = ModelConfig(**space.model_sizes(), **overrides)
+    probe = table4_variant(probe, variant) if variant else probe
+    used = [m for m in MODALITIES if getattr(probe, f"use_{m}")]
+    dims = check_dims(info, {m: overrides.get(f"d_{m}") for m in used})
+    base = ModelConfig(**{**space.model_sizes(), **overrides, **{f"d_{m}": d for m, d in dims.items()}})
+    return table4_variant(base, variant) if variant else base
+
+
+def read_inputs(inputs: Inputs, settings: storage.StorageSettings | None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """illustrations, users, interactions, each checked against its contract and across."""
+    ill = contracts.read_table(inputs.illustrations, "illustrations", settings)
+    users = contracts.read_table(inputs.users, "users", settings)
+    inter = contracts.read_table(inputs.interactions, "interactions", settings)
+    contracts.check_interactions(inter, users, ill, inputs.interactions)
+    return ill, users, inter
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Read and check the inputs, fit the feature space, build the model config and the
+    interaction rows. Every :class:`FeatureError` is raised here, before training."""
+    settings = cfg.storage.to_settings()
+    inputs = resolve_inputs(
+        cfg.world, {"illustrations": cfg.illustrations, "users": cfg.users, "interactions": cfg.interactions},
+        cfg.item_features, cfg.split, settings, (cfg.encoder_version, cfg.text_version),
+    )
+    ill, users, inter = read_inputs(inputs, settings)
+    train = training_window(inter, inputs.split, inputs.interactions)
+    info, features = inspect_features(inputs, settings)
+    if features is not None:
+        inputs = inputs.pinned(info)
+    check_item_coverage(inter, info.illust_ids, inputs.item_features, inputs.interactions)
+    pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, train)
+    train, neg_train = with_negatives(train, pool, cfg.negatives, inputs.interactions)
+    require_both_labels(train, f"{inputs.interactions}: training window")
+    test_settings = cfg.negatives.model_copy(update={"seed": cfg.negatives.seed + 1})
+    test, neg_test = with_negatives(window(inter, start=inputs.split, end=cfg.test_end), pool, test_settings, inputs.interactions)
+    space = FeatureSpace.fit(ill, users, train, inputs.split, cfg.features)
+    model_config = build_model_config(space, info, cfg.model, cfg.variant)
+    train_rows = attach_rows(train, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
+                             f"{inputs.interactions} (training window)")
+    test_rows = attach_rows(test, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
+                            f"{inputs.interactions} (test window)")
+    prepared = Prepared(inputs, space, model_config, info, ids_fingerprint(users.column("user_id").to_numpy()),
+                        train_rows, test_rows, {"train": neg_train, "test": neg_test})
+    if cfg.features.standardize and prepared.modalities:
+        train_items = info.illust_ids[np.unique(train_rows.column("item_row").to_numpy())]
+        if features is not None:
+            stats = vector_stats_of(features, train_items, prepared.modalities, inputs.item_features)
+        else:
+            stats = fit_vector_stats(inputs.item_features, train_items, prepared.modalities, settings)
+        prepared.space = space.with_vector_stats(stats)
+    return prepared
+
+
+def check_encoders(info: FeaturesInfo, saved: SavedModel) -> None:
+    """The features must come from the encoders the model was trained on."""
+    trained = saved.meta.get("encoder_versions", {})
+    now = info.encoder_versions()
+    differ = {k: (v, now[k]) for k, v in trained.items() if k in now and now[k] != v}
+    if differ:
+        k, (old, new) = next(iter(differ.items()))
+        raise FeatureError(f"{info.uri}: {k} is {new!r}, but the model was trained on features from {old!r}")
+
+
+def resolve_eval_inputs(
+    saved: SavedModel,
+    settings: storage.StorageSettings | None,
+    *,
+    world: str | None = None,
+    illustrations: str | None = None,
+    users: str | None = None,
+    interactions: str | None = None,
+    item_features: str | None = None,
+    split: str | None = None,
+    segments: str | None = None,
+) -> tuple[Inputs, str | None]:
+    """Tables (explicit > world > the model's training data; the feature set the model
+    was trained on), the test-window start and the segments table."""
+    trained = saved.meta["data"]
+    uris = {}
+    for k in ("illustrations", "users", "interactions"):
+        given = {"illustrations": illustrations, "users": users, "interactions": interactions}[k]
+        uris[k] = given or (storage.join(world, f"{k}.parquet") if world else trained[k])
+    split_at = parse_time(split or saved.meta["split"])
+    if split_at < parse_time(saved.meta["split"]):
+        raise FeatureError(
+            f"the test window must start at or after the model's training split {saved.meta['split']}, got {split_at.isoformat()}"
+        )
+    if segments is None and world:
+        candidate = storage.join(world, "truth", "users.parquet")
+        segments = candidate if storage.exists(candidate, settings) else None
+    return Inputs(absolute(uris["illustrations"]), absolute(uris["users"]), absolute(uris["interactions"]),
+                  absolute(item_features or trained["item_features"]), split_at.isoformat(),
+                  trained.get("encoder_version"), trained.get("text_version")), segments

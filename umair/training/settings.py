@@ -1,0 +1,89 @@
+"""Settings of a training run (``umair train``, each ``umair tune`` trial, ``umair ablate``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
+from umair.model.features import (
+    FeatureSettings,
+    NegativeSettings,
+    parse_time,
+)
+from umair.model.settings import TABLE4_VARIANTS, ModelConfig
+
+
+DERIVED = ("n_users", "n_tags", "user_fields", "item_fields")
+
+
+def check_model_overrides(v: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields a config may set: known ones, none of the data-derived sizes."""
+    derived = sorted(set(v) & set(DERIVED))
+    if derived:
+        raise ValueError(f"{derived} are derived from the training data; remove them")
+    unknown = sorted(set(v) - set(ModelConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+    return v
+
+
+class TrainConfig(Settings):
+    """Settings of ``umair train`` (see pipelines/configs/train.yaml)."""
+
+    world: str | None = Field(None, description="a sample world: its tables and split are the defaults below")
+    illustrations: str | None = None
+    users: str | None = None
+    interactions: str | None = None
+    item_features: str = Field(..., description="item-features table (parquet) or the output root of `umair extract`")
+    encoder_version: str | None = Field(None, description="feature set of an extraction output holding several (umair.encoder.version)")
+    text_version: str | None = Field(None, description="... and its text encoder (umair.tsem.encoder)")
+    split: str | None = Field(None, description="train on ts < split, test on ts >= split (default: the world's)")
+    test_end: str | None = Field(None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)")
+    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)")
+    variant: str | None = Field(None, description="a Table-4 variant applied on top, e.g. 'w/o STY'")
+    features: FeatureSettings = FeatureSettings()
+    negatives: NegativeSettings = NegativeSettings()
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per step on each worker; one optimizer step sees batch_size × num_workers")
+    lr: float = Field(1e-3, gt=0)
+    l2_emb: float = Field(1e-3, ge=0)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker holds")
+    threads: int = Field(1, ge=1, description="torch threads per CPU worker")
+    eval_every_epoch: bool = Field(True, description="score the later window after every epoch (monitoring only)")
+    seed: int = 0
+    run_name: str = "train"
+    checkpoint_dir: str = "outputs/ray_results"
+    max_failures: int = Field(2, ge=0)
+    output: str = "outputs/model"
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig(experiment="umair-train")
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, v: str | None) -> str | None:
+        if v is not None and v not in TABLE4_VARIANTS:
+            raise ValueError(f"unknown Table-4 variant {v!r}; expected one of {list(TABLE4_VARIANTS)}")
+        return v
+
+    @field_validator("split", "test_end")
+    @classmethod
+    def _iso_split(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_time(v)  # an ISO date or datetime, e.g. 2021-10-01
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_model_overrides(v)
+
+    @model_validator(mode="after")
+    def _tables(self) -> TrainConfig:
+        if self.world is None and None in (self.illustrations, self.users, self.interactions):
+            raise ValueError("give 'world' or all of 'illustrations', 'users', 'interactions'")
+        return self
