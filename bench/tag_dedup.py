@@ -19,7 +19,7 @@ from sentence_transformers import SentenceTransformer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
 from umair.sample.world import SIZES, generate  # noqa: E402
-from umair.text.finetune import default_base_model  # noqa: E402
+from umair.text.settings import default_base_model  # noqa: E402
 from umair.text.tag_embeddings import embed_tags  # noqa: E402
 
 

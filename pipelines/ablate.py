@@ -50,7 +50,9 @@ from umair.config import MlflowConfig
 from umair.training.settings import check_model_overrides
 from umair import storage
 from umair.config import ConfigError, Settings, StorageConfig, load_config
-from umair.model.features import FeatureError, FeatureSettings, NegativeSettings, parse_time
+from umair.model.features import FeatureSettings
+from umair.errors import FeatureError
+from umair.model.interactions import NegativeSettings, parse_time
 from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 
 TAG = "[ablate]"
@@ -205,8 +207,8 @@ def window_rows(prepared: Any, settings: storage.StorageSettings | None) -> tupl
     for rows in (prepared.train_rows, prepared.test_rows):
         u = rows.column("user_row").to_numpy()
         i = rows.column("item_row").to_numpy()
-        kwargs = lookup.inputs(torch.tensor(u), torch.tensor(i))
-        out.append(RowInputs.from_kwargs(kwargs, rows.column("label").to_numpy().astype(np.float32),
+        ids, vectors = lookup.ids(torch.tensor(u), torch.tensor(i)), lookup.item_vectors(torch.tensor(i))
+        out.append(RowInputs.from_tensors(ids, vectors, rows.column("label").to_numpy().astype(np.float32),
                                          user_table.user_ids[u], list(prepared.space.user_fields),
                                          list(prepared.space.item_fields)))
     return out[0], out[1]

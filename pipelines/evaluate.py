@@ -36,17 +36,9 @@ from umair.training.model_io import load_model
 from umair.training.scoring import score_rows, segment_map, segment_report
 from umair import storage
 from umair.config import Settings, StorageConfig
-from umair.model.features import (
-    FeatureError,
-    ItemPool,
-    NegativeSettings,
-    attach_rows,
-    check_dims,
-    parse_time,
-    require_both_labels,
-    window,
-    with_negatives,
-)
+from umair.errors import FeatureError
+from umair.model.interactions import ItemPool, NegativeSettings, parse_time, require_both_labels, window, with_negatives
+from umair.model.item_features import attach_rows, check_dims
 
 TAG = "[evaluate]"
 
@@ -139,7 +131,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         raise FeatureError(f"{inputs.interactions}: the test window (ts >= {inputs.split}"
                            f"{f', < {cfg.end}' if cfg.end else ''}) is empty")
     info, _ = inspect_features(inputs, settings)
-    check_dims(info, {m: getattr(saved.config, f"d_{m}") for m in saved.modalities})
+    check_dims(info, {m: saved.config.vectors[m] for m in saved.modalities})
     check_encoders(info, saved)
     pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, window(inter, end=saved.meta["split"]))
     test, negatives = with_negatives(test, pool, cfg.negatives, inputs.interactions)

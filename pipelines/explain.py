@@ -26,7 +26,8 @@ from pydantic import Field
 
 from umair import storage
 from umair.config import Settings, StorageConfig
-from umair.model.features import FeatureError, window
+from umair.errors import FeatureError
+from umair.model.interactions import window
 from umair.neighbors import CandidateSettings
 
 TAG = "[explain]"
@@ -65,11 +66,12 @@ def attention_of_rows(model: Any, lookup: Any, user_rows: np.ndarray, item_rows:
 
     probs, alphas, betas = [], [], []
     model.eval()
+    lookup.pack_for(model)
     with torch.no_grad():
         for s in range(0, len(user_rows), batch_size):
             u = torch.as_tensor(user_rows[s:s + batch_size])
             i = torch.as_tensor(item_rows[s:s + batch_size])
-            out = model.explain(**lookup.inputs(u, i))
+            out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
             if out.alpha is None:
                 raise FeatureError("the model has no modality attention (variant 'w/o ALL': no e_SEM, e_STY, e_TSEM)")
             probs.append(torch.sigmoid(out.logits).float().numpy())

@@ -28,16 +28,15 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from datetime import date, datetime, timezone
-from typing import Any, Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, ValidationError, field_validator
 
 from pipelines.runtime import init_ray
 from umair.extraction.progress import Progress
+from umair.extraction.settings import ExtractConfig
 from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, load_image_encoder, write_parts
 from umair.feature_store import (
     chunk_manifest,
@@ -55,91 +54,12 @@ from umair.feature_store import (
     writer_is_dead,
 )
 from umair.storage import with_retries
-from umair.config import MlflowConfig, RayConfig
+from umair.config import MlflowConfig
 from umair import contracts, storage
-from umair.config import Settings, StorageConfig
 from umair.errors import JobFailed, root_cause
-from umair.image.preprocess import MAX_PIXELS
 
 T = TypeVar("T")
 LOG = "[extract]"
-
-
-# --------------------------------------------------------------------------- settings
-
-
-class EncoderSource(Settings):
-    """Which image encoder. ``source``: an exported encoder directory (local or s3://),
-    ``torchvision:<WEIGHTS>`` (production, needs the internet) or ``None`` for random
-    weights drawn with ``seed`` (tests, benchmarks). ``spec`` (the keys of
-    :class:`umair.image.encoder.EncoderSpec`) applies only when the source is not an
-    exported directory, whose own manifest defines backbone and image size.
-
-    ``spec`` is held as a validated dict so that importing this module does not import
-    torch: the read/decode and write workers import it, and torch would cost each of
-    them seconds and hundreds of MiB."""
-
-    source: str | None = None
-    spec: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    seed: int = 0
-
-    @field_validator("spec")
-    @classmethod
-    def _valid_spec(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from umair.image.spec import EncoderSpec
-
-        try:
-            return EncoderSpec(**value).model_dump(mode="json")
-        except ValidationError as err:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
-
-
-class ExtractConfig(Settings):
-    """Settings of ``umair extract`` (unknown keys are errors)."""
-
-    catalogue: str = Field(..., description="illustrations table: parquet file or directory, local or s3://")
-    output: str = Field(..., description="item-features prefix: local directory or s3://bucket/prefix")
-    encoder: EncoderSource = Field(default_factory=EncoderSource)
-    text_model: str | None = Field(None, description="fine-tuned text encoder directory (umair finetune-text); None = no e_TSEM")
-    text_mode: Literal["dedup", "joined"] = "dedup"
-    text_batch_size: int = Field(256, ge=1, description="strings per text-encoder forward pass")
-    text_concurrency: int = Field(1, ge=1, description="text-encoder actors")
-    text_num_gpus: float = Field(0.0, ge=0, description="GPU share per text actor (0 = CPU)")
-    since: datetime | None = Field(None, description="only illustrations with created_at >= since (ISO date or time, UTC)")
-    batch_size: int = Field(64, ge=1, description="images per encoder forward pass")
-    decode_batch_size: int = Field(32, ge=1, description="rows per read+decode batch (and per input block)")
-    encode_concurrency: int = Field(1, ge=1, description="encoder actors (one model load each)")
-    encode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor (torch threads on CPU)")
-    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read+decode task")
-    use_gpu: bool = False
-    chunk_rows: int = Field(10_000, ge=1, description="rows per commit: a killed run keeps every committed chunk")
-    write_batch_rows: int = Field(2048, ge=1, description="rows per part file (at most)")
-    max_image_bytes: int = Field(64 * 2**20, ge=1, description="larger files are error rows (stage read)")
-    max_image_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images (from the header) are error rows")
-    io_retry_s: float = Field(120.0, ge=0, description="how long transient storage errors are retried before the job stops")
-    retry_failed: bool = Field(False, description="try again ids whose committed record is an error")
-    stale_after_s: float = Field(1800.0, gt=0, description="a run on another host without a heartbeat for this long is dead")
-    ray: RayConfig = RayConfig()
-    mlflow: MlflowConfig = MlflowConfig(experiment="umair-extract")
-    storage: StorageConfig = StorageConfig()
-
-    @field_validator("encoder", mode="before")
-    @classmethod
-    def _encoder_shorthand(cls, value: Any) -> Any:
-        """``encoder: some/dir`` (or ``encoder: null``) is short for ``encoder: {source: some/dir}``."""
-        return {"source": value} if value is None or isinstance(value, str) else value
-
-    @field_validator("since", mode="before")
-    @classmethod
-    def _since_utc(cls, value: Any) -> Any:
-        """A date means its midnight UTC; a time without a zone is UTC."""
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        if isinstance(value, date) and not isinstance(value, datetime):
-            value = datetime(value.year, value.month, value.day)
-        if isinstance(value, datetime) and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value
 
 
 class ExtractError(JobFailed):
@@ -180,7 +100,7 @@ def text_info(cfg: ExtractConfig, settings: storage.StorageSettings) -> dict | N
     """Version and dim of the configured text encoder (from its manifest), or None."""
     if not cfg.text_model:
         return None
-    from umair.text.finetune import read_manifest
+    from umair.text.saved_encoder import read_manifest
 
     manifest = read_manifest(cfg.text_model, settings)
     return {"version": str(manifest["version"]), "dim": int(manifest["embedding_dim"])}

@@ -7,7 +7,7 @@ fits the :class:`~umair.model.features.FeatureSpace` on that window, builds the
 :class:`~umair.model.fusion.ModelConfig` (sizes from the feature space, vector widths
 from the item-features file, overrides and an optional Table-4 variant from the
 settings) and maps every interaction to ``(user_row, item_row, label)``. Bad inputs stop
-the job here with a :class:`~umair.model.features.FeatureError`.
+the job here with a :class:`~umair.errors.FeatureError`.
 
 Each worker loads the users and the item-features table once (the vectors as tensors,
 on the GPU when there is one) and gathers rows by index per batch; the narrow

@@ -50,7 +50,8 @@ from umair.training.model_io import load_model
 from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import Settings, StorageConfig
-from umair.model.features import FeatureError, parse_time
+from umair.errors import FeatureError
+from umair.model.interactions import parse_time
 from umair.neighbors import CandidateSettings, UnknownIdError
 
 TAG = "[recommend]"

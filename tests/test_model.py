@@ -198,9 +198,7 @@ def small_config(**changes: object) -> ModelConfig:
         n_tags=21,
         user_fields={"gender": 3, "age_group": 5},
         item_fields={"created_at": 6, "size": 4, "artist": 9},
-        d_sem=D_SEM,
-        d_sty=D_STY,
-        d_tsem=D_TSEM,
+        vectors={"sem": D_SEM, "sty": D_STY, "tsem": D_TSEM},
     )
     return ModelConfig(**{**base, **changes})  # type: ignore[arg-type]
 
@@ -213,10 +211,18 @@ def make_batch(cfg: ModelConfig, b: int, seed: int = 0) -> dict[str, torch.Tenso
         "user_tags": tags,
         "user_fields": torch.stack([torch.randint(0, n, (b,), generator=g) for n in cfg.user_fields.values()], dim=1),
         "item_fields": torch.stack([torch.randint(0, n, (b,), generator=g) for n in cfg.item_fields.values()], dim=1),
-        "sem": torch.randn(b, cfg.d_sem, generator=g),
-        "sty": torch.randn(b, cfg.d_sty, generator=g),
-        "tsem": torch.randn(b, cfg.d_tsem, generator=g),
+        **{m: torch.randn(b, w, generator=g) for m, w in cfg.vectors.items()},
     }
+
+
+ID_KEYS = ("user_id", "user_tags", "user_fields", "item_fields")
+
+
+def fwd(model: UmairFPS, batch: dict[str, torch.Tensor], explain: bool = False):
+    """The model on a batch of unpacked ids and vectors (packs the ids first)."""
+    packed = model.pack_ids(*(batch.get(k) for k in ID_KEYS))
+    vectors = {k: v for k, v in batch.items() if k not in ID_KEYS}
+    return model.explain(packed, vectors) if explain else model(packed, vectors)
 
 
 def test_default_config_is_the_papers_full_model() -> None:
@@ -240,14 +246,14 @@ def test_config_refuses_unknown_keys_and_bad_values() -> None:
 def test_forward_shapes_and_weights() -> None:
     cfg = small_config()
     model = UmairFPS(cfg)
-    out = model.explain(**make_batch(cfg, 5))
+    out = fwd(model, make_batch(cfg, 5), explain=True)
     assert model.modality_names == ("tsem", "sem", "sty", "meta")
     assert out.logits.shape == (5,)
     assert out.alpha is not None and out.alpha.shape == (5, 3, 4)
     assert out.beta is not None and out.beta.shape == (5, 3)
     torch.testing.assert_close(out.alpha.sum(-1), torch.ones(5, 3))
     torch.testing.assert_close(out.beta.sum(-1), torch.ones(5))
-    torch.testing.assert_close(model(**make_batch(cfg, 5)), out.logits)
+    torch.testing.assert_close(fwd(model, make_batch(cfg, 5)), out.logits)
 
 
 def test_tag_padding_is_ignored_by_the_pooling() -> None:
@@ -255,8 +261,8 @@ def test_tag_padding_is_ignored_by_the_pooling() -> None:
     model = UmairFPS(cfg).eval()
     batch = make_batch(cfg, 1)
     with torch.no_grad():
-        a = model(**{**batch, "user_tags": torch.tensor([[3, 7]])})
-        b = model(**{**batch, "user_tags": torch.tensor([[0, 7, 0, 3, 0]])})
+        a = fwd(model, {**batch, "user_tags": torch.tensor([[3, 7]])})
+        b = fwd(model, {**batch, "user_tags": torch.tensor([[0, 7, 0, 3, 0]])})
     torch.testing.assert_close(a, b)
 
 
@@ -265,11 +271,11 @@ def test_missing_enabled_modality_is_an_error() -> None:
     batch = make_batch(cfg, 2)
     del batch["sty"]
     with pytest.raises(ValueError, match="sty"):
-        UmairFPS(cfg)(**batch)
+        fwd(UmairFPS(cfg), batch)
     with pytest.raises(ValueError, match="item_fields"):
-        UmairFPS(cfg)(**{**make_batch(cfg, 2), "item_fields": torch.zeros(2, 2, dtype=torch.long)})
+        fwd(UmairFPS(cfg), {**make_batch(cfg, 2), "item_fields": torch.zeros(2, 2, dtype=torch.long)})
     # a disabled modality need not be given
-    UmairFPS(table4_variant(cfg, "w/o STY"))(**batch)
+    fwd(UmairFPS(table4_variant(cfg, "w/o STY")), batch)
 
 
 @pytest.mark.parametrize("name", TABLE4_VARIANTS)
@@ -280,7 +286,7 @@ def test_every_variant_runs_with_batch_size_one(name: str) -> None:
         batch = make_batch(cfg, 1)
         for train in (True, False):
             model.train(train)
-            out = model.explain(**batch)
+            out = fwd(model, batch, explain=True)
             assert out.logits.shape == (1,) and torch.isfinite(out.logits).all()
             assert (out.alpha is None) == (name == "w/o ALL")
 
@@ -341,7 +347,7 @@ def test_gradients_reach_every_parameter() -> None:
     for cfg in (small_config(), small_config(cross_type="full", structure="parallel")):
         model = UmairFPS(cfg)
         batch = make_batch(cfg, 16)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch), torch.rand(16).round())
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(fwd(model, batch), torch.rand(16).round())
         (loss + 1e-3 * l2_embedding_penalty(model)).backward()
         for name, p in model.named_parameters():
             assert p.grad is not None, name
@@ -360,7 +366,7 @@ def train_toy(variant: str) -> float:
     e_SEM[0]); e_TSEM is noise. Train 200 Adam steps; return the AUC on fresh pairs."""
     torch.manual_seed(0)
     n_users, dim = 41, 8
-    base = ModelConfig(n_users=n_users, n_tags=2, item_fields={"noise": 4}, d_sem=dim, d_sty=dim, d_tsem=dim)
+    base = ModelConfig(n_users=n_users, n_tags=2, item_fields={"noise": 4}, vectors={"sem": dim, "sty": dim, "tsem": dim})
     model = UmairFPS(table4_variant(base, variant))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -382,7 +388,7 @@ def train_toy(variant: str) -> float:
     model.train()
     for _ in range(200):
         batch, label = sample(128, g)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch), label)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(fwd(model, batch), label)
         loss = loss + 1e-3 * l2_embedding_penalty(model)
         opt.zero_grad()
         loss.backward()
@@ -390,7 +396,7 @@ def train_toy(variant: str) -> float:
     model.eval()
     batch, label = sample(2000, torch.Generator().manual_seed(2))
     with torch.no_grad():
-        scores = model(**batch)
+        scores = fwd(model, batch)
     return float(roc_auc_score(label.numpy(), scores.numpy()))
 
 
@@ -433,7 +439,7 @@ def test_the_flat_layout_has_a_handful_of_optimizer_tensors_and_plain_initialisa
 
 
 def test_dropping_tag_padding_keeps_the_logits_and_the_gradients() -> None:
-    cfg = small_config(use_sem=False, use_sty=False, use_tsem=False)
+    cfg = small_config(vectors={})
     torch.manual_seed(0)
     model = UmairFPS(cfg)
     batch = make_batch(cfg, 7)
@@ -445,7 +451,7 @@ def test_dropping_tag_padding_keeps_the_logits_and_the_gradients() -> None:
     grads = []
     for packed in (full, compact):
         model.zero_grad()
-        out = model.forward_packed(packed)
+        out = model(packed)
         out.sum().backward()
         grads.append((out.detach(), model.embeddings.weight.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
@@ -482,9 +488,10 @@ def test_the_model_modules_import_neither_ray_nor_mlflow_nor_pipelines() -> None
         "    sys.modules[name] = None\n"
         "import torch\n"
         "from umair.model import crossnet, fusion, umcm\n"
-        "cfg = fusion.ModelConfig(n_users=3, n_tags=3, d_sem=2, d_sty=2, d_tsem=2)\n"
+        "cfg = fusion.ModelConfig(n_users=3, n_tags=3, vectors={'sem': 2, 'sty': 2, 'tsem': 2})\n"
         "x = torch.zeros(1, 2)\n"
-        "fusion.UmairFPS(cfg)(torch.tensor([1]), torch.tensor([[1]]), sem=x, sty=x, tsem=x)\n"
+        "m = fusion.UmairFPS(cfg)\n"
+        "m(m.pack_ids(torch.tensor([1]), torch.tensor([[1]])), {'sem': x, 'sty': x, 'tsem': x})\n"
         "print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('ray', 'mlflow', 'pipelines')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

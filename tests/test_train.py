@@ -34,14 +34,9 @@ from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import ConfigError, load_config
 from umair.metrics import auc, gauc, logloss, mean_attention, modality_weights, rank_auc
-from umair.model.features import (
-    FeatureError,
-    FeatureSpace,
-    ItemPool,
-    NegativeSettings,
-    training_window,
-    with_negatives,
-)
+from umair.model.features import FeatureSpace
+from umair.errors import FeatureError
+from umair.model.interactions import ItemPool, NegativeSettings, training_window, with_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 UMAIR = str(Path(sys.executable).parent / "umair")
@@ -202,7 +197,7 @@ def test_prepare_maps_interactions_to_rows_of_the_item_features_table(hand_paths
     ids = p.info.illust_ids[p.train_rows.column("item_row").to_numpy()]
     np.testing.assert_array_equal(ids, [10, 20, 10, 40])
     assert p.test_rows.num_rows == 2
-    assert (p.model_config.d_sem, p.model_config.d_sty, p.model_config.d_tsem) == (4, 3, 2)
+    assert p.model_config.vectors == {"tsem": 2, "sem": 4, "sty": 3}
     assert p.model_config.n_users == 3 and p.model_config.item_fields["artist"] == 3
     assert set(p.space.vector_stats) == {"sem", "sty", "tsem"}  # standardised with training-item statistics
 
@@ -233,15 +228,15 @@ def test_missing_item_features_are_counted_with_an_example(hand_paths, tmp_path)
 
 def test_feature_dimension_must_match_the_model_config(hand_paths, tmp_path):
     with pytest.raises(FeatureError) as err:
-        prepare(_cfg(hand_paths, tmp_path, model={"d_sem": 8}))
+        prepare(_cfg(hand_paths, tmp_path, model={"vectors": {"sem": 8, "sty": None, "tsem": None}}))
     assert str(err.value) == (
         f"{hand_paths['item_features']}: column 'sem' holds 4-d vectors (file metadata umair.sem.dim=4), "
-        "but the model config sets d_sem=8"
+        "but the model config sets vectors.sem=8"
     )
     # A table without e_STY trains the "w/o STY" variant, and refuses the full model.
     storage.write_parquet(_features([10, 20, 30, 40], {"sem": 4, "tsem": 2}), hand_paths["item_features"])
     assert prepare(_cfg(hand_paths, tmp_path, variant="w/o STY")).model_config.modalities == ("tsem", "sem", "meta")
-    with pytest.raises(FeatureError, match=r"no column 'sty' in the item features .*\(model\.use_sty: false\)"):
+    with pytest.raises(FeatureError, match=r"no column 'sty' in the item features .*leave it out of model\.vectors"):
         prepare(_cfg(hand_paths, tmp_path))
 
 
@@ -489,3 +484,38 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_world,
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     steps = {m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train_loss")}
     assert steps == set(range(epochs))  # one MLflow run holds every epoch, across the restart
+
+
+def test_a_fourth_vector_modality_needs_only_a_registry_entry(hand_paths, tmp_path):
+    """A toy CLIP-like vector registered in umair.modalities flows through the contract,
+    the feature space (standardised), the model config, the lookup and one training step."""
+    import torch
+
+    from umair import modalities
+    from umair.model.fusion import UmairFPS
+    from umair.model.settings import table4_variant
+
+    modalities.register(modalities.Modality("clip", "e_CLIP", "clip", 5, "a toy CLIP-like image vector"))
+    try:
+        storage.write_parquet(_features([10, 20, 30, 40], {**DIMS, "clip": 5}), hand_paths["item_features"])
+        p = prepare(_cfg(hand_paths, tmp_path))
+        assert p.model_config.vectors == {"tsem": 2, "sem": 4, "sty": 3, "clip": 5}
+        assert p.model_config.modalities == ("tsem", "sem", "sty", "clip", "meta")
+        assert set(p.space.vector_stats) == {"sem", "sty", "tsem", "clip"}
+        assert table4_variant(p.model_config, "w/o CLIP").vector_names == ("tsem", "sem", "sty")
+        lookup, _, _ = load_lookup(p.space, p.inputs, p.modalities, "cpu")
+        torch.manual_seed(0)
+        model = UmairFPS(p.model_config)
+        before = model.modality_proj["clip"].weight.detach().clone()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        rows = p.train_rows
+        u, i, y = (torch.tensor(rows.column(c).to_numpy()) for c in ("user_row", "item_row", "label"))
+        sums = train_epoch(model, model, optimizer, [{"user_row": u, "item_row": i, "label": y.float()}], lookup,
+                           StepSettings(lr=1e-2, l2_emb=1e-3))
+        assert int(sums[1]) == rows.num_rows and np.isfinite(float(sums[0]))
+        assert not torch.equal(before, model.modality_proj["clip"].weight), "the new modality's projection trained"
+        out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
+        assert out.alpha.shape == (rows.num_rows, len(p.model_config.expert_kinds), 5)
+    finally:
+        modalities.unregister("clip")
+    assert "clip" not in modalities.names()

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pipelines import train, tune
+from umair import tuning
 from umair.plots import tune_heatmap
 from umair.reports import TUNE_COLUMNS, results_csv, results_markdown
 from umair.training.model_io import load_model
@@ -34,13 +35,13 @@ UMAIR = str(Path(sys.executable).parent / "umair")
 
 
 def test_expert_mixes_parse_and_bad_ones_are_refused_with_the_mix_named():
-    assert tune.parse_experts("att, SEN,att") == ("att", "sen", "att")
+    assert tuning.parse_experts("att, SEN,att") == ("att", "sen", "att")
     with pytest.raises(ConfigError, match=r"search\.experts.*'att,moe'"):
-        parse_settings({"train_config": "x.yaml", "search": {"experts": ["att", "att,moe"]}}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "search": {"experts": ["att", "att,moe"]}}, tuning.TuneConfig, "t.yaml")
     with pytest.raises(ConfigError, match=r"search\.cross_layers"):
-        parse_settings({"train_config": "x.yaml", "search": {"cross_layers": []}}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "search": {"cross_layers": []}}, tuning.TuneConfig, "t.yaml")
     with pytest.raises(ConfigError, match="driver_cpus"):
-        parse_settings({"train_config": "x.yaml", "trial": {"driver_cpus": 0}}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "trial": {"driver_cpus": 0}}, tuning.TuneConfig, "t.yaml")
 
 
 @pytest.mark.parametrize("search, message", [
@@ -55,12 +56,12 @@ def test_expert_mixes_parse_and_bad_ones_are_refused_with_the_mix_named():
 ])
 def test_search_values_out_of_range_are_refused_when_the_config_loads(search, message):
     with pytest.raises(ConfigError, match=message) as err:
-        parse_settings({"train_config": "x.yaml", "search": search}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "search": search}, tuning.TuneConfig, "t.yaml")
     assert str(err.value).startswith("t.yaml: search.")
 
 
 def test_search_ranges_accept_their_edges():
-    ok = tune.SearchSpace(experts=["att", "att,sen,sen,att"], cross_layers=[0, 4], lr=[1e-5], d=[1])
+    ok = tuning.SearchSpace(experts=["att", "att,sen,sen,att"], cross_layers=[0, 4], lr=[1e-5], d=[1])
     assert ok.size() == 4
 
 
@@ -75,11 +76,11 @@ def test_every_grid_point_is_built_before_ray_starts_and_a_bad_one_is_named(tmp_
 
     data = {"train_config": str(_tiny_train_yaml(tmp_path)), "search": {"experts": ["att", "sen"], "cross_layers": [0, 3], "d": [8, 16]},
             "storage_path": str(tmp_path / "tune"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}}
-    cfg = parse_settings(data, tune.TuneConfig, "t.yaml")
-    assert tune.check_trials(cfg, tune.base_train_dict(cfg)) == 8
+    cfg = parse_settings(data, tuning.TuneConfig, "t.yaml")
+    assert tuning.check_trials(cfg, tuning.base_train_dict(cfg)) == 8
     # A value only the model settings refuse (a low-rank cross of rank 0) fails every trial:
     # the search stops on the first grid point, before reading data, MLflow or Ray.
-    bad = parse_settings({**data, "train": {"model": {"low_rank": 0}}}, tune.TuneConfig, "t.yaml")
+    bad = parse_settings({**data, "train": {"model": {"low_rank": 0}}}, tuning.TuneConfig, "t.yaml")
     ray_before = ray.is_initialized()  # the suite's session Ray may already be up
     with pytest.raises(ConfigError) as err:
         tune.run(bad)
@@ -106,7 +107,7 @@ def test_every_grid_point_is_built_before_ray_starts_and_a_bad_one_is_named(tmp_
 ])
 def test_train_overrides_that_every_trial_sets_itself_are_refused(key, value, tune_key):
     with pytest.raises(ConfigError) as err:
-        parse_settings({"train_config": "x.yaml", "train": {"batch_size": 8, key: value}}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "train": {"batch_size": 8, key: value}}, tuning.TuneConfig, "t.yaml")
     assert f"t.yaml: train: Value error, train.{key} is set per trial by tune: " in str(err.value)
     assert tune_key in str(err.value)
 
@@ -114,34 +115,34 @@ def test_train_overrides_that_every_trial_sets_itself_are_refused(key, value, tu
 def test_model_and_lr_overrides_that_the_search_sets_are_refused():
     with pytest.raises(ConfigError) as err:
         parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8, "experts": ["att"], "cross_layers": 1}}},
-                       tune.TuneConfig, "t.yaml")
+                       tuning.TuneConfig, "t.yaml")
     msg = str(err.value)
     assert "train.model.experts is set per trial by tune: use tune's `search.experts`" in msg
     assert "train.model.cross_layers is set per trial by tune: use tune's `search.cross_layers`" in msg
     with pytest.raises(ConfigError, match=r"train\.lr and search\.lr both set"):
-        parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01}, "search": {"lr": [0.001]}}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01}, "search": {"lr": [0.001]}}, tuning.TuneConfig, "t.yaml")
     with pytest.raises(ConfigError, match=r"train\.model\.d and search\.d both set"):
-        parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8}}, "search": {"d": [16]}}, tune.TuneConfig, "t.yaml")
+        parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8}}, "search": {"d": [16]}}, tuning.TuneConfig, "t.yaml")
     # without a search grid of their own they are the trials' common settings
     cfg = parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01, "seed": 3, "split": "2021-09-01", "model": {"d": 8}}},
-                         tune.TuneConfig, "t.yaml")
+                         tuning.TuneConfig, "t.yaml")
     assert cfg.train["lr"] == 0.01
 
 
 def test_grid_size_counts_every_combination():
-    space = tune.SearchSpace(experts=["att", "att,sen"], cross_layers=[0, 1, 2], lr=[1e-3, 3e-3])
+    space = tuning.SearchSpace(experts=["att", "att,sen"], cross_layers=[0, 1, 2], lr=[1e-3, 3e-3])
     assert space.grid() == {"experts": ["att", "att,sen"], "cross_layers": [0, 1, 2], "lr": [1e-3, 3e-3]}
     assert space.size() == 12
 
 
 def test_the_shipped_config_loads_with_its_train_config(monkeypatch):
-    cfg = load_config(ROOT / "pipelines" / "configs" / "tune.yaml", tune.TuneConfig)
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tune.yaml", tuning.TuneConfig)
     assert cfg.scheduler.kind == "asha" and cfg.search.size() >= 4
-    cluster = load_config(ROOT / "pipelines" / "configs" / "cluster" / "tune.yaml", tune.TuneConfig)
+    cluster = load_config(ROOT / "pipelines" / "configs" / "cluster" / "tune.yaml", tuning.TuneConfig)
     assert cluster.search.size() == 9
     monkeypatch.chdir(ROOT)
-    base = tune.base_train_dict(cfg)
-    assert tune.check_trials(cfg, base) == cfg.search.size()
+    base = tuning.base_train_dict(cfg)
+    assert tuning.check_trials(cfg, base) == cfg.search.size()
     assert base["batch_size"] == cfg.train["batch_size"]  # the overrides are merged in
     # trials run in their own working directories: relative inputs and the sqlite store become absolute
     assert base["world"] == str(ROOT / "outputs" / "demo" / "world")
@@ -149,9 +150,9 @@ def test_the_shipped_config_loads_with_its_train_config(monkeypatch):
 
 
 def test_a_missing_train_config_is_named(tmp_path):
-    cfg = tune.TuneConfig(train_config=str(tmp_path / "nope.yaml"))
+    cfg = tuning.TuneConfig(train_config=str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="nope.yaml: no such train config"):
-        tune.base_train_dict(cfg)
+        tuning.base_train_dict(cfg)
 
 
 def _base() -> dict:
@@ -160,10 +161,10 @@ def _base() -> dict:
 
 
 def test_a_trial_is_train_settings_on_the_validation_window():
-    data = tune.trial_train_dict(
+    data = tuning.trial_train_dict(
         _base(), {"experts": "sen,att", "cross_layers": 3, "lr": 0.01, "d": 32}, epochs=4, split="2021-08-01",
-        test_end="2021-10-01", resources=tune.TrialResources(num_workers=2, cpus_per_worker=0.5), run_name="trial-x",
-        checkpoint_dir="/c", output="/c/trial-x/model", mlflow=tune.MlflowConfig(tracking_uri="http://m", experiment="e"),
+        test_end="2021-10-01", resources=tuning.TrialResources(num_workers=2, cpus_per_worker=0.5), run_name="trial-x",
+        checkpoint_dir="/c", output="/c/trial-x/model", mlflow=tuning.MlflowConfig(tracking_uri="http://m", experiment="e"),
     )
     cfg = parse_settings(data, train.TrainConfig, "trial")
     assert cfg.model == {"emb_dim": 4, "d": 32, "umcm": "moe", "experts": ["sen", "att"], "cross_layers": 3}
@@ -174,7 +175,7 @@ def test_a_trial_is_train_settings_on_the_validation_window():
 
 def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
     row = {"experts": "att,sen", "cross_layers": 2, "lr": None, "d": 16, "K": 2}
-    best = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", epochs=3, name="s"))
+    best = tuning.best_train_config(_base(), row, tuning.TuneConfig(train_config="x.yaml", epochs=3, name="s"))
     path = tmp_path / "best.yaml"
     path.write_text(yaml.safe_dump(best))
     cfg = load_config(path, train.TrainConfig)
@@ -185,10 +186,10 @@ def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
     tune_dir = os.path.abspath(os.path.join("outputs", "tune", "s"))
     assert cfg.output == os.path.join(tune_dir, "best_model")
     assert cfg.checkpoint_dir == os.path.join(tune_dir, "best_checkpoints")
-    s3 = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune"))
+    s3 = tuning.best_train_config(_base(), row, tuning.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune"))
     assert (s3["output"], s3["checkpoint_dir"]) == ("s3://b/tune/s/best_model", "s3://b/tune/s/best_checkpoints")
     # with best_config_out set (the cluster config puts it under models/), the model goes beside it
-    out = tune.best_train_config(_base(), row, tune.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune",
+    out = tuning.best_train_config(_base(), row, tuning.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune",
                                                                best_config_out="s3://b/models/tune/best_train.yaml"))
     assert (out["output"], out["checkpoint_dir"]) == ("s3://b/models/tune/best_model", "s3://b/tune/s/best_checkpoints")
 
@@ -219,7 +220,7 @@ def _child_run(run_id: str, trial_id: str, params: dict, error: str | None = Non
 
     tags = [RunTag("umair.trial_id", trial_id)] + ([RunTag("umair.error", error)] if error else [])
     info = RunInfo(run_id, "1", "u", "RUNNING", 0, None, "active", run_name=f"trial-{trial_id}")
-    return Run(info, RunData(params=[Param("trial_params", tune.trial_key(params))], tags=tags))
+    return Run(info, RunData(params=[Param("trial_params", tuning.trial_key(params))], tags=tags))
 
 
 def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_run(tmp_path):

@@ -18,13 +18,14 @@ naming the file, the column, the first offending row and what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from umair import storage
+from umair import modalities as registry
 from umair.errors import UmairError
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -54,7 +55,12 @@ class Contract:
     not_null: tuple[str, ...] = ()
     # Extra columns are allowed when their type is one of these (categoricals, numbers).
     extra_types: tuple[str, ...] = ("string", "integer", "floating", "boolean", "list")
-    vector_columns: tuple[str, ...] = field(default=())
+    # Vector modality columns (umair.modalities: e_SEM, e_STY, e_TSEM, ...) are allowed and checked.
+    vector_modalities: bool = False
+
+    @property
+    def vector_columns(self) -> tuple[str, ...]:
+        return registry.names() if self.vector_modalities else ()
 
 
 ILLUSTRATIONS = Contract(
@@ -92,7 +98,7 @@ ITEM_FEATURES = Contract(
     "item_features",
     pa.schema([("illust_id", pa.int64())]),
     id_columns=("illust_id",),
-    vector_columns=("sem", "sty", "tsem"),
+    vector_modalities=True,
 )
 
 EXTRACTION_ERRORS = Contract(
@@ -156,6 +162,19 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
     return None if idx is None or idx < 0 else idx
 
 
+def _first_non_finite(column: pa.ChunkedArray, width: int) -> int | None:
+    """Row of the first vector holding a NaN or an infinity, or None."""
+    offset = 0
+    for chunk in column.chunks:
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        if len(values):
+            bad = ~np.isfinite(values.reshape(len(chunk), width)).all(axis=1)
+            if bad.any():
+                return offset + int(np.argmax(bad))
+        offset += len(chunk)
+    return None
+
+
 def _check_vectors(table: pa.Table, contract: Contract, file: str) -> None:
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     for name in contract.vector_columns:
@@ -171,6 +190,10 @@ def _check_vectors(table: pa.Table, contract: Contract, file: str) -> None:
         row = _first_true(nulls)
         if row is not None:
             raise ContractError(file, name, "a vector in every row", "null", row)
+        row = _first_non_finite(table.column(name), t.list_size)
+        if row is not None:
+            ident = f"illust_id {table.column('illust_id')[row].as_py()}: " if "illust_id" in table.column_names else ""
+            raise ContractError(file, name, "finite values in every vector", f"{ident}NaN or infinity", row)
 
 
 def validate(table: pa.Table, kind: str, file: str = "<table>") -> pa.Table:

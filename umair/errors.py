@@ -26,6 +26,12 @@ class JobFailed(UmairError):
     exit_code = 1
 
 
+class FeatureError(UmairError, ValueError):
+    """The inputs cannot train or score the model (an empty training window, item features
+    missing for referenced items, a vector width that disagrees with the model config);
+    raised before any training starts."""
+
+
 E = TypeVar("E", bound=BaseException)
 
 

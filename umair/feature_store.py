@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from umair import contracts, storage
+from umair import modalities as registry
 from umair.errors import JobFailed
 from umair.storage import move, with_retries
 
@@ -170,7 +171,7 @@ def _read_files(output: str, rels: list[str], settings: storage.StorageSettings 
 
 def _empty_features(manifest: dict) -> pa.Table:
     fields = [pa.field("illust_id", pa.int64())]
-    for name in ("sem", "sty", "tsem"):
+    for name in registry.names():
         if manifest.get(f"{name}_dim"):
             fields.append(pa.field(name, pa.list_(pa.float32(), int(manifest[f"{name}_dim"]))))
     return pa.schema(fields).empty_table()

@@ -29,13 +29,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from umair import modalities as registry
 from umair.config import Settings
 from umair.errors import UmairError
 
-Space = Literal["sem", "sty", "tsem"]
-SPACES: tuple[str, ...] = ("sem", "sty", "tsem")
 SPACE_BY: dict[str, str] = {"semantic": "sem", "style": "sty", "text": "tsem"}
 
 
@@ -102,8 +101,8 @@ class FeatureIndex:
                    center: bool = True) -> FeatureIndex:
         """Index the given columns of an item-features table (contract ``item_features``)."""
         for s in spaces:
-            if s not in SPACES:
-                raise ValueError(f"unknown feature space {s!r}; expected one of {list(SPACES)}")
+            if s not in registry.names():
+                raise ValueError(f"unknown feature space {s!r}; expected one of {list(registry.names())}")
         ids = table.column("illust_id").to_numpy().astype(np.int64)
         return cls(ids, {s: unit_rows(vectors_of(table, s, source), center) for s in spaces}, source)
 
@@ -150,10 +149,18 @@ class CandidateSettings(Settings):
     popular: int = Field(10, ge=0, description="most bookmarked illustrations of the training window")
     neighbors: int = Field(20, ge=0, description="nearest neighbours per seed bookmark per space")
     seeds: int = Field(10, ge=0, description="the user's most recent training-window bookmarks used as seeds")
-    spaces: tuple[Space, ...] = Field(("sem", "sty"), description="feature spaces of the neighbour search")
+    spaces: tuple[str, ...] = Field(("sem", "sty"), description="feature spaces of the neighbour search")
     exclude: Literal["bookmarked", "seen", "none"] = Field(
         "bookmarked", description="never recommend what the user already bookmarked / was shown / (none)")
     center: bool = Field(True, description="mean-centre the vectors before the cosine")
+
+    @field_validator("spaces")
+    @classmethod
+    def _registered(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [s for s in v if s not in registry.names()]
+        if unknown:
+            raise ValueError(f"unknown feature space(s) {unknown}; expected some of {list(registry.names())}")
+        return v
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ import numpy as np
 import pyarrow as pa
 
 from umair import contracts, storage
-from umair.model.features import FeatureError, UserTable, check_dims, parse_time, window
+from umair.model.features import UserTable
+from umair.errors import FeatureError
+from umair.model.interactions import parse_time, window
+from umair.model.item_features import check_dims
 from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, user_histories
 from umair.ranking import bookmark_counts
 from umair.training.inputs import Inputs, check_encoders, inspect_features, read_inputs, read_item_features
@@ -67,7 +70,7 @@ def load_context(model: str, inputs: Inputs, cand: CandidateSettings, settings: 
     """Load the model, its lookup tables, the candidate index and the histories (once per actor)."""
     saved = load_model(model, settings)
     info, _ = inspect_features(inputs, settings)
-    check_dims(info, {m: getattr(saved.config, f"d_{m}") for m in saved.modalities})
+    check_dims(info, {m: saved.config.vectors[m] for m in saved.modalities})
     check_encoders(info, saved)
     ill, _, inter = read_inputs(inputs, settings)
     lookup, user_table, item_table = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)

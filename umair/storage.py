@@ -237,37 +237,92 @@ def read_parquet(uri: str, settings: StorageSettings | None = None, columns: lis
 
 
 def _is_permanent(err: BaseException) -> bool:
-    """Errors that retrying cannot fix: missing objects and rejected credentials."""
-    cause = err.__cause__ if isinstance(err, StorageError) and err.__cause__ is not None else err
-    if isinstance(cause, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return True
-    return "rejected the credentials" in str(err)
+    """Errors that retrying cannot fix: missing objects or buckets, paths that are not
+    files (directories, S3 buckets or prefixes) or not valid paths, permission denied,
+    rejected credentials, and full or read-only storage (ENOSPC / EROFS / EDQUOT).
+
+    Looks at ``err`` and the errors it was raised from (a :class:`StorageError` wraps
+    the filesystem's own error); anything else (connection refused, timeouts, 5xx,
+    throttling) is transient."""
+    import errno
+
+    permanent_errnos = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES,
+                        errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+    markers = ("rejected the credentials", "the bucket does not exist", "is a directory", "not a regular file",
+               "nosuchbucket", "accessdenied", "signaturedoesnotmatch", "invalidaccesskeyid",
+               "no space left on device", "read-only file system", "quota exceeded")
+    seen: BaseException | None = err
+    for _ in range(8):  # err, its cause, the cause's cause...
+        if seen is None:
+            break
+        if isinstance(seen, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                             pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)):
+            return True
+        if isinstance(seen, OSError) and seen.errno in permanent_errnos:
+            return True
+        text = str(seen).lower().replace("_", "")
+        if any(m.replace("_", "") in text for m in markers):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 _last_retry_note = 0.0
 
 
-def _note_retry(what: str, err: BaseException, deadline_s: float) -> None:
+def _note_retry(what: str, err: BaseException, deadline_s: float, elapsed_s: float = 0.0) -> None:
     """Say (at most every 5 s per process) that storage calls are being retried."""
     global _last_retry_note
     if time.monotonic() - _last_retry_note > 5.0:
         _last_retry_note = time.monotonic()
-        print(f"[storage] storage error, retrying for up to {deadline_s:.0f}s: {what}: {err}", file=sys.stderr, flush=True)
+        print(f"[storage] transient storage error, retrying ({elapsed_s:.0f}s of up to {deadline_s:.0f}s): {what}: {err}",
+              file=sys.stderr, flush=True)
 
 
 def with_retries(op: Callable[[], T], what: str, deadline_s: float) -> T:
-    """Run ``op`` (a storage call); retry transient failures with backoff for
-    ``deadline_s`` seconds; permanent ones (missing object, rejected credentials) at once."""
+    """Run ``op`` (a storage call); retry transient failures (connection refused, timeouts,
+    5xx) with backoff for ``deadline_s`` seconds, then raise :class:`StorageError`.
+
+    Not retried, raised at once as a :class:`StorageError` naming ``what``:
+
+    - full or read-only storage (errno ENOSPC, EROFS, EDQUOT, or their messages): the
+      message says which, e.g. ``write /data/x.parquet: no space left on device (ENOSPC),
+      not retried; ...``;
+    - other permanent failures (missing object or bucket, a directory, a bad path,
+      permission denied, rejected credentials): a :class:`StorageError` as it came (it
+      already names the URI and the cause), anything else wrapped in one.
+    """
+    import errno
+
+    full = {errno.ENOSPC: ("no space left on device", "ENOSPC", "free space or point the output elsewhere"),
+            errno.EROFS: ("read-only file system", "EROFS", "make it writable or point the output elsewhere"),
+            errno.EDQUOT: ("disk quota exceeded", "EDQUOT", "free space, raise the quota or point the output elsewhere")}
+    texts = {"no space left on device": errno.ENOSPC, "read-only file system": errno.EROFS, "quota exceeded": errno.EDQUOT}
     start, delay = time.monotonic(), 0.25
     while True:
         try:
             return op()
         except (OSError, pa.ArrowException) as err:
+            condition, seen = None, err
+            for _ in range(8):  # err and the errors it was raised from
+                if seen is None or condition is not None:
+                    break
+                if isinstance(seen, OSError) and seen.errno in full:
+                    condition = seen.errno
+                else:
+                    condition = next((code for text, code in texts.items() if text in str(seen).lower()), None)
+                seen = seen.__cause__
+            if condition is not None:
+                label, name, advice = full[condition]
+                raise StorageError(f"{what}: {label} ({name}), not retried; {advice} ({err})") from err
             if _is_permanent(err):
-                raise
-            if time.monotonic() - start + delay > deadline_s:
+                if isinstance(err, StorageError):
+                    raise
+                raise StorageError(f"{what}: {err}") from err
+            elapsed = time.monotonic() - start
+            if elapsed + delay > deadline_s:
                 raise StorageError(f"{what}: gave up after {deadline_s:.0f}s of retries: {err}") from err
-            _note_retry(what, err, deadline_s)
+            _note_retry(what, err, deadline_s, elapsed)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 

@@ -24,6 +24,8 @@ initialised N(0, 1e-4) like deepctr's; no batch norm, so batch size 1 works.
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -126,16 +128,14 @@ class FinalMLP(nn.Module):
         user_tags: Tensor,
         user_fields: Tensor,
         item_fields: Tensor,
-        sem: Tensor | None = None,
-        sty: Tensor | None = None,
-        tsem: Tensor | None = None,
+        vectors: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         parts = [self.user_emb(user_id), self.tag_pool(self.tag_emb(user_tags), user_tags != 0)]
         parts += [t(user_fields[:, i]) for i, t in enumerate(self.user_field_embs)]
         parts += [t(item_fields[:, i]) for i, t in enumerate(self.item_field_embs)]
-        given = {"sem": sem, "sty": sty, "tsem": tsem}
+        given = vectors or {}
         for m in self.vector_names:
-            if given[m] is None:
+            if given.get(m) is None:
                 raise ValueError(f"FinalMLP: built with {m!r} vectors but none were given")
             parts.append(self.vector_proj[m](given[m]))
         x1, x2 = self.feature_selection(torch.cat(parts, dim=-1))
@@ -162,7 +162,8 @@ class FinalMLPRanker(Ranker):
         missing = [m for m in self.vector_names if m not in rows.vectors]
         if missing:
             raise ValueError(f"{self.name}: the rows hold no {missing} vectors")
-        return rows.fusion_kwargs(self.vector_names)
+        return {**rows.ids(), "vectors": {m: rows.vectors[m] for m in self.vector_names}}
 
-    def forward(self, encoded: dict[str, Tensor], idx: Tensor) -> Tensor:
-        return self.module(**{k: v[idx] for k, v in encoded.items()})
+    def forward(self, encoded: dict[str, Any], idx: Tensor) -> Tensor:
+        ids = {k: v[idx] for k, v in encoded.items() if k != "vectors"}
+        return self.module(**ids, vectors={m: v[idx] for m, v in encoded["vectors"].items()})

@@ -10,7 +10,7 @@ user_id        [N] int64       user-id index (0 = out of vocabulary)
 user_tags      [N, T] int64    u^IL interest-tag indices, 0-padded
 user_fields    [N, P] int64    u^O profile-field indices
 item_fields    [N, M] int64    i^O metadata indices (buckets, ids, categoricals)
-sem/sty/tsem   [N, d_m] f32    e_SEM, e_STY, e_TSEM (standardised like training)
+vectors[m]     [N, d_m] f32    each modality (e_SEM, e_STY, e_TSEM...), standardised like training
 labels         [N] float32     1 = bookmarked
 users          [N] int64       the raw user ids (GAUC, per-segment metrics)
 =============  ==============  ============================================
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MODALITY_NAMES = ("sem", "sty", "tsem")
+from umair import modalities as registry
+
 ID_KEYS = ("user_id", "user_tags", "user_fields", "item_fields")
 
 
@@ -58,9 +59,9 @@ class RowInputs:
         if self.item_fields.dim() != 2 or self.item_fields.shape[1] != len(self.item_field_names):
             raise ValueError(f"RowInputs: item_fields is {list(self.item_fields.shape)}, "
                              f"expected [N, {len(self.item_field_names)}] for {list(self.item_field_names)}")
-        unknown = sorted(set(self.vectors) - set(MODALITY_NAMES))
+        unknown = sorted(set(self.vectors) - set(registry.names()))
         if unknown:
-            raise ValueError(f"RowInputs: unknown vector columns {unknown}; expected some of {list(MODALITY_NAMES)}")
+            raise ValueError(f"RowInputs: unknown vector columns {unknown}; expected some of {list(registry.names())}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -70,28 +71,27 @@ class RowInputs:
         """Width of each dense vector: ``{"sem": d_sem, ...}``."""
         return {m: int(v.shape[1]) for m, v in self.vectors.items()}
 
-    def fusion_kwargs(self, modalities: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Keyword arguments of :meth:`UmairFPS.forward` for every row; only the vectors
-        named in ``modalities`` (default: all held)."""
-        wanted = self.vectors if modalities is None else {m: self.vectors[m] for m in modalities}
+    def ids(self) -> dict[str, Tensor]:
+        """``user_id``, ``user_tags``, ``user_fields``, ``item_fields`` of every row."""
         return {"user_id": self.user_id, "user_tags": self.user_tags, "user_fields": self.user_fields,
-                "item_fields": self.item_fields, **wanted}
+                "item_fields": self.item_fields}
 
     @classmethod
-    def from_kwargs(
+    def from_tensors(
         cls,
         kwargs: Mapping[str, Tensor],
+        vectors: Mapping[str, Tensor],
         labels: np.ndarray | Tensor,
         users: np.ndarray,
         user_field_names: Sequence[str],
         item_field_names: Sequence[str],
     ) -> RowInputs:
-        """From a mapping shaped like :meth:`UmairFPS.forward`'s arguments (e.g. what the
-        training job's lookup gathers for a set of rows); vectors become float32."""
+        """From the id tensors ``kwargs`` (``user_id``, ``user_tags``, ``user_fields``,
+        ``item_fields``) and the item ``vectors`` of the rows (e.g. what the training job's
+        lookup gathers); vectors become float32."""
         missing = [k for k in ID_KEYS if k not in kwargs]
         if missing:
             raise ValueError(f"RowInputs.from_kwargs: missing {missing}")
-        vectors = {m: torch.as_tensor(kwargs[m]).float().contiguous() for m in MODALITY_NAMES if m in kwargs}
         return cls(
             user_id=torch.as_tensor(kwargs["user_id"]).long().contiguous(),
             user_tags=torch.as_tensor(kwargs["user_tags"]).long().contiguous(),
@@ -99,7 +99,7 @@ class RowInputs:
             item_fields=torch.as_tensor(kwargs["item_fields"]).long().contiguous(),
             labels=torch.as_tensor(np.asarray(labels), dtype=torch.float32),
             users=np.asarray(users),
-            vectors=vectors,
+            vectors={m: torch.as_tensor(v).float().contiguous() for m, v in vectors.items()},
             user_field_names=tuple(user_field_names),
             item_field_names=tuple(item_field_names),
         )

@@ -64,7 +64,7 @@ class FusionRanker(Ranker):
         """The ids packed once into the model's fused-table rows (:meth:`UmairFPS.pack_ids`,
         which also checks every id against its vocabulary; tag columns that are padding
         in every row of the window are dropped) plus the vectors it reads."""
-        used = [m for m in ("sem", "sty", "tsem") if getattr(self.config, f"use_{m}")]
+        used = list(self.config.vector_names)
         missing = [m for m in used if m not in rows.vectors]
         if missing:
             raise ValueError(f"{self.name}: the rows hold no {missing} vectors, which this variant reads")
@@ -72,7 +72,7 @@ class FusionRanker(Ranker):
         with torch.no_grad():
             packed = module.pack_ids(rows.user_id, rows.user_tags, rows.user_fields, rows.item_fields,
                                      drop_tag_padding=True)
-        return {"packed": packed, **{m: rows.vectors[m] for m in used}}
+        return {"packed": packed, "vectors": {m: rows.vectors[m] for m in used}}
 
-    def forward(self, encoded: dict[str, Tensor], idx: Tensor) -> Tensor:
-        return self.module.forward_packed(**_take(encoded, idx))  # type: ignore[operator]
+    def forward(self, encoded: dict[str, Any], idx: Tensor) -> Tensor:
+        return self.module(encoded["packed"][idx], _take(encoded["vectors"], idx))

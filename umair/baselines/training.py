@@ -5,9 +5,10 @@ given the same seed), cut into batches of ``batch_size``; each step computes
 
     loss = BCE(ŷ, y) + l2_emb · Σ_E ‖E‖²     (E: every ``nn.Embedding`` of the model)
 
-and takes an Adam step (paper: Adam, lr 1e-3, L2 1e-3 on embeddings). Models that emit
-logits use BCE-with-logits, models that emit probabilities (deepctr-torch) plain BCE on
-ŷ clipped to [1e-7, 1 - 1e-7]. Throughput is measured identically for every model: the
+and takes an Adam step (paper: Adam, lr 1e-3, L2 1e-3 on embeddings): the same
+:func:`umair.training.step.bce_step` that ``umair train`` runs on its Ray Train
+workers. Models that emit logits use BCE-with-logits, models that emit probabilities
+(deepctr-torch) plain BCE on ŷ clipped to [1e-7, 1 - 1e-7]. Throughput is measured identically for every model: the
 rows of all epochs divided by the wall time of the loop (batch gather, forward,
 backward, optimizer step; the one-off :meth:`Ranker.encode` excluded).
 """
@@ -20,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from umair.baselines.inputs import RowInputs
 from umair.baselines.rankers import Ranker
-from umair.model.fusion import l2_embedding_penalty
+from umair.training.step import StepSettings, bce_step
 
 
 @dataclass
@@ -38,12 +38,6 @@ class FitResult:
     samples_per_s: float
     encode_s: float
     epoch_loss: list[float] = field(default_factory=list)
-
-
-def _loss(ranker: Ranker, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if ranker.emits == "logits":
-        return F.binary_cross_entropy_with_logits(out, y)
-    return F.binary_cross_entropy(out.clamp(1e-7, 1.0 - 1e-7), y)
 
 
 def fit(
@@ -72,16 +66,13 @@ def fit(
     module.train()
     done, steps, losses = 0, 0, []
     t0 = time.perf_counter()
-    for _ in range(epochs):
+    step_settings = StepSettings(lr=lr, l2_emb=l2_emb)
+    for epoch in range(epochs):
         total, n = 0.0, 0
         for idx in torch.randperm(len(rows), generator=gen).split(batch_size):
             out = ranker.forward(encoded, idx)
-            bce = _loss(ranker, out, labels[idx])
-            loss = bce + l2_emb * l2_embedding_penalty(module) if l2_emb else bce
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(bce.detach()) * len(idx)
+            value = bce_step(module, optimizer, out, labels[idx], step_settings, epoch=epoch, step=steps, emits=ranker.emits)
+            total += value * len(idx)
             n += len(idx)
             steps += 1
             if max_steps is not None and steps >= max_steps:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from umair import modalities as registry
 from umair import storage
 from umair.config import StorageConfig
 from umair.feature_store import part_uri
@@ -22,7 +23,20 @@ from umair.storage import with_retries
 
 
 class PermanentReadError(Exception):
-    """An image that cannot be read however often one tries; becomes an error row."""
+    """An image that cannot be read however often one tries; becomes an error row
+    (stage ``read``) with ``reason`` one of:
+
+    - ``bad_uri``: empty or malformed ``image_uri`` (``""``, ``s3://``, ``s3://bucket``
+      without a key, empty path components, a NUL character, a name too long) or an
+      unsupported scheme;
+    - ``not_a_file``: a directory, an S3 prefix (``s3://bucket/folder/``), not a regular file;
+    - ``missing``: no such file or object;
+    - ``no_bucket``: the URI's bucket does not exist;
+    - ``permission_denied``: the file exists but may not be read;
+    - ``too_large``: larger than ``max_image_bytes``.
+
+    The message (the error row's ``error``) is ``"<reason>: <detail naming the URI>"``.
+    """
 
     def __init__(self, reason: str, detail: str):
         self.reason = reason
@@ -31,8 +45,34 @@ class PermanentReadError(Exception):
 
 def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int, retry_s: float) -> bytes:
     """The bytes at ``uri``, at most ``max_bytes`` of them (a larger file is refused
-    without being read whole). Missing objects raise :class:`PermanentReadError`; other
-    failures are retried for ``retry_s``, then raise :class:`umair.storage.StorageError`."""
+    without being read whole).
+
+    Problems of this one image raise :class:`PermanentReadError` at once, without
+    retrying (malformed URIs are refused before any I/O): see its reasons. Transient
+    failures (connection refused, timeouts, 5xx) are retried with backoff for
+    ``retry_s``, then raise :class:`umair.storage.StorageError`, which stops the job; so
+    do, at once, problems that every row would share: rejected credentials and full or
+    read-only storage."""
+    import errno
+
+    import pyarrow.fs as pafs
+
+    if not uri or not uri.strip():
+        raise PermanentReadError("bad_uri", "empty image_uri")
+    if "\x00" in uri:
+        raise PermanentReadError("bad_uri", f"{uri!r}: NUL character in the URI")
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise PermanentReadError("bad_uri", f"{uri}: no bucket (expected s3://bucket/key)")
+        if not key.strip("/"):
+            raise PermanentReadError("bad_uri", f"{uri}: names a bucket, not an object (expected s3://bucket/key)")
+        if "//" in key.rstrip("/") or key.startswith("/"):
+            raise PermanentReadError("bad_uri", f"{uri}: empty path component (expected s3://bucket/key)")
+        if key.endswith("/"):
+            raise PermanentReadError("not_a_file", f"{uri} names a prefix (folder), not an object")
+    elif uri.startswith("file://") and not uri[len("file://"):].strip():
+        raise PermanentReadError("bad_uri", f"{uri}: no path after file://")
     try:
         fs, path = storage.resolve(uri, settings)
     except storage.StorageError as err:
@@ -46,10 +86,42 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
     try:
         data = with_retries(read, f"read {uri}", retry_s)
     except storage.StorageError as err:
-        if isinstance(err.__cause__, FileNotFoundError):
+        chain, seen = [], err
+        while seen is not None and len(chain) < 8:
+            chain.append(seen)
+            seen = seen.__cause__
+        text = " ".join(str(e) for e in chain).lower().replace("_", "")
+        codes = {e.errno for e in chain if isinstance(e, OSError)}
+        if "rejected the credentials" in text or "accessdenied" in text or "signaturedoesnotmatch" in text:
+            raise  # the job's credentials: every row would fail alike
+        bucket = uri[len("s3://"):].split("/")[0] if storage.is_s3(uri) else ""
+        no_bucket = PermanentReadError("no_bucket", f"{uri}: the bucket {bucket} does not exist")
+        if "the bucket does not exist" in text or "nosuchbucket" in text:
+            raise no_bucket from err
+        if any(isinstance(e, FileNotFoundError) for e in chain) or errno.ENOENT in codes:
+            if bucket:  # S3 answers a missing bucket's object as not found: ask about the bucket (missing rows only)
+                try:
+                    gone = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+                except (OSError, pa.ArrowException):
+                    gone = False
+                if gone:
+                    raise no_bucket from err
             raise PermanentReadError("missing", f"no such file or object: {uri}") from err
-        if isinstance(err.__cause__, (IsADirectoryError, NotADirectoryError)):
-            raise PermanentReadError("not_a_file", f"{uri} is not a file") from err
+        if not storage.is_s3(uri) and os.path.isdir(path):
+            raise PermanentReadError("not_a_file", f"{uri} is a directory, not a file") from err
+        if any(isinstance(e, NotADirectoryError) for e in chain) or errno.ENOTDIR in codes:
+            raise PermanentReadError("not_a_file", f"{uri}: a parent in the path is a file, not a directory") from err
+        if (any(isinstance(e, IsADirectoryError) for e in chain) or errno.EISDIR in codes
+                or "is a directory" in text or "not a regular file" in text):
+            raise PermanentReadError("not_a_file", f"{uri} is not a regular file") from err
+        if errno.ELOOP in codes:
+            raise PermanentReadError("not_a_file", f"{uri}: too many levels of symbolic links") from err
+        if any(isinstance(e, PermissionError) for e in chain) or codes & {errno.EACCES, errno.EPERM}:
+            raise PermanentReadError("permission_denied", f"{uri}: permission denied") from err
+        if errno.ENAMETOOLONG in codes:
+            raise PermanentReadError("bad_uri", f"{uri[:80]}...: file name too long") from err
+        if any(isinstance(e, pa.ArrowInvalid) for e in chain):
+            raise PermanentReadError("bad_uri", f"{uri}: invalid path ({chain[-1]})") from err
         raise
     if len(data) > max_bytes:
         raise PermanentReadError("too_large", f"file is larger than max_image_bytes={max_bytes}")
@@ -58,7 +130,11 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
 
 def decode_rows(batch: dict[str, np.ndarray], image_size: int, max_pixels: int, max_bytes: int,
                 storage_config: StorageConfig, retry_s: float) -> dict[str, np.ndarray]:
-    """Ray Data UDF (CPU tasks): read and decode each row; a failure marks its row only."""
+    """Ray Data UDF (CPU tasks): read and decode each row; a failure marks its row only
+    (``stage`` read/decode, ``reason``, ``error``; see :class:`PermanentReadError` and
+    :class:`umair.image.preprocess.DecodeError`). A missing ``image_uri`` (None, NaN) is
+    ``bad_uri``. Only storage failures every row would share (transient ones past
+    ``retry_s``, rejected credentials, full storage) raise, and stop the job."""
     from umair.image.preprocess import DecodeError, decode_image
 
     settings = storage_config.to_settings()
@@ -66,8 +142,13 @@ def decode_rows(batch: dict[str, np.ndarray], image_size: int, max_pixels: int, 
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
     ok = np.zeros(n, bool)
     stage, reason, error = (np.full(n, "", dtype=object) for _ in range(3))
-    for i, uri in enumerate(batch["image_uri"]):
-        uri = str(uri)
+    for i, raw in enumerate(batch["image_uri"]):
+        if raw is None or (isinstance(raw, float) and raw != raw):
+            uri = ""
+        elif isinstance(raw, bytes):
+            uri = raw.decode("utf-8", "replace")
+        else:
+            uri = str(raw)
         try:
             data = read_image_bytes(uri, settings, max_bytes, retry_s)
         except PermanentReadError as err:
@@ -179,7 +260,7 @@ class EmbedTags:
     """Ray Data actor: e_TSEM of each row from its tags (umair.text.tag_embeddings)."""
 
     def __init__(self, path: str, mode: str, batch_size: int, use_gpu: bool, storage_config: StorageConfig):
-        from umair.text.finetune import load_text_encoder
+        from umair.text.saved_encoder import load_text_encoder
 
         encoder = load_text_encoder(path, device="cuda" if use_gpu else "cpu", settings=storage_config.to_settings())
         self.model, self.version = _RememberingTextModel(encoder.model), encoder.version
@@ -210,7 +291,7 @@ def write_parts(batch: dict[str, np.ndarray], output: str, run_id: str, meta: di
     desc: dict[str, Any] = {"features": "", "features_rows": 0, "errors": "", "errors_rows": 0, "reasons": "{}"}
     if ok.any():
         columns = {"illust_id": pa.array(batch["illust_id"][ok].astype(np.int64), pa.int64())}
-        for name in ("sem", "sty", "tsem"):
+        for name in registry.names():
             if name in batch:
                 columns[name] = _vectors(batch[name][ok], int(meta[f"umair.{name}.dim"]))
         table = pa.table(columns).replace_schema_metadata(meta)

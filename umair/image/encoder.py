@@ -27,6 +27,15 @@ class DualOutput(NamedTuple):
     logits: torch.Tensor | None  # [B, n_tags] when the model has a tag head
 
 
+# How the two outputs are pooled (DualEncoder.forward, gram_style), recorded in encoder
+# manifests and hashed into the encoder version (umair.image.checkpoint.encoder_version):
+# change it whenever that code changes what it computes.
+POOLING = {
+    "sem": "mean over H'xW' of layer4",
+    "sty": "Gram F.F^T/(H*W) of each style block in float32; max over one channel axis; max over the blocks",
+}
+
+
 def gram_style(feature_maps: list[torch.Tensor]) -> torch.Tensor:
     """e_STY from a list of [B, C, H, W] maps (same C): max-reduced Gram matrices, max-pooled.
 

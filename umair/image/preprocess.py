@@ -27,6 +27,24 @@ from umair.errors import UmairError
 
 MAX_PIXELS = 64_000_000  # refuse larger images from their header (decompression bombs)
 
+# What decode_image (and umair.image.encoder.encode's uint8 → float step) does to every
+# image; recorded in encoder manifests and hashed into the encoder version, so a change
+# here gives new versions. decode_image takes its resampling filter from "interpolation".
+PREPROCESSING: dict[str, str] = {
+    "interpolation": "bilinear",
+    "scale": "0..1",  # x / 255, no mean/std normalisation
+    "mode": "RGB",
+    "transparency": "composited on white",
+    "deep_samples": "scaled to 8 bits by bit depth",
+    "frames": "first",
+}
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
+def preprocessing_manifest(size: int) -> dict:
+    """The manifest's ``preprocessing`` entry for an encoder whose images are size × size."""
+    return {"resize": [size, size], **PREPROCESSING}
+
 
 class DecodeError(UmairError, ValueError):
     """The bytes are not a decodable image; ``reason`` is a short machine-readable tag."""
@@ -79,7 +97,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
             img.load()
             rgb = _to_rgb(img)
             if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
+                rgb = rgb.resize((size, size), _RESAMPLE[PREPROCESSING["interpolation"]])
             return np.asarray(rgb, dtype=np.uint8)
     except DecodeError:
         raise

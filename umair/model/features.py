@@ -1,4 +1,4 @@
-"""The fusion model's inputs: fitted feature space, lookup tables, windows, negatives.
+"""The fusion model's inputs: the fitted feature space and the user / item lookup tables.
 
 Paper symbols (section 2.1): a user ``u = (u^IL, u^O)`` (interest labels, profile), an
 illustration ``i = (i^IMG, i^L, i^O)`` (image, artist tags, other metadata). The model
@@ -18,43 +18,36 @@ What lives here (no Ray):
   (and, for items, the float vectors), indexed by row. Interactions carry ``user_row``
   and ``item_row`` (int64) into them; float vectors are never joined into interaction
   rows. A training worker loads both tables once and gathers rows per batch.
-- Windows: ``[.., split)`` trains, ``[split, end)`` tests.
-- Negative sampling for logs that hold positives only (:class:`NegativeSettings`).
-- :class:`FeatureError`: the inputs cannot be used, raised before any training starts
-  (empty training window, item features missing for referenced illustrations, a vector
-  dimension that disagrees with the model config).
+Windows and negative sampling: :mod:`umair.model.interactions`; the item-features table
+(widths, standardisation, rows): :mod:`umair.model.item_features`; bad inputs raise
+:class:`umair.errors.FeatureError` before any training starts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from umair import contracts, storage
+from umair import storage
 from umair.config import Settings
 from umair.model.vocab import Buckets, Vocabulary
-from umair.errors import UmairError
+from umair.errors import FeatureError
+from umair.model.interactions import parse_time, rows_of, take_by_id, window
 
-MODALITIES: tuple[str, ...] = ("sem", "sty", "tsem")
 ITEM_NUMERIC: tuple[str, ...] = ("created_at", "width", "height", "page_count")
 ITEM_RESERVED = ("illust_id", "image_uri", "tags", *ITEM_NUMERIC)
 USER_RESERVED = ("user_id", "interest_tags")
 FORMAT = "umair-feature-space/1"
 
 Encoder = Vocabulary | Buckets
-
-
-class FeatureError(UmairError, ValueError):
-    """The inputs cannot train or score the model; raised before any training starts."""
 
 
 class FeatureSettings(Settings):
@@ -75,62 +68,7 @@ class FeatureSettings(Settings):
     )
 
 
-class NegativeSettings(Settings):
-    """Negative sampling for a log without explicit non-bookmarks (label 0).
-
-    mode: ``auto`` samples only when the window holds positives only; ``always`` adds
-        sampled negatives to whatever the log holds; ``never`` uses the log as it is.
-    ratio: negatives drawn per positive.
-    strategy: ``uniform`` over the illustrations published by the positive's time, or
-        ``popularity``: probability ∝ (training bookmarks + 1) ** popularity_power.
-    A drawn illustration the user bookmarked in the same window is redrawn (up to 10
-    rounds; what still collides is dropped and counted).
-    """
-
-    mode: Literal["auto", "always", "never"] = "auto"
-    ratio: int = Field(4, ge=1)
-    strategy: Literal["uniform", "popularity"] = "uniform"
-    popularity_power: float = Field(0.75, ge=0.0)
-    seed: int = 0
-
-
 # --------------------------------------------------------------------------- windows
-
-
-def parse_time(value: str | datetime) -> datetime:
-    """A date or datetime (ISO string or object) as an aware UTC datetime."""
-    t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-
-
-def _micros(when: datetime) -> int:
-    return (when - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
-
-
-def window(interactions: pa.Table, start: str | datetime | None = None, end: str | datetime | None = None) -> pa.Table:
-    """Rows with ``start <= ts < end`` (either bound optional)."""
-    ts = interactions.column("ts").cast(pa.int64()).to_numpy()
-    mask = np.ones(len(ts), dtype=bool)
-    if start is not None:
-        mask &= ts >= _micros(parse_time(start))
-    if end is not None:
-        mask &= ts < _micros(parse_time(end))
-    return interactions.filter(pa.array(mask))
-
-
-def training_window(interactions: pa.Table, split: str | datetime, source: str = "<interactions>") -> pa.Table:
-    """The interactions before ``split``; :class:`FeatureError` when there are none."""
-    train = window(interactions, end=split)
-    if train.num_rows == 0:
-        when = parse_time(split).isoformat()
-        if interactions.num_rows == 0:
-            raise FeatureError(f"{source}: the training window (ts < {when}) is empty: the table holds no interactions")
-        first, last = pc.min(interactions.column("ts")).as_py(), pc.max(interactions.column("ts")).as_py()
-        raise FeatureError(
-            f"{source}: the training window (ts < {when}) is empty: the {interactions.num_rows} interactions run from "
-            f"{first.isoformat()} to {last.isoformat()}; set the split after {first.isoformat()}"
-        )
-    return train
 
 
 # --------------------------------------------------------------------------- the feature space
@@ -167,14 +105,6 @@ def _extra_columns(table: pa.Table, reserved: Sequence[str], chosen: Sequence[st
     ]
 
 
-def _take_by_id(table: pa.Table, id_column: str, ids: np.ndarray) -> tuple[pa.Table, np.ndarray]:
-    """Rows of ``table`` whose ``id_column`` is in ``ids`` (in ``ids`` order), and the
-    mask of ``ids`` found."""
-    rows = _rows_of(table.column(id_column).to_numpy(), ids)
-    found = rows >= 0
-    return table.take(pa.array(rows[found], pa.int64())), found
-
-
 @dataclass(frozen=True, eq=False)
 class UserTable:
     """Users encoded once; row ``r`` is ``user_ids[r]`` (the users table's order).
@@ -190,7 +120,7 @@ class UserTable:
 
     def rows(self, user_ids: np.ndarray) -> np.ndarray:
         """Row of each id; -1 where the id is not in the table."""
-        return _rows_of(self.user_ids, user_ids)
+        return rows_of(self.user_ids, user_ids)
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,17 +140,7 @@ class ItemTable:
 
     def rows(self, illust_ids: np.ndarray) -> np.ndarray:
         """Row of each id; -1 where the id has no item features."""
-        return _rows_of(self.illust_ids, illust_ids)
-
-
-def _rows_of(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(keys) == 0:
-        return np.full(len(ids), -1, dtype=np.int64)
-    order = np.argsort(keys, kind="stable")
-    pos = np.minimum(np.searchsorted(keys[order], ids), len(keys) - 1)
-    hit = keys[order][pos] == ids
-    return np.where(hit, order[pos], -1).astype(np.int64)
+        return rows_of(self.illust_ids, illust_ids)
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,8 +202,8 @@ class FeatureSpace:
             raise FeatureError(f"train_interactions holds {late.num_rows} rows at or after the split {parse_time(split).isoformat()}")
         uid_col = train_interactions.column("user_id")
         item_col = train_interactions.column("illust_id")
-        train_users, _ = _take_by_id(users, "user_id", pc.unique(uid_col).to_numpy())
-        train_items, _ = _take_by_id(illustrations, "illust_id", pc.unique(item_col).to_numpy())
+        train_users, _ = take_by_id(users, "user_id", pc.unique(uid_col).to_numpy())
+        train_items, _ = take_by_id(illustrations, "illust_id", pc.unique(item_col).to_numpy())
 
         user_fields = {
             c: _fit_field(train_users.column(c), settings)
@@ -344,7 +264,7 @@ class FeatureSpace:
         An id the illustrations table does not hold gets 0 everywhere except its own id
         field (when ``item_id`` is on)."""
         illust_ids = np.asarray(illust_ids, dtype=np.int64)
-        rows, found = _take_by_id(illustrations, "illust_id", illust_ids)
+        rows, found = take_by_id(illustrations, "illust_id", illust_ids)
         out = np.zeros((len(illust_ids), len(self.item_fields)), dtype=np.int64)
         for j, (name, enc) in enumerate(self.item_fields.items()):
             if name == "illust_id":
@@ -398,302 +318,6 @@ class FeatureSpace:
 # --------------------------------------------------------------------------- item features
 
 
-@dataclass(frozen=True)
-class FeaturesInfo:
-    """What the driver needs of an item-features table without reading its vectors."""
-
-    uri: str
-    illust_ids: np.ndarray  # row order of the file(s): item_row r <-> illust_ids[r]
-    dims: dict[str, int]  # modality -> vector width, for the modalities present
-    metadata: dict[str, str]  # the umair.* file metadata
-
-    @property
-    def fingerprint(self) -> str:
-        """Changes when the rows or their order change."""
-        return ids_fingerprint(self.illust_ids)
-
-    def encoder_versions(self) -> dict[str, str]:
-        """``umair.<name>.encoder`` / ``*.version`` metadata entries, keyed without the prefix."""
-        return {k[len("umair."):]: v for k, v in self.metadata.items() if k.endswith((".encoder", ".version", "encoder_version"))}
-
-
-def ids_fingerprint(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def _umair_metadata(schema: pa.Schema) -> dict[str, str]:
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    return {k: v for k, v in meta.items() if k.startswith("umair.")}
-
-
-def _schema_of(uri: str, settings: storage.StorageSettings | None) -> pa.Schema:
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(uri, settings)
-    with storage.storage_errors(uri, "read", settings):
-        return pads.dataset(path, filesystem=fs, format="parquet").schema
-
-
-def features_info(table: pa.Table, uri: str) -> FeaturesInfo:
-    """:class:`FeaturesInfo` of an item-features table already in memory (validated here)."""
-    table = contracts.validate(table, "item_features", uri)
-    dims = {m: table.schema.field(m).type.list_size for m in MODALITIES if m in table.column_names}
-    return FeaturesInfo(uri, table.column("illust_id").to_numpy().astype(np.int64), dims, _umair_metadata(table.schema))
-
-
-def inspect_item_features(uri: str, settings: storage.StorageSettings | None = None) -> FeaturesInfo:
-    """Check an item-features table's contract (ids, vector types, dims vs metadata)
-    reading only its ``illust_id`` column and schema."""
-    schema = _schema_of(uri, settings)
-    contracts.validate(schema.empty_table(), "item_features", uri)  # vector types, dims vs metadata
-    ids = contracts.validate(storage.read_parquet(uri, settings, columns=["illust_id"]), "item_features", uri)
-    dims = {m: schema.field(m).type.list_size for m in MODALITIES if m in schema.names}
-    return FeaturesInfo(uri, ids.column("illust_id").to_numpy().astype(np.int64), dims, _umair_metadata(schema))
-
-
-def check_dims(info: FeaturesInfo, wanted: Mapping[str, int | None]) -> dict[str, int]:
-    """The width of each wanted modality (``wanted[m]``: the width the model config sets,
-    or None to take the file's). Raises :class:`FeatureError` for a missing column or a
-    width that disagrees with the config."""
-    dims: dict[str, int] = {}
-    for m, want in wanted.items():
-        if m not in info.dims:
-            raise FeatureError(
-                f"{info.uri}: no column '{m}' in the item features (columns: {', '.join(info.dims) or 'none'}), "
-                f"but the model uses e_{m.upper()}; extract it or switch it off (model.use_{m}: false)"
-            )
-        have = info.dims[m]
-        if want is not None and want != have:
-            declared = info.metadata.get(f"umair.{m}.dim")
-            source = f"file metadata umair.{m}.dim={declared}" if declared is not None else "the column type"
-            raise FeatureError(
-                f"{info.uri}: column '{m}' holds {have}-d vectors ({source}), but the model config sets d_{m}={want}"
-            )
-        dims[m] = have
-    return dims
-
-
-def build_item_table(
-    features: pa.Table,
-    illustrations: pa.Table,
-    space: FeatureSpace,
-    modalities: Sequence[str],
-    expected_fingerprint: str | None = None,
-    source: str = "<item_features>",
-) -> ItemTable:
-    """Align a validated item-features table (contract ``item_features``) to item rows:
-    its own row order. ``expected_fingerprint`` (from :class:`FeaturesInfo`) guards
-    against the file changing between the driver's check and a worker's load."""
-    ids = features.column("illust_id").to_numpy().astype(np.int64)
-    if expected_fingerprint is not None and ids_fingerprint(ids) != expected_fingerprint:
-        raise FeatureError(f"{source}: the item features changed since this run was prepared (rows or their order differ)")
-    vectors: dict[str, np.ndarray] = {}
-    for m in modalities:
-        col = features.column(m).combine_chunks()
-        d = col.type.list_size
-        x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), d)
-        stats = space.vector_stats.get(m)
-        if stats is not None and len(stats.mean) != d:
-            raise FeatureError(f"{source}: column '{m}' holds {d}-d vectors, but the feature space was fitted on {len(stats.mean)}-d ones")
-        vectors[m] = stats.apply(x) if stats is not None else x
-    return ItemTable(ids, space.encode_items(illustrations, ids), vectors, _umair_metadata(features.schema))
-
-
-def _stats_of_batches(batches: Iterable[pa.RecordBatch], modalities: Sequence[str], source: str, n_wanted: int) -> dict[str, VectorStats]:
-    """Per-dimension mean / std of each modality over the rows of ``batches`` (float64 sums)."""
-    sums: dict[str, np.ndarray] = {}
-    squares: dict[str, np.ndarray] = {}
-    n = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        n += batch.num_rows
-        for m in modalities:
-            col = batch.column(m)
-            x = col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, col.type.list_size).astype(np.float64)
-            sums[m] = sums.get(m, 0.0) + x.sum(axis=0)
-            squares[m] = squares.get(m, 0.0) + (x * x).sum(axis=0)
-    if n == 0:
-        raise FeatureError(f"{source}: none of the {n_wanted} training-window illustrations has item features")
-    stats = {}
-    for m in modalities:
-        mean = sums[m] / n
-        std = np.sqrt(np.maximum(squares[m] / n - mean * mean, 0.0))
-        std = np.where(std > 1e-6 * max(float(np.abs(mean).max()), 1.0), std, 1.0)
-        stats[m] = VectorStats(mean.astype(np.float32), std.astype(np.float32))
-    return stats
-
-
-def fit_vector_stats(
-    uri: str,
-    item_ids: np.ndarray,
-    modalities: Sequence[str],
-    settings: storage.StorageSettings | None = None,
-    batch_rows: int = 8192,
-) -> dict[str, VectorStats]:
-    """Mean / std per dimension of each modality over the items ``item_ids`` (the
-    training window's), streaming a parquet file or directory in batches (bounded memory)."""
-    import pyarrow.dataset as pads
-
-    if not modalities:
-        return {}
-    fs, path = storage.resolve(uri, settings)
-    wanted = pa.array(np.unique(np.asarray(item_ids, np.int64)), pa.int64())
-    with storage.storage_errors(uri, "read", settings):
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        scanner = dataset.scanner(columns=list(modalities), filter=pads.field("illust_id").isin(wanted), batch_size=batch_rows)
-        return _stats_of_batches(scanner.to_batches(), modalities, uri, len(wanted))
-
-
-def vector_stats_of(table: pa.Table, item_ids: np.ndarray, modalities: Sequence[str], source: str = "<item_features>") -> dict[str, VectorStats]:
-    """:func:`fit_vector_stats` for a table already in memory."""
-    if not modalities:
-        return {}
-    wanted = pa.array(np.unique(np.asarray(item_ids, np.int64)), pa.int64())
-    rows = table.filter(pc.is_in(table.column("illust_id"), value_set=wanted)).select(list(modalities))
-    return _stats_of_batches(rows.to_batches(), modalities, source, len(wanted))
-
-
-def check_item_coverage(interactions: pa.Table, item_ids: np.ndarray, features_uri: str, source: str = "<interactions>") -> None:
-    """:class:`FeatureError` when interactions reference illustrations without item
-    features, naming how many (and how many interactions) with the first one as example."""
-    ids = interactions.column("illust_id").to_numpy()
-    missing = _rows_of(np.asarray(item_ids, np.int64), ids) < 0
-    if missing.any():
-        raise FeatureError(
-            f"{features_uri}: {len(np.unique(ids[missing]))} illustration(s) referenced by {int(missing.sum())} interaction(s) "
-            f"in {source} have no item features (e.g. illust_id {int(ids[missing][0])}); run the extraction over them first"
-        )
-
-
-def attach_rows(
-    interactions: pa.Table,
-    user_ids: np.ndarray,
-    item_ids: np.ndarray,
-    features_uri: str,
-    source: str = "<interactions>",
-) -> pa.Table:
-    """``user_row``, ``item_row`` (int64 rows of the user / item tables) and ``label``
-    (float32) for each interaction. Every referenced illustration must have item
-    features: otherwise :class:`FeatureError` says how many are missing, with an example."""
-    check_item_coverage(interactions, item_ids, features_uri, source)
-    item_rows = _rows_of(np.asarray(item_ids, np.int64), interactions.column("illust_id").to_numpy())
-    user_rows = _rows_of(np.asarray(user_ids, np.int64), interactions.column("user_id").to_numpy())
-    if (user_rows < 0).any():
-        bad = interactions.column("user_id").to_numpy()[user_rows < 0]
-        raise FeatureError(f"{source}: {len(np.unique(bad))} user(s) are not in the users table (e.g. user_id {int(bad[0])})")
-    return pa.table({
-        "user_row": pa.array(user_rows, pa.int64()),
-        "item_row": pa.array(item_rows, pa.int64()),
-        "label": pa.array(interactions.column("label").to_numpy().astype(np.float32), pa.float32()),
-    })
-
-
 # --------------------------------------------------------------------------- negatives
 
 
-@dataclass(frozen=True)
-class ItemPool:
-    """Illustrations negatives may be drawn from, sorted by publication time."""
-
-    illust_ids: np.ndarray  # sorted by created_us
-    created_us: np.ndarray  # int64 microseconds since the epoch (UTC)
-    weights: np.ndarray  # sampling weight of each (uniform: ones)
-
-    @classmethod
-    def build(
-        cls,
-        illustrations: pa.Table,
-        candidate_ids: np.ndarray,
-        settings: NegativeSettings,
-        train_positives: pa.Table | None = None,
-    ) -> ItemPool:
-        """Candidates = ``candidate_ids`` (e.g. items with features) described by
-        ``illustrations``; popularity = bookmarks in ``train_positives``."""
-        rows, _ = _take_by_id(illustrations, "illust_id", np.asarray(candidate_ids, np.int64))
-        ids = rows.column("illust_id").to_numpy().astype(np.int64)
-        created = rows.column("created_at").cast(pa.int64()).to_numpy()
-        order = np.argsort(created, kind="stable")
-        ids, created = ids[order], created[order]
-        weights = np.ones(len(ids))
-        if settings.strategy == "popularity":
-            counts = np.zeros(len(ids))
-            if train_positives is not None and train_positives.num_rows:
-                pos = train_positives.filter(pc.equal(train_positives.column("label"), 1))
-                r = _rows_of(ids, pos.column("illust_id").to_numpy())
-                np.add.at(counts, r[r >= 0], 1.0)
-            weights = (counts + 1.0) ** settings.popularity_power
-        return cls(ids, created, weights)
-
-
-def sample_negatives(positives: pa.Table, pool: ItemPool, settings: NegativeSettings) -> tuple[pa.Table, dict[str, Any]]:
-    """``settings.ratio`` negatives (label 0, same user and ts) per positive of
-    ``positives``, drawn from the pool's items published at or before that ts."""
-    rng = np.random.default_rng(settings.seed)
-    pos = positives.filter(pc.equal(positives.column("label"), 1))
-    users = np.repeat(pos.column("user_id").to_numpy(), settings.ratio)
-    ts = np.repeat(pos.column("ts").cast(pa.int64()).to_numpy(), settings.ratio)
-    n_avail = np.searchsorted(pool.created_us, ts, side="right")
-    cum = np.cumsum(pool.weights)
-    liked = set(zip(pos.column("user_id").to_numpy().tolist(), pos.column("illust_id").to_numpy().tolist()))
-    pick = np.full(len(users), -1, dtype=np.int64)
-    todo = np.flatnonzero(n_avail > 0)
-    no_pool = int((n_avail == 0).sum())
-    for _ in range(10):
-        if len(todo) == 0:
-            break
-        tops = cum[n_avail[todo] - 1]
-        draw = np.searchsorted(cum, rng.random(len(todo)) * tops, side="right")
-        draw = np.minimum(draw, n_avail[todo] - 1)
-        pick[todo] = draw
-        clash = np.array([(u, i) in liked for u, i in zip(users[todo].tolist(), pool.illust_ids[draw].tolist())], dtype=bool)
-        todo = todo[clash]
-    pick[todo] = -1
-    keep = pick >= 0
-    negatives = pa.table({
-        "user_id": pa.array(users[keep], pa.int64()),
-        "illust_id": pa.array(pool.illust_ids[pick[keep]], pa.int64()),
-        "ts": pa.array(ts[keep], pa.int64()).cast(contracts.TIMESTAMP),
-        "label": pa.array(np.zeros(int(keep.sum()), np.int8), pa.int8()),
-    })
-    record = {
-        "strategy": settings.strategy,
-        "ratio": settings.ratio,
-        "seed": settings.seed,
-        "popularity_power": settings.popularity_power if settings.strategy == "popularity" else None,
-        "positives": pos.num_rows,
-        "negatives": negatives.num_rows,
-        "dropped_collisions": len(todo),
-        "dropped_no_candidate": no_pool,
-    }
-    return negatives, record
-
-
-def with_negatives(
-    interactions: pa.Table, pool: ItemPool, settings: NegativeSettings, source: str = "<interactions>"
-) -> tuple[pa.Table, dict[str, Any]]:
-    """Apply ``settings.mode`` to a window of interactions; returns the rows to use
-    (original columns user_id, illust_id, ts, label) and the record of what was done."""
-    labels = interactions.column("label").to_numpy()
-    positives_only = interactions.num_rows > 0 and bool((labels == 1).all())
-    sample = settings.mode == "always" or (settings.mode == "auto" and positives_only)
-    if not sample:
-        record: dict[str, Any] = {"applied": False, "mode": settings.mode, "positives": int((labels == 1).sum()),
-                                  "negatives": int((labels == 0).sum())}
-        return interactions, record
-    negatives, record = sample_negatives(interactions, pool, settings)
-    record = {"applied": True, "mode": settings.mode, "reason": "log holds positives only" if positives_only else "mode=always",
-              **record}
-    base = interactions.select(["user_id", "illust_id", "ts", "label"])
-    return pa.concat_tables([base, negatives.cast(base.schema)]), record
-
-
-def require_both_labels(rows: pa.Table, what: str) -> None:
-    """:class:`FeatureError` unless ``rows['label']`` holds both 0 and 1."""
-    labels = rows.column("label").to_numpy()
-    if rows.num_rows and (labels == labels[0]).all():
-        only = "positive" if labels[0] == 1 else "negative"
-        raise FeatureError(
-            f"{what}: every label is {only} ({rows.num_rows} rows); a click model needs both classes "
-            f"(negative sampling: negatives.mode 'auto' or 'always')"
-        )

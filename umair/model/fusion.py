@@ -11,7 +11,7 @@ Layout for speed (the function computed is the one of :class:`UmairFPS`): every 
 is a block of rows of one ``embeddings`` table (``user_emb``, ``tag_emb``,
 ``user_field_embs``, ``item_field_embs`` are views of it) read by one weighted
 ``embedding_bag`` per step (:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack
-a whole window once and call :meth:`UmairFPS.forward_packed`), and the deep MLP, each
+a whole window, or each table once, and call the model on the packed ids), and the deep MLP, each
 cross layer (either form) and the output layer keep their weights and biases in one flat
 parameter each, so Adam updates a handful of tensors per step (5 for the default 2-layer
 model without UMCM). Initialisation: tables N(0, 0.1²) (the tag padding row 0), MLP and
@@ -20,6 +20,7 @@ output layer like ``nn.Linear``, cross layers as in :mod:`umair.model.crossnet`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +31,6 @@ from umair.model.crossnet import CrossNet
 from umair.model.settings import (  # noqa: F401 - re-exported: the settings live in a torch-free module
     META,
     TABLE4_VARIANTS,
-    VISUAL_TEXT_MODALITIES,
     ModelConfig,
     dcn_v2_only,
     table4_variant,
@@ -155,12 +155,14 @@ class UmairFPS(nn.Module):
     DCN-V2's own full-rank cross).
 
     Args:
-        cfg: every knob (:class:`ModelConfig`): vocabulary sizes, modality widths
-            ``d_sem`` / ``d_sty`` / ``d_tsem``, ``emb_dim``, ``d``, the enabled
-            modalities, the UMCM experts, the cross network and the MLP.
+        cfg: every knob (:class:`ModelConfig`): vocabulary sizes, the vector modalities
+            read and their widths (``vectors``, names from :mod:`umair.modalities`),
+            ``emb_dim``, ``d``, the UMCM experts, the cross network and the MLP.
 
-    Inputs of :meth:`forward` / :meth:`explain` (one batch of B user-item pairs; every id
-    is a vocabulary index, 0 = out-of-vocabulary / padding, see :mod:`umair.model.vocab`):
+    Inputs (one batch of B user-item pairs; every id is a vocabulary index, 0 =
+    out-of-vocabulary / padding, see :mod:`umair.model.vocab`). The ids go through
+    :meth:`pack_ids` into one matrix ``packed`` [B, 1 + T + P + M] that :meth:`forward`
+    and :meth:`explain` read, with the item vectors as a mapping ``vectors``:
 
     =============  ==============  ====================================================
     name           shape, dtype    meaning
@@ -172,42 +174,39 @@ class UmairFPS(nn.Module):
     item_fields    [B, M] int64    item metadata i^O (bucketised created_at, size, page
                                    count, artist, optionally the illustration id itself),
                                    columns in ``item_fields`` order
-    sem            [B, d_sem]      e_SEM   (only read when ``use_sem``)
-    sty            [B, d_sty]      e_STY   (only read when ``use_sty``)
-    tsem           [B, d_tsem]     e_TSEM  (only read when ``use_tsem``)
+    vectors[m]     [B, d_m] float  each modality m of ``cfg.vectors`` (e_SEM ``sem``,
+                                   e_STY ``sty``, e_TSEM ``tsem``, any registered one)
     =============  ==============  ====================================================
 
     Outputs: :meth:`forward` the logits [B]; :meth:`explain` a :class:`FusionOutput`
     (``logits`` [B], ``alpha`` [B, K, J], ``beta`` [B, K]; None for "w/o ALL").
-    :meth:`pack_ids` gives the ids as one [B, 1 + T + P + M] matrix for
-    :meth:`forward_packed` / :meth:`explain_packed`.
 
     Example::
 
         >>> import torch
         >>> from umair.model import ModelConfig, UmairFPS
         >>> cfg = ModelConfig(n_users=10, n_tags=20, user_fields={"gender": 3},
-        ...                   item_fields={"artist": 7, "size": 4}, d_sem=12, d_sty=6, d_tsem=5)
+        ...                   item_fields={"artist": 7, "size": 4}, vectors={"sem": 12, "sty": 6, "tsem": 5})
         >>> model = UmairFPS(cfg).eval()
         >>> B = 4
         >>> ids = dict(user_id=torch.tensor([1, 2, 3, 0]),
         ...            user_tags=torch.tensor([[3, 7, 0], [1, 0, 0], [0, 0, 0], [2, 5, 9]]),
         ...            user_fields=torch.tensor([[1], [2], [0], [1]]),
         ...            item_fields=torch.tensor([[6, 1], [2, 3], [0, 0], [4, 2]]))
-        >>> feats = dict(sem=torch.randn(B, 12), sty=torch.randn(B, 6), tsem=torch.randn(B, 5))
-        >>> logits = model(**ids, **feats)
+        >>> packed = model.pack_ids(**ids)  # [B, 1 + T + P + M]
+        >>> packed.shape
+        torch.Size([4, 7])
+        >>> vectors = dict(sem=torch.randn(B, 12), sty=torch.randn(B, 6), tsem=torch.randn(B, 5))
+        >>> logits = model(packed, vectors)
         >>> logits.shape
         torch.Size([4])
         >>> probs = torch.sigmoid(logits)  # bookmark probabilities
-        >>> out = model.explain(**ids, **feats)
+        >>> out = model.explain(packed, vectors)
         >>> model.modality_names, out.alpha.shape, out.beta.shape  # J = 4, K = 3
         (('tsem', 'sem', 'sty', 'meta'), torch.Size([4, 3, 4]), torch.Size([4, 3]))
         >>> bool(torch.allclose(out.alpha.sum(-1), torch.ones(B, 3)))
         True
-        >>> packed = model.pack_ids(**ids)  # [B, 1 + T + P + M]
-        >>> packed.shape
-        torch.Size([4, 7])
-        >>> bool(torch.allclose(model.forward_packed(packed, **feats), logits))
+        >>> bool(torch.allclose(out.logits, logits))
         True
     """
 
@@ -241,7 +240,7 @@ class UmairFPS(nn.Module):
         width = user_width + item_width
         if cfg.multimodal:
             self.user_proj = nn.Linear(user_width, d)
-            in_dims = {"tsem": cfg.d_tsem, "sem": cfg.d_sem, "sty": cfg.d_sty, META: item_width}
+            in_dims = {**cfg.vectors, META: item_width}
             self.modality_proj = nn.ModuleDict({m: nn.Linear(in_dims[m], d) for m in self.modality_names})
             self.umcm = MoEUMCM(
                 cfg.expert_kinds, d, len(self.modality_names), cfg.att_user_proj, cfg.sen_reduction, cfg.sen_weights
@@ -275,8 +274,8 @@ class UmairFPS(nn.Module):
         """The id inputs as one int64 matrix [B, 1 + T + P + M] of rows of the fused table
         ``embeddings`` (columns: user id, the T tags, profile fields, item fields; each id
         shifted to its table's block). Raises IndexError for an id outside its vocabulary,
-        like a per-table ``nn.Embedding`` lookup. :meth:`forward_packed` reads it; pack a
-        whole window once to skip this per step.
+        like a per-table ``nn.Embedding`` lookup. :meth:`forward` reads it; pack a whole
+        window (or each user and item table) once to skip this per step.
 
         ``drop_tag_padding``: every row's tags are moved ahead of its padding (order kept)
         and the tag columns that are then padding in every row are dropped (T becomes the
@@ -364,25 +363,10 @@ class UmairFPS(nn.Module):
             raise ValueError(f"{name}: expected shape [B, {width}], got {list(x.shape)}")
         return self.modality_proj[name](x.to(self.user_proj.weight.dtype))
 
-    def explain(
-        self,
-        user_id: Tensor,
-        user_tags: Tensor,
-        user_fields: Tensor | None = None,
-        item_fields: Tensor | None = None,
-        sem: Tensor | None = None,
-        sty: Tensor | None = None,
-        tsem: Tensor | None = None,
-    ) -> FusionOutput:
+    def explain(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None) -> FusionOutput:
         """Logits [B] plus the UMCM weights α [B, K, J] (J in :attr:`modality_names`
-        order) and β [B, K] (K in ``cfg.expert_kinds`` order)."""
-        packed = self.pack_ids(user_id, user_tags, user_fields, item_fields)
-        return self.explain_packed(packed, sem, sty, tsem)
-
-    def explain_packed(
-        self, packed: Tensor, sem: Tensor | None = None, sty: Tensor | None = None, tsem: Tensor | None = None
-    ) -> FusionOutput:
-        """:meth:`explain` of ids already packed by :meth:`pack_ids`."""
+        order) and β [B, K] (K in ``cfg.expert_kinds`` order) of ids packed by
+        :meth:`pack_ids` and the item vectors ``vectors[m]`` [B, cfg.vectors[m]]."""
         cfg = self.cfg
         raw = self.embed_packed(packed)  # [B, (2 + P + M) k] = [user id, tags, profile | item fields]
         alpha = beta = None
@@ -391,9 +375,9 @@ class UmairFPS(nn.Module):
             split = (2 + len(cfg.user_fields)) * cfg.emb_dim
             user_raw, item_raw = raw[:, :split], raw[:, split:]
             v_user = self.user_proj(user_raw)
-            given = {"tsem": (tsem, cfg.d_tsem), "sem": (sem, cfg.d_sem), "sty": (sty, cfg.d_sty)}
+            given = vectors or {}
             e = [
-                self.modality_proj[META](item_raw) if m == META else self._modality(m, *given[m])
+                self.modality_proj[META](item_raw) if m == META else self._modality(m, given.get(m), cfg.vectors[m])
                 for m in self.modality_names
             ]
             v_il, alpha, beta = self.umcm(v_user, torch.stack(e, dim=1))
@@ -405,24 +389,10 @@ class UmairFPS(nn.Module):
             h = self.deep(xl)
         return FusionOutput(self.head(h).squeeze(-1), alpha, beta)
 
-    def forward_packed(
-        self, packed: Tensor, sem: Tensor | None = None, sty: Tensor | None = None, tsem: Tensor | None = None
-    ) -> Tensor:
-        """:meth:`forward` of ids already packed by :meth:`pack_ids` (logits [B])."""
-        return self.explain_packed(packed, sem, sty, tsem).logits
-
-    def forward(
-        self,
-        user_id: Tensor,
-        user_tags: Tensor,
-        user_fields: Tensor | None = None,
-        item_fields: Tensor | None = None,
-        sem: Tensor | None = None,
-        sty: Tensor | None = None,
-        tsem: Tensor | None = None,
-    ) -> Tensor:
-        """Logits [B] (apply a sigmoid for bookmark probabilities)."""
-        return self.explain(user_id, user_tags, user_fields, item_fields, sem, sty, tsem).logits
+    def forward(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Logits [B] of ids packed by :meth:`pack_ids` [B, 1 + T + P + M] and the item
+        vectors (apply a sigmoid for bookmark probabilities)."""
+        return self.explain(packed, vectors).logits
 
 
 def compact_tags(user_tags: Tensor, keep: int | None = None) -> Tensor:

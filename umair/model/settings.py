@@ -11,13 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from umair import modalities as registry
+
 CrossType = Literal["full", "lowrank"]
 Activation = Literal["tanh", "relu"]
 ExpertKind = Literal["att", "sen", "mean"]
 SenWeights = Literal["softmax", "sigmoid"]
 
-VISUAL_TEXT_MODALITIES = ("tsem", "sem", "sty")
-META = "meta"
+META = "meta"  # the item-metadata modality: projected item-field embeddings, stacked last
 
 
 class ModelConfig(BaseModel):
@@ -33,14 +34,12 @@ class ModelConfig(BaseModel):
     n_tags: int = Field(..., ge=1, description="interest-tag vocabulary size (incl. index 0 = padding)")
     user_fields: dict[str, int] = Field(default_factory=dict, description="profile field -> vocabulary size; column order of user_fields")
     item_fields: dict[str, int] = Field(default_factory=dict, description="item metadata field -> vocabulary size; column order of item_fields")
-    d_sem: int = Field(2048, ge=1, description="width of e_SEM (2048 for a torchvision ResNet101)")
-    d_sty: int = Field(256, ge=1, description="width of e_STY (channels of the style layers)")
-    d_tsem: int = Field(384, ge=1, description="width of e_TSEM (384 for all-MiniLM-L6-v2)")
+    vectors: dict[str, int] = Field(
+        default_factory=registry.default_dims,
+        description="vector modalities the model reads (umair.modalities names) -> width; "
+                    "default every registered one at its production width (e_SEM 2048, e_STY 256, e_TSEM 384)")
     emb_dim: int = Field(8, ge=1, description="k: width of every id / field embedding (8 in the paper)")
     d: int = Field(16, ge=1, description="common width of v_user and of every projected modality")
-    use_sem: bool = True
-    use_sty: bool = True
-    use_tsem: bool = True
     umcm: Literal["moe", "att", "sen", "none"] = Field("moe", description="none = mean of the modalities, no reweighting")
     experts: tuple[Literal["att", "sen"], ...] = Field(("att", "sen", "att"), description="expert kinds when umcm='moe'; K = len")
     att_user_proj: bool = Field(True, description="each ATT expert learns q = W v_user; False = paper's Eq. 7, parameter-free")
@@ -62,23 +61,32 @@ class ModelConfig(BaseModel):
         for name, size in {**self.user_fields, **self.item_fields}.items():
             if size < 1:
                 raise ValueError(f"vocabulary size of field {name!r} must be >= 1, got {size}")
+        unknown = [m for m in self.vectors if m not in registry.names()]
+        if unknown:
+            raise ValueError(f"vectors: unknown modality {unknown}; registered: {list(registry.names())}")
+        bad = {m: w for m, w in self.vectors.items() if w < 1}
+        if bad:
+            raise ValueError(f"vectors: widths must be >= 1, got {bad}")
         if any(w < 1 for w in self.mlp):
             raise ValueError(f"mlp widths must be >= 1, got {self.mlp}")
         return self
 
     @property
     def multimodal(self) -> bool:
-        """False for "w/o ALL": no e_SEM, e_STY, e_TSEM, hence no UMCM at all."""
-        return self.use_sem or self.use_sty or self.use_tsem
+        """False for "w/o ALL": no vector modality, hence no UMCM at all."""
+        return bool(self.vectors)
+
+    @property
+    def vector_names(self) -> tuple[str, ...]:
+        """The vector modalities read, in stacking (registry) order."""
+        return tuple(m for m in registry.names() if m in self.vectors)
 
     @property
     def modalities(self) -> tuple[str, ...]:
         """Names of the J stacked modalities, in order (empty when not multimodal)."""
         if not self.multimodal:
             return ()
-        on = {"tsem": self.use_tsem, "sem": self.use_sem, "sty": self.use_sty}
-        names = tuple(m for m in VISUAL_TEXT_MODALITIES if on[m])
-        return names + ((META,) if self.item_fields else ())
+        return self.vector_names + ((META,) if self.item_fields else ())
 
     @property
     def expert_kinds(self) -> tuple[ExpertKind, ...]:
@@ -113,9 +121,9 @@ def table4_variant(base: ModelConfig, name: str) -> ModelConfig:
     if name == "full":
         changes = {}
     elif name == "w/o ALL":
-        changes = {"use_sem": False, "use_sty": False, "use_tsem": False}
-    elif name in ("w/o STY", "w/o SEM", "w/o TSEM"):
-        changes = {f"use_{name[4:].lower()}": False}
+        changes = {"vectors": {}}
+    elif name.startswith("w/o ") and name[4:].lower() in registry.names():
+        changes = {"vectors": {m: w for m, w in base.vectors.items() if m != name[4:].lower()}}
     elif name == "w/o UMCM":
         changes = {"umcm": "none"}
     elif name in ("UMCM_ATT", "UMCM_SEN"):

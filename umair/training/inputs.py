@@ -1,7 +1,7 @@
 """Training inputs: table URIs resolved and checked, the training window cut, negatives
 sampled, the :class:`~umair.model.features.FeatureSpace` fitted and every interaction
 mapped to ``(user_row, item_row, label)``. Bad inputs raise
-:class:`~umair.model.features.FeatureError` here, before any worker starts."""
+:class:`~umair.errors.FeatureError` here, before any worker starts."""
 
 from __future__ import annotations
 
@@ -14,26 +14,11 @@ import numpy as np
 import pyarrow as pa
 
 from umair import contracts, storage
-from umair.model.features import (
-    MODALITIES,
-    FeatureError,
-    FeaturesInfo,
-    FeatureSpace,
-    ItemPool,
-    attach_rows,
-    check_dims,
-    check_item_coverage,
-    features_info,
-    fit_vector_stats,
-    ids_fingerprint,
-    inspect_item_features,
-    parse_time,
-    require_both_labels,
-    training_window,
-    vector_stats_of,
-    window,
-    with_negatives,
-)
+from umair import modalities as registry
+from umair.model.features import FeatureSpace
+from umair.errors import FeatureError
+from umair.model.interactions import ItemPool, parse_time, require_both_labels, training_window, window, with_negatives
+from umair.model.item_features import FeaturesInfo, attach_rows, check_dims, check_item_coverage, features_info, fit_vector_stats, ids_fingerprint, inspect_item_features, vector_stats_of
 from umair.feature_store import read_features
 from umair.model.settings import ModelConfig, table4_variant
 from umair.training.model_io import SavedModel
@@ -139,19 +124,24 @@ class Prepared:
 
     @property
     def modalities(self) -> list[str]:
-        return [m for m in MODALITIES if getattr(self.model_config, f"use_{m}")]
+        return list(self.model_config.vector_names)
 
 
 def build_model_config(
     space: FeatureSpace, info: FeaturesInfo, overrides: dict[str, Any], variant: str | None
 ) -> ModelConfig:
-    """Sizes from ``space``, vector widths from the features file (checked against any
-    ``d_*`` override), then the overrides and the Table-4 ``variant``."""
-    probe = ModelConfig(**space.model_sizes(), **overrides)
+    """Sizes from ``space``, vector widths from the features file, then the overrides and
+    the Table-4 ``variant``. ``overrides["vectors"]`` (optional) names the modalities the
+    model reads, each with its width or None for the file's (default: every registered
+    modality); a width that disagrees with the file is an error."""
+    given = overrides.get("vectors")
+    wanted: dict[str, int | None] = dict(given) if given is not None else dict.fromkeys(registry.names())
+    rest = {k: v for k, v in overrides.items() if k != "vectors"}
+    probe = ModelConfig(**space.model_sizes(), **rest, vectors={m: w or 1 for m, w in wanted.items()})
     probe = table4_variant(probe, variant) if variant else probe
-    used = [m for m in MODALITIES if getattr(probe, f"use_{m}")]
-    dims = check_dims(info, {m: overrides.get(f"d_{m}") for m in used})
-    base = ModelConfig(**{**space.model_sizes(), **overrides, **{f"d_{m}": d for m, d in dims.items()}})
+    dims = check_dims(info, {m: wanted[m] for m in probe.vector_names})
+    widths = {m: dims.get(m) or w or registry.get(m).default_dim for m, w in wanted.items()}
+    base = ModelConfig(**space.model_sizes(), **rest, vectors=widths)
     return table4_variant(base, variant) if variant else base
 
 

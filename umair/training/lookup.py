@@ -7,19 +7,21 @@ from typing import Any
 import numpy as np
 
 from umair import contracts, storage
-from umair.model.features import (
-    FeatureError,
-    FeatureSpace,
-    ItemTable,
-    UserTable,
-    build_item_table,
-    ids_fingerprint,
-)
+from umair.model.features import FeatureSpace, ItemTable, UserTable
+from umair.errors import FeatureError
+from umair.model.item_features import build_item_table, ids_fingerprint
 from umair.training.inputs import Inputs, read_item_features
 
 
 class Lookup:
-    """The user and item tables as tensors on one device; gathers model inputs by row."""
+    """The user and item tables as tensors on one device.
+
+    The model reads ids packed into rows of its fused embedding table
+    (:meth:`UmairFPS.pack_ids`): :meth:`pack_for` packs every user's ids ([U, 1 + T + P],
+    tag padding dropped) and every item's fields ([I, M]) once, so a training or scoring
+    step only gathers two row blocks (:meth:`packed`) and the item vectors
+    (:meth:`item_vectors`). :meth:`ids` gives the unpacked id tensors of some rows (the
+    comparison models of ``umair ablate`` read those)."""
 
     def __init__(self, users: UserTable, items: ItemTable, modalities: list[str], device: Any):
         import torch
@@ -27,20 +29,50 @@ class Lookup:
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(a), device=device)
 
+        self.device = torch.device(device) if isinstance(device, str) else device
         self.uid, self.tags, self.ufields = t(users.uid), t(users.tags), t(users.fields)
         self.ifields = t(items.fields)
         self.vectors = {m: t(items.vectors[m]) for m in modalities}
+        self._packed_for: int | None = None
+        self._user_packed: Any = None
+        self._item_packed: Any = None
 
-    def inputs(self, user_row: Any, item_row: Any) -> dict[str, Any]:
-        """Keyword arguments of :meth:`UmairFPS.forward` for the given rows."""
-        out = {
+    def ids(self, user_row: Any, item_row: Any) -> dict[str, Any]:
+        """``user_id`` [B], ``user_tags`` [B, T], ``user_fields`` [B, P], ``item_fields`` [B, M] of the rows."""
+        return {
             "user_id": self.uid[user_row],
             "user_tags": self.tags[user_row],
             "user_fields": self.ufields[user_row],
             "item_fields": self.ifields[item_row],
         }
-        out.update({m: v[item_row] for m, v in self.vectors.items()})
-        return out
+
+    def pack_for(self, model: Any) -> None:
+        """Pack the user and item tables' ids for ``model`` (an :class:`UmairFPS`), once per model."""
+        import torch
+
+        if self._packed_for == id(model):
+            return
+        n_users, n_items, m = len(self.uid), len(self.ifields), self.ifields.shape[1]
+        with torch.no_grad():
+            up = model.pack_ids(self.uid, self.tags, self.ufields, torch.zeros(n_users, m, dtype=torch.long, device=self.device),
+                                drop_tag_padding=n_users > 0)
+            ip = model.pack_ids(torch.zeros(n_items, dtype=torch.long, device=self.device),
+                                torch.zeros(n_items, 1, dtype=torch.long, device=self.device),
+                                torch.zeros(n_items, self.ufields.shape[1], dtype=torch.long, device=self.device), self.ifields)
+        self._user_packed, self._item_packed = up[:, :up.shape[1] - m], ip[:, ip.shape[1] - m:]
+        self._packed_for = id(model)
+
+    def packed(self, user_row: Any, item_row: Any) -> Any:
+        """The packed ids [B, 1 + T + P + M] of the rows (after :meth:`pack_for`)."""
+        import torch
+
+        if self._user_packed is None:
+            raise RuntimeError("Lookup.packed: call pack_for(model) first")
+        return torch.cat([self._user_packed[user_row], self._item_packed[item_row]], dim=1)
+
+    def item_vectors(self, item_row: Any) -> dict[str, Any]:
+        """``vectors[m]`` [B, d_m] of the items, for every modality loaded."""
+        return {m: v[item_row] for m, v in self.vectors.items()}
 
 
 def load_lookup(

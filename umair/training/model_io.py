@@ -16,11 +16,8 @@ from typing import Any
 
 
 from umair import storage
-from umair.model.features import (
-    MODALITIES,
-    FeatureError,
-    FeatureSpace,
-)
+from umair.model.features import FeatureSpace
+from umair.errors import FeatureError
 from umair.model.settings import ModelConfig
 
 
@@ -40,7 +37,7 @@ class SavedModel:
 
     @property
     def modalities(self) -> list[str]:
-        return [m for m in MODALITIES if getattr(self.config, f"use_{m}")]
+        return list(self.config.vector_names)
 
 
 def save_model(out: str, state_dict: dict[str, Any], meta: dict[str, Any], space: FeatureSpace,

@@ -9,9 +9,7 @@ from typing import Any
 import numpy as np
 
 from umair import storage
-from umair.model.features import (
-    FeatureError,
-)
+from umair.errors import FeatureError
 from umair.metrics import mean_attention
 from umair.training.lookup import Lookup
 
@@ -31,10 +29,12 @@ def score_rows(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, batch
     from umair.metrics import modality_weights
 
     model.eval()
+    lookup.pack_for(model)
     probs, weights = [], []
     with torch.no_grad():
         for s in range(0, len(user_rows), batch_size):
-            out = model.explain(**lookup.inputs(user_rows[s:s + batch_size], item_rows[s:s + batch_size]))
+            u, i = user_rows[s:s + batch_size], item_rows[s:s + batch_size]
+            out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
             probs.append(torch.sigmoid(out.logits).float().cpu().numpy())
             if out.alpha is not None:
                 weights.append(modality_weights(out.alpha.float().cpu().numpy(), out.beta.float().cpu().numpy()))

@@ -7,11 +7,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
-from umair.model.features import (
-    FeatureSettings,
-    NegativeSettings,
-    parse_time,
-)
+from umair.model.features import FeatureSettings
+from umair.model.interactions import NegativeSettings, parse_time
 from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 
 

@@ -33,38 +33,61 @@ def check_finite_loss(value: float, *, epoch: int, step: int, lr: float) -> None
             "this step was not applied and this epoch is not checkpointed; lower the learning rate (lr)")
 
 
-def train_epoch(model: Any, raw: Any, optimizer: Any, batches: Any, lookup: Lookup, config: StepSettings,
-                 epoch: int = 0) -> Any:
-    """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
-    tensors): BCE(logit, y) + l2_emb · Σ‖E‖² (every embedding table E), Adam. Returns
-    [Σ BCE·n, n] of this worker (float64 tensor).
+def bce_step(raw: Any, optimizer: Any, out: Any, labels: Any, config: StepSettings, *, epoch: int, step: int,
+             emits: str = "logits") -> float:
+    """One optimizer step on a batch's model output ``out`` [B]: BCE(out, y) + l2_emb ·
+    Σ‖E‖² (every embedding table E of ``raw``), then Adam. ``emits`` "logits" uses
+    BCE-with-logits, "probs" plain BCE on ŷ clipped to [1e-7, 1 - 1e-7] (deepctr-torch
+    models). Returns the batch's mean BCE.
 
-    Raises :class:`TrainingDiverged` on a non-finite loss, before that step updates the
-    weights, and at the end if any weight is not finite, so a diverged model is never
-    checkpointed. The check reuses the per-step loss value the epoch sum needs anyway
-    (no extra device sync per step)."""
-    import torch
+    Raises :class:`TrainingDiverged` on a non-finite loss before the step updates the
+    weights; the check reuses the loss value the caller needs anyway (one host sync)."""
     import torch.nn.functional as F
 
     from umair.model.fusion import l2_embedding_penalty
 
-    model.train()
-    sums = torch.zeros(2, dtype=torch.float64)
-    step = -1
-    for step, batch in enumerate(batches):
-        logits = model(**lookup.inputs(batch["user_row"], batch["item_row"]))
-        bce = F.binary_cross_entropy_with_logits(logits, batch["label"])
-        loss = bce + config.l2_emb * l2_embedding_penalty(raw).to(bce.device) if config.l2_emb else bce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        value = float(bce.detach())
-        check_finite_loss(value, epoch=epoch, step=step, lr=config.lr)
-        optimizer.step()
-        sums += torch.tensor([value * len(logits), len(logits)], dtype=torch.float64)
+    if emits == "logits":
+        bce = F.binary_cross_entropy_with_logits(out, labels)
+    else:
+        bce = F.binary_cross_entropy(out.clamp(1e-7, 1.0 - 1e-7), labels)
+    loss = bce + config.l2_emb * l2_embedding_penalty(raw).to(bce.device) if config.l2_emb else bce
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    value = float(bce.detach())
+    check_finite_loss(value, epoch=epoch, step=step, lr=config.lr)
+    optimizer.step()
+    return value
+
+
+def check_finite_weights(raw: Any, *, epoch: int, step: int, lr: float) -> None:
+    """Raise :class:`TrainingDiverged` when any weight of ``raw`` is NaN or infinite."""
+    import torch
+
     with torch.no_grad():
         finite = bool(torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all())
     if not finite:
         raise TrainingDiverged(
-            f"training diverged: weights are NaN or infinite after epoch {epoch}, step {step} (lr {config.lr:g}); "
+            f"training diverged: weights are NaN or infinite after epoch {epoch}, step {step} (lr {lr:g}); "
             "this epoch is not checkpointed; lower the learning rate (lr)")
+
+
+def train_epoch(model: Any, raw: Any, optimizer: Any, batches: Any, lookup: Lookup, config: StepSettings,
+                epoch: int = 0) -> Any:
+    """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
+    tensors), each a :func:`bce_step` on ``model(lookup.packed(u, i), lookup.item_vectors(i))``
+    (``model`` may be the DDP wrapper of ``raw``). Returns [Σ BCE·n, n] of this worker
+    (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
+    checkpointed (:func:`bce_step`, then :func:`check_finite_weights` at the end)."""
+    import torch
+
+    model.train()
+    lookup.pack_for(raw)
+    sums = torch.zeros(2, dtype=torch.float64)
+    step = -1
+    for step, batch in enumerate(batches):
+        u, i = batch["user_row"], batch["item_row"]
+        logits = model(lookup.packed(u, i), lookup.item_vectors(i))
+        value = bce_step(raw, optimizer, logits, batch["label"], config, epoch=epoch, step=step)
+        sums += torch.tensor([value * len(logits), len(logits)], dtype=torch.float64)
+    check_finite_weights(raw, epoch=epoch, step=step, lr=config.lr)
     return sums

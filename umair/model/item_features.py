@@ -1,0 +1,211 @@
+"""The item-features table (the extraction output) as the model reads it: ids, vector
+widths and ``umair.*`` metadata without reading the vectors (:class:`FeaturesInfo`),
+width checks against the model config, the vectors aligned to item rows and
+standardised with training-item statistics, and interactions mapped to rows."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from umair import contracts, storage
+from umair import modalities as registry
+from umair.errors import FeatureError
+from umair.model.features import FeatureSpace, ItemTable, VectorStats
+from umair.model.interactions import rows_of
+
+
+@dataclass(frozen=True)
+class FeaturesInfo:
+    """What the driver needs of an item-features table without reading its vectors."""
+
+    uri: str
+    illust_ids: np.ndarray  # row order of the file(s): item_row r <-> illust_ids[r]
+    dims: dict[str, int]  # modality -> vector width, for the modalities present
+    metadata: dict[str, str]  # the umair.* file metadata
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the rows or their order change."""
+        return ids_fingerprint(self.illust_ids)
+
+    def encoder_versions(self) -> dict[str, str]:
+        """``umair.<name>.encoder`` / ``*.version`` metadata entries, keyed without the prefix."""
+        return {k[len("umair."):]: v for k, v in self.metadata.items() if k.endswith((".encoder", ".version", "encoder_version"))}
+
+
+def ids_fingerprint(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _umair_metadata(schema: pa.Schema) -> dict[str, str]:
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    return {k: v for k, v in meta.items() if k.startswith("umair.")}
+
+
+def _schema_of(uri: str, settings: storage.StorageSettings | None) -> pa.Schema:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri, settings)
+    with storage.storage_errors(uri, "read", settings):
+        return pads.dataset(path, filesystem=fs, format="parquet").schema
+
+
+def features_info(table: pa.Table, uri: str) -> FeaturesInfo:
+    """:class:`FeaturesInfo` of an item-features table already in memory (validated here)."""
+    table = contracts.validate(table, "item_features", uri)
+    dims = {m: table.schema.field(m).type.list_size for m in registry.names() if m in table.column_names}
+    return FeaturesInfo(uri, table.column("illust_id").to_numpy().astype(np.int64), dims, _umair_metadata(table.schema))
+
+
+def inspect_item_features(uri: str, settings: storage.StorageSettings | None = None) -> FeaturesInfo:
+    """Check an item-features table's contract (ids, vector types, dims vs metadata)
+    reading only its ``illust_id`` column and schema."""
+    schema = _schema_of(uri, settings)
+    contracts.validate(schema.empty_table(), "item_features", uri)  # vector types, dims vs metadata
+    ids = contracts.validate(storage.read_parquet(uri, settings, columns=["illust_id"]), "item_features", uri)
+    dims = {m: schema.field(m).type.list_size for m in registry.names() if m in schema.names}
+    return FeaturesInfo(uri, ids.column("illust_id").to_numpy().astype(np.int64), dims, _umair_metadata(schema))
+
+
+def check_dims(info: FeaturesInfo, wanted: Mapping[str, int | None]) -> dict[str, int]:
+    """The width of each wanted modality (``wanted[m]``: the width the model config sets,
+    or None to take the file's). Raises :class:`FeatureError` for a missing column or a
+    width that disagrees with the config."""
+    dims: dict[str, int] = {}
+    for m, want in wanted.items():
+        if m not in info.dims:
+            raise FeatureError(
+                f"{info.uri}: no column '{m}' in the item features (columns: {', '.join(info.dims) or 'none'}), "
+                f"but the model uses e_{m.upper()}; extract it or leave it out of model.vectors"
+            )
+        have = info.dims[m]
+        if want is not None and want != have:
+            declared = info.metadata.get(f"umair.{m}.dim")
+            source = f"file metadata umair.{m}.dim={declared}" if declared is not None else "the column type"
+            raise FeatureError(
+                f"{info.uri}: column '{m}' holds {have}-d vectors ({source}), but the model config sets vectors.{m}={want}"
+            )
+        dims[m] = have
+    return dims
+
+
+def build_item_table(
+    features: pa.Table,
+    illustrations: pa.Table,
+    space: FeatureSpace,
+    modalities: Sequence[str],
+    expected_fingerprint: str | None = None,
+    source: str = "<item_features>",
+) -> ItemTable:
+    """Align a validated item-features table (contract ``item_features``) to item rows:
+    its own row order. ``expected_fingerprint`` (from :class:`FeaturesInfo`) guards
+    against the file changing between the driver's check and a worker's load."""
+    ids = features.column("illust_id").to_numpy().astype(np.int64)
+    if expected_fingerprint is not None and ids_fingerprint(ids) != expected_fingerprint:
+        raise FeatureError(f"{source}: the item features changed since this run was prepared (rows or their order differ)")
+    vectors: dict[str, np.ndarray] = {}
+    for m in modalities:
+        col = features.column(m).combine_chunks()
+        d = col.type.list_size
+        x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), d)
+        stats = space.vector_stats.get(m)
+        if stats is not None and len(stats.mean) != d:
+            raise FeatureError(f"{source}: column '{m}' holds {d}-d vectors, but the feature space was fitted on {len(stats.mean)}-d ones")
+        vectors[m] = stats.apply(x) if stats is not None else x
+    return ItemTable(ids, space.encode_items(illustrations, ids), vectors, _umair_metadata(features.schema))
+
+
+def _stats_of_batches(batches: Iterable[pa.RecordBatch], modalities: Sequence[str], source: str, n_wanted: int) -> dict[str, VectorStats]:
+    """Per-dimension mean / std of each modality over the rows of ``batches`` (float64 sums)."""
+    sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    n = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        n += batch.num_rows
+        for m in modalities:
+            col = batch.column(m)
+            x = col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, col.type.list_size).astype(np.float64)
+            sums[m] = sums.get(m, 0.0) + x.sum(axis=0)
+            squares[m] = squares.get(m, 0.0) + (x * x).sum(axis=0)
+    if n == 0:
+        raise FeatureError(f"{source}: none of the {n_wanted} training-window illustrations has item features")
+    stats = {}
+    for m in modalities:
+        mean = sums[m] / n
+        std = np.sqrt(np.maximum(squares[m] / n - mean * mean, 0.0))
+        std = np.where(std > 1e-6 * max(float(np.abs(mean).max()), 1.0), std, 1.0)
+        stats[m] = VectorStats(mean.astype(np.float32), std.astype(np.float32))
+    return stats
+
+
+def fit_vector_stats(
+    uri: str,
+    item_ids: np.ndarray,
+    modalities: Sequence[str],
+    settings: storage.StorageSettings | None = None,
+    batch_rows: int = 8192,
+) -> dict[str, VectorStats]:
+    """Mean / std per dimension of each modality over the items ``item_ids`` (the
+    training window's), streaming a parquet file or directory in batches (bounded memory)."""
+    import pyarrow.dataset as pads
+
+    if not modalities:
+        return {}
+    fs, path = storage.resolve(uri, settings)
+    wanted = pa.array(np.unique(np.asarray(item_ids, np.int64)), pa.int64())
+    with storage.storage_errors(uri, "read", settings):
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        scanner = dataset.scanner(columns=list(modalities), filter=pads.field("illust_id").isin(wanted), batch_size=batch_rows)
+        return _stats_of_batches(scanner.to_batches(), modalities, uri, len(wanted))
+
+
+def vector_stats_of(table: pa.Table, item_ids: np.ndarray, modalities: Sequence[str], source: str = "<item_features>") -> dict[str, VectorStats]:
+    """:func:`fit_vector_stats` for a table already in memory."""
+    if not modalities:
+        return {}
+    wanted = pa.array(np.unique(np.asarray(item_ids, np.int64)), pa.int64())
+    rows = table.filter(pc.is_in(table.column("illust_id"), value_set=wanted)).select(list(modalities))
+    return _stats_of_batches(rows.to_batches(), modalities, source, len(wanted))
+
+
+def check_item_coverage(interactions: pa.Table, item_ids: np.ndarray, features_uri: str, source: str = "<interactions>") -> None:
+    """:class:`FeatureError` when interactions reference illustrations without item
+    features, naming how many (and how many interactions) with the first one as example."""
+    ids = interactions.column("illust_id").to_numpy()
+    missing = rows_of(np.asarray(item_ids, np.int64), ids) < 0
+    if missing.any():
+        raise FeatureError(
+            f"{features_uri}: {len(np.unique(ids[missing]))} illustration(s) referenced by {int(missing.sum())} interaction(s) "
+            f"in {source} have no item features (e.g. illust_id {int(ids[missing][0])}); run the extraction over them first"
+        )
+
+
+def attach_rows(
+    interactions: pa.Table,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    features_uri: str,
+    source: str = "<interactions>",
+) -> pa.Table:
+    """``user_row``, ``item_row`` (int64 rows of the user / item tables) and ``label``
+    (float32) for each interaction. Every referenced illustration must have item
+    features: otherwise :class:`FeatureError` says how many are missing, with an example."""
+    check_item_coverage(interactions, item_ids, features_uri, source)
+    item_rows = rows_of(np.asarray(item_ids, np.int64), interactions.column("illust_id").to_numpy())
+    user_rows = rows_of(np.asarray(user_ids, np.int64), interactions.column("user_id").to_numpy())
+    if (user_rows < 0).any():
+        bad = interactions.column("user_id").to_numpy()[user_rows < 0]
+        raise FeatureError(f"{source}: {len(np.unique(bad))} user(s) are not in the users table (e.g. user_id {int(bad[0])})")
+    return pa.table({
+        "user_row": pa.array(user_rows, pa.int64()),
+        "item_row": pa.array(item_rows, pa.int64()),
+        "label": pa.array(interactions.column("label").to_numpy().astype(np.float32), pa.float32()),
+    })
