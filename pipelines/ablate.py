@@ -47,12 +47,12 @@ from pydantic import Field, field_validator, model_validator
 from umair.plots import ablation_chart
 from umair.reports import ablation_columns, ablation_markdown, csv_text, fmt_cell
 from umair.config import MlflowConfig
-from umair.training.settings import check_model_overrides
+from umair.training.settings import ModelOverrides
 from umair import storage
 from umair.config import ConfigError, Settings, StorageConfig, load_config
 from umair.model.features import FeatureSettings
 from umair.errors import FeatureError
-from umair.model.interactions import NegativeSettings, parse_time
+from umair.model.interactions import IsoTime, NegativeSettings
 from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 
 TAG = "[ablate]"
@@ -95,9 +95,9 @@ class AblateConfig(Settings):
     interactions: str | None = None
     item_features: str | None = Field("outputs/demo/features", description="item features (parquet or extraction output)")
     generate: GenerateSettings | None = Field(None, description="set to generate a world + features instead")
-    split: str | None = None
+    split: IsoTime | None = None
     models: list[str] = Field(default_factory=lambda: list(ALL_MODELS), description="names from Table 4 and Table 3")
-    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides of the base UMAIR-FPS")
+    model: ModelOverrides = Field(default_factory=dict, description="ModelConfig overrides of the base UMAIR-FPS")
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="constructor overrides per Table-3 model")
     baseline_vectors: bool = Field(True, description="external models read e_SEM/e_STY/e_TSEM too (False: ids + metadata only)")
     features: FeatureSettings = FeatureSettings()
@@ -131,17 +131,6 @@ class AblateConfig(Settings):
             raise ValueError(f"model(s) listed twice: {dup}")
         return v
 
-    @field_validator("model")
-    @classmethod
-    def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return check_model_overrides(v)
-
-    @field_validator("split")
-    @classmethod
-    def _iso_split(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_time(v)
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> AblateConfig:

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from umair.config import MlflowConfig
 from pipelines.runtime import ensure_experiment
@@ -37,7 +37,7 @@ from umair.training.scoring import score_rows, segment_map, segment_report
 from umair import storage
 from umair.config import Settings, StorageConfig
 from umair.errors import FeatureError
-from umair.model.interactions import ItemPool, NegativeSettings, parse_time, require_both_labels, window, with_negatives
+from umair.model.interactions import IsoTime, ItemPool, NegativeSettings, require_both_labels, window, with_negatives
 from umair.model.item_features import attach_rows, check_dims
 
 TAG = "[evaluate]"
@@ -52,8 +52,8 @@ class EvaluateConfig(Settings):
     users: str | None = None
     interactions: str | None = None
     item_features: str | None = Field(None, description="default: the features the model was trained on")
-    split: str | None = Field(None, description="start of the test window; default: the model's training split")
-    end: str | None = Field(None, description="end of the test window (exclusive); default: open")
+    split: IsoTime | None = Field(None, description="start of the test window; default: the model's training split")
+    end: IsoTime | None = Field(None, description="end of the test window (exclusive); default: open")
     segments: str | None = Field(None, description="table with user_id and segment_column; default: WORLD/truth/users.parquet")
     segment_column: str = "taste"
     negatives: NegativeSettings = NegativeSettings(seed=1)
@@ -63,12 +63,6 @@ class EvaluateConfig(Settings):
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-train")
     storage: StorageConfig = StorageConfig()
 
-    @field_validator("split", "end")
-    @classmethod
-    def _iso(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_time(v)  # an ISO date or datetime, e.g. 2021-10-01
-        return v
 
 
 def _print(report: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.runtime import init_ray
+from pipelines.runtime import ended_run, init_ray
 from umair.extraction.progress import Progress
 from umair.extraction.settings import ExtractConfig
 from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, load_image_encoder, write_parts
@@ -277,42 +277,41 @@ def run(cfg: ExtractConfig) -> dict:
         client.log_metric(mlflow_id, "rows_done", p.done, step=p.chunks)
         write_json(marker, {**alive, "heartbeat_at": utc_now(), "rows_done": p.done}, settings, cfg.io_retry_s)
 
-    try:
-        if counts["to_process"]:
-            init_ray(cfg.ray)
-            progress.start = time.perf_counter()
-            ds = build_pipeline(todo, cfg, enc, text, run_id, output_meta["metadata"])
-            stream_and_commit(ds, cfg, run_id, output_meta, progress, settings, after_commit)
-    except BaseException as err:
-        client.set_terminated(mlflow_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        write_json(marker, {"run_id": run_id, "status": "failed", "mlflow_run_id": mlflow_id, "error": root_cause(err),
-                             "ended_at": utc_now()}, settings, cfg.io_retry_s)
-        if isinstance(err, Exception):
-            raise ExtractError(f"extraction run {run_id} stopped after {progress.chunks} committed chunks "
-                               f"({progress.done}/{progress.total} rows): {root_cause(err)}. "
-                               "Committed chunks are kept; run the same command again to resume.") from err
-        raise
-    pipeline_s = time.perf_counter() - progress.start
-    tmp = part_uri(cfg.output, f"_tmp/{run_id}")
-    with_retries(lambda: storage.delete_dir(tmp, settings), f"delete {tmp}", cfg.io_retry_s)
-    summary = {
-        "run_id": run_id, "output": cfg.output, "encoder_version": enc["version"],
-        "text_version": text["version"] if text else None, **counts,
-        "rows_ok": progress.ok, "rows_failed": progress.failed, "failed_by_reason": dict(sorted(progress.reasons.items())),
-        "chunks": progress.chunks, "images_per_s": round(progress.done / pipeline_s, 2) if progress.done else 0.0,
-        "steady_images_per_s": round(progress.steady_rate(), 2) if progress.steady_rate() is not None else None,
-        "first_commit_s": round(progress.first_commit[0] - progress.start, 2) if progress.first_commit else None,
-        "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
-        "recovered": recovered, "mlflow_run_id": mlflow_id,
-    }
-    metrics = {k: float(summary[k]) for k in ("catalogue_rows", "selected_rows", "already_done", "to_process", "rows_ok",
-                                              "rows_failed", "chunks", "images_per_s", "steady_images_per_s",
-                                              "first_commit_s", "pipeline_s", "wall_s") if summary[k] is not None}
-    metrics.update({f"failed.{r.replace(':', '.')}": float(n) for r, n in progress.reasons.items()})
-    now_ms = int(time.time() * 1000)
-    client.log_batch(mlflow_id, metrics=[mlflow.entities.Metric(k, v, now_ms, 0) for k, v in metrics.items()])
-    client.log_text(mlflow_id, json.dumps(summary, indent=2), "summary.json")
-    client.set_terminated(mlflow_id, "FINISHED")
+    with ended_run(client, mlflow_id):  # FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM
+        try:
+            if counts["to_process"]:
+                init_ray(cfg.ray)
+                progress.start = time.perf_counter()
+                ds = build_pipeline(todo, cfg, enc, text, run_id, output_meta["metadata"])
+                stream_and_commit(ds, cfg, run_id, output_meta, progress, settings, after_commit)
+        except BaseException as err:
+            write_json(marker, {"run_id": run_id, "status": "failed", "mlflow_run_id": mlflow_id, "error": root_cause(err),
+                                 "ended_at": utc_now()}, settings, cfg.io_retry_s)
+            if isinstance(err, Exception):
+                raise ExtractError(f"extraction run {run_id} stopped after {progress.chunks} committed chunks "
+                                   f"({progress.done}/{progress.total} rows): {root_cause(err)}. "
+                                   "Committed chunks are kept; run the same command again to resume.") from err
+            raise
+        pipeline_s = time.perf_counter() - progress.start
+        tmp = part_uri(cfg.output, f"_tmp/{run_id}")
+        with_retries(lambda: storage.delete_dir(tmp, settings), f"delete {tmp}", cfg.io_retry_s)
+        summary = {
+            "run_id": run_id, "output": cfg.output, "encoder_version": enc["version"],
+            "text_version": text["version"] if text else None, **counts,
+            "rows_ok": progress.ok, "rows_failed": progress.failed, "failed_by_reason": dict(sorted(progress.reasons.items())),
+            "chunks": progress.chunks, "images_per_s": round(progress.done / pipeline_s, 2) if progress.done else 0.0,
+            "steady_images_per_s": round(progress.steady_rate(), 2) if progress.steady_rate() is not None else None,
+            "first_commit_s": round(progress.first_commit[0] - progress.start, 2) if progress.first_commit else None,
+            "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
+            "recovered": recovered, "mlflow_run_id": mlflow_id,
+        }
+        metrics = {k: float(summary[k]) for k in ("catalogue_rows", "selected_rows", "already_done", "to_process", "rows_ok",
+                                                  "rows_failed", "chunks", "images_per_s", "steady_images_per_s",
+                                                  "first_commit_s", "pipeline_s", "wall_s") if summary[k] is not None}
+        metrics.update({f"failed.{r.replace(':', '.')}": float(n) for r, n in progress.reasons.items()})
+        now_ms = int(time.time() * 1000)
+        client.log_batch(mlflow_id, metrics=[mlflow.entities.Metric(k, v, now_ms, 0) for k, v in metrics.items()])
+        client.log_text(mlflow_id, json.dumps(summary, indent=2), "summary.json")
     write_json(marker, {"run_id": run_id, "status": "finished", "mlflow_run_id": mlflow_id, "ended_at": utc_now(),
                          "summary": summary}, settings, cfg.io_retry_s)
     print_summary(summary)

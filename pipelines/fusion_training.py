@@ -41,7 +41,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.runtime import claim_run_dir, ensure_experiment, fingerprint, init_ray, resumable_mlflow_run, run_dir_of
+from pipelines.runtime import (
+    claim_run_dir,
+    ended_run,
+    ensure_experiment,
+    fingerprint,
+    init_ray,
+    resumable_mlflow_run,
+    run_dir_of,
+)
 from umair import storage
 from umair.config import StorageConfig
 from umair.model.features import FeatureSpace
@@ -279,60 +287,60 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     _log_params(client, run_id, _params(cfg, prepared))
 
-    init_ray(cfg.ray)
-    datasets = _datasets(prepared, cfg)
-    worker = WorkerSettings(
-        inputs=prepared.inputs, space=prepared.space, model=mc, modalities=prepared.modalities,
-        features_fingerprint=prepared.info.fingerprint, users_fingerprint=prepared.users_fingerprint,
-        storage=cfg.storage, step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb), epochs=cfg.epochs,
-        batch_size=cfg.batch_size, seed=cfg.seed, use_gpu=cfg.use_gpu, threads=cfg.threads,
-        evaluate="test" in datasets, eval_name=eval_name, run_id=run_id, tracking_uri=cfg.mlflow.resolved_uri(),
-    )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"settings": worker},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks or None,
-        ),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    history, starts = list(state["history"]), list(state["starts"])
-    final = history[-1] if history else {}
-    meta = {
-        "format": MODEL_FORMAT,
-        "model_config": mc.model_dump(mode="json"),
-        "variant": cfg.variant or "full",
-        "split": prepared.inputs.split,
-        "test_end": cfg.test_end,
-        "modalities": list(mc.modalities),
-        "feature_dims": {m: prepared.info.dims[m] for m in prepared.modalities},
-        "encoder_versions": prepared.info.encoder_versions(),
-        "feature_metadata": prepared.info.metadata,
-        "data": {**prepared.inputs.to_dict(), "features_fingerprint": prepared.info.fingerprint,
-                 "users_fingerprint": prepared.users_fingerprint},
-        "negatives": prepared.negatives,
-        "training": {"epochs": int(state["epoch"]) + 1, "attempt_start_epochs": starts, "history": history,
-                     **cfg.model_dump(include={"batch_size", "lr", "l2_emb", "num_workers", "use_gpu", "seed"})},
-        "parameters": n_params,
-        "mlflow_run_id": run_id,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(tmp, state["model"], meta, prepared.space)
-        for name in (WEIGHTS, SPACE, META):
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes(storage.join(cfg.output, name), f.read(), settings)
-        client.log_artifacts(run_id, tmp, "model")
-    client.set_terminated(run_id, "FINISHED")
+    with ended_run(client, run_id):  # FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM
+        init_ray(cfg.ray)
+        datasets = _datasets(prepared, cfg)
+        worker = WorkerSettings(
+            inputs=prepared.inputs, space=prepared.space, model=mc, modalities=prepared.modalities,
+            features_fingerprint=prepared.info.fingerprint, users_fingerprint=prepared.users_fingerprint,
+            storage=cfg.storage, step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb), epochs=cfg.epochs,
+            batch_size=cfg.batch_size, seed=cfg.seed, use_gpu=cfg.use_gpu, threads=cfg.threads,
+            evaluate="test" in datasets, eval_name=eval_name, run_id=run_id, tracking_uri=cfg.mlflow.resolved_uri(),
+        )
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"settings": worker},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(
+                name=cfg.run_name,
+                storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                callbacks=callbacks or None,
+            ),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        history, starts = list(state["history"]), list(state["starts"])
+        final = history[-1] if history else {}
+        meta = {
+            "format": MODEL_FORMAT,
+            "model_config": mc.model_dump(mode="json"),
+            "variant": cfg.variant or "full",
+            "split": prepared.inputs.split,
+            "test_end": cfg.test_end,
+            "modalities": list(mc.modalities),
+            "feature_dims": {m: prepared.info.dims[m] for m in prepared.modalities},
+            "encoder_versions": prepared.info.encoder_versions(),
+            "feature_metadata": prepared.info.metadata,
+            "data": {**prepared.inputs.to_dict(), "features_fingerprint": prepared.info.fingerprint,
+                     "users_fingerprint": prepared.users_fingerprint},
+            "negatives": prepared.negatives,
+            "training": {"epochs": int(state["epoch"]) + 1, "attempt_start_epochs": starts, "history": history,
+                         **cfg.model_dump(include={"batch_size", "lr", "l2_emb", "num_workers", "use_gpu", "seed"})},
+            "parameters": n_params,
+            "mlflow_run_id": run_id,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(tmp, state["model"], meta, prepared.space)
+            for name in (WEIGHTS, SPACE, META):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(cfg.output, name), f.read(), settings)
+            client.log_artifacts(run_id, tmp, "model")
     summary = {
         "model": cfg.output,
         "variant": cfg.variant or "full",

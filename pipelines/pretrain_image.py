@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.runtime import init_ray, resumable_mlflow_run
+from pipelines.runtime import claim_run_dir, ended_run, init_ray, resumable_mlflow_run, run_dir_of
 from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import Settings, StorageConfig
@@ -234,13 +234,8 @@ def run(cfg: PretrainImageConfig) -> dict:
 
     vocab_hash = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
     data_version = hashlib.sha256(data.column("illust_id").to_numpy().tobytes() + "\n".join(vocab).encode()).hexdigest()[:16]
-    run_dir = os.path.abspath(os.path.join(cfg.checkpoint_dir, cfg.run_name)) if not storage.is_s3(cfg.checkpoint_dir) else storage.join(cfg.checkpoint_dir, cfg.run_name)
-    marker = storage.join(run_dir, "data_version")
-    if storage.exists(marker, settings) and storage.read_bytes(marker, settings).decode() != data_version:
-        raise ValueError(f"{run_dir} holds checkpoints of run '{cfg.run_name}' trained on other data "
-                         f"({storage.read_bytes(marker, settings).decode()} vs {data_version} now); resuming would mix them. "
-                         f"Use a new run_name or delete that directory.")
-    storage.write_bytes(marker, data_version.encode(), settings)
+    run_dir = run_dir_of(cfg.checkpoint_dir, cfg.run_name)
+    claim_run_dir(run_dir, data_version, "pretrain-image", settings)  # resuming on other data would mix them
     run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     params = {"backbone": cfg.encoder.backbone, "image_size": cfg.encoder.image_size, "epochs": cfg.epochs,
@@ -250,34 +245,34 @@ def run(cfg: PretrainImageConfig) -> dict:
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in existing])
     client.log_metric(run_id, "baseline_val_mAP", baseline["mAP"])
 
-    init_ray(cfg.ray)
-    decode = DecodeRows
-    common = dict(fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_config": cfg.storage},
-                  batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=1))
-    train_ds = ray.data.from_arrow(data.filter(pa.array(~is_val))).random_shuffle(seed=cfg.seed).map_batches(decode, **common)
-    val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"settings": PretrainWorker(cfg, len(vocab), run_id, cfg.mlflow.resolved_uri())},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=cfg.run_name, storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    result = trainer.fit()
-    import torch
+    with ended_run(client, run_id):  # FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM
+        init_ray(cfg.ray)
+        decode = DecodeRows
+        common = dict(fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_config": cfg.storage},
+                      batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=1))
+        train_ds = ray.data.from_arrow(data.filter(pa.array(~is_val))).random_shuffle(seed=cfg.seed).map_batches(decode, **common)
+        val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"settings": PretrainWorker(cfg, len(vocab), run_id, cfg.mlflow.resolved_uri())},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+            datasets={"train": train_ds, "val": val_ds},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(name=cfg.run_name, storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        )
+        result = trainer.fit()
+        import torch
 
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    model = DualEncoder(cfg.encoder, n_tags=len(vocab))
-    model.load_state_dict(state["model"])
-    manifest = save_encoder(model, cfg.output, tag_vocabulary=vocab, tag_vocab_hash=vocab_hash,
-                            training_data_version=data_version, catalogue=cfg.catalogue, epochs=state["epoch"] + 1,
-                            final_metrics={k: float(v) for k, v in result.metrics.items()}, baseline=baseline, mlflow_run_id=run_id)
-    client.log_text(run_id, json.dumps(manifest, indent=2), "encoder/manifest.json")
-    client.set_terminated(run_id, "FINISHED")
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        model = DualEncoder(cfg.encoder, n_tags=len(vocab))
+        model.load_state_dict(state["model"])
+        manifest = save_encoder(model, cfg.output, tag_vocabulary=vocab, tag_vocab_hash=vocab_hash,
+                                training_data_version=data_version, catalogue=cfg.catalogue, epochs=state["epoch"] + 1,
+                                final_metrics={k: float(v) for k, v in result.metrics.items()}, baseline=baseline, mlflow_run_id=run_id)
+        client.log_text(run_id, json.dumps(manifest, indent=2), "encoder/manifest.json")
     summary = {"encoder": cfg.output, "version": manifest["version"], "epochs": state["epoch"] + 1,
                "val_mAP": result.metrics.get("val_mAP"), "baseline_val_mAP": baseline["mAP"],
                "val_micro_f1": result.metrics.get("val_micro_f1"), "decode_failures": result.metrics.get("decode_failures"),

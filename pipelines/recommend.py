@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from pipelines.runtime import ensure_experiment, init_ray
 from umair.recommender import SCHEMA, load_context, rank_users, ranking_metrics
@@ -51,7 +51,7 @@ from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
 from umair.config import Settings, StorageConfig
 from umair.errors import FeatureError
-from umair.model.interactions import parse_time
+from umair.model.interactions import IsoTime
 from umair.neighbors import CandidateSettings, UnknownIdError
 
 TAG = "[recommend]"
@@ -68,8 +68,8 @@ class RecommendConfig(Settings):
     users: str | None = None
     interactions: str | None = None
     item_features: str | None = Field(None, description="default: the features the model was trained on")
-    split: str | None = Field(None, description="as-of time T (candidates exist before it; the test window starts here); default: the model's split")
-    end: str | None = Field(None, description="end of the test window (exclusive); default: open")
+    split: IsoTime | None = Field(None, description="as-of time T (candidates exist before it; the test window starts here); default: the model's split")
+    end: IsoTime | None = Field(None, description="end of the test window (exclusive); default: open")
     k: int = Field(20, ge=1, description="recommendations per user")
     cutoffs: tuple[int, ...] = Field((5, 10, 20), description="K of Recall@K / NDCG@K (those above k are dropped; k itself is always included)")
     candidates: CandidateSettings = CandidateSettings()
@@ -86,12 +86,6 @@ class RecommendConfig(Settings):
     mlflow: MlflowConfig = MlflowConfig(tracking_uri="sqlite:///outputs/mlflow.db", experiment="umair-train")
     storage: StorageConfig = StorageConfig()
 
-    @field_validator("split", "end")
-    @classmethod
-    def _iso(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_time(v)
-        return v
 
     @model_validator(mode="after")
     def _cutoffs(self) -> RecommendConfig:
@@ -127,11 +121,8 @@ class Recommender:
 def read_recommendations(output: str, settings: storage.StorageSettings | None = None) -> pa.Table:
     """The committed top-K table of ``output`` (user_id, rank, illust_id, score), sorted by user and rank."""
     uri = storage.join(output, MANIFEST)
-    if not storage.exists(uri, settings):
-        raise FileNotFoundError(f"{output}: no {MANIFEST}; no committed recommendations (run `umair recommend`)")
-    manifest = json.loads(storage.read_bytes(uri, settings))
-    if manifest.get("format") != FORMAT:
-        raise FeatureError(f"{uri}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = storage.read_manifest(uri, FORMAT, settings,
+                                     missing=f"{output}: no {MANIFEST}; no committed recommendations (run `umair recommend`)")
     parts = [storage.read_parquet(storage.join(output, f), settings) for f in manifest["files"]]
     table = pa.concat_tables([p.select(SCHEMA.names).cast(SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
     if table.num_rows != manifest["rows"]:

@@ -3,9 +3,14 @@ survive a driver restart, and run-directory guards."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 from umair import storage
 from umair.config import ConfigError, MlflowConfig, RayConfig
@@ -98,3 +103,35 @@ def claim_run_dir(run_dir: str, fingerprint: str, what: str, settings: storage.S
 def fingerprint(data: dict) -> str:
     """A short stable hash of JSON-able ``data``."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (a cluster stopping the job, ``kill``, Ctrl-C's cousin)."""
+
+
+@contextlib.contextmanager
+def ended_run(client: Any, run_id: str) -> Iterator[None]:
+    """Close the MLflow run ``run_id`` on every way out of the block: FINISHED when it
+    completes, KILLED on Ctrl-C or SIGTERM (a handler turns SIGTERM into :class:`Terminated`
+    while the block runs, in the main thread), FAILED on any other error (re-raised)."""
+    handler_set = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if handler_set else None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated(f"received signal {signum}")
+
+    if handler_set:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(run_id, "FINISHED")
+    finally:
+        if handler_set:
+            signal.signal(signal.SIGTERM, previous)

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from pipelines.fusion_training import fit
-from pipelines.runtime import claim_run_dir, ensure_experiment, init_ray, resumable_mlflow_run
+from pipelines.runtime import claim_run_dir, ended_run, ensure_experiment, init_ray, resumable_mlflow_run
 from umair.training.model_io import META
 from umair.training.step import TrainingDiverged
 from umair.tuning import (
@@ -272,98 +272,98 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
         print(f"{TAG} note: max_concurrent_trials {cfg.max_concurrent_trials} is ignored: a restored search keeps the "
               f"concurrency it started with ({started_with}); start a new search (another name) to change it", flush=True)
 
-    init_ray(cfg.ray)
-    context = TrialContext(root, base, cfg.epochs, start, split, cfg.trial,
-                           MlflowConfig(tracking_uri=cfg.mlflow.resolved_uri(), experiment=cfg.mlflow.experiment),
-                           parent_run_id=parent, name=cfg.name)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context),
-                                        {"cpu": cfg.trial.driver_cpus})
-    space: dict[str, Any] = {k: ray.tune.grid_search(v) for k, v in cfg.search.grid().items()}
-    if cfg.num_samples > 1:
-        space["sample"] = ray.tune.grid_search(list(range(cfg.num_samples)))
-    # max_t one past the last epoch: a trial that survives every rung ends on its own (and
-    # saves its model) instead of being stopped by ASHA at its last report.
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1, grace_period=min(cfg.scheduler.grace_period, cfg.epochs),
-                               reduction_factor=cfg.scheduler.reduction_factor)
-                 if cfg.scheduler.kind == "asha" else FIFOScheduler())
-    storage_path = storage.parent(root) if not storage.is_s3(root) else cfg.storage_path
-    if restoring and ray.tune.Tuner.can_restore(root):
-        tuner = ray.tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                            max_concurrent_trials=cfg.max_concurrent_trials),
-            run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path, verbose=1, callbacks=[release_callback()],
-                                          failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_retries)),
-        )
-    results = tuner.fit()
+    with ended_run(client, parent):  # FINISHED; FAILED when no trial finished; KILLED on Ctrl-C / SIGTERM
+        init_ray(cfg.ray)
+        context = TrialContext(root, base, cfg.epochs, start, split, cfg.trial,
+                               MlflowConfig(tracking_uri=cfg.mlflow.resolved_uri(), experiment=cfg.mlflow.experiment),
+                               parent_run_id=parent, name=cfg.name)
+        trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context),
+                                            {"cpu": cfg.trial.driver_cpus})
+        space: dict[str, Any] = {k: ray.tune.grid_search(v) for k, v in cfg.search.grid().items()}
+        if cfg.num_samples > 1:
+            space["sample"] = ray.tune.grid_search(list(range(cfg.num_samples)))
+        # max_t one past the last epoch: a trial that survives every rung ends on its own (and
+        # saves its model) instead of being stopped by ASHA at its last report.
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1, grace_period=min(cfg.scheduler.grace_period, cfg.epochs),
+                                   reduction_factor=cfg.scheduler.reduction_factor)
+                     if cfg.scheduler.kind == "asha" else FIFOScheduler())
+        storage_path = storage.parent(root) if not storage.is_s3(root) else cfg.storage_path
+        if restoring and ray.tune.Tuner.can_restore(root):
+            tuner = ray.tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                           restart_errored=False)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                                max_concurrent_trials=cfg.max_concurrent_trials),
+                run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path, verbose=1, callbacks=[release_callback()],
+                                              failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_retries)),
+            )
+        results = tuner.fit()
 
-    # Child runs of this search, by trial; close the ones Tune stopped or that died hard.
-    children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
-    rows = collect(results, cfg.epochs, children)
-    by_id = {r.info.run_id: r for r in children}
-    for row in rows:
-        run = by_id.get(row["mlflow_run_id"])
-        if run is None:
-            continue
-        if row["status"] == "STOPPED":
-            client.set_tag(run.info.run_id, "umair.stopped", f"ASHA stopped it after epoch {row['epochs']}")
-            client.set_terminated(run.info.run_id, "KILLED")
-        elif row["status"] == "FAILED":
-            if "umair.error" not in run.data.tags:  # the trial died before it could say why
-                client.set_tag(run.info.run_id, "umair.error", row["error"])
-            client.set_terminated(run.info.run_id, "FAILED")
-        else:  # trained every epoch (ASHA may still have stopped it at its last rung, before it saved)
-            client.set_terminated(run.info.run_id, "FINISHED")
+        # Child runs of this search, by trial; close the ones Tune stopped or that died hard.
+        children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
+        rows = collect(results, cfg.epochs, children)
+        by_id = {r.info.run_id: r for r in children}
+        for row in rows:
+            run = by_id.get(row["mlflow_run_id"])
+            if run is None:
+                continue
+            if row["status"] == "STOPPED":
+                client.set_tag(run.info.run_id, "umair.stopped", f"ASHA stopped it after epoch {row['epochs']}")
+                client.set_terminated(run.info.run_id, "KILLED")
+            elif row["status"] == "FAILED":
+                if "umair.error" not in run.data.tags:  # the trial died before it could say why
+                    client.set_tag(run.info.run_id, "umair.error", row["error"])
+                client.set_terminated(run.info.run_id, "FAILED")
+            else:  # trained every epoch (ASHA may still have stopped it at its last rung, before it saved)
+                client.set_terminated(run.info.run_id, "FINISHED")
 
-    finished = [r for r in rows if r["status"] == "FINISHED" and r["val_auc"] is not None and r["mlflow_run_id"]]
-    if finished:
-        finalize_model(context, finished[0], by_id[finished[0]["mlflow_run_id"]], settings)
-    summary: dict[str, Any] = {"name": cfg.name, "trials": len(rows),
-                               "finished": sum(r["status"] == "FINISHED" for r in rows),
-                               "stopped": sum(r["status"] == "STOPPED" for r in rows),
-                               "failed": sum(r["status"] == "FAILED" for r in rows),
-                               "validation_start": start, "split": split, "mlflow_parent_run_id": parent,
-                               "tracking_uri": cfg.mlflow.resolved_uri(), "experiment": cfg.mlflow.experiment,
-                               "tune_dir": root}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "results.md").write_text(results_markdown(rows))
-        (Path(tmp) / "results.csv").write_text(results_csv(rows))
-        tune_heatmap(rows, str(Path(tmp) / "heatmap_val_auc.png"))
+        finished = [r for r in rows if r["status"] == "FINISHED" and r["val_auc"] is not None and r["mlflow_run_id"]]
         if finished:
-            best = finished[0]
-            best_cfg = best_train_config(base, best, cfg)
-            best_yaml = (f"# Best trial {best['trial_id']} of search {cfg.name!r}: val AUC {best['val_auc']:.4f} "
-                         f"(K={best['K']} [{best['experts']}], L={best['cross_layers']}).\n"
-                         f"# Train the final model on the full training window with: umair train --config THIS_FILE\n"
-                         + yaml.safe_dump(best_cfg, sort_keys=False, allow_unicode=True))
-            (Path(tmp) / "best_train.yaml").write_text(best_yaml)
-            out = cfg.best_config_out or storage.join(root, "best_train.yaml")
-            storage.write_bytes(out, best_yaml.encode(), settings)
-            summary.update({"best_trial": best["trial_id"], "best_val_auc": best["val_auc"], "best_experts": best["experts"],
-                            "best_K": best["K"], "best_cross_layers": best["cross_layers"], "best_config": out,
-                            "best_mlflow_run_id": best["mlflow_run_id"]})
-            client.log_metric(parent, "best_val_auc", float(best["val_auc"]))
-            if cfg.register_model:
-                version = _register(client, cfg.register_model, best, best_yaml, str(Path(tmp) / "best_train.yaml"))
-                summary.update({"registered_model": cfg.register_model, "model_version": str(version.version)})
-        for name in ("results.md", "results.csv"):
-            storage.write_bytes(storage.join(root, name), (Path(tmp) / name).read_bytes(), settings)
-        client.log_artifacts(parent, tmp)
-    for k in ("finished", "stopped", "failed"):
-        client.log_metric(parent, f"trials_{k}", summary[k])
-    client.set_terminated(parent, "FINISHED" if finished else "FAILED")
-    summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(f"{TAG} results (best first):\n" + results_markdown(rows), flush=True)
-    print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
-    _where(summary)
-    if not finished:
-        raise TuneError(f"search {cfg.name!r}: no trial finished ({summary['failed']} failed, {summary['stopped']} stopped); "
-                        f"see the error column above and {storage.join(root, 'results.md')}")
+            finalize_model(context, finished[0], by_id[finished[0]["mlflow_run_id"]], settings)
+        summary: dict[str, Any] = {"name": cfg.name, "trials": len(rows),
+                                   "finished": sum(r["status"] == "FINISHED" for r in rows),
+                                   "stopped": sum(r["status"] == "STOPPED" for r in rows),
+                                   "failed": sum(r["status"] == "FAILED" for r in rows),
+                                   "validation_start": start, "split": split, "mlflow_parent_run_id": parent,
+                                   "tracking_uri": cfg.mlflow.resolved_uri(), "experiment": cfg.mlflow.experiment,
+                                   "tune_dir": root}
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "results.md").write_text(results_markdown(rows))
+            (Path(tmp) / "results.csv").write_text(results_csv(rows))
+            tune_heatmap(rows, str(Path(tmp) / "heatmap_val_auc.png"))
+            if finished:
+                best = finished[0]
+                best_cfg = best_train_config(base, best, cfg)
+                best_yaml = (f"# Best trial {best['trial_id']} of search {cfg.name!r}: val AUC {best['val_auc']:.4f} "
+                             f"(K={best['K']} [{best['experts']}], L={best['cross_layers']}).\n"
+                             f"# Train the final model on the full training window with: umair train --config THIS_FILE\n"
+                             + yaml.safe_dump(best_cfg, sort_keys=False, allow_unicode=True))
+                (Path(tmp) / "best_train.yaml").write_text(best_yaml)
+                out = cfg.best_config_out or storage.join(root, "best_train.yaml")
+                storage.write_bytes(out, best_yaml.encode(), settings)
+                summary.update({"best_trial": best["trial_id"], "best_val_auc": best["val_auc"], "best_experts": best["experts"],
+                                "best_K": best["K"], "best_cross_layers": best["cross_layers"], "best_config": out,
+                                "best_mlflow_run_id": best["mlflow_run_id"]})
+                client.log_metric(parent, "best_val_auc", float(best["val_auc"]))
+                if cfg.register_model:
+                    version = _register(client, cfg.register_model, best, best_yaml, str(Path(tmp) / "best_train.yaml"))
+                    summary.update({"registered_model": cfg.register_model, "model_version": str(version.version)})
+            for name in ("results.md", "results.csv"):
+                storage.write_bytes(storage.join(root, name), (Path(tmp) / name).read_bytes(), settings)
+            client.log_artifacts(parent, tmp)
+        for k in ("finished", "stopped", "failed"):
+            client.log_metric(parent, f"trials_{k}", summary[k])
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"{TAG} results (best first):\n" + results_markdown(rows), flush=True)
+        print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
+        _where(summary)
+        if not finished:
+            raise TuneError(f"search {cfg.name!r}: no trial finished ({summary['failed']} failed, {summary['stopped']} stopped); "
+                            f"see the error column above and {storage.join(root, 'results.md')}")
     return summary
 
 

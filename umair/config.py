@@ -120,17 +120,24 @@ def parse_settings(data: dict, model: type[M], source: str = "<settings>") -> M:
         raise ConfigError("\n".join(lines)) from None
 
 
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """The mapping of settings in the YAML file ``path``; :class:`ConfigError` naming the
+    file when it is missing, not YAML, or not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, found {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path, model: type[M], overrides: dict | None = None) -> M:
     """Read YAML at ``path`` into ``model``; ``overrides`` (dotted keys) win over the file."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such config file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of settings at the top level, found {type(data).__name__}")
+    data = read_yaml(p)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import posixpath
 import sys
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from umair.errors import UmairError
+from umair.errors import FeatureError, UmairError
 
 T = TypeVar("T")
 
@@ -234,6 +235,17 @@ def read_parquet(uri: str, settings: StorageSettings | None = None, columns: lis
     fs, path = resolve(uri, settings)
     with storage_errors(uri, "read", settings):
         return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_manifest(uri: str, fmt: str, settings: StorageSettings | None = None, *, missing: str) -> dict:
+    """The JSON document at ``uri``, whose ``format`` must be ``fmt``; :class:`FeatureError`
+    with ``missing`` when there is none, naming the file when its format differs."""
+    if not exists(uri, settings):
+        raise FeatureError(missing)
+    data = json.loads(read_bytes(uri, settings))
+    if data.get("format") != fmt:
+        raise FeatureError(f"{uri}: format {data.get('format')!r}, expected {fmt!r}")
+    return data
 
 
 def _is_permanent(err: BaseException) -> bool:

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from umair import contracts, storage
-from umair.config import ConfigError, MlflowConfig, RayConfig, Settings, StorageConfig, parse_settings
+from umair.config import ConfigError, MlflowConfig, RayConfig, Settings, StorageConfig, parse_settings, read_yaml
 from umair.errors import FeatureError
-from umair.model.interactions import parse_time, training_window, window
+from umair.model.interactions import IsoTime, parse_time, training_window, window
 from umair.training.inputs import absolute, resolve_inputs
 from umair.training.settings import TrainConfig
 
@@ -146,7 +145,7 @@ class TuneConfig(Settings):
     search: SearchSpace = SearchSpace()
     num_samples: int = Field(1, ge=1, description="repeats of the grid (trial seeds differ)")
     epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t)")
-    validation_start: str | None = Field(None, description="validate on [validation_start, split); None = the last 20 % of the training window's time")
+    validation_start: IsoTime | None = Field(None, description="validate on [validation_start, split); None = the last 20 % of the training window's time")
     scheduler: SchedulerConfig = SchedulerConfig()
     trial: TrialResources = TrialResources()
     max_concurrent_trials: int = Field(2, ge=1)
@@ -159,12 +158,6 @@ class TuneConfig(Settings):
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-tune")
     storage: StorageConfig = StorageConfig()
 
-    @field_validator("validation_start")
-    @classmethod
-    def _iso(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_time(v)
-        return v
 
     @field_validator("train")
     @classmethod
@@ -233,13 +226,7 @@ def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
     """The trials' common starting point: ``train_config`` with ``train`` merged in,
     validated as a :class:`~pipelines.TrainConfig` (errors name the file)."""
     path = Path(cfg.train_config)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such train config (tune: train_config)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    merged = _merge(data, cfg.train)
+    merged = _merge(read_yaml(path, "train config (tune: train_config)"), cfg.train)
     parse_settings(merged, TrainConfig, f"{path} + tune 'train' overrides")
     # Trials run in their own working directories: relative local paths are made absolute here.
     for key in ("world", "illustrations", "users", "interactions", "item_features"):

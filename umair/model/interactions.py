@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from umair import contracts
 from umair.config import Settings
@@ -41,6 +41,15 @@ def parse_time(value: str | datetime) -> datetime:
     """A date or datetime (ISO string or object) as an aware UTC datetime."""
     t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _iso_time(value: str) -> str:
+    parse_time(value)  # an ISO date or datetime, e.g. 2021-10-01
+    return value
+
+
+IsoTime = Annotated[str, AfterValidator(_iso_time)]
+"""A settings field holding an ISO date or datetime (``2021-10-01``), checked on load."""
 
 
 def _micros(when: datetime) -> int:

@@ -17,7 +17,6 @@ from typing import Any
 
 from umair import storage
 from umair.model.features import FeatureSpace
-from umair.errors import FeatureError
 from umair.model.settings import ModelConfig
 
 
@@ -58,12 +57,8 @@ def load_model(path: str, settings: storage.StorageSettings | None = None, devic
 
     from umair.model.fusion import UmairFPS
 
-    meta_uri = storage.join(path, META)
-    if not storage.exists(meta_uri, settings):
-        raise FeatureError(f"{path}: no {META}; not a trained model directory (run `umair train` first)")
-    meta = json.loads(storage.read_bytes(meta_uri, settings))
-    if meta.get("format") != MODEL_FORMAT:
-        raise FeatureError(f"{meta_uri}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    meta = storage.read_manifest(storage.join(path, META), MODEL_FORMAT, settings,
+                                 missing=f"{path}: no {META}; not a trained model directory (run `umair train` first)")
     config = ModelConfig(**meta["model_config"])
     model = UmairFPS(config)
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, WEIGHTS), settings)), map_location="cpu", weights_only=True)

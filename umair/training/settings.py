@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.model.features import FeatureSettings
-from umair.model.interactions import NegativeSettings, parse_time
+from umair.model.interactions import IsoTime, NegativeSettings
 from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 
 
@@ -26,6 +26,10 @@ def check_model_overrides(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+ModelOverrides = Annotated[dict[str, Any], AfterValidator(check_model_overrides)]
+"""``model:`` overrides of a job's settings: :class:`ModelConfig` fields, none data-derived."""
+
+
 class TrainConfig(Settings):
     """Settings of ``umair train`` (see pipelines/configs/train.yaml)."""
 
@@ -36,9 +40,9 @@ class TrainConfig(Settings):
     item_features: str = Field(..., description="item-features table (parquet) or the output root of `umair extract`")
     encoder_version: str | None = Field(None, description="feature set of an extraction output holding several (umair.encoder.version)")
     text_version: str | None = Field(None, description="... and its text encoder (umair.tsem.encoder)")
-    split: str | None = Field(None, description="train on ts < split, test on ts >= split (default: the world's)")
-    test_end: str | None = Field(None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)")
-    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)")
+    split: IsoTime | None = Field(None, description="train on ts < split, test on ts >= split (default: the world's)")
+    test_end: IsoTime | None = Field(None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)")
+    model: ModelOverrides = Field(default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)")
     variant: str | None = Field(None, description="a Table-4 variant applied on top, e.g. 'w/o STY'")
     features: FeatureSettings = FeatureSettings()
     negatives: NegativeSettings = NegativeSettings()
@@ -67,17 +71,6 @@ class TrainConfig(Settings):
             raise ValueError(f"unknown Table-4 variant {v!r}; expected one of {list(TABLE4_VARIANTS)}")
         return v
 
-    @field_validator("split", "test_end")
-    @classmethod
-    def _iso_split(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_time(v)  # an ISO date or datetime, e.g. 2021-10-01
-        return v
-
-    @field_validator("model")
-    @classmethod
-    def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return check_model_overrides(v)
 
     @model_validator(mode="after")
     def _tables(self) -> TrainConfig:
