@@ -228,9 +228,8 @@ def test_a_real_enospc_from_the_kernel_is_not_retried():
         pytest.skip("no /dev/full")
 
     def write() -> None:
-        with storage.storage_errors("/dev/full", "write"):
-            with open("/dev/full", "wb") as f:
-                f.write(b"x" * 4096)
+        with storage.storage_errors("/dev/full", "write"), open("/dev/full", "wb") as f:
+            f.write(b"x" * 4096)
 
     start = time.monotonic()
     with pytest.raises(StorageError) as info:
@@ -252,13 +251,13 @@ def _raise_through_storage_errors(uri: str, op: str, error: BaseException, calls
     ("s3://b/k.png", "read",
      OSError("When reading information for key 'k.png' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject operation: "
              "No response body."),
-     "cannot read s3://b/k.png at endpoint http://127.0.0.1:9: the server rejected the credentials. Check AWS_ACCESS_KEY_ID / "
-     "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may read this prefix"),
+     ("cannot read s3://b/k.png at endpoint http://127.0.0.1:9: the server rejected the credentials. Check AWS_ACCESS_KEY_ID / "
+      "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may read this prefix")),
     ("s3://b/out/part.parquet", "write",
      OSError("When uploading part for key 'out/part.parquet' in bucket 'b': AWS Error SIGNATURE_DOES_NOT_MATCH during "
              "UploadPart operation: The request signature we calculated does not match the signature you provided."),
-     "cannot write s3://b/out/part.parquet at endpoint http://127.0.0.1:9: the server rejected the credentials. Check "
-     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may write this prefix"),
+     ("cannot write s3://b/out/part.parquet at endpoint http://127.0.0.1:9: the server rejected the credentials. Check "
+      "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may write this prefix")),
     ("s3://nobucket/out/part.parquet", "write",
      OSError("When completing multiple part upload for key 'out/part.parquet' in bucket 'nobucket': AWS Error NO_SUCH_BUCKET "
              "during CompleteMultipartUpload operation: The specified bucket does not exist"),
@@ -295,7 +294,7 @@ def tmpfs(tmp_path):
             pytest.skip("mounting a tmpfs needs root")
         path = tmp_path / name
         path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True, check=False)
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(path)

@@ -143,7 +143,7 @@ def decode_rows(batch: dict[str, np.ndarray], image_size: int, max_pixels: int, 
     ok = np.zeros(n, bool)
     stage, reason, error = (np.full(n, "", dtype=object) for _ in range(3))
     for i, raw in enumerate(batch["image_uri"]):
-        if raw is None or (isinstance(raw, float) and raw != raw):
+        if raw is None or (isinstance(raw, float) and np.isnan(raw)):
             uri = ""
         elif isinstance(raw, bytes):
             uri = raw.decode("utf-8", "replace")
