@@ -50,7 +50,7 @@ def machine_info() -> dict[str, Any]:
     average, Python, torch (+ its threads and CUDA), ray, deepctr-torch versions."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
@@ -75,9 +75,11 @@ def machine_info() -> dict[str, Any]:
 def machine_line() -> str:
     """:func:`machine_info` as one line."""
     i = machine_info()
-    return (f"{i['date']}; {i['cpu']}, {i['cpus']} CPUs ({i['cpus_usable']} usable), {i['ram_gib']} GiB RAM, "
-            f"load avg {i['load_avg']}; {i['platform']}; python {i['python']}, torch {i['torch']} "
-            f"({i.get('torch_threads')} threads, GPU {i.get('cuda')}), ray {i['ray']}, deepctr-torch {i['deepctr_torch']}")
+    return (
+        f"{i['date']}; {i['cpu']}, {i['cpus']} CPUs ({i['cpus_usable']} usable), {i['ram_gib']} GiB RAM, "
+        f"load avg {i['load_avg']}; {i['platform']}; python {i['python']}, torch {i['torch']} "
+        f"({i.get('torch_threads')} threads, GPU {i.get('cuda')}), ray {i['ray']}, deepctr-torch {i['deepctr_torch']}"
+    )
 
 
 def print_machine(command: list[str] | None = None) -> None:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Moved to the library (umair ablate generates features the same way); re-exported here
 # because tests/conftest.py loads fixture_item_features from this file.
-from umair.baselines.sample_features import fixture_item_features, fixture_tsem, pretext_encoder  # noqa: E402,F401
 from _machine import machine_line  # noqa: E402
 
+from umair.baselines.sample_features import fixture_item_features, fixture_tsem, pretext_encoder  # noqa: E402,F401
 
 # --------------------------------------------------------------------------- the benchmark
 
@@ -54,29 +53,47 @@ def _train_and_evaluate(args: argparse.Namespace, world: str, features: str, var
     from umair.config import MlflowConfig, RayConfig
 
     slug = variant.replace("/", "").replace(" ", "_")
-    mlflow = MlflowConfig(tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(args.out, 'mlflow.db'))}", experiment="ablation")
+    mlflow = MlflowConfig(
+        tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(args.out, 'mlflow.db'))}", experiment="ablation"
+    )
     model_dir = os.path.join(args.out, "models", slug)
     tcfg = train.TrainConfig(
-        world=world, item_features=features, variant=None if variant == "full" else variant,
-        model={"d": args.d}, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, l2_emb=args.l2_emb,
-        num_workers=args.num_workers, seed=args.seed, run_name=f"ablation-{slug}-{int(time.time())}",
-        checkpoint_dir=os.path.join(args.out, "ray_results"), output=model_dir, eval_every_epoch=False,
-        ray=RayConfig(num_cpus=4), mlflow=mlflow,
+        world=world,
+        item_features=features,
+        variant=None if variant == "full" else variant,
+        model={"d": args.d},
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        l2_emb=args.l2_emb,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        run_name=f"ablation-{slug}-{int(time.time())}",
+        checkpoint_dir=os.path.join(args.out, "ray_results"),
+        output=model_dir,
+        eval_every_epoch=False,
+        ray=RayConfig(num_cpus=4),
+        mlflow=mlflow,
     )
     t0 = time.perf_counter()
     summary = train.run(tcfg)
     train_s = time.perf_counter() - t0
-    report = evaluate.run(evaluate.EvaluateConfig(model=model_dir, world=world, run_name=f"evaluate-{slug}", mlflow=mlflow))
+    report = evaluate.run(
+        evaluate.EvaluateConfig(model=model_dir, world=world, run_name=f"evaluate-{slug}", mlflow=mlflow)
+    )
     seg = report["segments"]
     return {
         "variant": variant,
-        "auc": report["auc"], "logloss": report["logloss"], "gauc": report["gauc"],
+        "auc": report["auc"],
+        "logloss": report["logloss"],
+        "gauc": report["gauc"],
         "auc_style_users": seg.get("style", {}).get("auc"),
         "auc_content_users": seg.get("content", {}).get("auc"),
         "alpha_sty_style_users": seg.get("style", {}).get("alpha", {}).get("sty"),
         "alpha_sty_content_users": seg.get("content", {}).get("alpha", {}).get("sty"),
         "alpha_by_segment": {k: v["alpha"] for k, v in seg.items()},
-        "parameters": summary["parameters"], "train_s": round(train_s, 1),
+        "parameters": summary["parameters"],
+        "train_s": round(train_s, 1),
     }
 
 
@@ -117,24 +134,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.pretext_epochs:
             encoder = pretext_encoder(world, args.image_size, args.pretext_epochs, args.feature_seed)
             version = f"fixture-resnet18-{args.image_size}px-pretext{args.pretext_epochs}-seed{args.feature_seed}"
-        fixture_item_features(world, features, encoder, args.image_size, seed=args.feature_seed, encoder_version=version)
+        fixture_item_features(
+            world, features, encoder, args.image_size, seed=args.feature_seed, encoder_version=version
+        )
     prep_s = time.perf_counter() - t0
     results = [_train_and_evaluate(args, world_dir, features, v) for v in args.variants.split(",")]
     by = {r["variant"]: r for r in results}
     summary: dict[str, Any] = {
-        "command": " ".join([".venv/bin/python", "bench/ablation_sample.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [".venv/bin/python", "bench/ablation_sample.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": machine_line(),
         "world": {"size": args.size, "seed": args.world_seed, "split": world.spec.split},
-        "features": features, "prep_s": round(prep_s, 1), "results": results,
+        "features": features,
+        "prep_s": round(prep_s, 1),
+        "results": results,
     }
     if "full" in by and "w/o ALL" in by:
         summary["full_minus_woALL_auc"] = by["full"]["auc"] - by["w/o ALL"]["auc"]
     if "full" in by and "w/o STY" in by:
         summary["full_minus_woSTY_auc_style_users"] = by["full"]["auc_style_users"] - by["w/o STY"]["auc_style_users"]
     for r in results:
-        print(f"{r['variant']:<8} AUC={r['auc']:.4f} logloss={r['logloss']:.4f} GAUC={r['gauc']:.4f} "
-              f"AUC(style users)={r['auc_style_users']:.4f} α_STY style/content users="
-              f"{r['alpha_sty_style_users']}/{r['alpha_sty_content_users']} ({r['train_s']}s)")
+        print(
+            f"{r['variant']:<8} AUC={r['auc']:.4f} logloss={r['logloss']:.4f} GAUC={r['gauc']:.4f} "
+            f"AUC(style users)={r['auc_style_users']:.4f} α_STY style/content users="
+            f"{r['alpha_sty_style_users']}/{r['alpha_sty_content_users']} ({r['train_s']}s)"
+        )
     print(json.dumps(summary, indent=2, default=str))
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)

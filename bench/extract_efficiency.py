@@ -41,9 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_info, machine_line  # noqa: E402,F401
 
 from pipelines.extract import ExtractConfig, run  # noqa: E402
-from umair.extraction.stages import load_image_encoder  # noqa: E402
 from umair import storage  # noqa: E402
 from umair.config import parse_settings  # noqa: E402
+from umair.extraction.stages import load_image_encoder  # noqa: E402
 
 
 def descendants(pid: int) -> list[int]:
@@ -189,14 +189,26 @@ def bare_encoder_rate(args: argparse.Namespace, uris: list[str]) -> float:
 
 def pipeline_run(args: argparse.Namespace, catalogue: str, output: str) -> tuple[dict, RssSampler, int]:
     """(summary, the RSS sampler after the run, RSS bytes just before the run)."""
-    cfg = parse_settings({
-        "catalogue": catalogue, "output": output,
-        "encoder": {"source": None, "spec": {"backbone": args.backbone, "image_size": args.image_size}},
-        "batch_size": args.batch_size, "decode_batch_size": args.decode_batch_size, "encode_concurrency": args.encode_concurrency,
-        "encode_num_cpus": args.encode_cpus, "chunk_rows": args.chunk_rows, "write_batch_rows": args.chunk_rows,
-        "ray": {"num_cpus": args.num_cpus},
-        "mlflow": {"tracking_uri": f"sqlite:///{os.path.join(args.workdir, 'mlflow.db')}", "experiment": "umair-extract-bench"},
-    }, ExtractConfig, "bench")
+    cfg = parse_settings(
+        {
+            "catalogue": catalogue,
+            "output": output,
+            "encoder": {"source": None, "spec": {"backbone": args.backbone, "image_size": args.image_size}},
+            "batch_size": args.batch_size,
+            "decode_batch_size": args.decode_batch_size,
+            "encode_concurrency": args.encode_concurrency,
+            "encode_num_cpus": args.encode_cpus,
+            "chunk_rows": args.chunk_rows,
+            "write_batch_rows": args.chunk_rows,
+            "ray": {"num_cpus": args.num_cpus},
+            "mlflow": {
+                "tracking_uri": f"sqlite:///{os.path.join(args.workdir, 'mlflow.db')}",
+                "experiment": "umair-extract-bench",
+            },
+        },
+        ExtractConfig,
+        "bench",
+    )
     import ray
 
     with RssSampler() as sampler:
@@ -216,7 +228,9 @@ def main() -> None:
     p.add_argument("--decode-batch-size", type=int, default=32)
     p.add_argument("--encode-concurrency", type=int, default=1)
     p.add_argument("--encode-cpus", type=int, default=1, help="CPUs (torch threads) per encoder actor")
-    p.add_argument("--chunk-rows", type=int, default=200, help="rows per commit (the steady rate counts from the first)")
+    p.add_argument(
+        "--chunk-rows", type=int, default=200, help="rows per commit (the steady rate counts from the first)"
+    )
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--bare-seconds", type=float, default=10.0)
     p.add_argument("--workdir", default="/tmp/umair-bench-extract")
@@ -246,17 +260,24 @@ def main() -> None:
         f"pipeline_steady_images_per_s_{args.scale}x": many["steady_images_per_s"],
         "efficiency_1x": round(one["images_per_s"] / bare, 3),
         f"efficiency_{args.scale}x": round(many["images_per_s"] / bare, 3),
-        f"efficiency_steady_{args.scale}x": round(many["steady_images_per_s"] / bare, 3) if many["steady_images_per_s"] else None,
+        f"efficiency_steady_{args.scale}x": round(many["steady_images_per_s"] / bare, 3)
+        if many["steady_images_per_s"]
+        else None,
         f"first_commit_s_{args.scale}x": many["first_commit_s"],
-        "rows_1x": one["rows_ok"], f"rows_{args.scale}x": many["rows_ok"],
-        "wall_s_1x": one["wall_s"], f"wall_s_{args.scale}x": many["wall_s"],
-        "peak_rss_mib_1x": round(peak_one.peak / mib), f"peak_rss_mib_{args.scale}x": round(peak_many.peak / mib),
+        "rows_1x": one["rows_ok"],
+        f"rows_{args.scale}x": many["rows_ok"],
+        "wall_s_1x": one["wall_s"],
+        f"wall_s_{args.scale}x": many["wall_s"],
+        "peak_rss_mib_1x": round(peak_one.peak / mib),
+        f"peak_rss_mib_{args.scale}x": round(peak_many.peak / mib),
         "peak_rss_anon_mib_1x": round(peak_one.peaks["RssAnon"] / mib),
         f"peak_rss_anon_mib_{args.scale}x": round(peak_many.peaks["RssAnon"] / mib),
         "peak_rss_shmem_mib_1x": round(peak_one.peaks["RssShmem"] / mib),
         f"peak_rss_shmem_mib_{args.scale}x": round(peak_many.peaks["RssShmem"] / mib),
-        "processes_at_peak_1x": peak_one.peak_processes, f"processes_at_peak_{args.scale}x": peak_many.peak_processes,
-        "rss_before_mib_1x": round(base_one / mib), f"rss_before_mib_{args.scale}x": round(base_many / mib),
+        "processes_at_peak_1x": peak_one.peak_processes,
+        f"processes_at_peak_{args.scale}x": peak_many.peak_processes,
+        "rss_before_mib_1x": round(base_one / mib),
+        f"rss_before_mib_{args.scale}x": round(base_many / mib),
     }
     print("\n== extract efficiency ==")
     print("command:", " ".join([os.path.relpath(sys.executable), *sys.argv]))
@@ -265,7 +286,10 @@ def main() -> None:
     for k, v in figures.items():
         print(f"  {k:<32} {v}")
     for label, sampler in (("1x", peak_one), (f"{args.scale}x", peak_many)):
-        print(f"  largest processes at the {label} peak (RSS MiB):", ", ".join(f"{name} {rss // mib}" for rss, name in sampler.top))
+        print(
+            f"  largest processes at the {label} peak (RSS MiB):",
+            ", ".join(f"{name} {rss // mib}" for rss, name in sampler.top),
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,15 @@ def _generate_small(root: str) -> tuple[str, str]:
     torch.set_num_threads(2)
     try:
         encoder = pretext_encoder(world, image_size=32, epochs=6, seed=0)
-        features = fixture_item_features(world, os.path.join(root, "features.parquet"), encoder, image_size=32,
-                                         tsem_dim=16, seed=0, encoder_version="fixture-resnet18-32px-pretext6-seed0")
+        features = fixture_item_features(
+            world,
+            os.path.join(root, "features.parquet"),
+            encoder,
+            image_size=32,
+            tsem_dim=16,
+            seed=0,
+            encoder_version="fixture-resnet18-32px-pretext6-seed0",
+        )
     finally:
         torch.set_num_threads(threads)
     return world.root, features
@@ -63,13 +70,20 @@ def _generate_small(root: str) -> tuple[str, str]:
 
 def _train(args: argparse.Namespace, world: str, features: str, seed: int, root: str) -> str:
     from pipelines import train
-    from umair.config import MlflowConfig, RayConfig
-    from umair.config import load_config
+    from umair.config import MlflowConfig, RayConfig, load_config
 
     out = os.path.join(root, f"model-seed{seed}")
     mlflow = MlflowConfig(tracking_uri=f"sqlite:///{os.path.join(root, 'mlflow.db')}", experiment="bench-recommend")
-    common = {"world": world, "item_features": features, "seed": seed, "output": out, "run_name": f"bench-recommend-{seed}",
-              "checkpoint_dir": os.path.join(root, "ray_results"), "mlflow": mlflow, "ray": RayConfig(num_cpus=4)}
+    common = {
+        "world": world,
+        "item_features": features,
+        "seed": seed,
+        "output": out,
+        "run_name": f"bench-recommend-{seed}",
+        "checkpoint_dir": os.path.join(root, "ray_results"),
+        "mlflow": mlflow,
+        "ray": RayConfig(num_cpus=4),
+    }
     if args.generate:
         cfg = train.TrainConfig(num_workers=2, epochs=4, batch_size=32, eval_every_epoch=False, **common)
     else:
@@ -109,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", help="a sample world directory (with --item-features)")
     ap.add_argument("--item-features", help="its item features (extraction output or parquet)")
     ap.add_argument("--train-config", default=str(REPO / "pipelines/configs/train.yaml"))
-    ap.add_argument("--generate", choices=["small"], help="build the small world + features as tests/test_recommend.py does")
+    ap.add_argument(
+        "--generate", choices=["small"], help="build the small world + features as tests/test_recommend.py does"
+    )
     ap.add_argument("--seeds", default="0,1,2", help="model seeds")
     ap.add_argument("--gammas", default="0.5,1.0", help="exposure powers γ")
     ap.add_argument("--out", default="outputs/bench/recommend_candidates.json")
@@ -121,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     gammas = [float(g) for g in args.gammas.split(",")]
     with tempfile.TemporaryDirectory() as root:
-        world, features = _generate_small(root) if args.generate else (os.path.abspath(args.world), os.path.abspath(args.item_features))
+        world, features = (
+            _generate_small(root)
+            if args.generate
+            else (os.path.abspath(args.world), os.path.abspath(args.item_features))
+        )
         per_seed = []
         for seed in seeds:
             model = _train(args, world, features, seed, root)
@@ -132,9 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, g in per_seed[0]:
         rows = [r[(name, g)] for r in per_seed]
         cells = {k: (float(np.mean([r[k] for r in rows])), float(np.min([r[k] for r in rows]))) for k in keys}
-        summary.append({"candidates": name, "gamma": g, **{k: {"mean": v[0], "min": v[1]} for k, v in cells.items()},
-                        "recall": [{k: r[k] for k in r if " R@" in k} for r in rows]})
-        print(f"  {name:<50} γ {g:<4} " + " ".join(f"{k} {m:.2f} ({lo:.2f})" for k, (m, lo) in cells.items()), flush=True)
+        summary.append(
+            {
+                "candidates": name,
+                "gamma": g,
+                **{k: {"mean": v[0], "min": v[1]} for k, v in cells.items()},
+                "recall": [{k: r[k] for k in r if " R@" in k} for r in rows],
+            }
+        )
+        print(
+            f"  {name:<50} γ {g:<4} " + " ".join(f"{k} {m:.2f} ({lo:.2f})" for k, (m, lo) in cells.items()), flush=True
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"seeds": seeds, "rows": summary, "wall_s": round(time.perf_counter() - t0, 1)}, f, indent=2)

@@ -18,6 +18,7 @@ from sentence_transformers import SentenceTransformer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
+
 from umair.sample.world import SIZES, generate  # noqa: E402
 from umair.text.settings import default_base_model  # noqa: E402
 from umair.text.tag_embeddings import embed_tags  # noqa: E402
@@ -43,13 +44,17 @@ def main() -> None:
     d, j = best["dedup"], best["joined"]
     print(f"machine: {machine_line()}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"world: {args.size} (seed {args.seed}), {d.illustrations} illustrations, {d.distinct_tags} distinct tags, "
-          f"{d.illustrations_without_tags} without tags")
+    print(
+        f"world: {args.size} (seed {args.seed}), {d.illustrations} illustrations, {d.distinct_tags} distinct tags, "
+        f"{d.illustrations_without_tags} without tags"
+    )
     print(f"{'mode':<8} {'strings encoded':>16} {'wall s':>8}")
     for s in (d, j):
         print(f"{s.mode:<8} {s.encoded_strings:>16} {s.wall_seconds:>8.2f}")
-    print(f"dedup encodes {j.encoded_strings / max(d.encoded_strings, 1):.1f}x fewer strings and is "
-          f"{j.wall_seconds / d.wall_seconds:.1f}x faster (best of {args.repeat} alternating runs each)")
+    print(
+        f"dedup encodes {j.encoded_strings / max(d.encoded_strings, 1):.1f}x fewer strings and is "
+        f"{j.wall_seconds / d.wall_seconds:.1f}x faster (best of {args.repeat} alternating runs each)"
+    )
 
 
 if __name__ == "__main__":

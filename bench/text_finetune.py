@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_line  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TARGETS = {"zh": ("zh-Hans", "zh-Hant"), "zh-Hans": ("zh-Hans",), "zh-Hant": ("zh-Hant",), "en": ("en",)}
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the token embeddings (default: --lr)")
+    ap.add_argument(
+        "--embedding-lr", type=float, default=None, help="learning rate of the token embeddings (default: --lr)"
+    )
     ap.add_argument("--max-seq-length", type=int, default=32)
     ap.add_argument("--holdout", type=float, default=0.15, help="share of Japanese titles held out")
     ap.add_argument("--seed", type=int, default=0)
@@ -64,9 +67,17 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="umair-bench-text-") as tmp:
         cfg = FinetuneConfig(
-            base_model=args.base_model, output_dir=args.out or os.path.join(tmp, "encoder"), epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, embedding_lr=args.embedding_lr, max_seq_length=args.max_seq_length,
-            add_cjk_tokens=not args.no_cjk_tokens, eval_fraction=args.holdout, max_train_pairs=args.max_train, seed=args.seed,
+            base_model=args.base_model,
+            output_dir=args.out or os.path.join(tmp, "encoder"),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            embedding_lr=args.embedding_lr,
+            max_seq_length=args.max_seq_length,
+            add_cjk_tokens=not args.no_cjk_tokens,
+            eval_fraction=args.holdout,
+            max_train_pairs=args.max_train,
+            seed=args.seed,
         )
         base = SentenceTransformer(cfg.resolved_base_model())
         base.max_seq_length = args.max_seq_length
@@ -82,33 +93,51 @@ def main(argv: list[str] | None = None) -> int:
             idx = [i for i, lang in enumerate(langs) if lang in accepted]
             a = [anchors[i] for i in idx]
             p = [positives[i] for i in idx]
-            rows.append((f"ja→{name}", len(idx), len(set(p)), retrieval_metrics(base, a, p), retrieval_metrics(result.model, a, p)))
+            rows.append(
+                (
+                    f"ja→{name}",
+                    len(idx),
+                    len(set(p)),
+                    retrieval_metrics(base, a, p),
+                    retrieval_metrics(result.model, a, p),
+                )
+            )
 
     print("# text encoder fine-tune benchmark (bangumi-titles)")
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {machine_line()}")
     print(f"torch threads={torch.get_num_threads()} | device={result.model.device}")
     print(f"versions: torch {torch.__version__}, sentence-transformers {st_version} (SentenceTransformerTrainer)")
-    print(f"data: {args.data}: {built.table.num_rows} pairs ({built.stats['duplicates_dropped']} duplicate, "
-          f"{built.stats['identical_dropped']} identical dropped, {len(built.bad_rows)} bad rows)")
+    print(
+        f"data: {args.data}: {built.table.num_rows} pairs ({built.stats['duplicates_dropped']} duplicate, "
+        f"{built.stats['identical_dropped']} identical dropped, {len(built.bad_rows)} bad rows)"
+    )
     n_titles = len(set(built.table.column("group").to_pylist()))
     n_held = len(set(held.column("group").to_pylist()))
-    print(f"split: {n_titles} Japanese titles, {n_held} held out ({args.holdout:.0%}, seed {args.seed}); "
-          f"train pairs used {result.train_pairs} (cap {args.max_train}), held-out pairs {held.num_rows}")
-    print(f"base: {cfg.resolved_base_model()}; added CJK tokens: {len(result.added_tokens)}; epochs {args.epochs}, "
-          f"batch {args.batch_size}, lr {args.lr}, embedding lr {args.embedding_lr or args.lr}, max_seq_length {args.max_seq_length}")
+    print(
+        f"split: {n_titles} Japanese titles, {n_held} held out ({args.holdout:.0%}, seed {args.seed}); "
+        f"train pairs used {result.train_pairs} (cap {args.max_train}), held-out pairs {held.num_rows}"
+    )
+    print(
+        f"base: {cfg.resolved_base_model()}; added CJK tokens: {len(result.added_tokens)}; epochs {args.epochs}, "
+        f"batch {args.batch_size}, lr {args.lr}, embedding lr {args.embedding_lr or args.lr}, max_seq_length {args.max_seq_length}"
+    )
     first = result.loss_history[0]["loss"] if result.loss_history else float("nan")
     last = result.loss_history[-1]["loss"] if result.loss_history else float("nan")
-    print(f"training: {len(result.loss_history)} steps, loss first {first:.3f} last {last:.3f}, "
-          f"train {result.manifest['train_seconds']:.0f} s, finetune() total {ft_seconds:.0f} s")
+    print(
+        f"training: {len(result.loss_history)} steps, loss first {first:.3f} last {last:.3f}, "
+        f"train {result.manifest['train_seconds']:.0f} s, finetune() total {ft_seconds:.0f} s"
+    )
     print()
     print("| direction | pairs | candidates | R@1 before | R@1 after | MRR before | MRR after |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n, c, b, a in rows:
         print(f"| {name} | {n} | {c} | {b['r1']:.3f} | {a['r1']:.3f} | {b['mrr']:.3f} | {a['mrr']:.3f} |")
     mb, ma = result.metrics_before or {}, result.metrics_after or {}
-    print(f"| all held-out | {held.num_rows} | {len(set(positives))} | {mb.get('r1', float('nan')):.3f} | {ma.get('r1', float('nan')):.3f} "
-          f"| {mb.get('mrr', float('nan')):.3f} | {ma.get('mrr', float('nan')):.3f} |")
+    print(
+        f"| all held-out | {held.num_rows} | {len(set(positives))} | {mb.get('r1', float('nan')):.3f} | {ma.get('r1', float('nan')):.3f} "
+        f"| {mb.get('mrr', float('nan')):.3f} | {ma.get('mrr', float('nan')):.3f} |"
+    )
     print()
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0

@@ -15,7 +15,6 @@ import time
 from umair import config as cfg
 from umair.errors import UmairError, find_cause
 
-
 # Ray jobs: each module defines register(subparsers) adding its subcommand.
 # Imported lazily inside their handlers is Ray itself, so `umair --help` stays fast.
 JOB_MODULES = [
@@ -26,12 +25,16 @@ JOB_MODULES = [
     "pipelines.evaluate",
     "pipelines.ablate",
     "pipelines.tune",
-    "pipelines.recommend", "pipelines.similar", "pipelines.explain",
+    "pipelines.recommend",
+    "pipelines.similar",
+    "pipelines.explain",
 ]
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $UMAIR_S3_ENDPOINT / $AWS_ENDPOINT_URL or AWS)")
+    p.add_argument(
+        "--endpoint", help="S3-compatible endpoint URL (default: $UMAIR_S3_ENDPOINT / $AWS_ENDPOINT_URL or AWS)"
+    )
     p.add_argument("--region", help="bucket region (default: $AWS_REGION or us-east-1)")
 
 
@@ -58,11 +61,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise cfg.ConfigError("umair sample: --out is required (or --config with an 'out' key)")
         settings = cfg.parse_settings(
             {"out": args.out, "size": args.size or "tiny", "seed": args.seed or 0, "overwrite": args.overwrite},
-            cfg.SampleConfig, "command line",
+            cfg.SampleConfig,
+            "command line",
         )
     t0 = time.perf_counter()
     world = write_world(settings.out, settings.size, settings.seed, settings.overwrite, _storage(args).to_settings())
-    print(f"wrote sample world ({settings.size}, seed {settings.seed}) to {world.root} in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"wrote sample world ({settings.size}, seed {settings.seed}) to {world.root} in {time.perf_counter() - t0:.1f}s"
+    )
     _print_summary(summarize(world))
     return 0
 
@@ -93,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="write a sample illustration world with planted taste (local dir or s3://)")
     p.add_argument("--out", help="local directory or s3://bucket/prefix")
-    p.add_argument("--size", choices=["tiny", "small", "default"], help="tiny: unit tests; default: the demo (default: tiny)")
+    p.add_argument(
+        "--size", choices=["tiny", "small", "default"], help="tiny: unit tests; default: the demo (default: tiny)"
+    )
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same world (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
     p.add_argument("--config", help="YAML with keys out, size, seed, overwrite (flags override it)")

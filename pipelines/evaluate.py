@@ -28,17 +28,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from umair.config import MlflowConfig
 from pipelines.runtime import ensure_experiment
+from umair import storage
+from umair.config import MlflowConfig, Settings, StorageConfig
+from umair.errors import FeatureError
+from umair.model.interactions import IsoTime, ItemPool, NegativeSettings, require_both_labels, window, with_negatives
+from umair.model.item_features import attach_rows, check_dims
 from umair.training.inputs import check_encoders, inspect_features, read_inputs, resolve_eval_inputs
 from umair.training.lookup import load_lookup
 from umair.training.model_io import load_model
 from umair.training.scoring import score_rows, segment_map, segment_report
-from umair import storage
-from umair.config import Settings, StorageConfig
-from umair.errors import FeatureError
-from umair.model.interactions import IsoTime, ItemPool, NegativeSettings, require_both_labels, window, with_negatives
-from umair.model.item_features import attach_rows, check_dims
 
 TAG = "[evaluate]"
 
@@ -54,7 +53,9 @@ class EvaluateConfig(Settings):
     item_features: str | None = Field(None, description="default: the features the model was trained on")
     split: IsoTime | None = Field(None, description="start of the test window; default: the model's training split")
     end: IsoTime | None = Field(None, description="end of the test window (exclusive); default: open")
-    segments: str | None = Field(None, description="table with user_id and segment_column; default: WORLD/truth/users.parquet")
+    segments: str | None = Field(
+        None, description="table with user_id and segment_column; default: WORLD/truth/users.parquet"
+    )
     segment_column: str = "taste"
     negatives: NegativeSettings = NegativeSettings(seed=1)
     batch_size: int = Field(4096, ge=1)
@@ -64,17 +65,23 @@ class EvaluateConfig(Settings):
     storage: StorageConfig = StorageConfig()
 
 
-
 def _print(report: dict[str, Any]) -> None:
-    print(f"{TAG} {report['model']} ({report['variant']}) on {report['rows']} rows from {report['window']['start']}: "
-          f"AUC={report['auc']:.4f} logloss={report['logloss']:.4f} GAUC={report['gauc']:.4f} "
-          f"({report['gauc_users']} users with both classes)", flush=True)
+    print(
+        f"{TAG} {report['model']} ({report['variant']}) on {report['rows']} rows from {report['window']['start']}: "
+        f"AUC={report['auc']:.4f} logloss={report['logloss']:.4f} GAUC={report['gauc']:.4f} "
+        f"({report['gauc_users']} users with both classes)",
+        flush=True,
+    )
     mods = report["modalities"]
-    head = f"  {'segment':<12} {'rows':>6} {'users':>5} {'AUC':>7} {'logloss':>8} {'GAUC':>7}" + "".join(f" {'α ' + m:>8}" for m in mods)
+    head = f"  {'segment':<12} {'rows':>6} {'users':>5} {'AUC':>7} {'logloss':>8} {'GAUC':>7}" + "".join(
+        f" {'α ' + m:>8}" for m in mods
+    )
     print(head)
     for name, s in report["segments"].items():
         alpha = "".join(f" {s['alpha'].get(m, float('nan')):>8.3f}" for m in mods)
-        print(f"  {name:<12} {s['rows']:>6} {s['users']:>5} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['gauc']:>7.4f}{alpha}")
+        print(
+            f"  {name:<12} {s['rows']:>6} {s['users']:>5} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['gauc']:>7.4f}{alpha}"
+        )
 
 
 def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
@@ -88,9 +95,14 @@ def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
         tags["umair.train_run_id"] = report["train_run_id"]
     run = client.create_run(exp.experiment_id, run_name=cfg.run_name, tags=tags)
     rid = run.info.run_id
-    params = {"model": cfg.model, "variant": report["variant"], "window_start": report["window"]["start"],
-              "window_end": report["window"]["end"], "segments": report["segments_source"] or "none",
-              "negatives": json.dumps(report["negatives"], sort_keys=True)}
+    params = {
+        "model": cfg.model,
+        "variant": report["variant"],
+        "window_start": report["window"]["start"],
+        "window_end": report["window"]["end"],
+        "segments": report["segments_source"] or "none",
+        "negatives": json.dumps(report["negatives"], sort_keys=True),
+    }
     now = int(time.time() * 1000)
     metrics = [mlflow.entities.Metric(f"test_{k}", float(report[k]), now, 0) for k in ("auc", "logloss", "gauc")]
     for name, s in report["segments"].items():
@@ -98,8 +110,11 @@ def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
             metrics.append(mlflow.entities.Metric(f"{name}.{k}", float(s[k]), now, 0))
         for m, v in s["alpha"].items():
             metrics.append(mlflow.entities.Metric(f"{name}.alpha_{m}", float(v), now, 0))
-    client.log_batch(rid, metrics=[m for m in metrics if np.isfinite(m.value)],
-                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_batch(
+        rid,
+        metrics=[m for m in metrics if np.isfinite(m.value)],
+        params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()],
+    )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "evaluation.json")
         with open(path, "w") as f:
@@ -117,25 +132,44 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
     inputs, segments_uri = resolve_eval_inputs(
-        saved, settings, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
-        interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split, segments=cfg.segments)
+        saved,
+        settings,
+        world=cfg.world,
+        illustrations=cfg.illustrations,
+        users=cfg.users,
+        interactions=cfg.interactions,
+        item_features=cfg.item_features,
+        split=cfg.split,
+        segments=cfg.segments,
+    )
     ill, users, inter = read_inputs(inputs, settings)
     test = window(inter, start=inputs.split, end=cfg.end)
     if test.num_rows == 0:
-        raise FeatureError(f"{inputs.interactions}: the test window (ts >= {inputs.split}"
-                           f"{f', < {cfg.end}' if cfg.end else ''}) is empty")
+        raise FeatureError(
+            f"{inputs.interactions}: the test window (ts >= {inputs.split}{f', < {cfg.end}' if cfg.end else ''}) is empty"
+        )
     info, _ = inspect_features(inputs, settings)
     check_dims(info, {m: saved.config.vectors[m] for m in saved.modalities})
     check_encoders(info, saved)
     pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, window(inter, end=saved.meta["split"]))
     test, negatives = with_negatives(test, pool, cfg.negatives, inputs.interactions)
     require_both_labels(test, f"{inputs.interactions}: test window")
-    rows = attach_rows(test, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
-                       f"{inputs.interactions} (test window)")
+    rows = attach_rows(
+        test,
+        users.column("user_id").to_numpy(),
+        info.illust_ids,
+        inputs.item_features,
+        f"{inputs.interactions} (test window)",
+    )
     lookup, user_table, _ = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
     user_rows = rows.column("user_row").to_numpy()
-    scores = score_rows(saved.model, lookup, torch.as_tensor(user_rows), torch.as_tensor(rows.column("item_row").to_numpy()),
-                        cfg.batch_size)
+    scores = score_rows(
+        saved.model,
+        lookup,
+        torch.as_tensor(user_rows),
+        torch.as_tensor(rows.column("item_row").to_numpy()),
+        cfg.batch_size,
+    )
     user_ids = user_table.user_ids[user_rows]
     labels = rows.column("label").to_numpy()
     seg = segment_map(segments_uri, cfg.segment_column, settings)
@@ -179,7 +213,9 @@ def register(sub: Any) -> None:
         run(load_with_flags(args.config, EvaluateConfig, args, ("model", "world", "item_features", "output")))
         return 0
 
-    p = sub.add_parser("evaluate", help="AUC, logloss, GAUC and modality attention of a trained model on the later window")
+    p = sub.add_parser(
+        "evaluate", help="AUC, logloss, GAUC and modality attention of a trained model on the later window"
+    )
     p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/evaluate.yaml)")
     p.add_argument("--model", help="model directory written by umair train (overrides the config)")
     p.add_argument("--world", help="sample world: tables and truth segments (overrides the config)")

@@ -37,17 +37,23 @@ class ExplainConfig(Settings):
     """Settings of ``umair explain`` (see pipelines/configs/explain.yaml)."""
 
     model: str = Field("outputs/demo/model", description="a model directory written by umair train")
-    world: str | None = Field("outputs/demo/world", description="a sample world: tables and truth/users.parquet segments")
+    world: str | None = Field(
+        "outputs/demo/world", description="a sample world: tables and truth/users.parquet segments"
+    )
     illustrations: str | None = None
     users: str | None = None
     interactions: str | None = None
     item_features: str | None = Field(None, description="default: the features the model was trained on")
     split: str | None = Field(None, description="as-of time / start of the test window; default: the model's split")
     end: str | None = Field(None, description="end of the test window (exclusive)")
-    over: Literal["candidates", "impressions"] = Field("candidates", description="the user's items to average α, β over")
+    over: Literal["candidates", "impressions"] = Field(
+        "candidates", description="the user's items to average α, β over"
+    )
     candidates: CandidateSettings = CandidateSettings()
     top: int = Field(5, ge=0, description="top recommendations to list with their ᾱ")
-    segments: str | None = Field(None, description="table with user_id and segment_column; default: WORLD/truth/users.parquet")
+    segments: str | None = Field(
+        None, description="table with user_id and segment_column; default: WORLD/truth/users.parquet"
+    )
     segment_column: str = "taste"
     batch_size: int = Field(8192, ge=1)
     out: str = Field("outputs/demo/explain/attention_by_segment.png", description="α-per-segment PNG (JSON beside it)")
@@ -59,8 +65,9 @@ def expert_names(kinds: tuple[str, ...]) -> list[str]:
     return [f"{k}{i}" for i, k in enumerate(kinds)]
 
 
-def attention_of_rows(model: Any, lookup: Any, user_rows: np.ndarray, item_rows: np.ndarray,
-                      batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attention_of_rows(
+    model: Any, lookup: Any, user_rows: np.ndarray, item_rows: np.ndarray, batch_size: int = 8192
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """σ(logit) [N], α [N, K, J] and β [N, K] of (user row, item row) pairs."""
     import torch
 
@@ -69,8 +76,8 @@ def attention_of_rows(model: Any, lookup: Any, user_rows: np.ndarray, item_rows:
     lookup.pack_for(model)
     with torch.no_grad():
         for s in range(0, len(user_rows), batch_size):
-            u = torch.as_tensor(user_rows[s:s + batch_size])
-            i = torch.as_tensor(item_rows[s:s + batch_size])
+            u = torch.as_tensor(user_rows[s : s + batch_size])
+            i = torch.as_tensor(item_rows[s : s + batch_size])
             out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
             if out.alpha is None:
                 raise FeatureError("the model has no modality attention (variant 'w/o ALL': no e_SEM, e_STY, e_TSEM)")
@@ -95,20 +102,35 @@ def explain_user(ctx: Any, user_id: int, cfg: ExplainConfig) -> dict[str, Any]:
         rows = ctx.index.rows(mine.column("illust_id").to_numpy())
         rows = np.unique(rows[rows >= 0])
     if len(rows) == 0:
-        raise FeatureError(f"user {user_id} has no {cfg.over} to explain over "
-                           f"({'no test-window impressions in ' + ctx.inputs.interactions if cfg.over == 'impressions' else 'empty candidate set'})")
-    probs, alpha, beta = attention_of_rows(ctx.saved.model, ctx.lookup, np.full(len(rows), r, np.int64), rows, cfg.batch_size)
+        raise FeatureError(
+            f"user {user_id} has no {cfg.over} to explain over "
+            f"({'no test-window impressions in ' + ctx.inputs.interactions if cfg.over == 'impressions' else 'empty candidate set'})"
+        )
+    probs, alpha, beta = attention_of_rows(
+        ctx.saved.model, ctx.lookup, np.full(len(rows), r, np.int64), rows, cfg.batch_size
+    )
     weights = modality_weights(alpha, beta)
     modalities = list(ctx.saved.config.modalities)
     experts = expert_names(ctx.saved.config.expert_kinds)
     order = np.lexsort((ctx.index.illust_ids[rows], -probs))[: cfg.top]
     return {
-        "user_id": int(user_id), "over": cfg.over, "items": int(len(rows)), "cold_start": ctx.is_cold(r),
+        "user_id": int(user_id),
+        "over": cfg.over,
+        "items": int(len(rows)),
+        "cold_start": ctx.is_cold(r),
         "alpha_bar": dict(zip(modalities, weights.mean(axis=0).tolist())),
         "beta": dict(zip(experts, beta.mean(axis=0).tolist())),
-        "alpha_per_expert": {e: dict(zip(modalities, alpha[:, k, :].mean(axis=0).tolist())) for k, e in enumerate(experts)},
-        "top": [{"illust_id": int(ctx.index.illust_ids[rows[j]]), "score": float(probs[j]),
-                 "alpha_bar": dict(zip(modalities, weights[j].tolist()))} for j in order],
+        "alpha_per_expert": {
+            e: dict(zip(modalities, alpha[:, k, :].mean(axis=0).tolist())) for k, e in enumerate(experts)
+        },
+        "top": [
+            {
+                "illust_id": int(ctx.index.illust_ids[rows[j]]),
+                "score": float(probs[j]),
+                "alpha_bar": dict(zip(modalities, weights[j].tolist())),
+            }
+            for j in order
+        ],
     }
 
 
@@ -121,22 +143,33 @@ def segment_attention(ctx: Any, cfg: ExplainConfig, segments: dict[int, str]) ->
     i_rows = ctx.index.rows(test.column("illust_id").to_numpy())
     ok = (u_rows >= 0) & (i_rows >= 0)
     if not ok.any():
-        raise FeatureError(f"{ctx.inputs.interactions}: no test-window impression (ts >= {ctx.inputs.split}) to explain")
+        raise FeatureError(
+            f"{ctx.inputs.interactions}: no test-window impression (ts >= {ctx.inputs.split}) to explain"
+        )
     _, alpha, beta = attention_of_rows(ctx.saved.model, ctx.lookup, u_rows[ok], i_rows[ok], cfg.batch_size)
     users = ctx.user_table.user_ids[u_rows[ok]]
     modalities = list(ctx.saved.config.modalities)
     experts = expert_names(ctx.saved.config.expert_kinds)
     a = mean_attention(users, modality_weights(alpha, beta), modalities, segments)
     b = mean_attention(users, beta, experts, segments)
-    return {"rows": int(ok.sum()), "dropped_rows": int((~ok).sum()), "modalities": modalities, "experts": experts,
-            "users": {s: int(v["users"]) for s, v in a.items()},
-            "alpha": {s: {m: v[m] for m in modalities} for s, v in a.items()},
-            "beta": {s: {e: v[e] for e in experts} for s, v in b.items()}}
+    return {
+        "rows": int(ok.sum()),
+        "dropped_rows": int((~ok).sum()),
+        "modalities": modalities,
+        "experts": experts,
+        "users": {s: int(v["users"]) for s, v in a.items()},
+        "alpha": {s: {m: v[m] for m in modalities} for s, v in a.items()},
+        "beta": {s: {e: v[e] for e in experts} for s, v in b.items()},
+    }
 
 
 def _print_user(res: dict[str, Any], segment: str | None, ctx: Any) -> None:
     who = f"user {res['user_id']}" + (f" (segment {segment})" if segment else "")
-    cold = "; not seen in training: scored from profile and interest tags (id embedding = OOV)" if res["cold_start"] else ""
+    cold = (
+        "; not seen in training: scored from profile and interest tags (id embedding = OOV)"
+        if res["cold_start"]
+        else ""
+    )
     print(f"{TAG} {who}: UMCM weights averaged over {res['items']} {res['over']} (as of {ctx.inputs.split}){cold}")
     mods = list(res["alpha_bar"])
     print(f"  {'':<14}" + "".join(f" {m:>7}" for m in mods))
@@ -147,22 +180,33 @@ def _print_user(res: dict[str, Any], segment: str | None, ctx: Any) -> None:
     if res["top"]:
         print(f"  top {len(res['top'])} by score:")
         for t in res["top"]:
-            print(f"    {t['illust_id']:>8}  score {t['score']:.3f}  ᾱ " + " ".join(f"{m}={v:.2f}" for m, v in t["alpha_bar"].items()))
+            print(
+                f"    {t['illust_id']:>8}  score {t['score']:.3f}  ᾱ "
+                + " ".join(f"{m}={v:.2f}" for m, v in t["alpha_bar"].items())
+            )
 
 
 def run(cfg: ExplainConfig, user_id: int) -> dict[str, Any]:
     """Explain ``user_id``, draw the α-per-segment plot of the test window; return both."""
+    from umair.plots import attention_plot
     from umair.recommender import load_context
     from umair.training.inputs import resolve_eval_inputs
     from umair.training.model_io import load_model
     from umair.training.scoring import segment_map
-    from umair.plots import attention_plot
 
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
     inputs, default_segments = resolve_eval_inputs(
-        saved, settings, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
-        interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split, segments=cfg.segments)
+        saved,
+        settings,
+        world=cfg.world,
+        illustrations=cfg.illustrations,
+        users=cfg.users,
+        interactions=cfg.interactions,
+        item_features=cfg.item_features,
+        split=cfg.split,
+        segments=cfg.segments,
+    )
     ctx = load_context(cfg.model, inputs, cfg.candidates, settings)
     ctx.user_row(int(user_id))  # an unknown user fails here, before any scoring
     seg_uri = cfg.segments or default_segments
@@ -170,16 +214,37 @@ def run(cfg: ExplainConfig, user_id: int) -> dict[str, Any]:
     user = explain_user(ctx, int(user_id), cfg)
     _print_user(user, segments.get(int(user_id)), ctx)
     seg = segment_attention(ctx, cfg, segments)
-    print(f"{TAG} test window from {inputs.split}: mean ᾱ per segment over {seg['rows']} impressions"
-          + (f" (segments: {seg_uri}, column {cfg.segment_column})" if segments else " (no segments table: one segment 'all')"))
-    print(f"  {'segment':<12} {'users':>5}" + "".join(f" {m:>7}" for m in seg["modalities"])
-          + "  |" + "".join(f" {'β ' + e:>7}" for e in seg["experts"]))
+    print(
+        f"{TAG} test window from {inputs.split}: mean ᾱ per segment over {seg['rows']} impressions"
+        + (
+            f" (segments: {seg_uri}, column {cfg.segment_column})"
+            if segments
+            else " (no segments table: one segment 'all')"
+        )
+    )
+    print(
+        f"  {'segment':<12} {'users':>5}"
+        + "".join(f" {m:>7}" for m in seg["modalities"])
+        + "  |"
+        + "".join(f" {'β ' + e:>7}" for e in seg["experts"])
+    )
     for s, vals in seg["alpha"].items():
-        print(f"  {s:<12} {seg['users'][s]:>5}" + "".join(f" {vals[m]:>7.3f}" for m in seg["modalities"])
-              + "  |" + "".join(f" {seg['beta'][s][e]:>7.3f}" for e in seg["experts"]))
+        print(
+            f"  {s:<12} {seg['users'][s]:>5}"
+            + "".join(f" {vals[m]:>7.3f}" for m in seg["modalities"])
+            + "  |"
+            + "".join(f" {seg['beta'][s][e]:>7.3f}" for e in seg["experts"])
+        )
     title = f"{cfg.model} ({saved.meta.get('variant', 'full')}): test window from {inputs.split[:10]}"
     attention_plot(seg["alpha"], seg["modalities"], title, cfg.out, seg["users"], seg["beta"], seg["experts"], settings)
-    report = {"user": user, "segments": seg, "segments_source": seg_uri, "model": cfg.model, "as_of": inputs.split, "plot": cfg.out}
+    report = {
+        "user": user,
+        "segments": seg,
+        "segments_source": seg_uri,
+        "model": cfg.model,
+        "as_of": inputs.split,
+        "plot": cfg.out,
+    }
     json_out = cfg.out.rsplit(".", 1)[0] + ".json"
     storage.write_bytes(json_out, json.dumps(report, indent=2, default=str).encode(), settings)
     print(f"{TAG} plot: {cfg.out} (numbers: {json_out})")
@@ -201,7 +266,9 @@ def register(sub: Any) -> None:
     default = "pipelines/configs/explain.yaml"
     p = sub.add_parser("explain", help="modality attention α and expert gate β of a user, and α per user segment (PNG)")
     p.add_argument("user_id", type=int, help="the user to explain")
-    p.add_argument("--config", default=default if os.path.exists(default) else None, help=f"settings YAML (default: {default})")
+    p.add_argument(
+        "--config", default=default if os.path.exists(default) else None, help=f"settings YAML (default: {default})"
+    )
     p.add_argument("--model", help="model directory written by umair train (overrides the config)")
     p.add_argument("--world", help="sample world: tables and truth segments (overrides the config)")
     p.add_argument("--item-features", help="item-features table (overrides the config)")

@@ -28,16 +28,16 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipelines.runtime import ended_run, init_ray
-from umair.extraction.progress import Progress
+from pipelines.runtime import ended_run, ensure_experiment, init_ray
+from umair import storage
+from umair.errors import JobFailed, root_cause
+from umair.extraction.plan import encoder_info, select_rows, text_info
+from umair.extraction.progress import Progress, print_summary, summary_metrics
 from umair.extraction.settings import ExtractConfig
-from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, load_image_encoder, write_parts
+from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, write_parts
 from umair.feature_store import (
     chunk_manifest,
     commit_chunk,
@@ -54,11 +54,7 @@ from umair.feature_store import (
     writer_is_dead,
 )
 from umair.storage import with_retries
-from umair.config import MlflowConfig
-from umair import contracts, storage
-from umair.errors import JobFailed, root_cause
 
-T = TypeVar("T")
 LOG = "[extract]"
 
 
@@ -66,57 +62,7 @@ class ExtractError(JobFailed):
     """The extraction stopped; committed chunks are kept and a rerun resumes."""
 
 
-# --------------------------------------------------------------------------- storage helpers
-
-
-# --------------------------------------------------------------------------- pipeline stages (run on Ray workers)
-
-
-# --------------------------------------------------------------------------- commits
-
-
-# --------------------------------------------------------------------------- readers
-
-
 # --------------------------------------------------------------------------- driver
-
-
-def encoder_info(cfg: ExtractConfig, settings: storage.StorageSettings) -> dict:
-    """Version, dims and spec of the configured image encoder (exported: manifest only)."""
-    from umair.image.checkpoint import MANIFEST
-    from umair.image.spec import EncoderSpec
-
-    source = cfg.encoder.source
-    if source is not None and not source.startswith("torchvision:"):
-        manifest = read_json(storage.join(source, MANIFEST), settings, cfg.io_retry_s)
-    else:
-        _, manifest = load_image_encoder(source, dict(cfg.encoder.spec), cfg.encoder.seed)
-    spec = EncoderSpec(**manifest["spec"])
-    return {"version": manifest["version"], "sem_dim": int(manifest["sem_dim"]), "sty_dim": int(manifest["sty_dim"]),
-            "spec": spec.model_dump(mode="json"), "image_size": spec.image_size}
-
-
-def text_info(cfg: ExtractConfig, settings: storage.StorageSettings) -> dict | None:
-    """Version and dim of the configured text encoder (from its manifest), or None."""
-    if not cfg.text_model:
-        return None
-    from umair.text.saved_encoder import read_manifest
-
-    manifest = read_manifest(cfg.text_model, settings)
-    return {"version": str(manifest["version"]), "dim": int(manifest["embedding_dim"])}
-
-
-def select_rows(cfg: ExtractConfig, settings: storage.StorageSettings, done: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
-    """The catalogue rows to process: created on/after ``since`` and not committed yet."""
-    catalogue = contracts.read_table(cfg.catalogue, "illustrations", settings)
-    columns = ["illust_id", "image_uri"] + (["tags"] if cfg.text_model else [])
-    selected = catalogue
-    if cfg.since is not None:
-        selected = selected.filter(pc.greater_equal(selected.column("created_at"), pa.scalar(cfg.since, contracts.TIMESTAMP)))
-    todo = selected.filter(pc.invert(pc.is_in(selected.column("illust_id"), value_set=pa.array(done, pa.int64()))))
-    counts = {"catalogue_rows": catalogue.num_rows, "selected_rows": selected.num_rows,
-              "already_done": selected.num_rows - todo.num_rows, "to_process": todo.num_rows}
-    return todo.select(columns).combine_chunks(), counts
 
 
 def decode_task_memory(cfg: ExtractConfig, image_size: int) -> int:
@@ -137,30 +83,79 @@ def build_pipeline(todo: pa.Table, cfg: ExtractConfig, enc: dict, text: dict | N
     step = cfg.decode_batch_size
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     if text:
-        ds = ds.map_batches(EmbedTags, batch_format="pyarrow", batch_size=step, compute=ActorPoolStrategy(size=cfg.text_concurrency),
-                            num_gpus=cfg.text_num_gpus, num_cpus=1,
-                            fn_constructor_kwargs={"path": cfg.text_model, "mode": cfg.text_mode, "batch_size": cfg.text_batch_size,
-                                                   "use_gpu": cfg.text_num_gpus > 0, "storage_config": storage_config})
+        ds = ds.map_batches(
+            EmbedTags,
+            batch_format="pyarrow",
+            batch_size=step,
+            compute=ActorPoolStrategy(size=cfg.text_concurrency),
+            num_gpus=cfg.text_num_gpus,
+            num_cpus=1,
+            fn_constructor_kwargs={
+                "path": cfg.text_model,
+                "mode": cfg.text_mode,
+                "batch_size": cfg.text_batch_size,
+                "use_gpu": cfg.text_num_gpus > 0,
+                "storage_config": storage_config,
+            },
+        )
     # Decode tasks reserve the memory they hold at peak. That also keeps them a stage of their
     # own: Ray Data fuses a task stage into a following actor stage only when their remote
     # args match, and decode fused into the encoder actors would not overlap with encoding
     # (tests/test_extract.py checks the physical plan).
-    ds = ds.map_batches(decode_rows, batch_format="numpy", batch_size=step, num_cpus=cfg.decode_num_cpus,
-                        memory=decode_task_memory(cfg, enc["image_size"]),
-                        fn_kwargs={"image_size": enc["image_size"], "max_pixels": cfg.max_image_pixels,
-                                   "max_bytes": cfg.max_image_bytes, "storage_config": storage_config, "retry_s": cfg.io_retry_s})
-    ds = ds.map_batches(EncodeImages, batch_format="numpy", batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.encode_concurrency),
-                        num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.encode_num_cpus,
-                        fn_constructor_kwargs={"source": cfg.encoder.source, "spec": dict(cfg.encoder.spec),
-                                               "seed": cfg.encoder.seed, "use_gpu": cfg.use_gpu,
-                                               "threads": int(cfg.encode_num_cpus), "storage_config": storage_config})
-    return ds.map_batches(write_parts, batch_format="numpy", batch_size=cfg.write_batch_rows, num_cpus=0.5,
-                          fn_kwargs={"output": cfg.output, "run_id": run_id, "meta": meta,
-                                     "storage_config": storage_config, "retry_s": cfg.io_retry_s})
+    ds = ds.map_batches(
+        decode_rows,
+        batch_format="numpy",
+        batch_size=step,
+        num_cpus=cfg.decode_num_cpus,
+        memory=decode_task_memory(cfg, enc["image_size"]),
+        fn_kwargs={
+            "image_size": enc["image_size"],
+            "max_pixels": cfg.max_image_pixels,
+            "max_bytes": cfg.max_image_bytes,
+            "storage_config": storage_config,
+            "retry_s": cfg.io_retry_s,
+        },
+    )
+    ds = ds.map_batches(
+        EncodeImages,
+        batch_format="numpy",
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=cfg.encode_concurrency),
+        num_gpus=1 if cfg.use_gpu else 0,
+        num_cpus=cfg.encode_num_cpus,
+        fn_constructor_kwargs={
+            "source": cfg.encoder.source,
+            "spec": dict(cfg.encoder.spec),
+            "seed": cfg.encoder.seed,
+            "use_gpu": cfg.use_gpu,
+            "threads": int(cfg.encode_num_cpus),
+            "storage_config": storage_config,
+        },
+    )
+    return ds.map_batches(
+        write_parts,
+        batch_format="numpy",
+        batch_size=cfg.write_batch_rows,
+        num_cpus=0.5,
+        fn_kwargs={
+            "output": cfg.output,
+            "run_id": run_id,
+            "meta": meta,
+            "storage_config": storage_config,
+            "retry_s": cfg.io_retry_s,
+        },
+    )
 
 
-def stream_and_commit(ds, cfg: ExtractConfig, run_id: str, output_meta: dict, progress: Progress,
-                      settings: storage.StorageSettings, on_commit: Callable[[Progress], None]) -> None:
+def stream_and_commit(
+    ds,
+    cfg: ExtractConfig,
+    run_id: str,
+    output_meta: dict,
+    progress: Progress,
+    settings: storage.StorageSettings,
+    on_commit: Callable[[Progress], None],
+) -> None:
     """Consume the pipeline's descriptor rows; commit every ``chunk_rows`` rows."""
     pending: list[dict] = []
     rows = 0
@@ -186,18 +181,6 @@ def stream_and_commit(ds, cfg: ExtractConfig, run_id: str, output_meta: dict, pr
 # --------------------------------------------------------------------------- MLflow and run markers
 
 
-def _experiment_id(client, mlflow_cfg: MlflowConfig) -> str:
-    """The experiment's id; a new one keeps artifacts beside a local sqlite store."""
-    found = client.get_experiment_by_name(mlflow_cfg.experiment)
-    if found is not None:
-        return found.experiment_id
-    uri = mlflow_cfg.resolved_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-    return client.create_experiment(mlflow_cfg.experiment, artifact_location=location)
-
-
 def _close_stale_runs(cfg: ExtractConfig, client, settings: storage.StorageSettings) -> int:
     """Mark dead runs ``killed`` (and their MLflow runs KILLED); refuse to start beside a
     live one, since two writers could both extract the same rows."""
@@ -211,7 +194,8 @@ def _close_stale_runs(cfg: ExtractConfig, client, settings: storage.StorageSetti
                 f"{cfg.output}: extraction run {marker['run_id']} (host {marker.get('host')}, pid {marker.get('pid')}, "
                 f"last heartbeat {marker.get('heartbeat_at') or marker.get('started_at')}) is still writing here; one "
                 f"extraction per output at a time. If it is dead, rerun after stale_after_s={cfg.stale_after_s:.0f}s "
-                f"from that heartbeat, or delete {uri}.")
+                f"from that heartbeat, or delete {uri}."
+            )
         try:
             if client.get_run(marker["mlflow_run_id"]).info.status == "RUNNING":
                 client.set_terminated(marker["mlflow_run_id"], status="KILLED")
@@ -223,13 +207,28 @@ def _close_stale_runs(cfg: ExtractConfig, client, settings: storage.StorageSetti
 
 
 def _params(cfg: ExtractConfig, enc: dict, text: dict | None, run_id: str) -> dict[str, str]:
-    return {k: str(v) for k, v in {
-        "run_id": run_id, "catalogue": cfg.catalogue, "output": cfg.output, "encoder_source": cfg.encoder.source,
-        "encoder_version": enc["version"], "backbone": enc["spec"]["backbone"], "image_size": enc["image_size"],
-        "text_model": cfg.text_model, "text_version": text["version"] if text else None, "text_mode": cfg.text_mode,
-        "since": cfg.since.isoformat() if cfg.since else None, "batch_size": cfg.batch_size,
-        "decode_batch_size": cfg.decode_batch_size, "encode_concurrency": cfg.encode_concurrency,
-        "use_gpu": cfg.use_gpu, "chunk_rows": cfg.chunk_rows, "retry_failed": cfg.retry_failed}.items()}
+    return {
+        k: str(v)
+        for k, v in {
+            "run_id": run_id,
+            "catalogue": cfg.catalogue,
+            "output": cfg.output,
+            "encoder_source": cfg.encoder.source,
+            "encoder_version": enc["version"],
+            "backbone": enc["spec"]["backbone"],
+            "image_size": enc["image_size"],
+            "text_model": cfg.text_model,
+            "text_version": text["version"] if text else None,
+            "text_mode": cfg.text_mode,
+            "since": cfg.since.isoformat() if cfg.since else None,
+            "batch_size": cfg.batch_size,
+            "decode_batch_size": cfg.decode_batch_size,
+            "encode_concurrency": cfg.encode_concurrency,
+            "use_gpu": cfg.use_gpu,
+            "chunk_rows": cfg.chunk_rows,
+            "retry_failed": cfg.retry_failed,
+        }.items()
+    }
 
 
 # --------------------------------------------------------------------------- run
@@ -248,30 +247,53 @@ def run(cfg: ExtractConfig) -> dict:
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     stale_runs = _close_stale_runs(cfg, client, settings)  # first: recovery must not touch a live run's files
     recovered = {**recover(cfg.output, settings, cfg.io_retry_s), "stale_runs_closed": stale_runs}
-    same_set = [m for m in list_manifests(cfg.output, settings, cfg.io_retry_s) if m["status"] == "committed"
-                and m["encoder_version"] == enc["version"] and m.get("text_version") == (text["version"] if text else None)]
+    same_set = [
+        m
+        for m in list_manifests(cfg.output, settings, cfg.io_retry_s)
+        if m["status"] == "committed"
+        and m["encoder_version"] == enc["version"]
+        and m.get("text_version") == (text["version"] if text else None)
+    ]
     done = committed_ids(cfg.output, same_set, settings, ("features",) if cfg.retry_failed else ("features", "errors"))
     todo, counts = select_rows(cfg, settings, done)
 
-    mlflow_run = client.create_run(_experiment_id(client, cfg.mlflow), run_name=f"extract-{run_id}")
+    mlflow_run = client.create_run(ensure_experiment(cfg.mlflow), run_name=f"extract-{run_id}")
     mlflow_id = mlflow_run.info.run_id
-    client.log_batch(mlflow_id, params=[mlflow.entities.Param(k, v) for k, v in _params(cfg, enc, text, run_id).items()])
+    client.log_batch(
+        mlflow_id, params=[mlflow.entities.Param(k, v) for k, v in _params(cfg, enc, text, run_id).items()]
+    )
     marker = part_uri(cfg.output, f"_runs/{run_id}.json")
-    alive = {"run_id": run_id, "status": "running", "mlflow_run_id": mlflow_id, "host": socket.gethostname(),
-             "pid": os.getpid(), "started_at": utc_now()}
+    alive = {
+        "run_id": run_id,
+        "status": "running",
+        "mlflow_run_id": mlflow_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": utc_now(),
+    }
     write_json(marker, alive, settings, cfg.io_retry_s)
     text_note = f", text {text['version']} ({text['dim']}-d)" if text else ""
     since_note = f", {counts['selected_rows']} since {cfg.since.date().isoformat()}" if cfg.since else ""
-    print(f"{LOG} run {run_id}: encoder {enc['version']} (sem {enc['sem_dim']}, sty {enc['sty_dim']}){text_note}; "
-          f"catalogue {counts['catalogue_rows']} rows{since_note}, {counts['already_done']} already extracted, "
-          f"{counts['to_process']} to process; output {cfg.output}", flush=True)
+    print(
+        f"{LOG} run {run_id}: encoder {enc['version']} (sem {enc['sem_dim']}, sty {enc['sty_dim']}){text_note}; "
+        f"catalogue {counts['catalogue_rows']} rows{since_note}, {counts['already_done']} already extracted, "
+        f"{counts['to_process']} to process; output {cfg.output}",
+        flush=True,
+    )
     if any(recovered.values()):
         print(f"{LOG} recovered an interrupted run: {json.dumps(recovered)}", flush=True)
 
     progress = Progress(counts["to_process"])
-    output_meta = {"key": key, "encoder_version": enc["version"], "text_version": text["version"] if text else None,
-                   "sem_dim": enc["sem_dim"], "sty_dim": enc["sty_dim"], "tsem_dim": text["dim"] if text else None,
-                   "metadata": feature_metadata(enc, text, run_id), "mlflow_run_id": mlflow_id}
+    output_meta = {
+        "key": key,
+        "encoder_version": enc["version"],
+        "text_version": text["version"] if text else None,
+        "sem_dim": enc["sem_dim"],
+        "sty_dim": enc["sty_dim"],
+        "tsem_dim": text["dim"] if text else None,
+        "metadata": feature_metadata(enc, text, run_id),
+        "mlflow_run_id": mlflow_id,
+    }
 
     def after_commit(p: Progress) -> None:
         client.log_metric(mlflow_id, "rows_done", p.done, step=p.chunks)
@@ -285,46 +307,43 @@ def run(cfg: ExtractConfig) -> dict:
                 ds = build_pipeline(todo, cfg, enc, text, run_id, output_meta["metadata"])
                 stream_and_commit(ds, cfg, run_id, output_meta, progress, settings, after_commit)
         except BaseException as err:
-            write_json(marker, {"run_id": run_id, "status": "failed", "mlflow_run_id": mlflow_id, "error": root_cause(err),
-                                 "ended_at": utc_now()}, settings, cfg.io_retry_s)
+            write_json(
+                marker,
+                {
+                    "run_id": run_id,
+                    "status": "failed",
+                    "mlflow_run_id": mlflow_id,
+                    "error": root_cause(err),
+                    "ended_at": utc_now(),
+                },
+                settings,
+                cfg.io_retry_s,
+            )
             if isinstance(err, Exception):
-                raise ExtractError(f"extraction run {run_id} stopped after {progress.chunks} committed chunks "
-                                   f"({progress.done}/{progress.total} rows): {root_cause(err)}. "
-                                   "Committed chunks are kept; run the same command again to resume.") from err
+                raise ExtractError(
+                    f"extraction run {run_id} stopped after {progress.chunks} committed chunks "
+                    f"({progress.done}/{progress.total} rows): {root_cause(err)}. "
+                    "Committed chunks are kept; run the same command again to resume."
+                ) from err
             raise
         pipeline_s = time.perf_counter() - progress.start
         tmp = part_uri(cfg.output, f"_tmp/{run_id}")
         with_retries(lambda: storage.delete_dir(tmp, settings), f"delete {tmp}", cfg.io_retry_s)
-        summary = {
-            "run_id": run_id, "output": cfg.output, "encoder_version": enc["version"],
-            "text_version": text["version"] if text else None, **counts,
-            "rows_ok": progress.ok, "rows_failed": progress.failed, "failed_by_reason": dict(sorted(progress.reasons.items())),
-            "chunks": progress.chunks, "images_per_s": round(progress.done / pipeline_s, 2) if progress.done else 0.0,
-            "steady_images_per_s": round(progress.steady_rate(), 2) if progress.steady_rate() is not None else None,
-            "first_commit_s": round(progress.first_commit[0] - progress.start, 2) if progress.first_commit else None,
-            "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
-            "recovered": recovered, "mlflow_run_id": mlflow_id,
-        }
-        metrics = {k: float(summary[k]) for k in ("catalogue_rows", "selected_rows", "already_done", "to_process", "rows_ok",
-                                                  "rows_failed", "chunks", "images_per_s", "steady_images_per_s",
-                                                  "first_commit_s", "pipeline_s", "wall_s") if summary[k] is not None}
-        metrics.update({f"failed.{r.replace(':', '.')}": float(n) for r, n in progress.reasons.items()})
+        head = {"run_id": run_id, "output": cfg.output, "encoder_version": enc["version"]}
+        head["text_version"] = text["version"] if text else None
+        summary = progress.summary({**head, **counts}, pipeline_s, time.perf_counter() - t0, recovered, mlflow_id)
         now_ms = int(time.time() * 1000)
-        client.log_batch(mlflow_id, metrics=[mlflow.entities.Metric(k, v, now_ms, 0) for k, v in metrics.items()])
+        metrics = [mlflow.entities.Metric(k, v, now_ms, 0) for k, v in summary_metrics(summary).items()]
+        client.log_batch(mlflow_id, metrics=metrics)
         client.log_text(mlflow_id, json.dumps(summary, indent=2), "summary.json")
-    write_json(marker, {"run_id": run_id, "status": "finished", "mlflow_run_id": mlflow_id, "ended_at": utc_now(),
-                         "summary": summary}, settings, cfg.io_retry_s)
+    write_json(
+        marker,
+        {"run_id": run_id, "status": "finished", "mlflow_run_id": mlflow_id, "ended_at": utc_now(), "summary": summary},
+        settings,
+        cfg.io_retry_s,
+    )
     print_summary(summary)
     return summary
-
-
-def print_summary(summary: dict) -> None:
-    """The end-of-run lines a person reads."""
-    reasons = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items()) or "none"
-    print(f"{LOG} done: {summary['rows_ok']} ok, {summary['rows_failed']} failed ({reasons}); "
-          f"{summary['to_process']} processed, {summary['already_done']} skipped as already extracted; "
-          f"{summary['images_per_s']} images/s; wall {summary['wall_s']}s; {summary['chunks']} chunks committed", flush=True)
-    print(f"{LOG} summary: {json.dumps(summary, sort_keys=True)}", flush=True)
 
 
 def register(sub) -> None:
@@ -332,9 +351,18 @@ def register(sub) -> None:
     from umair.config import load_config
 
     def handler(args) -> int:
-        overrides = {k: v for k, v in (("catalogue", args.catalogue), ("output", args.output), ("since", args.since),
-                                       ("text_model", args.text_model), ("chunk_rows", args.chunk_rows),
-                                       ("encode_concurrency", args.encode_concurrency)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (
+                ("catalogue", args.catalogue),
+                ("output", args.output),
+                ("since", args.since),
+                ("text_model", args.text_model),
+                ("chunk_rows", args.chunk_rows),
+                ("encode_concurrency", args.encode_concurrency),
+            )
+            if v is not None
+        }
         if args.use_gpu:
             overrides["use_gpu"] = True
         if args.retry_failed:

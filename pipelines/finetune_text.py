@@ -17,10 +17,9 @@ from typing import Any
 
 from pydantic import Field
 
-from umair.config import MlflowConfig
-from umair.config import Settings, StorageConfig
-from umair.text.settings import FinetuneConfig
+from umair.config import MlflowConfig, Settings, StorageConfig
 from umair.text.pairs import PairSource, build_pairs, write_pairs
+from umair.text.settings import FinetuneConfig
 
 MLFLOW_PARAM_CHARS = 500  # longer param values are cut: MLflow stores at most this many characters
 
@@ -61,7 +60,11 @@ class MlflowRunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        kept = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+        kept = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and not math.isnan(float(v))
+        ]
         self.client.log_batch(self.run_id, metrics=kept)
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
@@ -83,7 +86,10 @@ def run(cfg: FinetuneTextConfig) -> dict:
         print(f"[finetune-text] skipped {bad.file}:{bad.line}: {bad.reason}", flush=True)
     if len(built.bad_rows) > 20:
         print(f"[finetune-text] ... and {len(built.bad_rows) - 20} more bad rows", flush=True)
-    print(f"[finetune-text] {built.table.num_rows} pairs from {len(cfg.sources)} source(s); {len(built.bad_rows)} bad rows skipped", flush=True)
+    print(
+        f"[finetune-text] {built.table.num_rows} pairs from {len(cfg.sources)} source(s); {len(built.bad_rows)} bad rows skipped",
+        flush=True,
+    )
     if cfg.pairs_out:
         write_pairs(built.table, cfg.pairs_out, settings)
     mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
@@ -93,9 +99,14 @@ def run(cfg: FinetuneTextConfig) -> dict:
         mlflow.log_metric("bad_rows", len(built.bad_rows))
         result = finetune(built.table, cfg.finetune, logger=MlflowRunLogger(active.info.run_id), settings=settings)
     summary = {
-        "model": result.output_dir, "version": result.version,
-        "train_pairs": result.train_pairs, "eval_pairs": result.eval_pairs.num_rows, "added_tokens": len(result.added_tokens),
-        "before": result.metrics_before, "after": result.metrics_after, "bad_rows": len(built.bad_rows),
+        "model": result.output_dir,
+        "version": result.version,
+        "train_pairs": result.train_pairs,
+        "eval_pairs": result.eval_pairs.num_rows,
+        "added_tokens": len(result.added_tokens),
+        "before": result.metrics_before,
+        "after": result.metrics_after,
+        "bad_rows": len(built.bad_rows),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print("[finetune-text] done: " + json.dumps(summary, ensure_ascii=False), flush=True)
@@ -111,7 +122,9 @@ def register(sub) -> None:
         run(load_config(args.config, FinetuneTextConfig, overrides))
         return 0
 
-    p = sub.add_parser("finetune-text", help="build anime text pairs and fine-tune the text encoder (Sentence-Transformers)")
+    p = sub.add_parser(
+        "finetune-text", help="build anime text pairs and fine-tune the text encoder (Sentence-Transformers)"
+    )
     p.add_argument("--config", required=True, help="settings YAML (see pipelines/configs/finetune_text.yaml)")
     p.add_argument("--output", help="model output directory (overrides finetune.output_dir)")
     p.set_defaults(func=handler)

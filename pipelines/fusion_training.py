@@ -103,8 +103,11 @@ def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:  # a checkpoint of the older per-table parameter layout
         if rank == 0:
-            print(f"{TAG} the checkpoint's optimizer state does not fit this model's parameter layout ({err}); "
-                  "continuing with a fresh Adam state", flush=True)
+            print(
+                f"{TAG} the checkpoint's optimizer state does not fit this model's parameter layout ({err}); "
+                "continuing with a fresh Adam state",
+                flush=True,
+            )
     start = int(state["epoch"]) + 1
     if rank == 0:
         print(f"{TAG} resuming from the checkpoint of epoch {start - 1}; next epoch {start}", flush=True)
@@ -117,8 +120,14 @@ def _log_epoch(client: Any, run_id: str, metrics: dict[str, float]) -> None:
     epoch = int(metrics["epoch"])
     print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, epoch)
-                                      for k, v in metrics.items() if k != "epoch" and np.isfinite(v)])
+    client.log_batch(
+        run_id,
+        metrics=[
+            mlflow.entities.Metric(k, float(v), now, epoch)
+            for k, v in metrics.items()
+            if k != "epoch" and np.isfinite(v)
+        ],
+    )
 
 
 def train_loop(config: dict[str, WorkerSettings]) -> None:
@@ -141,8 +150,15 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    lookup, _, _ = load_lookup(ws.space, ws.inputs, ws.modalities, device, ws.storage.to_settings(),
-                               ws.features_fingerprint, ws.users_fingerprint)
+    lookup, _, _ = load_lookup(
+        ws.space,
+        ws.inputs,
+        ws.modalities,
+        device,
+        ws.storage.to_settings(),
+        ws.features_fingerprint,
+        ws.users_fingerprint,
+    )
     raw = UmairFPS(ws.model).to(device)
     optimizer = torch.optim.Adam(raw.parameters(), lr=ws.step.lr)  # built on the device: resumed state lands there too
     start_epoch, starts, history = _restore(raw, optimizer, rank)
@@ -180,9 +196,19 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         history.append(metrics)
         _log_epoch(client, ws.run_id, metrics)
         with tempfile.TemporaryDirectory() as d:
-            torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "starts": starts, "history": history}, os.path.join(d, "state.pt"))
-            ray.train.report({**metrics, **extra}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+            torch.save(
+                {
+                    "model": raw.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "starts": starts,
+                    "history": history,
+                },
+                os.path.join(d, "state.pt"),
+            )
+            ray.train.report(
+                {**metrics, **extra}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
+            )
 
 
 def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int, name: str = "test") -> dict[str, float]:
@@ -199,20 +225,24 @@ def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int, name: st
         return {}
     u, i, y = (np.concatenate(x) for x in (users, items, labels))
     device = lookup.uid.device
-    scores = score_rows(model, lookup, torch.as_tensor(u, device=device), torch.as_tensor(i, device=device), max(batch_size, 4096))
+    scores = score_rows(
+        model, lookup, torch.as_tensor(u, device=device), torch.as_tensor(i, device=device), max(batch_size, 4096)
+    )
     m = window_metrics(u, y, scores.probs)
     return {f"{name}_{k}": float(v) for k, v in m.items()}
 
 
 def _run_fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
     """What must not change between a run and its resumption (epochs may grow)."""
-    return fingerprint({
-        "model": prepared.model_config.model_dump(mode="json"),
-        "space": prepared.space.to_dict(),
-        "features": prepared.info.fingerprint,
-        "train_rows": prepared.train_rows.num_rows,
-        "opt": cfg.model_dump(include={"batch_size", "lr", "l2_emb", "seed", "num_workers"}),
-    })
+    return fingerprint(
+        {
+            "model": prepared.model_config.model_dump(mode="json"),
+            "space": prepared.space.to_dict(),
+            "features": prepared.info.fingerprint,
+            "train_rows": prepared.train_rows.num_rows,
+            "opt": cfg.model_dump(include={"batch_size", "lr", "l2_emb", "seed", "num_workers"}),
+        }
+    )
 
 
 def _params(cfg: TrainConfig, prepared: Prepared) -> dict[str, Any]:
@@ -220,11 +250,21 @@ def _params(cfg: TrainConfig, prepared: Prepared) -> dict[str, Any]:
     params: dict[str, Any] = {
         **prepared.inputs.to_dict(),
         "variant": cfg.variant or "full",
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "l2_emb": cfg.l2_emb,
-        "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "seed": cfg.seed,
-        "emb_dim": mc.emb_dim, "d": mc.d, "umcm": mc.umcm, "experts": ",".join(mc.experts), "cross_layers": mc.cross_layers,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "l2_emb": cfg.l2_emb,
+        "num_workers": cfg.num_workers,
+        "use_gpu": cfg.use_gpu,
+        "seed": cfg.seed,
+        "emb_dim": mc.emb_dim,
+        "d": mc.d,
+        "umcm": mc.umcm,
+        "experts": ",".join(mc.experts),
+        "cross_layers": mc.cross_layers,
         "modalities": ",".join(mc.modalities) or "none",
-        "train_rows": prepared.train_rows.num_rows, "test_rows": prepared.test_rows.num_rows,
+        "train_rows": prepared.train_rows.num_rows,
+        "test_rows": prepared.test_rows.num_rows,
         "features_fingerprint": prepared.info.fingerprint,
         "negatives": json.dumps(prepared.negatives["train"], sort_keys=True),
     }
@@ -257,8 +297,9 @@ def _datasets(prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None,
-        eval_name: str = "test") -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None, eval_name: str = "test"
+) -> dict[str, Any]:
     """Train with Ray Train, save the model to ``cfg.output``, return a summary (also in MLflow).
 
     ``parent_run_id`` makes the MLflow run a child of that run (a Tune trial under its
@@ -276,9 +317,12 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
     prepared = prepare(cfg)
     mc = prepared.model_config
     n_params = count_parameters(UmairFPS(mc))
-    print(f"{TAG} {prepared.train_rows.num_rows} training rows, {prepared.test_rows.num_rows} test rows (split "
-          f"{prepared.inputs.split}); variant {cfg.variant or 'full'}, modalities {list(mc.modalities)}, "
-          f"{n_params} parameters; negatives: {json.dumps(prepared.negatives['train'])}", flush=True)
+    print(
+        f"{TAG} {prepared.train_rows.num_rows} training rows, {prepared.test_rows.num_rows} test rows (split "
+        f"{prepared.inputs.split}); variant {cfg.variant or 'full'}, modalities {list(mc.modalities)}, "
+        f"{n_params} parameters; negatives: {json.dumps(prepared.negatives['train'])}",
+        flush=True,
+    )
 
     run_dir = run_dir_of(cfg.checkpoint_dir, cfg.run_name)
     claim_run_dir(run_dir, _run_fingerprint(cfg, prepared), "train", settings)
@@ -291,17 +335,32 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
         init_ray(cfg.ray)
         datasets = _datasets(prepared, cfg)
         worker = WorkerSettings(
-            inputs=prepared.inputs, space=prepared.space, model=mc, modalities=prepared.modalities,
-            features_fingerprint=prepared.info.fingerprint, users_fingerprint=prepared.users_fingerprint,
-            storage=cfg.storage, step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb), epochs=cfg.epochs,
-            batch_size=cfg.batch_size, seed=cfg.seed, use_gpu=cfg.use_gpu, threads=cfg.threads,
-            evaluate="test" in datasets, eval_name=eval_name, run_id=run_id, tracking_uri=cfg.mlflow.resolved_uri(),
+            inputs=prepared.inputs,
+            space=prepared.space,
+            model=mc,
+            modalities=prepared.modalities,
+            features_fingerprint=prepared.info.fingerprint,
+            users_fingerprint=prepared.users_fingerprint,
+            storage=cfg.storage,
+            step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            use_gpu=cfg.use_gpu,
+            threads=cfg.threads,
+            evaluate="test" in datasets,
+            eval_name=eval_name,
+            run_id=run_id,
+            tracking_uri=cfg.mlflow.resolved_uri(),
         )
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"settings": worker},
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            ),
             datasets=datasets,
             dataset_config=DataConfig(datasets_to_split=["train"]),
             run_config=RunConfig(
@@ -327,11 +386,18 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
             "feature_dims": {m: prepared.info.dims[m] for m in prepared.modalities},
             "encoder_versions": prepared.info.encoder_versions(),
             "feature_metadata": prepared.info.metadata,
-            "data": {**prepared.inputs.to_dict(), "features_fingerprint": prepared.info.fingerprint,
-                     "users_fingerprint": prepared.users_fingerprint},
+            "data": {
+                **prepared.inputs.to_dict(),
+                "features_fingerprint": prepared.info.fingerprint,
+                "users_fingerprint": prepared.users_fingerprint,
+            },
             "negatives": prepared.negatives,
-            "training": {"epochs": int(state["epoch"]) + 1, "attempt_start_epochs": starts, "history": history,
-                         **cfg.model_dump(include={"batch_size", "lr", "l2_emb", "num_workers", "use_gpu", "seed"})},
+            "training": {
+                "epochs": int(state["epoch"]) + 1,
+                "attempt_start_epochs": starts,
+                "history": history,
+                **cfg.model_dump(include={"batch_size", "lr", "l2_emb", "num_workers", "use_gpu", "seed"}),
+            },
             "parameters": n_params,
             "mlflow_run_id": run_id,
         }

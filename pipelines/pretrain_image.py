@@ -22,9 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.runtime import claim_run_dir, ended_run, init_ray, resumable_mlflow_run, run_dir_of
-from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
-from umair.config import Settings, StorageConfig
+from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.image.spec import EncoderSpec
 from umair.image.tags import multi_hot, split_ids, tag_vocabulary
 
@@ -121,7 +120,10 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         if rank == 0:
-            print(f"[pretrain-image] resuming from the checkpoint of epoch {start_epoch - 1}; next epoch {start_epoch}", flush=True)
+            print(
+                f"[pretrain-image] resuming from the checkpoint of epoch {start_epoch - 1}; next epoch {start_epoch}",
+                flush=True,
+            )
     model = prepare_model(model)
     device = next(model.parameters()).device
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -177,13 +179,25 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
             **{f"val_{k}": v for k, v in _metrics(np.concatenate(scores), np.concatenate(labels)).items()},
         }
         if rank == 0:
-            print(f"[pretrain-image] epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
-            client.log_batch(w.run_id, metrics=[
-                mlflow.entities.Metric(k, float(v), int(time.time() * 1000), epoch) for k, v in metrics.items() if k != "epoch"
-            ])
+            print(
+                f"[pretrain-image] epoch {epoch}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
+                flush=True,
+            )
+            client.log_batch(
+                w.run_id,
+                metrics=[
+                    mlflow.entities.Metric(k, float(v), int(time.time() * 1000), epoch)
+                    for k, v in metrics.items()
+                    if k != "epoch"
+                ],
+            )
             with tempfile.TemporaryDirectory() as d:
                 raw = model.module if hasattr(model, "module") else model
-                torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, os.path.join(d, "state.pt"))
+                torch.save(
+                    {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                    os.path.join(d, "state.pt"),
+                )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -199,11 +213,13 @@ def prepare_data(cfg: PretrainImageConfig) -> tuple[pa.Table, list[str], np.ndar
     if not vocab:
         raise ValueError(f"{cfg.catalogue}: no tags in the training split; the pretext task needs tagged illustrations")
     labels = multi_hot(tags, vocab)
-    data = pa.table({
-        "illust_id": table.column("illust_id"),
-        "image_uri": table.column("image_uri"),
-        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel()), len(vocab)),
-    })
+    data = pa.table(
+        {
+            "illust_id": table.column("illust_id"),
+            "image_uri": table.column("image_uri"),
+            "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel()), len(vocab)),
+        }
+    )
     return data, vocab, is_val
 
 
@@ -229,18 +245,33 @@ def run(cfg: PretrainImageConfig) -> dict:
     data, vocab, is_val = prepare_data(cfg)
     labels = np.stack(data.column("labels").to_numpy(zero_copy_only=False))
     baseline = frequency_baseline(labels, is_val)
-    print(f"[pretrain-image] {data.num_rows} illustrations ({int(is_val.sum())} validation), {len(vocab)} tags; "
-          f"tag-frequency baseline mAP={baseline['mAP']:.4f}", flush=True)
+    print(
+        f"[pretrain-image] {data.num_rows} illustrations ({int(is_val.sum())} validation), {len(vocab)} tags; "
+        f"tag-frequency baseline mAP={baseline['mAP']:.4f}",
+        flush=True,
+    )
 
     vocab_hash = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
-    data_version = hashlib.sha256(data.column("illust_id").to_numpy().tobytes() + "\n".join(vocab).encode()).hexdigest()[:16]
+    data_version = hashlib.sha256(
+        data.column("illust_id").to_numpy().tobytes() + "\n".join(vocab).encode()
+    ).hexdigest()[:16]
     run_dir = run_dir_of(cfg.checkpoint_dir, cfg.run_name)
     claim_run_dir(run_dir, data_version, "pretrain-image", settings)  # resuming on other data would mix them
     run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
-    params = {"backbone": cfg.encoder.backbone, "image_size": cfg.encoder.image_size, "epochs": cfg.epochs,
-              "batch_size": cfg.batch_size, "lr": cfg.lr, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
-              "n_tags": len(vocab), "tag_vocab_hash": vocab_hash, "data_version": data_version, "catalogue": cfg.catalogue}
+    params = {
+        "backbone": cfg.encoder.backbone,
+        "image_size": cfg.encoder.image_size,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "num_workers": cfg.num_workers,
+        "use_gpu": cfg.use_gpu,
+        "n_tags": len(vocab),
+        "tag_vocab_hash": vocab_hash,
+        "data_version": data_version,
+        "catalogue": cfg.catalogue,
+    }
     existing = client.get_run(run_id).data.params
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in existing])
     client.log_metric(run_id, "baseline_val_mAP", baseline["mAP"])
@@ -248,9 +279,16 @@ def run(cfg: PretrainImageConfig) -> dict:
     with ended_run(client, run_id):  # FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM
         init_ray(cfg.ray)
         decode = DecodeRows
-        common = dict(fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_config": cfg.storage},
-                      batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=1))
-        train_ds = ray.data.from_arrow(data.filter(pa.array(~is_val))).random_shuffle(seed=cfg.seed).map_batches(decode, **common)
+        common = dict(
+            fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_config": cfg.storage},
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=1),
+        )
+        train_ds = (
+            ray.data.from_arrow(data.filter(pa.array(~is_val)))
+            .random_shuffle(seed=cfg.seed)
+            .map_batches(decode, **common)
+        )
         val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
         trainer = TorchTrainer(
             train_loop,
@@ -258,9 +296,12 @@ def run(cfg: PretrainImageConfig) -> dict:
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
             datasets={"train": train_ds, "val": val_ds},
             dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(name=cfg.run_name, storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
+            run_config=RunConfig(
+                name=cfg.run_name,
+                storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
         )
         result = trainer.fit()
         import torch
@@ -269,14 +310,30 @@ def run(cfg: PretrainImageConfig) -> dict:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         model = DualEncoder(cfg.encoder, n_tags=len(vocab))
         model.load_state_dict(state["model"])
-        manifest = save_encoder(model, cfg.output, tag_vocabulary=vocab, tag_vocab_hash=vocab_hash,
-                                training_data_version=data_version, catalogue=cfg.catalogue, epochs=state["epoch"] + 1,
-                                final_metrics={k: float(v) for k, v in result.metrics.items()}, baseline=baseline, mlflow_run_id=run_id)
+        manifest = save_encoder(
+            model,
+            cfg.output,
+            tag_vocabulary=vocab,
+            tag_vocab_hash=vocab_hash,
+            training_data_version=data_version,
+            catalogue=cfg.catalogue,
+            epochs=state["epoch"] + 1,
+            final_metrics={k: float(v) for k, v in result.metrics.items()},
+            baseline=baseline,
+            mlflow_run_id=run_id,
+        )
         client.log_text(run_id, json.dumps(manifest, indent=2), "encoder/manifest.json")
-    summary = {"encoder": cfg.output, "version": manifest["version"], "epochs": state["epoch"] + 1,
-               "val_mAP": result.metrics.get("val_mAP"), "baseline_val_mAP": baseline["mAP"],
-               "val_micro_f1": result.metrics.get("val_micro_f1"), "decode_failures": result.metrics.get("decode_failures"),
-               "wall_s": round(time.perf_counter() - t_start, 1), "mlflow_run_id": run_id}
+    summary = {
+        "encoder": cfg.output,
+        "version": manifest["version"],
+        "epochs": state["epoch"] + 1,
+        "val_mAP": result.metrics.get("val_mAP"),
+        "baseline_val_mAP": baseline["mAP"],
+        "val_micro_f1": result.metrics.get("val_micro_f1"),
+        "decode_failures": result.metrics.get("decode_failures"),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "mlflow_run_id": run_id,
+    }
     print("[pretrain-image] done: " + json.dumps(summary), flush=True)
     return summary
 
@@ -286,7 +343,11 @@ def register(sub) -> None:
     from umair.config import load_with_flags
 
     def handler(args) -> int:
-        run(load_with_flags(args.config, PretrainImageConfig, args, ("catalogue", "output", "epochs", "num_workers", "run_name")))
+        run(
+            load_with_flags(
+                args.config, PretrainImageConfig, args, ("catalogue", "output", "epochs", "num_workers", "run_name")
+            )
+        )
         return 0
 
     p = sub.add_parser("pretrain-image", help="pretext tag training of the dual image encoder (Ray Train)")

@@ -44,15 +44,14 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pipelines.runtime import ensure_experiment, init_ray
-from umair.recommender import SCHEMA, load_context, rank_users, ranking_metrics
-from umair.training.inputs import Inputs, resolve_eval_inputs
-from umair.training.model_io import load_model
-from umair.config import MlflowConfig, RayConfig
 from umair import contracts, storage
-from umair.config import Settings, StorageConfig
+from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.errors import FeatureError
 from umair.model.interactions import IsoTime
 from umair.neighbors import CandidateSettings, UnknownIdError
+from umair.recommender import SCHEMA, load_context, rank_users, ranking_metrics
+from umair.training.inputs import Inputs, resolve_eval_inputs
+from umair.training.model_io import load_model
 
 TAG = "[recommend]"
 FORMAT = "umair-recommendations/1"
@@ -63,17 +62,28 @@ class RecommendConfig(Settings):
     """Settings of ``umair recommend`` (see pipelines/configs/recommend.yaml)."""
 
     model: str = Field("outputs/demo/model", description="a model directory written by umair train")
-    world: str | None = Field("outputs/demo/world", description="a sample world: its tables (else the model's training data)")
+    world: str | None = Field(
+        "outputs/demo/world", description="a sample world: its tables (else the model's training data)"
+    )
     illustrations: str | None = None
     users: str | None = None
     interactions: str | None = None
     item_features: str | None = Field(None, description="default: the features the model was trained on")
-    split: IsoTime | None = Field(None, description="as-of time T (candidates exist before it; the test window starts here); default: the model's split")
+    split: IsoTime | None = Field(
+        None,
+        description="as-of time T (candidates exist before it; the test window starts here); default: the model's split",
+    )
     end: IsoTime | None = Field(None, description="end of the test window (exclusive); default: open")
     k: int = Field(20, ge=1, description="recommendations per user")
-    cutoffs: tuple[int, ...] = Field((5, 10, 20), description="K of Recall@K / NDCG@K (those above k are dropped; k itself is always included)")
+    cutoffs: tuple[int, ...] = Field(
+        (5, 10, 20), description="K of Recall@K / NDCG@K (those above k are dropped; k itself is always included)"
+    )
     candidates: CandidateSettings = CandidateSettings()
-    exposure_power: float = Field(1.0, ge=0, description="γ: rank by ŷ · exposure share^γ (1 = expected bookmarks; 0 = the model's ŷ alone; see rank_users)")
+    exposure_power: float = Field(
+        1.0,
+        ge=0,
+        description="γ: rank by ŷ · exposure share^γ (1 = expected bookmarks; 0 = the model's ŷ alone; see rank_users)",
+    )
     user_ids: list[int] | None = Field(None, description="only these users (default: every user of the users table)")
     users_per_batch: int = Field(32, ge=1, description="users per Ray Data batch")
     actors: int = Field(2, ge=1, description="scoring actors (one model load each)")
@@ -85,7 +95,6 @@ class RecommendConfig(Settings):
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(tracking_uri="sqlite:///outputs/mlflow.db", experiment="umair-train")
     storage: StorageConfig = StorageConfig()
-
 
     @model_validator(mode="after")
     def _cutoffs(self) -> RecommendConfig:
@@ -102,8 +111,17 @@ class RecommendConfig(Settings):
 class Recommender:
     """Ray Data actor: loads the :class:`Context` once, ranks batches of users."""
 
-    def __init__(self, model: str, inputs: Inputs, candidates: CandidateSettings, storage_config: StorageConfig,
-                 k: int, threads: int, score_batch: int, exposure_power: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        inputs: Inputs,
+        candidates: CandidateSettings,
+        storage_config: StorageConfig,
+        k: int,
+        threads: int,
+        score_batch: int,
+        exposure_power: float = 1.0,
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -121,8 +139,9 @@ class Recommender:
 def read_recommendations(output: str, settings: storage.StorageSettings | None = None) -> pa.Table:
     """The committed top-K table of ``output`` (user_id, rank, illust_id, score), sorted by user and rank."""
     uri = storage.join(output, MANIFEST)
-    manifest = storage.read_manifest(uri, FORMAT, settings,
-                                     missing=f"{output}: no {MANIFEST}; no committed recommendations (run `umair recommend`)")
+    manifest = storage.read_manifest(
+        uri, FORMAT, settings, missing=f"{output}: no {MANIFEST}; no committed recommendations (run `umair recommend`)"
+    )
     parts = [storage.read_parquet(storage.join(output, f), settings) for f in manifest["files"]]
     table = pa.concat_tables([p.select(SCHEMA.names).cast(SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
     if table.num_rows != manifest["rows"]:
@@ -134,8 +153,12 @@ def commit(output: str, run_id: str, meta: dict[str, Any], settings: storage.Sto
     """Publish ``OUTPUT/runs/<run_id>`` by writing the manifest (last), then delete other run directories."""
     run_dir = storage.join(output, "runs", run_id)
     files = sorted(f for f in storage.list_files(run_dir, settings) if f.endswith(".parquet"))
-    rel = [f[len(storage.join(output, "")):] if f.startswith(storage.join(output, "")) else
-           storage.join("runs", run_id, os.path.basename(f)) for f in files]
+    rel = [
+        f[len(storage.join(output, "")) :]
+        if f.startswith(storage.join(output, ""))
+        else storage.join("runs", run_id, os.path.basename(f))
+        for f in files
+    ]
     rows = sum(storage.read_parquet(f, settings, columns=["user_id"]).num_rows for f in files)
     manifest = {"format": FORMAT, "run_id": run_id, "files": rel, "rows": rows, **meta}
     storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=2, default=str).encode(), settings)
@@ -150,7 +173,9 @@ def _run_dirs(runs: str, settings: storage.StorageSettings | None) -> list[str]:
     if not storage.exists(runs, settings):
         return []
     prefix = storage.join(runs, "")
-    return sorted({f[len(prefix):].split("/", 1)[0] for f in storage.list_files(runs, settings) if f.startswith(prefix)})
+    return sorted(
+        {f[len(prefix) :].split("/", 1)[0] for f in storage.list_files(runs, settings) if f.startswith(prefix)}
+    )
 
 
 # --------------------------------------------------------------------------- metrics
@@ -162,7 +187,6 @@ def _run_dirs(runs: str, settings: storage.StorageSettings | None) -> list[str]:
 def _mlflow_log(cfg: RecommendConfig, summary: dict[str, Any], sample: pa.Table, params: dict[str, Any]) -> str:
     import mlflow
 
-
     ensure_experiment(cfg.mlflow)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -171,13 +195,25 @@ def _mlflow_log(cfg: RecommendConfig, summary: dict[str, Any], sample: pa.Table,
         tags["umair.train_run_id"] = summary["train_run_id"]
     rid = client.create_run(exp.experiment_id, run_name=cfg.run_name, tags=tags).info.run_id
     now = int(time.time() * 1000)
-    metrics = {**summary["metrics"]["model"], **{f"popularity_{k}": v for k, v in summary["metrics"]["popularity"].items()},
-               "users_evaluated": summary["users_evaluated"], "users_skipped": summary["users_skipped"],
-               "relevant": summary["relevant"], "relevant_reachable": summary["relevant_reachable"],
-               "rows": summary["rows"], "wall_s": summary["wall_s"]}
-    client.log_batch(rid, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                   if v is not None and np.isfinite(float(v))],
-                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    metrics = {
+        **summary["metrics"]["model"],
+        **{f"popularity_{k}": v for k, v in summary["metrics"]["popularity"].items()},
+        "users_evaluated": summary["users_evaluated"],
+        "users_skipped": summary["users_skipped"],
+        "relevant": summary["relevant"],
+        "relevant_reachable": summary["relevant_reachable"],
+        "rows": summary["rows"],
+        "wall_s": summary["wall_s"],
+    }
+    client.log_batch(
+        rid,
+        metrics=[
+            mlflow.entities.Metric(k, float(v), now, 0)
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(float(v))
+        ],
+        params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()],
+    )
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "recommend_summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
@@ -191,24 +227,36 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     """Rank for every user with Ray Data, commit the top-K parquet, measure and log; return the summary."""
     import ray.data
 
-
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, _ = resolve_eval_inputs(saved, settings, world=cfg.world, illustrations=cfg.illustrations, users=cfg.users,
-                                    interactions=cfg.interactions, item_features=cfg.item_features, split=cfg.split)
+    inputs, _ = resolve_eval_inputs(
+        saved,
+        settings,
+        world=cfg.world,
+        illustrations=cfg.illustrations,
+        users=cfg.users,
+        interactions=cfg.interactions,
+        item_features=cfg.item_features,
+        split=cfg.split,
+    )
     users = contracts.read_table(inputs.users, "users", settings)
     all_ids = users.column("user_id").to_numpy().astype(np.int64)
     if cfg.user_ids is not None:
         unknown = sorted(set(cfg.user_ids) - set(all_ids.tolist()))
         if unknown:
-            raise UnknownIdError(f"user {unknown[0]} is not in the users table {inputs.users}"
-                                 + (f" ({len(unknown)} unknown user ids)" if len(unknown) > 1 else ""))
+            raise UnknownIdError(
+                f"user {unknown[0]} is not in the users table {inputs.users}"
+                + (f" ({len(unknown)} unknown user ids)" if len(unknown) > 1 else "")
+            )
         user_ids = np.array(sorted(set(cfg.user_ids)), np.int64)
     else:
         user_ids = np.sort(all_ids)
-    print(f"{TAG} model {cfg.model} ({saved.meta.get('variant', 'full')}), {len(user_ids)} users, k={cfg.k}, "
-          f"as of {inputs.split}; candidates: {cfg.candidates.model_dump(mode='json')}", flush=True)
+    print(
+        f"{TAG} model {cfg.model} ({saved.meta.get('variant', 'full')}), {len(user_ids)} users, k={cfg.k}, "
+        f"as of {inputs.split}; candidates: {cfg.candidates.model_dump(mode='json')}",
+        flush=True,
+    )
 
     # The driver's own context: checks every input before Ray starts, and serves the metrics.
     ctx = load_context(cfg.model, inputs, cfg.candidates, settings)
@@ -216,25 +264,49 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     staging = storage.join(cfg.output, "runs", run_id)
     init_ray(cfg.ray)
     n_blocks = max(1, min(len(user_ids) // cfg.users_per_batch, 4 * cfg.actors))
-    ds = ray.data.from_arrow([pa.table({"user_id": pa.array(part, pa.int64())})
-                              for part in np.array_split(user_ids, n_blocks) if len(part)])
+    ds = ray.data.from_arrow(
+        [pa.table({"user_id": pa.array(part, pa.int64())}) for part in np.array_split(user_ids, n_blocks) if len(part)]
+    )
     ds = ds.map_batches(
         Recommender,
-        fn_constructor_kwargs={"model": cfg.model, "inputs": inputs, "candidates": cfg.candidates,
-                               "storage_config": cfg.storage, "k": cfg.k, "threads": cfg.threads,
-                               "score_batch": cfg.score_batch, "exposure_power": cfg.exposure_power},
-        batch_size=cfg.users_per_batch, batch_format="numpy", concurrency=cfg.actors, num_cpus=1,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "inputs": inputs,
+            "candidates": cfg.candidates,
+            "storage_config": cfg.storage,
+            "k": cfg.k,
+            "threads": cfg.threads,
+            "score_batch": cfg.score_batch,
+            "exposure_power": cfg.exposure_power,
+        },
+        batch_size=cfg.users_per_batch,
+        batch_format="numpy",
+        concurrency=cfg.actors,
+        num_cpus=1,
     )
     fs, path = storage.resolve(staging, settings)
     t_rank = time.perf_counter()
     ds.write_parquet(path, filesystem=fs)
     rank_s = time.perf_counter() - t_rank
-    manifest = commit(cfg.output, run_id, {"model": cfg.model, "k": cfg.k, "as_of": inputs.split, "users": int(len(user_ids)),
-                                           "candidates": cfg.candidates.model_dump(mode="json"),
-                                           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, settings)
+    manifest = commit(
+        cfg.output,
+        run_id,
+        {
+            "model": cfg.model,
+            "k": cfg.k,
+            "as_of": inputs.split,
+            "users": int(len(user_ids)),
+            "candidates": cfg.candidates.model_dump(mode="json"),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        settings,
+    )
     topk = read_recommendations(cfg.output, settings)
-    print(f"{TAG} ranked {len(user_ids)} users in {rank_s:.1f}s ({cfg.actors} actors); committed {manifest['rows']} rows "
-          f"to {cfg.output} (run {run_id})", flush=True)
+    print(
+        f"{TAG} ranked {len(user_ids)} users in {rank_s:.1f}s ({cfg.actors} actors); committed {manifest['rows']} rows "
+        f"to {cfg.output} (run {run_id})",
+        flush=True,
+    )
 
     m = ranking_metrics(ctx, topk, user_ids, cfg.end, cfg.ks)
     model_m, pop_m = m["model"], m["popularity"]
@@ -242,27 +314,51 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     sample = topk.filter(pa.array(np.isin(topk.column("user_id").to_numpy(), list(sample_users))))
     _, sources = rank_users(ctx, user_ids[: min(len(user_ids), 50)], cfg.k, cfg.score_batch, cfg.exposure_power)
     summary: dict[str, Any] = {
-        "output": cfg.output, "run_id": run_id, "model": cfg.model, "variant": saved.meta.get("variant", "full"),
-        "as_of": inputs.split, "test_end": cfg.end, "k": cfg.k, "users": int(len(user_ids)), "rows": manifest["rows"],
-        "users_evaluated": model_m.users, "users_skipped": model_m.skipped,
-        "relevant": m["relevant"], "relevant_reachable": m["reachable"],
+        "output": cfg.output,
+        "run_id": run_id,
+        "model": cfg.model,
+        "variant": saved.meta.get("variant", "full"),
+        "as_of": inputs.split,
+        "test_end": cfg.end,
+        "k": cfg.k,
+        "users": int(len(user_ids)),
+        "rows": manifest["rows"],
+        "users_evaluated": model_m.users,
+        "users_skipped": model_m.skipped,
+        "relevant": m["relevant"],
+        "relevant_reachable": m["reachable"],
         "metrics": {"model": model_m.flat(), "popularity": pop_m.flat()},
         "candidate_sources_first_50_users": sources,
         "train_run_id": saved.meta.get("mlflow_run_id"),
     }
-    print(f"{TAG} test window from {inputs.split}: {model_m.users} users with bookmarks ({model_m.skipped} without, skipped), "
-          f"{m['relevant']} relevant items ({m['reachable']} existed before the as-of time)")
+    print(
+        f"{TAG} test window from {inputs.split}: {model_m.users} users with bookmarks ({model_m.skipped} without, skipped), "
+        f"{m['relevant']} relevant items ({m['reachable']} existed before the as-of time)"
+    )
     print(f"  {'ranking':<11}" + "".join(f" {'Recall@' + str(k):>10} {'NDCG@' + str(k):>8}" for k in cfg.ks))
     for name, r in (("model", model_m), ("popularity", pop_m)):
         print(f"  {name:<11}" + "".join(f" {r.recall[k]:>10.4f} {r.ndcg[k]:>8.4f}" for k in cfg.ks))
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    params = {"model": cfg.model, "k": cfg.k, "exposure_power": cfg.exposure_power, "as_of": inputs.split, "test_end": cfg.end, "users": len(user_ids),
-              "actors": cfg.actors, "output": cfg.output, "run_id": run_id,
-              **{f"candidates.{k}": v for k, v in cfg.candidates.model_dump(mode="json").items()}}
+    params = {
+        "model": cfg.model,
+        "k": cfg.k,
+        "exposure_power": cfg.exposure_power,
+        "as_of": inputs.split,
+        "test_end": cfg.end,
+        "users": len(user_ids),
+        "actors": cfg.actors,
+        "output": cfg.output,
+        "run_id": run_id,
+        **{f"candidates.{k}": v for k, v in cfg.candidates.model_dump(mode="json").items()},
+    }
     summary["mlflow_run_id"] = _mlflow_log(cfg, summary, sample, params)
-    storage.write_bytes(storage.join(cfg.output, "metrics.json"), json.dumps(summary, indent=2, default=str).encode(), settings)
-    print(f"{TAG} done in {summary['wall_s']}s; metrics in {storage.join(cfg.output, 'metrics.json')}, "
-          f"MLflow run {summary['mlflow_run_id']}", flush=True)
+    storage.write_bytes(
+        storage.join(cfg.output, "metrics.json"), json.dumps(summary, indent=2, default=str).encode(), settings
+    )
+    print(
+        f"{TAG} done in {summary['wall_s']}s; metrics in {storage.join(cfg.output, 'metrics.json')}, MLflow run {summary['mlflow_run_id']}",
+        flush=True,
+    )
     return summary
 
 
@@ -271,14 +367,22 @@ def register(sub: Any) -> None:
     from umair.config import load_with_flags
 
     def handler(args: Any) -> int:
-        cfg = load_with_flags(args.config, RecommendConfig, args, ("model", "world", "item_features", "output", "k", "actors"))
+        cfg = load_with_flags(
+            args.config, RecommendConfig, args, ("model", "world", "item_features", "output", "k", "actors")
+        )
         if args.user:
             cfg = cfg.model_copy(update={"user_ids": list(args.user)})
         run(cfg)
         return 0
 
-    p = sub.add_parser("recommend", help="top-K illustrations per user (Ray Data batch job), Recall@K / NDCG@K vs popularity")
-    p.add_argument("--config", default="pipelines/configs/recommend.yaml", help="settings YAML (see pipelines/configs/recommend.yaml)")
+    p = sub.add_parser(
+        "recommend", help="top-K illustrations per user (Ray Data batch job), Recall@K / NDCG@K vs popularity"
+    )
+    p.add_argument(
+        "--config",
+        default="pipelines/configs/recommend.yaml",
+        help="settings YAML (see pipelines/configs/recommend.yaml)",
+    )
     p.add_argument("--model", help="model directory written by umair train (overrides the config)")
     p.add_argument("--world", help="sample world whose tables to use (overrides the config)")
     p.add_argument("--item-features", help="item-features table (overrides the config)")

@@ -31,8 +31,13 @@ def init_ray(cfg: RayConfig) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str, parent_run_id: str | None = None,
-                         settings: storage.StorageSettings | None = None) -> str:
+def resumable_mlflow_run(
+    cfg: MlflowConfig,
+    run_dir: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    settings: storage.StorageSettings | None = None,
+) -> str:
     """The MLflow run id for a job whose state lives in ``run_dir``: a rerun after a crash
     continues the same MLflow run instead of starting a new one. A new run is created as a
     child of ``parent_run_id`` when given (MLflow's ``mlflow.parentRunId`` tag). ``settings``:
@@ -57,23 +62,26 @@ def resumable_mlflow_run(cfg: MlflowConfig, run_dir: str, run_name: str, parent_
     return run.info.run_id
 
 
-def ensure_experiment(cfg: MlflowConfig) -> None:
-    """Create the experiment with its artifacts beside a local sqlite store
-    (``<db dir>/mlartifacts``) rather than in the working directory."""
+def ensure_experiment(cfg: MlflowConfig) -> str:
+    """The experiment's id; a new one is created with its artifacts beside a local sqlite
+    store (``<db dir>/mlartifacts``) rather than in the working directory."""
     import mlflow
 
     uri = cfg.resolved_uri()
     client = mlflow.MlflowClient(uri)
-    if client.get_experiment_by_name(cfg.experiment) is not None:
-        return
+    found = client.get_experiment_by_name(cfg.experiment)
+    if found is not None:
+        return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        location = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+        location = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
     try:
-        client.create_experiment(cfg.experiment, artifact_location=location)
+        return client.create_experiment(cfg.experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:
-        if client.get_experiment_by_name(cfg.experiment) is None:  # not a lost race: a real error
+        found = client.get_experiment_by_name(cfg.experiment)
+        if found is None:  # not a lost race: a real error
             raise
+        return found.experiment_id
 
 
 def run_dir_of(root: str, name: str) -> str:
@@ -93,8 +101,10 @@ def claim_run_dir(run_dir: str, fingerprint: str, what: str, settings: storage.S
     if storage.exists(marker, settings):
         old = storage.read_bytes(marker, settings).decode().strip()
         if old != fingerprint:
-            raise ConfigError(f"{run_dir}: this {what} run was started with other settings or data (fingerprint {old}, "
-                              f"now {fingerprint}); use another name or delete the directory")
+            raise ConfigError(
+                f"{run_dir}: this {what} run was started with other settings or data (fingerprint {old}, "
+                f"now {fingerprint}); use another name or delete the directory"
+            )
         return True
     storage.write_bytes(marker, fingerprint.encode(), settings)
     return False

@@ -28,12 +28,20 @@ By = Literal["style", "semantic", "text"]
 class SimilarConfig(Settings):
     """Settings of ``umair similar`` (see pipelines/configs/similar.yaml)."""
 
-    item_features: str = Field("outputs/demo/features", description="item-features table or the output root of umair extract")
+    item_features: str = Field(
+        "outputs/demo/features", description="item-features table or the output root of umair extract"
+    )
     encoder_version: str | None = Field(None, description="feature set of an extraction output holding several")
     text_version: str | None = None
-    world: str | None = Field("outputs/demo/world", description="a sample world: catalogue for images, truth/items.parquet for labels")
-    illustrations: str | None = Field(None, description="catalogue with image_uri (default: WORLD/illustrations.parquet)")
-    truth: str | None = Field(None, description="table with illust_id and label columns (default: WORLD/truth/items.parquet if present)")
+    world: str | None = Field(
+        "outputs/demo/world", description="a sample world: catalogue for images, truth/items.parquet for labels"
+    )
+    illustrations: str | None = Field(
+        None, description="catalogue with image_uri (default: WORLD/illustrations.parquet)"
+    )
+    truth: str | None = Field(
+        None, description="table with illust_id and label columns (default: WORLD/truth/items.parquet if present)"
+    )
     truth_columns: tuple[str, ...] = ("style_name", "content_name")
     by: By = "style"
     k: int = Field(8, ge=1)
@@ -43,8 +51,13 @@ class SimilarConfig(Settings):
     storage: StorageConfig = StorageConfig()
 
 
-def read_features(uri: str, columns: list[str], encoder_version: str | None, text_version: str | None,
-                  settings: storage.StorageSettings | None) -> pa.Table:
+def read_features(
+    uri: str,
+    columns: list[str],
+    encoder_version: str | None,
+    text_version: str | None,
+    settings: storage.StorageSettings | None,
+) -> pa.Table:
     """The item features (contract ``item_features``) from a parquet table or an extraction output."""
     from umair.training.inputs import Inputs, read_item_features
 
@@ -52,7 +65,9 @@ def read_features(uri: str, columns: list[str], encoder_version: str | None, tex
     return read_item_features(inputs, settings, columns=columns)
 
 
-def _labels(cfg: SimilarConfig, settings: storage.StorageSettings | None) -> tuple[dict[int, dict[str, str]], str | None]:
+def _labels(
+    cfg: SimilarConfig, settings: storage.StorageSettings | None
+) -> tuple[dict[int, dict[str, str]], str | None]:
     uri = cfg.truth
     if uri is None and cfg.world:
         candidate = storage.join(cfg.world, "truth", "items.parquet")
@@ -62,8 +77,9 @@ def _labels(cfg: SimilarConfig, settings: storage.StorageSettings | None) -> tup
     table = storage.read_parquet(uri, settings)
     cols = [c for c in cfg.truth_columns if c in table.column_names]
     if "illust_id" not in table.column_names or not cols:
-        raise ValueError(f"{uri}: expected columns 'illust_id' and some of {list(cfg.truth_columns)} "
-                         f"(columns: {', '.join(table.column_names)})")
+        raise ValueError(
+            f"{uri}: expected columns 'illust_id' and some of {list(cfg.truth_columns)} (columns: {', '.join(table.column_names)})"
+        )
     ids = table.column("illust_id").to_pylist()
     values = {c: table.column(c).to_pylist() for c in cols}
     short = {c: c.removesuffix("_name") for c in cols}
@@ -98,30 +114,50 @@ def run(cfg: SimilarConfig, illust_id: int) -> dict[str, Any]:
     if cat_uri and storage.exists(cat_uri, settings):
         cat = contracts.read_table(cat_uri, "illustrations", settings)
         wanted = {int(illust_id), *map(int, ids)}
-        for i, u, t in zip(cat.column("illust_id").to_pylist(), cat.column("image_uri").to_pylist(), cat.column("tags").to_pylist()):
+        for i, u, t in zip(
+            cat.column("illust_id").to_pylist(), cat.column("image_uri").to_pylist(), cat.column("tags").to_pylist()
+        ):
             if int(i) in wanted:
                 images[int(i)], tags[int(i)] = u, t or []
     q = labels.get(int(illust_id), {})
-    rows = [{"rank": r + 1, "illust_id": int(i), "cosine": float(s), **labels.get(int(i), {}), "tags": tags.get(int(i), [])}
-            for r, (i, s) in enumerate(zip(ids, sims))]
+    rows = [
+        {"rank": r + 1, "illust_id": int(i), "cosine": float(s), **labels.get(int(i), {}), "tags": tags.get(int(i), [])}
+        for r, (i, s) in enumerate(zip(ids, sims))
+    ]
     shares = {f"same_{k}": float(np.mean([row.get(k) == v for row in rows])) for k, v in q.items()} if rows else {}
 
-    print(f"{TAG} {len(rows)} nearest to illustration {illust_id} by {cfg.by} (cosine of {space}, "
-          f"{'centred' if cfg.center else 'raw'}) among {len(index)} in {cfg.item_features}"
-          + (f"; query {', '.join(f'{k}={v}' for k, v in q.items())}" if q else ""))
+    print(
+        f"{TAG} {len(rows)} nearest to illustration {illust_id} by {cfg.by} (cosine of {space}, "
+        f"{'centred' if cfg.center else 'raw'}) among {len(index)} in {cfg.item_features}"
+        + (f"; query {', '.join(f'{k}={v}' for k, v in q.items())}" if q else "")
+    )
     cols = list(q)
     print(f"  {'rank':>4} {'illust_id':>10} {'cosine':>7}" + "".join(f" {c:>12}" for c in cols) + "  tags")
     for row in rows:
-        print(f"  {row['rank']:>4} {row['illust_id']:>10} {row['cosine']:>7.4f}"
-              + "".join(f" {row.get(c, ''):>12}" for c in cols) + "  " + " ".join(row["tags"]))
+        print(
+            f"  {row['rank']:>4} {row['illust_id']:>10} {row['cosine']:>7.4f}"
+            + "".join(f" {row.get(c, ''):>12}" for c in cols)
+            + "  "
+            + " ".join(row["tags"])
+        )
     if shares:
-        print("  " + ", ".join(f"{k.replace('_', ' ')} as the query: {v:.0%}" for k, v in shares.items())
-              + f" (ground truth {truth_uri})")
+        print(
+            "  "
+            + ", ".join(f"{k.replace('_', ' ')} as the query: {v:.0%}" for k, v in shares.items())
+            + f" (ground truth {truth_uri})"
+        )
 
     out = cfg.out or f"outputs/demo/similar/{illust_id}-{cfg.by}.png"
     query = SheetItem(int(illust_id), _image(images.get(int(illust_id)), settings), None, q or None)
-    tiles = [SheetItem(row["illust_id"], _image(images.get(row["illust_id"]), settings), row["cosine"],
-                       labels.get(row["illust_id"])) for row in rows]
+    tiles = [
+        SheetItem(
+            row["illust_id"],
+            _image(images.get(row["illust_id"]), settings),
+            row["cosine"],
+            labels.get(row["illust_id"]),
+        )
+        for row in rows
+    ]
     contact_sheet(query, tiles, f"nearest to {illust_id} by {cfg.by} ({space}, cosine)", out, cfg.cols, settings)
     print(f"{TAG} contact sheet: {out}")
     return {"illust_id": int(illust_id), "by": cfg.by, "space": space, "neighbours": rows, "shares": shares, "out": out}
@@ -140,11 +176,17 @@ def register(sub: Any) -> None:
         return 0
 
     default = "pipelines/configs/similar.yaml"
-    p = sub.add_parser("similar", help="nearest illustrations by style / semantic / text cosine, with a contact sheet PNG")
+    p = sub.add_parser(
+        "similar", help="nearest illustrations by style / semantic / text cosine, with a contact sheet PNG"
+    )
     p.add_argument("illust_id", type=int, help="the query illustration")
-    p.add_argument("--by", choices=sorted(SPACE_BY), help="style = e_STY, semantic = e_SEM, text = e_TSEM (default: style)")
+    p.add_argument(
+        "--by", choices=sorted(SPACE_BY), help="style = e_STY, semantic = e_SEM, text = e_TSEM (default: style)"
+    )
     p.add_argument("-k", "--k", type=int, help="how many neighbours (default: 8)")
-    p.add_argument("--config", default=default if os.path.exists(default) else None, help=f"settings YAML (default: {default})")
+    p.add_argument(
+        "--config", default=default if os.path.exists(default) else None, help=f"settings YAML (default: {default})"
+    )
     p.add_argument("--item-features", help="item-features table or extraction output (overrides the config)")
     p.add_argument("--world", help="sample world: images and ground-truth labels (overrides the config)")
     p.add_argument("--out", help="contact sheet PNG path (default: outputs/demo/similar/<id>-<by>.png)")

@@ -14,8 +14,6 @@ from pipelines.fusion_training import fit
 from umair.model.settings import TABLE4_VARIANTS
 from umair.training.settings import TrainConfig
 
-__all__ = ["TrainConfig", "register", "run"]
-
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train with Ray Train, save the model to ``cfg.output``; the summary is printed and in MLflow."""

@@ -30,6 +30,11 @@ import yaml
 
 from pipelines.fusion_training import fit
 from pipelines.runtime import claim_run_dir, ended_run, ensure_experiment, init_ray, resumable_mlflow_run
+from umair import storage
+from umair.config import MlflowConfig, StorageConfig
+from umair.errors import JobFailed
+from umair.plots import tune_heatmap
+from umair.reports import results_csv, results_markdown
 from umair.training.model_io import META
 from umair.training.step import TrainingDiverged
 from umair.tuning import (
@@ -38,20 +43,14 @@ from umair.tuning import (
     TuneConfig,
     base_train_dict,
     best_train_config,
-    parse_experts,
     check_trials,
+    parse_experts,
     search_fingerprint,
     trial_key,
     trial_settings,
     tune_dir,
     validation_window,
 )
-from umair.config import MlflowConfig
-from umair import storage
-from umair.plots import tune_heatmap
-from umair.reports import results_csv, results_markdown
-from umair.config import StorageConfig
-from umair.errors import JobFailed
 
 TAG = "[tune]"
 
@@ -180,15 +179,29 @@ def collect(results: Any, epochs: int, runs: list[Any]) -> list[dict[str, Any]]:
         else:
             status = "STOPPED"
         experts = parse_experts(cfg.get("experts", "att"))
-        rows.append({
-            "trial_id": trial_id, "status": status, "experts": ",".join(experts), "K": len(experts),
-            "cross_layers": int(cfg.get("cross_layers", -1)), "lr": cfg.get("lr"), "d": cfg.get("d"),
-            "epochs": done,
-            "val_auc": metrics.get("val_auc"), "val_logloss": metrics.get("val_logloss"), "val_gauc": metrics.get("val_gauc"),
-            "mlflow_run_id": run.info.run_id if run is not None else None,
-            "error": _one_line(run.data.tags.get("umair.error") if run is not None and "umair.error" in run.data.tags
-                               else str(r.error)) if r.error is not None else "",
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "experts": ",".join(experts),
+                "K": len(experts),
+                "cross_layers": int(cfg.get("cross_layers", -1)),
+                "lr": cfg.get("lr"),
+                "d": cfg.get("d"),
+                "epochs": done,
+                "val_auc": metrics.get("val_auc"),
+                "val_logloss": metrics.get("val_logloss"),
+                "val_gauc": metrics.get("val_gauc"),
+                "mlflow_run_id": run.info.run_id if run is not None else None,
+                "error": _one_line(
+                    run.data.tags.get("umair.error")
+                    if run is not None and "umair.error" in run.data.tags
+                    else str(r.error)
+                )
+                if r.error is not None
+                else "",
+            }
+        )
     rows.sort(key=lambda x: (x["val_auc"] is None, -(x["val_auc"] or 0.0)))
     return rows
 
@@ -202,7 +215,9 @@ def _one_line(text: str, limit: int = 300) -> str:
 # --------------------------------------------------------------------------- the driver
 
 
-def finalize_model(context: TrialContext, row: dict[str, Any], child: Any, settings: storage.StorageSettings | None) -> None:
+def finalize_model(
+    context: TrialContext, row: dict[str, Any], child: Any, settings: storage.StorageSettings | None
+) -> None:
     """Make sure the best trial's model directory exists. A trial that ASHA stops at its
     last rung is stopped right after its last epoch's checkpoint, before it writes the
     model: rerunning its ``umair train`` settings resumes that checkpoint, trains no
@@ -232,10 +247,20 @@ def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str, best_
     if same:  # a rerun of a finished search: its best model is already a version
         return max(same, key=lambda v: int(v.version))
     client.log_artifact(run.info.run_id, best_yaml_path, "model")
-    tags = {"val_auc": f"{row['val_auc']:.6f}", "experts": row["experts"], "K": str(row["K"]),
-            "cross_layers": str(row["cross_layers"]), "trial_id": row["trial_id"]}
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
-                                       description="umair train config of this model:\n\n" + best_yaml)
+    tags = {
+        "val_auc": f"{row['val_auc']:.6f}",
+        "experts": row["experts"],
+        "K": str(row["K"]),
+        "cross_layers": str(row["cross_layers"]),
+        "trial_id": row["trial_id"],
+    }
+    return client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/model",
+        run_id=run.info.run_id,
+        tags=tags,
+        description="umair train config of this model:\n\n" + best_yaml,
+    )
 
 
 def run(cfg: TuneConfig) -> dict[str, Any]:
@@ -256,55 +281,94 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     parent = resumable_mlflow_run(cfg.mlflow, root, cfg.name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
     existing = client.get_run(parent).data.params
-    params = {"search": json.dumps(cfg.search.grid()), "trials": cfg.search.size() * cfg.num_samples,
-              "epochs": cfg.epochs, "validation_start": start, "split": split, "scheduler": cfg.scheduler.kind,
-              "max_concurrent_trials": cfg.max_concurrent_trials, "trial_workers": cfg.trial.num_workers,
-              "train_config": cfg.train_config}
+    params = {
+        "search": json.dumps(cfg.search.grid()),
+        "trials": cfg.search.size() * cfg.num_samples,
+        "epochs": cfg.epochs,
+        "validation_start": start,
+        "split": split,
+        "scheduler": cfg.scheduler.kind,
+        "max_concurrent_trials": cfg.max_concurrent_trials,
+        "trial_workers": cfg.trial.num_workers,
+        "train_config": cfg.train_config,
+    }
     new = [mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in existing]
     if new:
         client.log_batch(parent, params=new)
-    print(f"{TAG} {'restoring' if restoring else 'starting'} search {cfg.name!r}: {cfg.search.size() * cfg.num_samples} trials "
-          f"over {cfg.search.grid()}; {cfg.epochs} epochs each; train < {start}, validate [{start}, {split}); "
-          f"MLflow parent run {parent}", flush=True)
+    print(
+        f"{TAG} {'restoring' if restoring else 'starting'} search {cfg.name!r}: {cfg.search.size() * cfg.num_samples} trials "
+        f"over {cfg.search.grid()}; {cfg.epochs} epochs each; train < {start}, validate [{start}, {split}); "
+        f"MLflow parent run {parent}",
+        flush=True,
+    )
 
     started_with = existing.get("max_concurrent_trials")
     if restoring and started_with is not None and started_with != str(cfg.max_concurrent_trials):
-        print(f"{TAG} note: max_concurrent_trials {cfg.max_concurrent_trials} is ignored: a restored search keeps the "
-              f"concurrency it started with ({started_with}); start a new search (another name) to change it", flush=True)
+        print(
+            f"{TAG} note: max_concurrent_trials {cfg.max_concurrent_trials} is ignored: a restored search keeps the "
+            f"concurrency it started with ({started_with}); start a new search (another name) to change it",
+            flush=True,
+        )
 
     with ended_run(client, parent):  # FINISHED; FAILED when no trial finished; KILLED on Ctrl-C / SIGTERM
         init_ray(cfg.ray)
-        context = TrialContext(root, base, cfg.epochs, start, split, cfg.trial,
-                               MlflowConfig(tracking_uri=cfg.mlflow.resolved_uri(), experiment=cfg.mlflow.experiment),
-                               parent_run_id=parent, name=cfg.name)
-        trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context),
-                                            {"cpu": cfg.trial.driver_cpus})
+        context = TrialContext(
+            root,
+            base,
+            cfg.epochs,
+            start,
+            split,
+            cfg.trial,
+            MlflowConfig(tracking_uri=cfg.mlflow.resolved_uri(), experiment=cfg.mlflow.experiment),
+            parent_run_id=parent,
+            name=cfg.name,
+        )
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, context=context), {"cpu": cfg.trial.driver_cpus}
+        )
         space: dict[str, Any] = {k: ray.tune.grid_search(v) for k, v in cfg.search.grid().items()}
         if cfg.num_samples > 1:
             space["sample"] = ray.tune.grid_search(list(range(cfg.num_samples)))
         # max_t one past the last epoch: a trial that survives every rung ends on its own (and
         # saves its model) instead of being stopped by ASHA at its last report.
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1, grace_period=min(cfg.scheduler.grace_period, cfg.epochs),
-                                   reduction_factor=cfg.scheduler.reduction_factor)
-                     if cfg.scheduler.kind == "asha" else FIFOScheduler())
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=cfg.epochs + 1,
+                grace_period=min(cfg.scheduler.grace_period, cfg.epochs),
+                reduction_factor=cfg.scheduler.reduction_factor,
+            )
+            if cfg.scheduler.kind == "asha"
+            else FIFOScheduler()
+        )
         storage_path = storage.parent(root) if not storage.is_s3(root) else cfg.storage_path
         if restoring and ray.tune.Tuner.can_restore(root):
-            tuner = ray.tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                           restart_errored=False)
+            tuner = ray.tune.Tuner.restore(
+                root, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            )
         else:
             tuner = ray.tune.Tuner(
                 trainable,
                 param_space=space,
-                tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                                max_concurrent_trials=cfg.max_concurrent_trials),
-                run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path, verbose=1, callbacks=[release_callback()],
-                                              failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_retries)),
+                tune_config=ray.tune.TuneConfig(
+                    metric=METRIC, mode="max", scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials
+                ),
+                run_config=ray.tune.RunConfig(
+                    name=cfg.name,
+                    storage_path=storage_path,
+                    verbose=1,
+                    callbacks=[release_callback()],
+                    failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_retries),
+                ),
             )
         results = tuner.fit()
 
         # Child runs of this search, by trial; close the ones Tune stopped or that died hard.
-        children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
+        children = client.search_runs(
+            [client.get_run(parent).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+            max_results=10000,
+        )
         rows = collect(results, cfg.epochs, children)
         by_id = {r.info.run_id: r for r in children}
         for row in rows:
@@ -324,13 +388,19 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
         finished = [r for r in rows if r["status"] == "FINISHED" and r["val_auc"] is not None and r["mlflow_run_id"]]
         if finished:
             finalize_model(context, finished[0], by_id[finished[0]["mlflow_run_id"]], settings)
-        summary: dict[str, Any] = {"name": cfg.name, "trials": len(rows),
-                                   "finished": sum(r["status"] == "FINISHED" for r in rows),
-                                   "stopped": sum(r["status"] == "STOPPED" for r in rows),
-                                   "failed": sum(r["status"] == "FAILED" for r in rows),
-                                   "validation_start": start, "split": split, "mlflow_parent_run_id": parent,
-                                   "tracking_uri": cfg.mlflow.resolved_uri(), "experiment": cfg.mlflow.experiment,
-                                   "tune_dir": root}
+        summary: dict[str, Any] = {
+            "name": cfg.name,
+            "trials": len(rows),
+            "finished": sum(r["status"] == "FINISHED" for r in rows),
+            "stopped": sum(r["status"] == "STOPPED" for r in rows),
+            "failed": sum(r["status"] == "FAILED" for r in rows),
+            "validation_start": start,
+            "split": split,
+            "mlflow_parent_run_id": parent,
+            "tracking_uri": cfg.mlflow.resolved_uri(),
+            "experiment": cfg.mlflow.experiment,
+            "tune_dir": root,
+        }
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "results.md").write_text(results_markdown(rows))
             (Path(tmp) / "results.csv").write_text(results_csv(rows))
@@ -338,16 +408,26 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             if finished:
                 best = finished[0]
                 best_cfg = best_train_config(base, best, cfg)
-                best_yaml = (f"# Best trial {best['trial_id']} of search {cfg.name!r}: val AUC {best['val_auc']:.4f} "
-                             f"(K={best['K']} [{best['experts']}], L={best['cross_layers']}).\n"
-                             f"# Train the final model on the full training window with: umair train --config THIS_FILE\n"
-                             + yaml.safe_dump(best_cfg, sort_keys=False, allow_unicode=True))
+                best_yaml = (
+                    f"# Best trial {best['trial_id']} of search {cfg.name!r}: val AUC {best['val_auc']:.4f} "
+                    f"(K={best['K']} [{best['experts']}], L={best['cross_layers']}).\n"
+                    f"# Train the final model on the full training window with: umair train --config THIS_FILE\n"
+                    + yaml.safe_dump(best_cfg, sort_keys=False, allow_unicode=True)
+                )
                 (Path(tmp) / "best_train.yaml").write_text(best_yaml)
                 out = cfg.best_config_out or storage.join(root, "best_train.yaml")
                 storage.write_bytes(out, best_yaml.encode(), settings)
-                summary.update({"best_trial": best["trial_id"], "best_val_auc": best["val_auc"], "best_experts": best["experts"],
-                                "best_K": best["K"], "best_cross_layers": best["cross_layers"], "best_config": out,
-                                "best_mlflow_run_id": best["mlflow_run_id"]})
+                summary.update(
+                    {
+                        "best_trial": best["trial_id"],
+                        "best_val_auc": best["val_auc"],
+                        "best_experts": best["experts"],
+                        "best_K": best["K"],
+                        "best_cross_layers": best["cross_layers"],
+                        "best_config": out,
+                        "best_mlflow_run_id": best["mlflow_run_id"],
+                    }
+                )
                 client.log_metric(parent, "best_val_auc", float(best["val_auc"]))
                 if cfg.register_model:
                     version = _register(client, cfg.register_model, best, best_yaml, str(Path(tmp) / "best_train.yaml"))
@@ -362,19 +442,27 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
         print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
         _where(summary)
         if not finished:
-            raise TuneError(f"search {cfg.name!r}: no trial finished ({summary['failed']} failed, {summary['stopped']} stopped); "
-                            f"see the error column above and {storage.join(root, 'results.md')}")
+            raise TuneError(
+                f"search {cfg.name!r}: no trial finished ({summary['failed']} failed, {summary['stopped']} stopped); "
+                f"see the error column above and {storage.join(root, 'results.md')}"
+            )
     return summary
 
 
 def _where(summary: dict[str, Any]) -> None:
     uri = summary["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
-    print(f"{TAG} MLflow: {ui} → experiment {summary['experiment']!r}, parent run {summary['mlflow_parent_run_id']} "
-          f"(results.md, heatmap_val_auc.png, best_train.yaml; one child run per trial)", flush=True)
+    print(
+        f"{TAG} MLflow: {ui} → experiment {summary['experiment']!r}, parent run {summary['mlflow_parent_run_id']} "
+        f"(results.md, heatmap_val_auc.png, best_train.yaml; one child run per trial)",
+        flush=True,
+    )
     if "best_config" in summary:
-        print(f"{TAG} best: K={summary['best_K']} [{summary['best_experts']}], L={summary['best_cross_layers']}, "
-              f"val AUC {summary['best_val_auc']:.4f}; train it with: umair train --config {summary['best_config']}", flush=True)
+        print(
+            f"{TAG} best: K={summary['best_K']} [{summary['best_experts']}], L={summary['best_cross_layers']}, "
+            f"val AUC {summary['best_val_auc']:.4f}; train it with: umair train --config {summary['best_config']}",
+            flush=True,
+        )
     if "registered_model" in summary:
         print(f"{TAG} registered: models:/{summary['registered_model']}/{summary['model_version']}", flush=True)
 

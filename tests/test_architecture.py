@@ -47,8 +47,12 @@ def _sources(package: str) -> list[Path]:
 
 
 def test_the_library_imports_neither_pipelines_nor_ray_nor_mlflow():
-    found = [f"{p.relative_to(ROOT)}:{line}: imports {mod}" for p in _sources("umair") for line, mod in _imports(p)
-             if mod.split(".")[0] in FORBIDDEN_IN_LIBRARY]
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: imports {mod}"
+        for p in _sources("umair")
+        for line, mod in _imports(p)
+        if mod.split(".")[0] in FORBIDDEN_IN_LIBRARY
+    ]
     assert found == [], "\n".join(found)
 
 
@@ -92,9 +96,19 @@ def test_the_train_and_extract_jobs_are_thin():
 
 def test_importing_the_library_loads_neither_ray_nor_mlflow():
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import umair.model, umair.image, umair.text, umair.contracts, "
-         "umair.modalities, umair.training.inputs, umair.feature_store, umair.tuning"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "import umair.model, umair.image, umair.text, umair.contracts, "
+            "umair.modalities, umair.training.inputs, umair.feature_store, umair.tuning",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}

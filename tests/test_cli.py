@@ -16,7 +16,9 @@ UMAIR = str(Path(sys.executable).parent / "umair")
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([UMAIR, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [UMAIR, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300
+    )
 
 
 def test_help_lists_the_jobs():
@@ -63,7 +65,9 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(bad, DemoConfig)
     lines = str(info.value).splitlines()
-    assert f"{bad}: world.seed: Input should be a valid integer, unable to parse string as an integer (got 'abc')" in lines
+    assert (
+        f"{bad}: world.seed: Input should be a valid integer, unable to parse string as an integer (got 'abc')" in lines
+    )
     assert f"{bad}: world.sizee: Extra inputs are not permitted (got 'tiny')" in lines
     bad.write_text("world:\n  size: huge\n")
     with pytest.raises(ConfigError) as info:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +11,8 @@ import pytest
 from umair import contracts
 from umair.contracts import ContractError, check_interactions, read_table
 
-T0 = datetime(2021, 1, 1, tzinfo=timezone.utc)
-T1 = datetime(2021, 2, 1, tzinfo=timezone.utc)
+T0 = datetime(2021, 1, 1, tzinfo=UTC)
+T1 = datetime(2021, 2, 1, tzinfo=UTC)
 
 
 def _ills(**over):
@@ -31,7 +31,11 @@ def _ills(**over):
 
 
 def _users(**over):
-    cols = {"user_id": pa.array([1, 2], pa.int64()), "interest_tags": pa.array([["moon"], []], pa.list_(pa.string())), "gender": ["f", "m"]}
+    cols = {
+        "user_id": pa.array([1, 2], pa.int64()),
+        "interest_tags": pa.array([["moon"], []], pa.list_(pa.string())),
+        "gender": ["f", "m"],
+    }
     cols.update(over)
     return pa.table({k: v for k, v in cols.items() if v is not None})
 
@@ -68,25 +72,82 @@ def test_valid_tables_pass_and_compatible_types_are_normalised(tmp_path):
 @pytest.mark.parametrize(
     "kind, table, message",
     [
-        ("illustrations", _ills(image_uri=None),
-         "column 'image_uri': expected a column of type string, found no such column (columns: illust_id, tags, created_at, width, height, page_count, artist)"),
-        ("illustrations", _ills(illust_id=pa.array(["10", "11", "12"])), "column 'illust_id': expected int64, found string"),
-        ("illustrations", _ills(tags=pa.array(["moon", "", "cat"])), "column 'tags': expected list<string>, found string"),
-        ("illustrations", _ills(created_at=pa.array(["2021-01-01"] * 3)), "column 'created_at': expected timestamp[us, tz=UTC], found string"),
-        ("illustrations", _ills(illust_id=pa.array([10, None, 12], pa.int64())), "column 'illust_id' (row 1): expected no nulls, found null"),
-        ("illustrations", _ills(illust_id=pa.array([10, 11, 10], pa.int64())), "column 'illust_id' (row 2): expected unique ids, found id 10 repeated"),
-        ("illustrations", _ills(width=pa.array([64, 0, 64], pa.int32())), "column 'width' (row 1): expected a positive integer, found 0"),
-        ("illustrations", _ills(artist=pa.array([b"a", b"b", b"c"], pa.binary())),
-         "column 'artist': expected an extra column of type string, integer, float, bool or list, found binary"),
-        ("users", _users(user_id=pa.array([1, 1], pa.int64())), "column 'user_id' (row 1): expected unique ids, found id 1 repeated"),
-        ("users", _users(interest_tags=None), "column 'interest_tags': expected a column of type list<string>, found no such column (columns: user_id, gender)"),
-        ("interactions", _inter(label=pa.array([1, 2, 0], pa.int8())), "column 'label' (row 1): expected labels in {0, 1}, found 2"),
-        ("interactions", _inter(label=pa.array([1, None, 0], pa.int8())), "column 'label' (row 1): expected no nulls, found null"),
+        (
+            "illustrations",
+            _ills(image_uri=None),
+            "column 'image_uri': expected a column of type string, found no such column (columns: illust_id, tags, created_at, width, height, page_count, artist)",
+        ),
+        (
+            "illustrations",
+            _ills(illust_id=pa.array(["10", "11", "12"])),
+            "column 'illust_id': expected int64, found string",
+        ),
+        (
+            "illustrations",
+            _ills(tags=pa.array(["moon", "", "cat"])),
+            "column 'tags': expected list<string>, found string",
+        ),
+        (
+            "illustrations",
+            _ills(created_at=pa.array(["2021-01-01"] * 3)),
+            "column 'created_at': expected timestamp[us, tz=UTC], found string",
+        ),
+        (
+            "illustrations",
+            _ills(illust_id=pa.array([10, None, 12], pa.int64())),
+            "column 'illust_id' (row 1): expected no nulls, found null",
+        ),
+        (
+            "illustrations",
+            _ills(illust_id=pa.array([10, 11, 10], pa.int64())),
+            "column 'illust_id' (row 2): expected unique ids, found id 10 repeated",
+        ),
+        (
+            "illustrations",
+            _ills(width=pa.array([64, 0, 64], pa.int32())),
+            "column 'width' (row 1): expected a positive integer, found 0",
+        ),
+        (
+            "illustrations",
+            _ills(artist=pa.array([b"a", b"b", b"c"], pa.binary())),
+            "column 'artist': expected an extra column of type string, integer, float, bool or list, found binary",
+        ),
+        (
+            "users",
+            _users(user_id=pa.array([1, 1], pa.int64())),
+            "column 'user_id' (row 1): expected unique ids, found id 1 repeated",
+        ),
+        (
+            "users",
+            _users(interest_tags=None),
+            "column 'interest_tags': expected a column of type list<string>, found no such column (columns: user_id, gender)",
+        ),
+        (
+            "interactions",
+            _inter(label=pa.array([1, 2, 0], pa.int8())),
+            "column 'label' (row 1): expected labels in {0, 1}, found 2",
+        ),
+        (
+            "interactions",
+            _inter(label=pa.array([1, None, 0], pa.int8())),
+            "column 'label' (row 1): expected no nulls, found null",
+        ),
         ("interactions", _inter(label=pa.array([1.0, 0.0, 0.5])), "column 'label': expected int8, found double"),
-        ("interactions", _inter(ts=pa.array([T1, None, T1], contracts.TIMESTAMP)), "column 'ts' (row 1): expected no nulls, found null"),
-        ("interactions", _inter(ts=pa.array([T1] * 3, pa.timestamp("us", tz="Asia/Tokyo"))), "column 'ts': expected timestamp[us, tz=UTC], found timestamp[us, tz=Asia/Tokyo]"),
-        ("extraction_errors", pa.table({"illust_id": pa.array([1], pa.int64()), "uri": ["x"], "stage": ["decode"]}),
-         "column 'error': expected a column of type string, found no such column (columns: illust_id, uri, stage)"),
+        (
+            "interactions",
+            _inter(ts=pa.array([T1, None, T1], contracts.TIMESTAMP)),
+            "column 'ts' (row 1): expected no nulls, found null",
+        ),
+        (
+            "interactions",
+            _inter(ts=pa.array([T1] * 3, pa.timestamp("us", tz="Asia/Tokyo"))),
+            "column 'ts': expected timestamp[us, tz=UTC], found timestamp[us, tz=Asia/Tokyo]",
+        ),
+        (
+            "extraction_errors",
+            pa.table({"illust_id": pa.array([1], pa.int64()), "uri": ["x"], "stage": ["decode"]}),
+            "column 'error': expected a column of type string, found no such column (columns: illust_id, uri, stage)",
+        ),
     ],
 )
 def test_each_violation_names_file_column_row_and_expectation(tmp_path, kind, table, message):
@@ -118,10 +179,16 @@ def test_item_features_vectors(tmp_path):
 def test_cross_table_rules():
     with pytest.raises(ContractError) as info:
         check_interactions(_inter(user_id=pa.array([1, 2, 7], pa.int64())), _users(), _ills(), "inter.parquet")
-    assert str(info.value) == "inter.parquet: column 'user_id' (row 2): expected an id present in users, found unknown id 7"
+    assert (
+        str(info.value)
+        == "inter.parquet: column 'user_id' (row 2): expected an id present in users, found unknown id 7"
+    )
     with pytest.raises(ContractError) as info:
         check_interactions(_inter(illust_id=pa.array([10, 99, 12], pa.int64())), _users(), _ills(), "inter.parquet")
-    assert str(info.value) == "inter.parquet: column 'illust_id' (row 1): expected an id present in illustrations, found unknown id 99"
+    assert (
+        str(info.value)
+        == "inter.parquet: column 'illust_id' (row 1): expected an id present in illustrations, found unknown id 99"
+    )
     early = _inter(ts=pa.array([T1, T1, T0], contracts.TIMESTAMP))  # item 12 was created at T1
     with pytest.raises(ContractError) as info:
         check_interactions(early, _users(), _ills(), "inter.parquet")

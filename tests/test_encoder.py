@@ -93,7 +93,9 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["spec"]["backbone"] = "resnet34"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=rf"{weights}: weights do not match the manifest's backbone resnet34 \(missing \d+ keys"):
+    with pytest.raises(
+        CheckpointError, match=rf"{weights}: weights do not match the manifest's backbone resnet34 \(missing \d+ keys"
+    ):
         load_encoder(str(out))
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a readable encoder manifest"):

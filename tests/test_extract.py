@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +25,7 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,20 @@ import yaml
 from PIL import Image
 
 from pipelines.extract import ExtractConfig, ExtractError, _close_stale_runs, build_pipeline, run
-from umair.extraction.stages import load_image_encoder, write_parts
-from umair.feature_store import apply_moves, begin_commit, chunk_manifest, feature_metadata, finish_commit, list_manifests, read_errors, read_features, recover
 from umair import storage
 from umair.config import StorageConfig, parse_settings
+from umair.extraction.stages import load_image_encoder, write_parts
+from umair.feature_store import (
+    apply_moves,
+    begin_commit,
+    chunk_manifest,
+    feature_metadata,
+    finish_commit,
+    list_manifests,
+    read_errors,
+    read_features,
+    recover,
+)
 from umair.image.preprocess import DecodeError, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +56,8 @@ UMAIR = str(Path(sys.executable).parent / "umair")
 SIZE = 32
 SPEC = {"backbone": "resnet18", "image_size": SIZE}
 PLANT_BASE_ID = 900_000
-OLD = datetime(2021, 2, 1, tzinfo=timezone.utc)
-NEW = datetime(2023, 6, 1, tzinfo=timezone.utc)
+OLD = datetime(2021, 2, 1, tzinfo=UTC)
+NEW = datetime(2023, 6, 1, tzinfo=UTC)
 BIG = 160  # rows of the catalogue the fault tests interrupt
 
 
@@ -67,7 +77,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _raw_png(width: int, height: int, depth: int, colour: int, rows: bytes) -> bytes:
     """A PNG built by hand: any header (16-bit RGB, absurd sizes) whatever Pillow can write."""
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _picture(seed: int) -> np.ndarray:
@@ -146,8 +161,12 @@ def test_decode_normalises_to_rgb_or_names_the_failure(plant):
     assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
     mean = out.reshape(-1, 3).mean(0)
     expected = {
-        "cmyk": (230, 10, 10), "png16_grey": (128, 128, 128), "png16_rgb": (255, 0, 128),
-        "animated_gif": (220, 20, 20), "greyscale": (100, 100, 100), "rgba": (255, 255, 255),
+        "cmyk": (230, 10, 10),
+        "png16_grey": (128, 128, 128),
+        "png16_rgb": (255, 0, 128),
+        "animated_gif": (220, 20, 20),
+        "greyscale": (100, 100, 100),
+        "rgba": (255, 255, 255),
     }
     if plant.name in expected:
         np.testing.assert_allclose(mean, expected[plant.name], atol=12)
@@ -171,12 +190,10 @@ def test_shipped_config_is_valid():
     cfg = load_config(ROOT / "pipelines/configs/extract.yaml", ExtractConfig)
     assert cfg.encoder.source == "outputs/demo/encoder" and cfg.mlflow.experiment == "umair-extract"
     short = parse_settings({"catalogue": "c", "output": "o", "encoder": None, "since": "2023-01-01"}, ExtractConfig)
-    assert short.encoder.source is None and short.since == datetime(2023, 1, 1, tzinfo=timezone.utc)
+    assert short.encoder.source is None and short.since == datetime(2023, 1, 1, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
 
 
 @pytest.fixture(scope="session")
@@ -203,8 +220,19 @@ class Catalogue:
 
 
 def _plant_rows(world_schema: pa.Schema, uris: dict[str, str]) -> pa.Table:
-    rows = [{"illust_id": PLANT_BASE_ID + i, "image_uri": uris[p.name], "tags": ["planted", p.name], "created_at": p.created_at,
-             "width": 32, "height": 32, "page_count": 1, "artist": "planted"} for i, p in enumerate(PLANTS)]
+    rows = [
+        {
+            "illust_id": PLANT_BASE_ID + i,
+            "image_uri": uris[p.name],
+            "tags": ["planted", p.name],
+            "created_at": p.created_at,
+            "width": 32,
+            "height": 32,
+            "page_count": 1,
+            "artist": "planted",
+        }
+        for i, p in enumerate(PLANTS)
+    ]
     return pa.Table.from_pylist(rows, schema=world_schema)
 
 
@@ -249,9 +277,15 @@ def mlflow_db(tmp_path_factory) -> str:
 
 def make_config(s3, catalogue: str, output: str, mlflow_db: str, **overrides) -> ExtractConfig:
     settings = {
-        "catalogue": catalogue, "output": output, "encoder": {"source": None, "spec": SPEC},
-        "batch_size": 16, "decode_batch_size": 8, "write_batch_rows": 16, "chunk_rows": 32,
-        "max_image_bytes": 100_000, "io_retry_s": 60,
+        "catalogue": catalogue,
+        "output": output,
+        "encoder": {"source": None, "spec": SPEC},
+        "batch_size": 16,
+        "decode_batch_size": 8,
+        "write_batch_rows": 16,
+        "chunk_rows": 32,
+        "max_image_bytes": 100_000,
+        "io_retry_s": 60,
         "mlflow": {"tracking_uri": f"sqlite:///{mlflow_db}", "experiment": "umair-extract-test"},
         "storage": {"endpoint": s3.endpoint, "region": "us-east-1", "retries": 3},
     }
@@ -284,7 +318,9 @@ def test_every_good_row_written_exactly_once(first_run, catalogue, s3_server):
     meta = {k.decode(): v.decode() for k, v in features.schema.metadata.items()}
     assert meta["umair.sem.dim"] == "512" and meta["umair.sty.dim"] == "64"
     assert meta["umair.encoder.version"] == summary["encoder_version"]
-    assert re.fullmatch(r"resnet18-32px-random-[0-9a-f]{12}-seed0", summary["encoder_version"]), summary["encoder_version"]
+    assert re.fullmatch(r"resnet18-32px-random-[0-9a-f]{12}-seed0", summary["encoder_version"]), summary[
+        "encoder_version"
+    ]
     sem = np.stack(features.column("sem").to_numpy(zero_copy_only=False))
     assert np.isfinite(sem).all() and (np.abs(sem).sum(1) > 0).all()
     assert not storage.list_files(storage.join(cfg.output, "_tmp"), s3_server.settings)  # nothing left behind
@@ -312,9 +348,13 @@ def test_features_equal_the_bare_encoder_on_the_same_images(first_run, catalogue
     features = read_features(cfg.output, settings=s3_server.settings)
     by_id = {i: r for r, i in enumerate(features.column("illust_id").to_pylist())}
     model, _ = load_image_encoder(None, SPEC, seed=0)
-    rows = catalogue.table.filter(pa.array([i in catalogue.good for i in catalogue.table.column("illust_id").to_pylist()]))
+    rows = catalogue.table.filter(
+        pa.array([i in catalogue.good for i in catalogue.table.column("illust_id").to_pylist()])
+    )
     picks = [0, 1, rows.num_rows - 1, rows.num_rows - 3]  # two world images, two planted ones
-    images = np.stack([decode_image(storage.read_bytes(rows.column("image_uri")[i].as_py(), s3_server.settings), SIZE) for i in picks])
+    images = np.stack(
+        [decode_image(storage.read_bytes(rows.column("image_uri")[i].as_py(), s3_server.settings), SIZE) for i in picks]
+    )
     sem, sty = encode(model, torch.from_numpy(images).permute(0, 3, 1, 2), "cpu")
     for k, i in enumerate(picks):
         r = by_id[rows.column("illust_id")[i].as_py()]
@@ -340,7 +380,9 @@ def test_the_run_is_logged_to_mlflow(first_run, mlflow_db, tmp_path):
 def test_decode_and_encode_are_separate_stages(ray_local, catalogue, s3_server, mlflow_db, capsys):
     cfg = make_config(s3_server, catalogue.uri, "unused", mlflow_db)
     enc = {"version": "v", "sem_dim": 512, "sty_dim": 64, "spec": SPEC, "image_size": SIZE}
-    ds = build_pipeline(catalogue.table.select(["illust_id", "image_uri"]), cfg, enc, None, "r", feature_metadata(enc, None, "r"))
+    ds = build_pipeline(
+        catalogue.table.select(["illust_id", "image_uri"]), cfg, enc, None, "r", feature_metadata(enc, None, "r")
+    )
     ds.explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_rows)]" in optimized
@@ -359,14 +401,23 @@ def test_since_takes_only_new_rows_and_retry_failed_retries_errors(first_run, ca
     ill = world.illustrations
     extra = ill.slice(0, 4)
     extra = extra.set_column(0, "illust_id", pa.array([800_001, 800_002, 800_003, 800_004], pa.int64()))
-    extra = extra.set_column(extra.schema.get_field_index("created_at"), "created_at",
-                             pa.array([NEW, NEW, NEW, datetime(2020, 1, 1, tzinfo=timezone.utc)], pa.timestamp("us", tz="UTC")))
+    extra = extra.set_column(
+        extra.schema.get_field_index("created_at"),
+        "created_at",
+        pa.array([NEW, NEW, NEW, datetime(2020, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
+    )
     uri = s3_server.uri("extract", "catalogue-v2.parquet")
     storage.write_parquet(pa.concat_tables([catalogue.table, extra]), uri, s3_server.settings)
-    late = dict(zip(catalogue.table.column("illust_id").to_pylist(), catalogue.table.column("image_uri").to_pylist()))[catalogue.plants["late"]]
-    storage.write_bytes(late, _save(Image.fromarray(_picture(3)), "JPEG"), s3_server.settings)  # the late upload arrives
+    late = dict(zip(catalogue.table.column("illust_id").to_pylist(), catalogue.table.column("image_uri").to_pylist()))[
+        catalogue.plants["late"]
+    ]
+    storage.write_bytes(
+        late, _save(Image.fromarray(_picture(3)), "JPEG"), s3_server.settings
+    )  # the late upload arrives
 
-    summary = run(cfg.model_copy(update={"catalogue": uri, "since": datetime(2023, 1, 1, tzinfo=timezone.utc), "retry_failed": True}))
+    summary = run(
+        cfg.model_copy(update={"catalogue": uri, "since": datetime(2023, 1, 1, tzinfo=UTC), "retry_failed": True})
+    )
     assert summary["selected_rows"] == 4  # three new rows and the late one
     assert summary["to_process"] == 4 and summary["rows_ok"] == 4 and summary["rows_failed"] == 0, summary
     features = read_features(cfg.output, settings=s3_server.settings)
@@ -382,11 +433,16 @@ def test_since_takes_only_new_rows_and_retry_failed_retries_errors(first_run, ca
 def _parts(output: str, run_id: str, ids: list[int], meta: dict) -> list[dict]:
     """Real temporary part files, as the pipeline's writer tasks make them."""
     n = len(ids)
-    batch = {"illust_id": np.array(ids), "image_uri": np.array([f"x/{i}.jpg" for i in ids], dtype=object),
-             "ok": np.array([i % 5 != 0 for i in ids]), "stage": np.array(["decode" if i % 5 == 0 else "" for i in ids], dtype=object),
-             "reason": np.array(["corrupt" if i % 5 == 0 else "" for i in ids], dtype=object),
-             "error": np.array(["corrupt: x" if i % 5 == 0 else "" for i in ids], dtype=object),
-             "sem": np.random.default_rng(0).random((n, 4), np.float32), "sty": np.ones((n, 2), np.float32)}
+    batch = {
+        "illust_id": np.array(ids),
+        "image_uri": np.array([f"x/{i}.jpg" for i in ids], dtype=object),
+        "ok": np.array([i % 5 != 0 for i in ids]),
+        "stage": np.array(["decode" if i % 5 == 0 else "" for i in ids], dtype=object),
+        "reason": np.array(["corrupt" if i % 5 == 0 else "" for i in ids], dtype=object),
+        "error": np.array(["corrupt: x" if i % 5 == 0 else "" for i in ids], dtype=object),
+        "sem": np.random.default_rng(0).random((n, 4), np.float32),
+        "sty": np.ones((n, 2), np.float32),
+    }
     out = write_parts(batch, output, run_id, meta, StorageConfig(), 1.0)
     return [{k: v[0] for k, v in out.items()}]
 
@@ -395,8 +451,16 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     output, settings = str(tmp_path / "out"), storage.StorageSettings()
     enc = {"version": "enc-v1", "sem_dim": 4, "sty_dim": 2, "spec": SPEC, "image_size": SIZE}
     meta = feature_metadata(enc, None, "run-a")
-    out_meta = {"key": "enc-v1", "encoder_version": "enc-v1", "text_version": None, "sem_dim": 4, "sty_dim": 2,
-                "tsem_dim": None, "metadata": meta, "mlflow_run_id": None}
+    out_meta = {
+        "key": "enc-v1",
+        "encoder_version": "enc-v1",
+        "text_version": None,
+        "sem_dim": 4,
+        "sty_dim": 2,
+        "tsem_dim": None,
+        "metadata": meta,
+        "mlflow_run_id": None,
+    }
     first = chunk_manifest(_parts(output, "run-a", list(range(1, 11)), meta), "run-a", 0, out_meta)
     begin_commit(output, first, settings, 1.0)
     apply_moves(output, first, settings, 1.0)
@@ -446,8 +510,14 @@ def test_a_live_run_on_the_same_output_is_refused_and_a_dead_one_closed(tmp_path
     output = str(tmp_path / "out")
     cfg = make_config(s3_server, "unused.parquet", output, mlflow_db)
     marker = os.path.join(output, "_runs", "r-1.json")
-    live = {"run_id": "r-1", "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
-            "started_at": datetime.now(timezone.utc).isoformat(), "mlflow_run_id": "none"}
+    live = {
+        "run_id": "r-1",
+        "status": "running",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(),
+        "mlflow_run_id": "none",
+    }
     storage.write_bytes(marker, json.dumps(live).encode())
     client = mlflow.MlflowClient(f"sqlite:///{mlflow_db}")
     with pytest.raises(ExtractError, match="run r-1 .* is still writing here"):
@@ -495,7 +565,9 @@ def _wait_for_commit(output: str, settings, timeout: float, alive) -> int:
 
 
 @pytest.mark.slow
-def test_killed_driver_then_rerun_gives_every_row_exactly_once(s3_server, ray_local, big_catalogue, mlflow_db, tmp_path):
+def test_killed_driver_then_rerun_gives_every_row_exactly_once(
+    s3_server, ray_local, big_catalogue, mlflow_db, tmp_path
+):
     import ray
 
     output = s3_server.uri("extract", "out-kill")
@@ -507,8 +579,14 @@ def test_killed_driver_then_rerun_gives_every_row_exactly_once(s3_server, ray_lo
     settings["ray"]["address"] = ray.get_runtime_context().gcs_address
     config_file.write_text(yaml.safe_dump(settings))
     log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen([UMAIR, "extract", "--config", str(config_file)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [UMAIR, "extract", "--config", str(config_file)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         _wait_for_commit(output, s3_server.settings, 240, lambda: proc.poll() is None)
         family = _descendants(proc.pid)
@@ -524,7 +602,9 @@ def test_killed_driver_then_rerun_gives_every_row_exactly_once(s3_server, ray_lo
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     killed_at = _committed_rows(output, s3_server.settings)
-    assert 0 < killed_at < BIG, f"the driver was not killed mid-run ({killed_at} rows committed)\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+    assert 0 < killed_at < BIG, (
+        f"the driver was not killed mid-run ({killed_at} rows committed)\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+    )
 
     summary = run(cfg)
     assert summary["recovered"]["stale_runs_closed"] == 1
@@ -558,7 +638,9 @@ def _restart_s3(s3, started: list) -> None:
 
 
 @pytest.mark.slow
-def test_s3_restart_during_a_run_loses_and_duplicates_nothing(s3_server, ray_local, big_catalogue, mlflow_db, restarted_servers):
+def test_s3_restart_during_a_run_loses_and_duplicates_nothing(
+    s3_server, ray_local, big_catalogue, mlflow_db, restarted_servers
+):
     output = s3_server.uri("extract", "out-restart")
     cfg = make_config(s3_server, big_catalogue, output, mlflow_db, chunk_rows=16, write_batch_rows=8, io_retry_s=90)
     outcome: dict = {}
@@ -599,8 +681,16 @@ def text_model_dir(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("text") / "minilm"
     shutil.copytree(default_base_model(), out)
-    (out / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "version": "umair-text:minilm:untuned",
-                                            "embedding_dim": 384, "base_model": default_base_model()}))
+    (out / MANIFEST).write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "version": "umair-text:minilm:untuned",
+                "embedding_dim": 384,
+                "base_model": default_base_model(),
+            }
+        )
+    )
     return str(out)
 
 
@@ -613,13 +703,18 @@ def test_text_model_adds_tsem_joined_by_illust_id(s3_server, ray_local, world, t
     subset = world.illustrations.slice(0, 24)
     uri = s3_server.uri("extract", "text-catalogue.parquet")
     storage.write_parquet(subset, uri, s3_server.settings)
-    cfg = make_config(s3_server, uri, s3_server.uri("extract", "out-text"), mlflow_db, text_model=text_model_dir, chunk_rows=100)
+    cfg = make_config(
+        s3_server, uri, s3_server.uri("extract", "out-text"), mlflow_db, text_model=text_model_dir, chunk_rows=100
+    )
     summary = run(cfg)
     assert summary["text_version"] == "umair-text:minilm:untuned" and summary["rows_ok"] == 24
     features = read_features(cfg.output, settings=s3_server.settings)
     meta = {k.decode(): v.decode() for k, v in features.schema.metadata.items()}
     assert meta["umair.tsem.dim"] == "384" and meta["umair.tsem.encoder"] == "umair-text:minilm:untuned"
     direct, _ = embed_tags(subset, SentenceTransformer(text_model_dir, device="cpu"), "umair-text:minilm:untuned")
-    expected = {i: np.asarray(v, np.float32) for i, v in zip(direct.column("illust_id").to_pylist(), direct.column("tsem").to_pylist())}
+    expected = {
+        i: np.asarray(v, np.float32)
+        for i, v in zip(direct.column("illust_id").to_pylist(), direct.column("tsem").to_pylist())
+    }
     for i, v in zip(features.column("illust_id").to_pylist(), features.column("tsem").to_pylist()):
         np.testing.assert_allclose(np.asarray(v, np.float32), expected[i], atol=1e-5)

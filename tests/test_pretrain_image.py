@@ -36,8 +36,13 @@ def pretrained(tmp_path_factory):
         "catalogue": str(root / "world" / "illustrations.parquet"),
         "output": str(root / "encoder"),
         "encoder": {"backbone": "resnet18", "image_size": 48},
-        "epochs": EPOCHS, "batch_size": 32, "lr": 0.002, "num_workers": 2, "seed": 0,
-        "run_name": "t-pretrain", "checkpoint_dir": str(root / "ray_results"),
+        "epochs": EPOCHS,
+        "batch_size": 32,
+        "lr": 0.002,
+        "num_workers": 2,
+        "seed": 0,
+        "run_name": "t-pretrain",
+        "checkpoint_dir": str(root / "ray_results"),
         "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t-pretrain"},
     }
     (root / "conf.yaml").write_text(yaml.safe_dump(conf))
@@ -56,7 +61,13 @@ def pretrained(tmp_path_factory):
         first.wait()
     second = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return {"root": root, "world": world, "first_log": (root / "first.log").read_text(), "second": second.stdout + second.stderr, "conf": conf}
+    return {
+        "root": root,
+        "world": world,
+        "first_log": (root / "first.log").read_text(),
+        "second": second.stdout + second.stderr,
+        "conf": conf,
+    }
 
 
 def test_killed_run_resumes_from_its_checkpoint(pretrained):
@@ -100,6 +111,8 @@ def test_style_and_semantic_outputs_separate_the_planted_factors(pretrained):
 
     sty_ss, sty_sc = mean_cos(sty, same_style), mean_cos(sty, same_content)
     sem_ss, sem_sc = mean_cos(sem, same_style), mean_cos(sem, same_content)
-    print(f"e_STY: same-style {sty_ss:.3f} vs same-content {sty_sc:.3f}; e_SEM: same-style {sem_ss:.3f} vs same-content {sem_sc:.3f}")
+    print(
+        f"e_STY: same-style {sty_ss:.3f} vs same-content {sty_sc:.3f}; e_SEM: same-style {sem_ss:.3f} vs same-content {sem_sc:.3f}"
+    )
     assert sty_ss > sty_sc + 0.3
     assert sem_sc > sem_ss + 0.1

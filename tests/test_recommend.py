@@ -97,15 +97,23 @@ def test_cosine_topk_and_candidates_by_hand():
     assert rows.tolist() == [[1, 2]] and sims[0, 0] == pytest.approx(0.9 / np.hypot(0.9, 0.1))
     import pyarrow as pa
 
-    table = pa.table({"illust_id": pa.array([10, 20, 30, 40], pa.int64()),
-                      "sem": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 2)})
+    table = pa.table(
+        {
+            "illust_id": pa.array([10, 20, 30, 40], pa.int64()),
+            "sem": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 2),
+        }
+    )
     index = FeatureIndex.from_table(table, ["sem"], "feat.parquet", center=False)
     with pytest.raises(UnknownIdError, match="illustration 77 is not in the item features feat.parquet"):
         index.similar(77, "sem", 2)
     # item 40 is not yet published; the user bookmarked item 10 and must not get it back
-    gen = CandidateGenerator(index, np.array([True, True, True, False]), np.array([1.0, 2.0, 3.0, 4.0]),
-                             np.array([5, 0, 1, 9]),
-                             CandidateSettings(recent=1, popular=1, neighbors=1, seeds=1, spaces=("sem",)))
+    gen = CandidateGenerator(
+        index,
+        np.array([True, True, True, False]),
+        np.array([1.0, 2.0, 3.0, 4.0]),
+        np.array([5, 0, 1, 9]),
+        CandidateSettings(recent=1, popular=1, neighbors=1, seeds=1, spaces=("sem",)),
+    )
     c = gen.for_user(np.array([0]), np.array([0]))
     assert index.illust_ids[c.rows].tolist() == [30, 20]  # recent: 30; popular: 30 (10 excluded); knn of 10: 20
     assert c.sources == {"recent": 1, "popular": 1, "knn_sem": 1}
@@ -132,8 +140,15 @@ def small(tmp_path_factory):
         # 6 pretext epochs (~20 s on 2 cores): enough for e_SEM to find the same content across
         # styles (3 epochs are not: its neighbours then follow the style as e_STY's do).
         encoder = bench.pretext_encoder(world, image_size=32, epochs=6, seed=0)
-        features = bench.fixture_item_features(world, str(root / "features.parquet"), encoder, image_size=32, tsem_dim=16,
-                                               seed=0, encoder_version="fixture-resnet18-32px-pretext6-seed0")
+        features = bench.fixture_item_features(
+            world,
+            str(root / "features.parquet"),
+            encoder,
+            image_size=32,
+            tsem_dim=16,
+            seed=0,
+            encoder_version="fixture-resnet18-32px-pretext6-seed0",
+        )
     finally:
         torch.set_num_threads(threads)
     return {"world": world, "features": features, "root": root}
@@ -174,7 +189,7 @@ def _cross_style_content_share(small, space: str, k: int = 5) -> float:
 def test_similar_by_style_finds_the_same_style_and_by_semantic_the_same_content(small):
     truth = small["world"].truth_items
     counts = np.bincount(truth.column("content").to_numpy())
-    chance_content = float(np.sum(counts.astype(float) ** 2) / truth.num_rows ** 2)
+    chance_content = float(np.sum(counts.astype(float) ** 2) / truth.num_rows**2)
     sty_style, sty_content = _neighbour_shares(small, "sty")
     sem_style, sem_content = _neighbour_shares(small, "sem")
     assert sty_style >= 0.9, sty_style  # chance: ~1/4
@@ -191,28 +206,83 @@ def test_similar_cli_prints_neighbours_draws_a_contact_sheet_and_refuses_unknown
     world = small["world"]
     q = int(world.illustrations.column("illust_id")[5].as_py())
     out = tmp_path / "sheet.png"
-    proc = subprocess.run([UMAIR, "similar", str(q), "--by", "style", "-k", "6", "--item-features", small["features"],
-                           "--world", world.root, "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            UMAIR,
+            "similar",
+            str(q),
+            "--by",
+            "style",
+            "-k",
+            "6",
+            "--item-features",
+            small["features"],
+            "--world",
+            world.root,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"nearest to illustration {q} by style" in proc.stdout and "same style as the query" in proc.stdout
     with Image.open(out) as img:
         assert img.width > 500 and img.height > 300  # 7 tiles, 5 per row
     # --by semantic searches e_SEM: the printed neighbours are e_SEM's, best first.
-    proc = subprocess.run([UMAIR, "similar", str(q), "--by", "semantic", "-k", "4", "--item-features", small["features"],
-                           "--world", world.root, "--out", str(tmp_path / "sem.png")], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            UMAIR,
+            "similar",
+            str(q),
+            "--by",
+            "semantic",
+            "-k",
+            "4",
+            "--item-features",
+            small["features"],
+            "--world",
+            world.root,
+            "--out",
+            str(tmp_path / "sem.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"nearest to illustration {q} by semantic" in proc.stdout and (tmp_path / "sem.png").is_file()
     index = FeatureIndex.from_table(pq.read_table(small["features"]), ["sem"], small["features"])
     expected, _ = index.similar(q, "sem", 4)
     printed = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert printed == expected.tolist(), proc.stdout
-    proc = subprocess.run([UMAIR, "similar", "424242", "--by", "text", "--item-features", small["features"],
-                           "--world", world.root, "--out", str(tmp_path / "x.png")], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            UMAIR,
+            "similar",
+            "424242",
+            "--by",
+            "text",
+            "--item-features",
+            small["features"],
+            "--world",
+            world.root,
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"umair similar: error: illustration 424242 is not in the item features {small['features']} "
-                                   f"(600 illustrations; run `umair extract` over it first)")
+    assert proc.stderr.strip() == (
+        f"umair similar: error: illustration 424242 is not in the item features {small['features']} "
+        f"(600 illustrations; run `umair extract` over it first)"
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
 
 
@@ -226,9 +296,22 @@ def trained(small, ray_local):
 
     root = small["root"]
     mlf = MlflowConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment="t-recommend")
-    train.run(train.TrainConfig(world=small["world"].root, item_features=small["features"], num_workers=2, seed=0, epochs=4,
-                                batch_size=32, eval_every_epoch=False, checkpoint_dir=str(root / "ray_results"),
-                                output=str(root / "model"), run_name="t-recommend", mlflow=mlf, ray=RayConfig(num_cpus=4)))
+    train.run(
+        train.TrainConfig(
+            world=small["world"].root,
+            item_features=small["features"],
+            num_workers=2,
+            seed=0,
+            epochs=4,
+            batch_size=32,
+            eval_every_epoch=False,
+            checkpoint_dir=str(root / "ray_results"),
+            output=str(root / "model"),
+            run_name="t-recommend",
+            mlflow=mlf,
+            ray=RayConfig(num_cpus=4),
+        )
+    )
     return {**small, "model": str(root / "model"), "mlflow": mlf}
 
 
@@ -242,9 +325,15 @@ def test_recommend_writes_top_k_per_user_and_beats_popularity_on_the_test_window
     # bookmarked candidates add nothing the model ranks well: bench/RESULTS.md), ranked by
     # expected bookmarks ŷ · exposure share (γ = 1, the default).
     cfg = recommend.RecommendConfig(
-        model=trained["model"], world=trained["world"].root, output=str(out), k=20, cutoffs=(10, 20),
+        model=trained["model"],
+        world=trained["world"].root,
+        output=str(out),
+        k=20,
+        cutoffs=(10, 20),
         candidates=CandidateSettings(recent=0, popular=0, neighbors=20, seeds=20),
-        mlflow=trained["mlflow"], ray=RayConfig(num_cpus=4), run_name="t-recommend",
+        mlflow=trained["mlflow"],
+        ray=RayConfig(num_cpus=4),
+        run_name="t-recommend",
     )
     summary = recommend.run(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -280,7 +369,9 @@ def test_recommend_writes_top_k_per_user_and_beats_popularity_on_the_test_window
     assert {"topk_sample.csv", "recommend_summary.json"} <= artifacts
     # A second run replaces the first: one committed run directory, the manifest names it.
     recommend.run(cfg.model_copy(update={"user_ids": [1, 2, 3]}))
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [json.loads((out / "manifest.json").read_text())["run_id"]]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        json.loads((out / "manifest.json").read_text())["run_id"]
+    ]
     assert set(recommend.read_recommendations(str(out)).column("user_id").to_pylist()) == {1, 2, 3}
 
 
@@ -289,8 +380,13 @@ def test_explain_prints_weights_draws_alpha_per_segment_and_unknown_users_fail_c
     world = trained["world"]
     conf = {"model": trained["model"], "world": world.root, "out": str(tmp_path / "alpha.png")}
     (tmp_path / "explain.yaml").write_text(yaml.safe_dump(conf))
-    proc = subprocess.run([UMAIR, "explain", "7", "--config", str(tmp_path / "explain.yaml")], capture_output=True,
-                          text=True, timeout=180, cwd=ROOT)
+    proc = subprocess.run(
+        [UMAIR, "explain", "7", "--config", str(tmp_path / "explain.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "user 7 (segment" in proc.stdout and "ᾱ (Σ_k β_k α)" in proc.stdout
     report = json.loads((tmp_path / "alpha.json").read_text())
@@ -302,17 +398,31 @@ def test_explain_prints_weights_draws_alpha_per_segment_and_unknown_users_fail_c
     with Image.open(tmp_path / "alpha.png") as img:
         assert img.width > 600 and img.height > 250
 
-    proc = subprocess.run([UMAIR, "explain", "99999", "--config", str(tmp_path / "explain.yaml")], capture_output=True,
-                          text=True, timeout=180, cwd=ROOT)
+    proc = subprocess.run(
+        [UMAIR, "explain", "99999", "--config", str(tmp_path / "explain.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     users = str(Path(world.root) / "users.parquet")
     assert proc.stderr.startswith(f"umair explain: error: user 99999 is not in the users table {users}")
 
-    rconf = {"model": trained["model"], "world": world.root, "output": str(tmp_path / "recs"),
-             "mlflow": {"tracking_uri": trained["mlflow"].resolved_uri(), "experiment": "t-recommend"}}
+    rconf = {
+        "model": trained["model"],
+        "world": world.root,
+        "output": str(tmp_path / "recs"),
+        "mlflow": {"tracking_uri": trained["mlflow"].resolved_uri(), "experiment": "t-recommend"},
+    }
     (tmp_path / "recommend.yaml").write_text(yaml.safe_dump(rconf))
-    proc = subprocess.run([UMAIR, "recommend", "--config", str(tmp_path / "recommend.yaml"), "--user", "3", "--user", "99999"],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    proc = subprocess.run(
+        [UMAIR, "recommend", "--config", str(tmp_path / "recommend.yaml"), "--user", "3", "--user", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"umair recommend: error: user 99999 is not in the users table {users}"
     assert not (tmp_path / "recs").exists()

@@ -44,5 +44,7 @@ def test_a_run_directory_refuses_other_settings(tmp_path):
     d = str(tmp_path / "run")
     assert claim_run_dir(d, "abc", "train", None) is False
     assert claim_run_dir(d, "abc", "train", None) is True, "same settings: resume"
-    with pytest.raises(ConfigError, match=r"this train run was started with other settings or data \(fingerprint abc, now xyz\)"):
+    with pytest.raises(
+        ConfigError, match=r"this train run was started with other settings or data \(fingerprint abc, now xyz\)"
+    ):
         claim_run_dir(d, "xyz", "train", None)

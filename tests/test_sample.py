@@ -24,14 +24,23 @@ from umair.sample.world import SIZES, WorldError, generate, load_world, render_i
 
 def test_same_seed_same_world_byte_for_byte(tmp_path, tiny_world):
     again = write_world(str(tmp_path / "again"), "tiny", seed=3, progress=False)
-    for name in ("illustrations.parquet", "users.parquet", "interactions.parquet", "truth/items.parquet", "truth/users.parquet"):
+    for name in (
+        "illustrations.parquet",
+        "users.parquet",
+        "interactions.parquet",
+        "truth/items.parquet",
+        "truth/users.parquet",
+    ):
         a = pq.read_table(os.path.join(tiny_world.root, name))
         b = pq.read_table(os.path.join(again.root, name))
         if name == "illustrations.parquet":  # image URIs name the world's own directory
             a, b = a.drop_columns(["image_uri"]), b.drop_columns(["image_uri"])
         assert a.equals(b), name
     for f in sorted(os.listdir(os.path.join(tiny_world.root, "images")))[:20]:
-        with open(os.path.join(tiny_world.root, "images", f), "rb") as x, open(os.path.join(again.root, "images", f), "rb") as y:
+        with (
+            open(os.path.join(tiny_world.root, "images", f), "rb") as x,
+            open(os.path.join(again.root, "images", f), "rb") as y,
+        ):
             assert x.read() == y.read(), f
     other = generate(SIZES["tiny"], 4, "/unused")
     assert not other.interactions.equals(tiny_world.interactions)
@@ -51,7 +60,10 @@ def test_world_validates_and_matches_its_spec(tiny_world):
         with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
             assert img.mode == "RGB"
     row = 5
-    assert (world.illustrations.column("width")[row].as_py(), world.illustrations.column("height")[row].as_py()) == Image.open(uris[row]).size
+    assert (
+        world.illustrations.column("width")[row].as_py(),
+        world.illustrations.column("height")[row].as_py(),
+    ) == Image.open(uris[row]).size
     manifest = json.loads(open(os.path.join(tiny_world.root, "world.json")).read())
     assert manifest["counts"]["interactions"] == world.interactions.num_rows
 
@@ -65,8 +77,10 @@ def test_tags_name_one_concept_in_several_languages(tiny_world):
     assert max(len(v) for v in by_concept.values()) >= 2  # e.g. "moon" and "月"
     # Subject tags follow content: most items carry their content's subject concept.
     contents = tiny_world.truth_items.column("content_name").to_pylist()
-    hits = [vocab.CONTENT_CONCEPTS[c][0] in {vocab.concept_of(t) for t in ts}
-            for c, ts in zip(contents, tiny_world.illustrations.column("tags").to_pylist())]
+    hits = [
+        vocab.CONTENT_CONCEPTS[c][0] in {vocab.concept_of(t) for t in ts}
+        for c, ts in zip(contents, tiny_world.illustrations.column("tags").to_pylist())
+    ]
     assert np.mean(hits) > 0.8
 
 
@@ -152,7 +166,10 @@ def test_incomplete_or_damaged_worlds_are_refused(tmp_path, tiny_world, monkeypa
     uris = [u.replace(tiny_world.root, str(copy)) for u in ills.column("image_uri").to_pylist()]
     pq.write_table(ills.set_column(1, "image_uri", pa.array(uris)), copy / "illustrations.parquet")
     os.remove(uris[7])
-    with pytest.raises(ContractError, match=r"column 'image_uri' \(row 7\): expected an existing image file, found missing .* \(1 missing in all\)"):
+    with pytest.raises(
+        ContractError,
+        match=r"column 'image_uri' \(row 7\): expected an existing image file, found missing .* \(1 missing in all\)",
+    ):
         load_world(str(copy))
     with pytest.raises(FileExistsError, match="not empty"):
         write_world(str(copy), "tiny", seed=1, progress=False)

@@ -60,7 +60,9 @@ def test_wrong_credentials_fail_clearly_without_leaking_the_secret(s3_server, mo
 
 
 def test_unreachable_endpoint_fails_clearly():
-    settings = StorageSettings(endpoint="http://127.0.0.1:9", region="us-east-1", retries=1, connect_timeout_s=1, request_timeout_s=2)
+    settings = StorageSettings(
+        endpoint="http://127.0.0.1:9", region="us-east-1", retries=1, connect_timeout_s=1, request_timeout_s=2
+    )
     with pytest.raises(StorageError, match=r"cannot read s3://nobucket/key at endpoint http://127.0.0.1:9: "):
         storage.read_bytes("s3://nobucket/key", settings)
 
@@ -91,7 +93,8 @@ def test_a_run_directory_on_s3_keeps_its_mlflow_run_across_restarts(s3_server, t
     again = resumable_mlflow_run(cfg, run_dir, "job-1", settings=s3_server.settings)
     assert again == first
     assert mlflow.MlflowClient(cfg.resolved_uri()).get_run(first).info.status == "RUNNING"
-    other = resumable_mlflow_run(cfg, s3_server.uri("runs", "job-2"), "job-2", parent_run_id=first,
-                                 settings=s3_server.settings)
+    other = resumable_mlflow_run(
+        cfg, s3_server.uri("runs", "job-2"), "job-2", parent_run_id=first, settings=s3_server.settings
+    )
     assert other != first
     assert mlflow.MlflowClient(cfg.resolved_uri()).get_run(other).data.tags["mlflow.parentRunId"] == first

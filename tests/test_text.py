@@ -59,22 +59,25 @@ def _write(path, text: str) -> str:
 def test_names_tsv_gives_multilingual_pairs_and_reports_bad_lines(tmp_path):
     uri = _write(
         tmp_path / "names.tsv",
-        "concept\tlang\tname\n"             # line 1
-        "moon\ten\tmoon\n"                   # 2
-        "moon\tja\t 月 \n"                   # 3 (stripped)
-        "moon\tzh\t月亮\n"                   # 4
-        "\n"                                 # 5 blank: skipped
-        "cat\ten\tcat\n"                     # 6
-        "cat\tja\n"                          # 7 missing a field
-        "cat\tzh\t   \n"                     # 8 empty after strip
-        "cat\tja\t猫\n"                      # 9
-        "cat\tja\t猫\n"                      # 10 repeated name: no new pair
-        "cat\tzh\t小猫\textra\n",            # 11 too many fields
+        "concept\tlang\tname\n"  # line 1
+        "moon\ten\tmoon\n"  # 2
+        "moon\tja\t 月 \n"  # 3 (stripped)
+        "moon\tzh\t月亮\n"  # 4
+        "\n"  # 5 blank: skipped
+        "cat\ten\tcat\n"  # 6
+        "cat\tja\n"  # 7 missing a field
+        "cat\tzh\t   \n"  # 8 empty after strip
+        "cat\tja\t猫\n"  # 9
+        "cat\tja\t猫\n"  # 10 repeated name: no new pair
+        "cat\tzh\t小猫\textra\n",  # 11 too many fields
     )
     built = P.build_pairs([P.PairSource(uri, "names")])
     rows = built.table.to_pylist()
     assert [(r["anchor"], r["positive"], r["group"]) for r in rows] == [
-        ("moon", "月", "moon"), ("moon", "月亮", "moon"), ("月", "月亮", "moon"), ("cat", "猫", "cat"),
+        ("moon", "月", "moon"),
+        ("moon", "月亮", "moon"),
+        ("月", "月亮", "moon"),
+        ("cat", "猫", "cat"),
     ]
     assert {r["perspective"] for r in rows} == {"multilingual"} and {r["source"] for r in rows} == {"names.tsv"}
     assert [(b.file, b.line) for b in built.bad_rows] == [("names.tsv", 7), ("names.tsv", 8), ("names.tsv", 11)]
@@ -87,19 +90,22 @@ def test_names_tsv_gives_multilingual_pairs_and_reports_bad_lines(tmp_path):
 def test_bangumi_jsonl_pairs_with_bad_lines(tmp_path):
     lines = [
         {"src_lang": "ja", "src_title": "白蛇伝", "tgt_lang": "zh-Hans", "tgt_title": "白蛇传", "type": "movie"},  # 1
-        "{not json",                                                                                             # 2
-        "",                                                                                                      # 3 blank
-        [1, 2],                                                                                                  # 4
-        {"src_lang": "ja", "src_title": "W3", "tgt_lang": "zh-Hans", "tgt_title": "W3"},                         # 5 identical
-        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "en", "tgt_title": None},                          # 6 null
-        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "zh-Hans"},                                        # 7 key absent
-        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "zh-Hans", "tgt_title": 7},                        # 8 not a string
-        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "zh-Hans", "tgt_title": "新宝岛"},                 # 9
-        {"src_lang": "ja", "src_title": "白蛇伝", "tgt_lang": "zh-Hant", "tgt_title": "白蛇传"},                 # 10 duplicate pair
+        "{not json",  # 2
+        "",  # 3 blank
+        [1, 2],  # 4
+        {"src_lang": "ja", "src_title": "W3", "tgt_lang": "zh-Hans", "tgt_title": "W3"},  # 5 identical
+        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "en", "tgt_title": None},  # 6 null
+        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "zh-Hans"},  # 7 key absent
+        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "zh-Hans", "tgt_title": 7},  # 8 not a string
+        {"src_lang": "ja", "src_title": "新宝島", "tgt_lang": "zh-Hans", "tgt_title": "新宝岛"},  # 9
+        {"src_lang": "ja", "src_title": "白蛇伝", "tgt_lang": "zh-Hant", "tgt_title": "白蛇传"},  # 10 duplicate pair
     ]
     text = "\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines) + "\n"
     built = P.build_pairs([(_write(tmp_path / "titles.jsonl", text), "pairs")])
-    assert [(r["anchor"], r["positive"]) for r in built.table.to_pylist()] == [("白蛇伝", "白蛇传"), ("新宝島", "新宝岛")]
+    assert [(r["anchor"], r["positive"]) for r in built.table.to_pylist()] == [
+        ("白蛇伝", "白蛇传"),
+        ("新宝島", "新宝岛"),
+    ]
     assert [(b.line, b.reason.split(" (")[0]) for b in built.bad_rows] == [
         (2, "not valid JSON"),
         (4, "not a JSON object"),
@@ -112,15 +118,41 @@ def test_bangumi_jsonl_pairs_with_bad_lines(tmp_path):
 
 def test_relations_and_explanations_from_parquet(tmp_path):
     rel = str(tmp_path / "relations.parquet")
-    pq.write_table(pa.table({"head": ["Naruto", "Uchiha Sasuke", None], "relation": ["character", "friend", "rival"],
-                             "tail": ["Uchiha Sasuke", "Uzumaki Naruto", "Gaara"]}), rel)
+    pq.write_table(
+        pa.table(
+            {
+                "head": ["Naruto", "Uchiha Sasuke", None],
+                "relation": ["character", "friend", "rival"],
+                "tail": ["Uchiha Sasuke", "Uzumaki Naruto", "Gaara"],
+            }
+        ),
+        rel,
+    )
     exp = str(tmp_path / "terms.parquet")
     pq.write_table(pa.table({"term": ["chakra", "isekai"], "description": ["life energy used by ninja", ""]}), exp)
     built = P.build_pairs([(rel, "relations"), (exp, "explanations")])
     assert built.table.to_pylist() == [
-        {"anchor": "Naruto's character", "positive": "Uchiha Sasuke", "perspective": "relation", "source": "relations.parquet", "group": "Naruto"},
-        {"anchor": "Uchiha Sasuke's friend", "positive": "Uzumaki Naruto", "perspective": "relation", "source": "relations.parquet", "group": "Uchiha Sasuke"},
-        {"anchor": "chakra", "positive": "life energy used by ninja", "perspective": "explanation", "source": "terms.parquet", "group": "chakra"},
+        {
+            "anchor": "Naruto's character",
+            "positive": "Uchiha Sasuke",
+            "perspective": "relation",
+            "source": "relations.parquet",
+            "group": "Naruto",
+        },
+        {
+            "anchor": "Uchiha Sasuke's friend",
+            "positive": "Uzumaki Naruto",
+            "perspective": "relation",
+            "source": "relations.parquet",
+            "group": "Uchiha Sasuke",
+        },
+        {
+            "anchor": "chakra",
+            "positive": "life energy used by ninja",
+            "perspective": "explanation",
+            "source": "terms.parquet",
+            "group": "chakra",
+        },
     ]
     assert [str(b) for b in built.bad_rows] == [
         "relations.parquet:3: missing field 'head'",
@@ -238,8 +270,16 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finetune")
     pairs = P.pairs_table(vocab.name_table(), "names", "vocab").table
-    cfg = FinetuneConfig(output_dir=str(root / "enc"), epochs=3, batch_size=16, lr=2e-4, max_seq_length=32,
-                         eval_fraction=0.2, seed=0, device="cpu")
+    cfg = FinetuneConfig(
+        output_dir=str(root / "enc"),
+        epochs=3,
+        batch_size=16,
+        lr=2e-4,
+        max_seq_length=32,
+        eval_fraction=0.2,
+        seed=0,
+        device="cpu",
+    )
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     cwd, previous_uri = os.getcwd(), mlflow.get_tracking_uri()
     os.chdir(root)  # the sqlite store puts artifacts under the working directory
@@ -277,7 +317,11 @@ def test_short_finetune_learns_saves_reloads_and_logs(trained, base_model):
     loaded = load_text_encoder(cfg.output_dir, device="cpu")
     assert loaded.version == result.version
     texts = ["月亮", "オリジナル", "night sky", "二次創作"]
-    assert torch.allclose(result.model.encode(texts, convert_to_tensor=True), loaded.model.encode(texts, convert_to_tensor=True), atol=1e-6)
+    assert torch.allclose(
+        result.model.encode(texts, convert_to_tensor=True),
+        loaded.model.encode(texts, convert_to_tensor=True),
+        atol=1e-6,
+    )
     ch = result.added_tokens[0]
     assert loaded.model.tokenizer.unk_token_id not in loaded.model.tokenizer(ch, add_special_tokens=False)["input_ids"]
 
@@ -307,8 +351,11 @@ def test_job_ends_its_mlflow_run_failed_when_finetune_raises(tmp_path):
     taken.mkdir()
     (taken / "notes.txt").write_text("not an encoder")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = FinetuneTextConfig(sources=[{"uri": names, "kind": "names"}], finetune={"output_dir": str(taken)},
-                             mlflow={"tracking_uri": tracking, "experiment": "umair-text-finetune"})
+    cfg = FinetuneTextConfig(
+        sources=[{"uri": names, "kind": "names"}],
+        finetune={"output_dir": str(taken)},
+        mlflow={"tracking_uri": tracking, "experiment": "umair-text-finetune"},
+    )
     cwd, previous_uri = os.getcwd(), mlflow.get_tracking_uri()
     os.chdir(tmp_path)
     try:
@@ -332,7 +379,13 @@ def test_text_library_imports_no_mlflow_or_ray():
 
     for path in pathlib.Path(umair.text.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not [n for n in names if n.split(".")[0] in ("mlflow", "ray")], (path.name, names)
 
 
@@ -340,10 +393,14 @@ def test_text_library_imports_no_mlflow_or_ray():
 
 
 def _illustrations() -> pa.Table:
-    return pa.table({
-        "illust_id": pa.array([10, 11, 12, 13, 14], pa.int64()),
-        "tags": pa.array([["moon", "夜空", "moon"], ["猫", "animal"], [], None, [" 花朵 ", "", "nature"]], pa.list_(pa.string())),
-    })
+    return pa.table(
+        {
+            "illust_id": pa.array([10, 11, 12, 13, 14], pa.int64()),
+            "tags": pa.array(
+                [["moon", "夜空", "moon"], ["猫", "animal"], [], None, [" 花朵 ", "", "nature"]], pa.list_(pa.string())
+            ),
+        }
+    )
 
 
 def test_dedup_mode_equals_mean_of_directly_encoded_tags(base_model):
@@ -375,7 +432,9 @@ def test_tag_cache_is_reused_per_model_version(tmp_path, base_model):
     second, s2 = embed_tags(_illustrations(), base_model, "v1", cache_dir=cache)
     assert (s1.encoded_strings, s2.encoded_strings, s2.cached_tags) == (6, 0, 6)
     assert first.equals(second)
-    more = pa.table({"illust_id": pa.array([20], pa.int64()), "tags": pa.array([["moon", "sword"]], pa.list_(pa.string()))})
+    more = pa.table(
+        {"illust_id": pa.array([20], pa.int64()), "tags": pa.array([["moon", "sword"]], pa.list_(pa.string()))}
+    )
     _, s3 = embed_tags(more, base_model, "v1", cache_dir=cache)
     assert (s3.encoded_strings, s3.cached_tags) == (1, 1)
     _, s4 = embed_tags(_illustrations(), base_model, "v2", cache_dir=cache)
@@ -407,4 +466,8 @@ def test_pairs_tag_cache_and_encoder_on_object_storage(s3_server, trained, base_
     loaded = load_text_encoder(enc_uri, device="cpu", settings=st)
     assert loaded.version == result.version
     texts = ["夜空", "commission"]
-    assert torch.allclose(result.model.encode(texts, convert_to_tensor=True), loaded.model.encode(texts, convert_to_tensor=True), atol=1e-6)
+    assert torch.allclose(
+        result.model.encode(texts, convert_to_tensor=True),
+        loaded.model.encode(texts, convert_to_tensor=True),
+        atol=1e-6,
+    )

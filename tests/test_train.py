@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -27,16 +27,15 @@ import pytest
 import yaml
 
 from pipelines import evaluate, train
+from umair import contracts, storage
+from umair.config import ConfigError, MlflowConfig, RayConfig, load_config
+from umair.errors import FeatureError
+from umair.metrics import auc, gauc, logloss, mean_attention, modality_weights, rank_auc
+from umair.model.features import FeatureSpace
+from umair.model.interactions import ItemPool, NegativeSettings, training_window, with_negatives
 from umair.training.inputs import prepare
 from umair.training.lookup import load_lookup
 from umair.training.step import StepSettings, TrainingDiverged, check_finite_loss, train_epoch
-from umair.config import MlflowConfig, RayConfig
-from umair import contracts, storage
-from umair.config import ConfigError, load_config
-from umair.metrics import auc, gauc, logloss, mean_attention, modality_weights, rank_auc
-from umair.model.features import FeatureSpace
-from umair.errors import FeatureError
-from umair.model.interactions import ItemPool, NegativeSettings, training_window, with_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 UMAIR = str(Path(sys.executable).parent / "umair")
@@ -100,33 +99,39 @@ def test_modality_weights_mix_experts_by_the_gate_and_average_per_user_then_segm
 
 
 def _t(month: int, day: int = 1, year: int = 2021) -> datetime:
-    return datetime(year, month, day, tzinfo=timezone.utc)
+    return datetime(year, month, day, tzinfo=UTC)
 
 
 def _tables() -> dict[str, pa.Table]:
     """Train window (< 2021-10-01): users 1, 2 on items 10, 20, 40. Test window: user 3
     (new, unseen tag 'fox', unseen gender 'x') and item 30 (new, by a new artist)."""
-    ill = pa.table({
-        "illust_id": pa.array([10, 20, 30, 40], pa.int64()),
-        "image_uri": pa.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]),
-        "tags": pa.array([["cat"], ["dog"], ["cat", "fox"], []], contracts.TAGS),
-        "created_at": pa.array([_t(1), _t(2), _t(10, 15), _t(3)], contracts.TIMESTAMP),
-        "width": pa.array([100, 200, 300, 150], pa.int32()),
-        "height": pa.array([100, 120, 140, 160], pa.int32()),
-        "page_count": pa.array([1, 1, 3, 2], pa.int32()),
-        "artist": pa.array(["ann", "bob", "cid", "ann"]),
-    })
-    users = pa.table({
-        "user_id": pa.array([1, 2, 3], pa.int64()),
-        "interest_tags": pa.array([["cat"], ["dog", "cat"], ["fox"]], contracts.TAGS),
-        "gender": pa.array(["f", "m", "x"]),
-    })
-    inter = pa.table({
-        "user_id": pa.array([1, 1, 2, 2, 3, 1], pa.int64()),
-        "illust_id": pa.array([10, 20, 10, 40, 30, 30], pa.int64()),
-        "ts": pa.array([_t(4), _t(5), _t(6), _t(7), _t(11, 5), _t(11, 6)], contracts.TIMESTAMP),
-        "label": pa.array([1, 0, 0, 1, 1, 0], pa.int8()),
-    })
+    ill = pa.table(
+        {
+            "illust_id": pa.array([10, 20, 30, 40], pa.int64()),
+            "image_uri": pa.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]),
+            "tags": pa.array([["cat"], ["dog"], ["cat", "fox"], []], contracts.TAGS),
+            "created_at": pa.array([_t(1), _t(2), _t(10, 15), _t(3)], contracts.TIMESTAMP),
+            "width": pa.array([100, 200, 300, 150], pa.int32()),
+            "height": pa.array([100, 120, 140, 160], pa.int32()),
+            "page_count": pa.array([1, 1, 3, 2], pa.int32()),
+            "artist": pa.array(["ann", "bob", "cid", "ann"]),
+        }
+    )
+    users = pa.table(
+        {
+            "user_id": pa.array([1, 2, 3], pa.int64()),
+            "interest_tags": pa.array([["cat"], ["dog", "cat"], ["fox"]], contracts.TAGS),
+            "gender": pa.array(["f", "m", "x"]),
+        }
+    )
+    inter = pa.table(
+        {
+            "user_id": pa.array([1, 1, 2, 2, 3, 1], pa.int64()),
+            "illust_id": pa.array([10, 20, 10, 40, 30, 30], pa.int64()),
+            "ts": pa.array([_t(4), _t(5), _t(6), _t(7), _t(11, 5), _t(11, 6)], contracts.TIMESTAMP),
+            "label": pa.array([1, 0, 0, 1, 1, 0], pa.int8()),
+        }
+    )
     return {"illustrations": ill, "users": users, "interactions": inter}
 
 
@@ -154,8 +159,13 @@ def hand_paths(tmp_path):
 
 
 def _cfg(paths: dict[str, str], tmp_path, **kw) -> train.TrainConfig:
-    return train.TrainConfig(**paths, split=kw.pop("split", "2021-10-01"), checkpoint_dir=str(tmp_path / "rr"),
-                             output=str(tmp_path / "model"), **kw)
+    return train.TrainConfig(
+        **paths,
+        split=kw.pop("split", "2021-10-01"),
+        checkpoint_dir=str(tmp_path / "rr"),
+        output=str(tmp_path / "model"),
+        **kw,
+    )
 
 
 # --------------------------------------------------------------------------- feature space
@@ -268,12 +278,20 @@ def _one_epoch(hand_paths, tmp_path, lr: float, batch_size: int = 2):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rows = p.train_rows
     u, i, y = (torch.tensor(rows.column(c).to_numpy()) for c in ("user_row", "item_row", "label"))
-    batches = [{"user_row": u[s:s + batch_size], "item_row": i[s:s + batch_size], "label": y[s:s + batch_size].float()}
-               for s in range(0, rows.num_rows, batch_size)]
+    batches = [
+        {"user_row": u[s : s + batch_size], "item_row": i[s : s + batch_size], "label": y[s : s + batch_size].float()}
+        for s in range(0, rows.num_rows, batch_size)
+    ]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     steps = lambda: sorted({int(st["step"]) for st in optimizer.state.values()})  # noqa: E731
     try:
-        return train_epoch(model, model, optimizer, batches, lookup, StepSettings(lr=lr, l2_emb=1e-3), 3), steps(), None, before, model
+        return (
+            train_epoch(model, model, optimizer, batches, lookup, StepSettings(lr=lr, l2_emb=1e-3), 3),
+            steps(),
+            None,
+            before,
+            model,
+        )
     except TrainingDiverged as err:
         return None, steps(), err, before, model
 
@@ -316,8 +334,12 @@ def test_negatives_are_sampled_for_a_positives_only_log_and_recorded(hand_paths,
     assert record["positives"] == 3 and record["negatives"] == neg.num_rows
     assert record["negatives"] + record["dropped_collisions"] + record["dropped_no_candidate"] == 9
     liked = set(zip(positives.column("user_id").to_pylist(), positives.column("illust_id").to_pylist()))
-    created = dict(zip(t["illustrations"].column("illust_id").to_pylist(), t["illustrations"].column("created_at").to_pylist()))
-    for u, i, ts in zip(neg.column("user_id").to_pylist(), neg.column("illust_id").to_pylist(), neg.column("ts").to_pylist()):
+    created = dict(
+        zip(t["illustrations"].column("illust_id").to_pylist(), t["illustrations"].column("created_at").to_pylist())
+    )
+    for u, i, ts in zip(
+        neg.column("user_id").to_pylist(), neg.column("illust_id").to_pylist(), neg.column("ts").to_pylist()
+    ):
         assert (u, i) not in liked and created[i] <= ts  # never a bookmark, never an unpublished item
     # A log with both labels is left alone in mode auto.
     same, rec = with_negatives(t["interactions"], pool, settings)
@@ -332,15 +354,33 @@ def test_negatives_are_sampled_for_a_positives_only_log_and_recorded(hand_paths,
 
 def test_popularity_strategy_prefers_items_bookmarked_in_training():
     base = _t(1)
-    ill = pa.table({
-        "illust_id": pa.array([1, 2, 3], pa.int64()), "image_uri": pa.array(["x", "y", "z"]),
-        "tags": pa.array([[], [], []], contracts.TAGS), "created_at": pa.array([base] * 3, contracts.TIMESTAMP),
-        "width": pa.array([1] * 3, pa.int32()), "height": pa.array([1] * 3, pa.int32()), "page_count": pa.array([1] * 3, pa.int32()),
-    })
-    hits = pa.table({"user_id": pa.array(np.arange(100, 150), pa.int64()), "illust_id": pa.array([2] * 50, pa.int64()),
-                     "ts": pa.array([_t(2)] * 50, contracts.TIMESTAMP), "label": pa.array([1] * 50, pa.int8())})
-    one = pa.table({"user_id": pa.array([1] * 400, pa.int64()), "illust_id": pa.array([1] * 400, pa.int64()),
-                    "ts": pa.array([_t(3)] * 400, contracts.TIMESTAMP), "label": pa.array([1] * 400, pa.int8())})
+    ill = pa.table(
+        {
+            "illust_id": pa.array([1, 2, 3], pa.int64()),
+            "image_uri": pa.array(["x", "y", "z"]),
+            "tags": pa.array([[], [], []], contracts.TAGS),
+            "created_at": pa.array([base] * 3, contracts.TIMESTAMP),
+            "width": pa.array([1] * 3, pa.int32()),
+            "height": pa.array([1] * 3, pa.int32()),
+            "page_count": pa.array([1] * 3, pa.int32()),
+        }
+    )
+    hits = pa.table(
+        {
+            "user_id": pa.array(np.arange(100, 150), pa.int64()),
+            "illust_id": pa.array([2] * 50, pa.int64()),
+            "ts": pa.array([_t(2)] * 50, contracts.TIMESTAMP),
+            "label": pa.array([1] * 50, pa.int8()),
+        }
+    )
+    one = pa.table(
+        {
+            "user_id": pa.array([1] * 400, pa.int64()),
+            "illust_id": pa.array([1] * 400, pa.int64()),
+            "ts": pa.array([_t(3)] * 400, contracts.TIMESTAMP),
+            "label": pa.array([1] * 400, pa.int8()),
+        }
+    )
     share = {}
     for strategy in ("uniform", "popularity"):
         s = NegativeSettings(ratio=1, strategy=strategy, popularity_power=1.0, seed=0)
@@ -355,14 +395,17 @@ def test_popularity_strategy_prefers_items_bookmarked_in_training():
 # --------------------------------------------------------------------------- Ray Train (slow)
 
 
-
-
 def _slow_cfg(tiny_world, tiny_features, root: Path, **kw) -> train.TrainConfig:
     return train.TrainConfig(
-        world=tiny_world.root, item_features=tiny_features, num_workers=2, seed=0,
-        checkpoint_dir=str(root / "ray_results"), output=str(root / "model"),
+        world=tiny_world.root,
+        item_features=tiny_features,
+        num_workers=2,
+        seed=0,
+        checkpoint_dir=str(root / "ray_results"),
+        output=str(root / "model"),
         mlflow=MlflowConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment="t-train"),
-        ray=RayConfig(num_cpus=4), **kw,
+        ray=RayConfig(num_cpus=4),
+        **kw,
     )
 
 
@@ -386,13 +429,25 @@ def test_two_worker_training_saves_a_model_that_evaluate_loads(ray_local, tiny_w
     assert run.info.status == "FINISHED" and run.data.params["num_workers"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
     assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {
-        "model/model.pt", "model/model.json", "model/feature_space.json"}
+        "model/model.pt",
+        "model/model.json",
+        "model/feature_space.json",
+    }
 
-    conf = {"model": str(tmp_path / "model"), "world": tiny_world.root, "output": str(tmp_path / "evaluation.json"),
-            "mlflow": {"tracking_uri": cfg.mlflow.resolved_uri(), "experiment": "t-train"}}
+    conf = {
+        "model": str(tmp_path / "model"),
+        "world": tiny_world.root,
+        "output": str(tmp_path / "evaluation.json"),
+        "mlflow": {"tracking_uri": cfg.mlflow.resolved_uri(), "experiment": "t-train"},
+    }
     (tmp_path / "evaluate.yaml").write_text(yaml.safe_dump(conf))
-    proc = subprocess.run([UMAIR, "evaluate", "--config", str(tmp_path / "evaluate.yaml")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [UMAIR, "evaluate", "--config", str(tmp_path / "evaluate.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "AUC=" in proc.stdout and "style" in proc.stdout
     report = json.loads((tmp_path / "evaluation.json").read_text())
@@ -411,12 +466,20 @@ def test_training_reads_the_committed_output_of_the_extraction_job(ray_local, ti
     from pipelines import extract
 
     out = tmp_path / "extracted"
-    extract.run(extract.ExtractConfig(
-        catalogue=str(Path(tiny_world.root) / "illustrations.parquet"), output=str(out),
-        encoder={"source": None, "spec": {"backbone": "resnet18", "image_size": 32}}, text_model=None,
-        batch_size=32, decode_batch_size=16, chunk_rows=50, write_batch_rows=50, ray=RayConfig(num_cpus=4),
-        mlflow=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t-extract"),
-    ))
+    extract.run(
+        extract.ExtractConfig(
+            catalogue=str(Path(tiny_world.root) / "illustrations.parquet"),
+            output=str(out),
+            encoder={"source": None, "spec": {"backbone": "resnet18", "image_size": 32}},
+            text_model=None,
+            batch_size=32,
+            decode_batch_size=16,
+            chunk_rows=50,
+            write_batch_rows=50,
+            ray=RayConfig(num_cpus=4),
+            mlflow=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t-extract"),
+        )
+    )
     p = prepare(_slow_cfg(tiny_world, str(out), tmp_path, variant="w/o TSEM"))
     assert p.info.dims == {"sem": 512, "sty": 64} and p.model_config.modalities == ("sem", "sty", "meta")
     assert p.inputs.encoder_version == p.info.metadata["umair.encoder.version"]  # the feature set is pinned
@@ -440,15 +503,26 @@ def _train_worker_pids() -> list[int]:
     state API needs the dashboard, which local mode does not start)."""
     import ray._private.state
 
-    return [a["Pid"] for a in ray._private.state.actors().values()
-            if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE" and a.get("Pid")]
+    return [
+        a["Pid"]
+        for a in ray._private.state.actors().values()
+        if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE" and a.get("Pid")
+    ]
 
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_world, tiny_features, tmp_path):
     epochs = 6
-    cfg = _slow_cfg(tiny_world, tiny_features, tmp_path, epochs=epochs, batch_size=8, eval_every_epoch=False,
-                    max_failures=2, run_name="t-kill")
+    cfg = _slow_cfg(
+        tiny_world,
+        tiny_features,
+        tmp_path,
+        epochs=epochs,
+        batch_size=8,
+        eval_every_epoch=False,
+        max_failures=2,
+        run_name="t-kill",
+    )
     outcome: dict = {}
 
     def fit() -> None:
@@ -510,8 +584,14 @@ def test_a_fourth_vector_modality_needs_only_a_registry_entry(hand_paths, tmp_pa
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         rows = p.train_rows
         u, i, y = (torch.tensor(rows.column(c).to_numpy()) for c in ("user_row", "item_row", "label"))
-        sums = train_epoch(model, model, optimizer, [{"user_row": u, "item_row": i, "label": y.float()}], lookup,
-                           StepSettings(lr=1e-2, l2_emb=1e-3))
+        sums = train_epoch(
+            model,
+            model,
+            optimizer,
+            [{"user_row": u, "item_row": i, "label": y.float()}],
+            lookup,
+            StepSettings(lr=1e-2, l2_emb=1e-3),
+        )
         assert int(sums[1]) == rows.num_rows and np.isfinite(float(sums[0]))
         assert not torch.equal(before, model.modality_proj["clip"].weight), "the new modality's projection trained"
         out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))

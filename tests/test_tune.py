@@ -21,11 +21,11 @@ import yaml
 
 from pipelines import train, tune
 from umair import tuning
+from umair.config import ConfigError, load_config, parse_settings
 from umair.plots import tune_heatmap
 from umair.reports import TUNE_COLUMNS, results_csv, results_markdown
 from umair.training.model_io import load_model
 from umair.training.step import TrainingDiverged
-from umair.config import ConfigError, load_config, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 UMAIR = str(Path(sys.executable).parent / "umair")
@@ -37,23 +37,42 @@ UMAIR = str(Path(sys.executable).parent / "umair")
 def test_expert_mixes_parse_and_bad_ones_are_refused_with_the_mix_named():
     assert tuning.parse_experts("att, SEN,att") == ("att", "sen", "att")
     with pytest.raises(ConfigError, match=r"search\.experts.*'att,moe'"):
-        parse_settings({"train_config": "x.yaml", "search": {"experts": ["att", "att,moe"]}}, tuning.TuneConfig, "t.yaml")
+        parse_settings(
+            {"train_config": "x.yaml", "search": {"experts": ["att", "att,moe"]}}, tuning.TuneConfig, "t.yaml"
+        )
     with pytest.raises(ConfigError, match=r"search\.cross_layers"):
         parse_settings({"train_config": "x.yaml", "search": {"cross_layers": []}}, tuning.TuneConfig, "t.yaml")
     with pytest.raises(ConfigError, match="driver_cpus"):
         parse_settings({"train_config": "x.yaml", "trial": {"driver_cpus": 0}}, tuning.TuneConfig, "t.yaml")
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"experts": ["att", "att,sen,att,sen,att"]},
-     r"search\.experts: Value error, expert mix 'att,sen,att,sen,att' has K = 5 experts; each mix in search\.experts must have K in 1\.\.4"),
-    ({"cross_layers": [0, -1]}, r"search\.cross_layers: Value error, cross depth\(s\) \[-1\] out of range; each L in search\.cross_layers must be in 0\.\.4"),
-    ({"cross_layers": [2, 5]}, r"search\.cross_layers: Value error, cross depth\(s\) \[5\] out of range; .* 0\.\.4"),
-    ({"lr": [0.001, 0.0]}, r"search\.lr: Value error, learning rate\(s\) \[0\.0\] out of range; each lr in search\.lr must be > 0"),
-    ({"lr": [-0.01]}, r"search\.lr: Value error, learning rate\(s\) \[-0\.01\] out of range; each lr in search\.lr must be > 0"),
-    ({"lr": []}, r"search\.lr: Value error, give at least one learning rate"),
-    ({"d": [16, 0]}, r"search\.d: Value error, width\(s\) \[0\] out of range; each d in search\.d must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        (
+            {"experts": ["att", "att,sen,att,sen,att"]},
+            r"search\.experts: Value error, expert mix 'att,sen,att,sen,att' has K = 5 experts; each mix in search\.experts must have K in 1\.\.4",
+        ),
+        (
+            {"cross_layers": [0, -1]},
+            r"search\.cross_layers: Value error, cross depth\(s\) \[-1\] out of range; each L in search\.cross_layers must be in 0\.\.4",
+        ),
+        (
+            {"cross_layers": [2, 5]},
+            r"search\.cross_layers: Value error, cross depth\(s\) \[5\] out of range; .* 0\.\.4",
+        ),
+        (
+            {"lr": [0.001, 0.0]},
+            r"search\.lr: Value error, learning rate\(s\) \[0\.0\] out of range; each lr in search\.lr must be > 0",
+        ),
+        (
+            {"lr": [-0.01]},
+            r"search\.lr: Value error, learning rate\(s\) \[-0\.01\] out of range; each lr in search\.lr must be > 0",
+        ),
+        ({"lr": []}, r"search\.lr: Value error, give at least one learning rate"),
+        ({"d": [16, 0]}, r"search\.d: Value error, width\(s\) \[0\] out of range; each d in search\.d must be >= 1"),
+    ],
+)
 def test_search_values_out_of_range_are_refused_when_the_config_loads(search, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_settings({"train_config": "x.yaml", "search": search}, tuning.TuneConfig, "t.yaml")
@@ -74,8 +93,12 @@ def _tiny_train_yaml(tmp_path: Path) -> Path:
 def test_every_grid_point_is_built_before_ray_starts_and_a_bad_one_is_named(tmp_path):
     import ray
 
-    data = {"train_config": str(_tiny_train_yaml(tmp_path)), "search": {"experts": ["att", "sen"], "cross_layers": [0, 3], "d": [8, 16]},
-            "storage_path": str(tmp_path / "tune"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}}
+    data = {
+        "train_config": str(_tiny_train_yaml(tmp_path)),
+        "search": {"experts": ["att", "sen"], "cross_layers": [0, 3], "d": [8, 16]},
+        "storage_path": str(tmp_path / "tune"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"},
+    }
     cfg = parse_settings(data, tuning.TuneConfig, "t.yaml")
     assert tuning.check_trials(cfg, tuning.base_train_dict(cfg)) == 8
     # A value only the model settings refuse (a low-rank cross of rank 0) fails every trial:
@@ -84,27 +107,32 @@ def test_every_grid_point_is_built_before_ray_starts_and_a_bad_one_is_named(tmp_
     ray_before = ray.is_initialized()  # the suite's session Ray may already be up
     with pytest.raises(ConfigError) as err:
         tune.run(bad)
-    assert str(err.value).startswith('tune: grid point {"experts": "att", "cross_layers": 0, "d": 8}: model: low_rank: '
-                                     "Input should be greater than or equal to 1 (got 0)"), str(err.value)
+    assert str(err.value).startswith(
+        'tune: grid point {"experts": "att", "cross_layers": 0, "d": 8}: model: low_rank: '
+        "Input should be greater than or equal to 1 (got 0)"
+    ), str(err.value)
     assert ray.is_initialized() == ray_before
     # nothing written: no search directory, no MLflow store
     assert not (tmp_path / "tune").exists() and not (tmp_path / "m.db").exists()
 
 
-@pytest.mark.parametrize("key, value, tune_key", [
-    ("epochs", 1, "use tune's `epochs`"),
-    ("test_end", "2021-11-01", "use tune's `validation_start`"),
-    ("num_workers", 2, "use tune's `trial.num_workers`"),
-    ("use_gpu", True, "use tune's `trial.use_gpu`"),
-    ("cpus_per_worker", 2, "use tune's `trial.cpus_per_worker`"),
-    ("run_name", "x", "under tune's `storage_path` / `name`"),
-    ("checkpoint_dir", "c", "under tune's `storage_path` / `name`"),
-    ("output", "o", "under tune's `storage_path` / `name`"),
-    ("mlflow", {"experiment": "e"}, "use tune's `mlflow`"),
-    ("variant", "w/o STY", "from tune's `search`"),
-    ("eval_every_epoch", False, "validation window"),
-    ("ray", {"num_cpus": 2}, "use tune's `ray`"),
-])
+@pytest.mark.parametrize(
+    "key, value, tune_key",
+    [
+        ("epochs", 1, "use tune's `epochs`"),
+        ("test_end", "2021-11-01", "use tune's `validation_start`"),
+        ("num_workers", 2, "use tune's `trial.num_workers`"),
+        ("use_gpu", True, "use tune's `trial.use_gpu`"),
+        ("cpus_per_worker", 2, "use tune's `trial.cpus_per_worker`"),
+        ("run_name", "x", "under tune's `storage_path` / `name`"),
+        ("checkpoint_dir", "c", "under tune's `storage_path` / `name`"),
+        ("output", "o", "under tune's `storage_path` / `name`"),
+        ("mlflow", {"experiment": "e"}, "use tune's `mlflow`"),
+        ("variant", "w/o STY", "from tune's `search`"),
+        ("eval_every_epoch", False, "validation window"),
+        ("ray", {"num_cpus": 2}, "use tune's `ray`"),
+    ],
+)
 def test_train_overrides_that_every_trial_sets_itself_are_refused(key, value, tune_key):
     with pytest.raises(ConfigError) as err:
         parse_settings({"train_config": "x.yaml", "train": {"batch_size": 8, key: value}}, tuning.TuneConfig, "t.yaml")
@@ -114,18 +142,28 @@ def test_train_overrides_that_every_trial_sets_itself_are_refused(key, value, tu
 
 def test_model_and_lr_overrides_that_the_search_sets_are_refused():
     with pytest.raises(ConfigError) as err:
-        parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8, "experts": ["att"], "cross_layers": 1}}},
-                       tuning.TuneConfig, "t.yaml")
+        parse_settings(
+            {"train_config": "x.yaml", "train": {"model": {"d": 8, "experts": ["att"], "cross_layers": 1}}},
+            tuning.TuneConfig,
+            "t.yaml",
+        )
     msg = str(err.value)
     assert "train.model.experts is set per trial by tune: use tune's `search.experts`" in msg
     assert "train.model.cross_layers is set per trial by tune: use tune's `search.cross_layers`" in msg
     with pytest.raises(ConfigError, match=r"train\.lr and search\.lr both set"):
-        parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01}, "search": {"lr": [0.001]}}, tuning.TuneConfig, "t.yaml")
+        parse_settings(
+            {"train_config": "x.yaml", "train": {"lr": 0.01}, "search": {"lr": [0.001]}}, tuning.TuneConfig, "t.yaml"
+        )
     with pytest.raises(ConfigError, match=r"train\.model\.d and search\.d both set"):
-        parse_settings({"train_config": "x.yaml", "train": {"model": {"d": 8}}, "search": {"d": [16]}}, tuning.TuneConfig, "t.yaml")
+        parse_settings(
+            {"train_config": "x.yaml", "train": {"model": {"d": 8}}, "search": {"d": [16]}}, tuning.TuneConfig, "t.yaml"
+        )
     # without a search grid of their own they are the trials' common settings
-    cfg = parse_settings({"train_config": "x.yaml", "train": {"lr": 0.01, "seed": 3, "split": "2021-09-01", "model": {"d": 8}}},
-                         tuning.TuneConfig, "t.yaml")
+    cfg = parse_settings(
+        {"train_config": "x.yaml", "train": {"lr": 0.01, "seed": 3, "split": "2021-09-01", "model": {"d": 8}}},
+        tuning.TuneConfig,
+        "t.yaml",
+    )
     assert cfg.train["lr"] == 0.01
 
 
@@ -156,15 +194,27 @@ def test_a_missing_train_config_is_named(tmp_path):
 
 
 def _base() -> dict:
-    return {"world": "w", "item_features": "f.parquet", "model": {"emb_dim": 4, "d": 8, "experts": ["att", "sen", "att"]},
-            "epochs": 1, "seed": 5}
+    return {
+        "world": "w",
+        "item_features": "f.parquet",
+        "model": {"emb_dim": 4, "d": 8, "experts": ["att", "sen", "att"]},
+        "epochs": 1,
+        "seed": 5,
+    }
 
 
 def test_a_trial_is_train_settings_on_the_validation_window():
     data = tuning.trial_train_dict(
-        _base(), {"experts": "sen,att", "cross_layers": 3, "lr": 0.01, "d": 32}, epochs=4, split="2021-08-01",
-        test_end="2021-10-01", resources=tuning.TrialResources(num_workers=2, cpus_per_worker=0.5), run_name="trial-x",
-        checkpoint_dir="/c", output="/c/trial-x/model", mlflow=tuning.MlflowConfig(tracking_uri="http://m", experiment="e"),
+        _base(),
+        {"experts": "sen,att", "cross_layers": 3, "lr": 0.01, "d": 32},
+        epochs=4,
+        split="2021-08-01",
+        test_end="2021-10-01",
+        resources=tuning.TrialResources(num_workers=2, cpus_per_worker=0.5),
+        run_name="trial-x",
+        checkpoint_dir="/c",
+        output="/c/trial-x/model",
+        mlflow=tuning.MlflowConfig(tracking_uri="http://m", experiment="e"),
     )
     cfg = parse_settings(data, train.TrainConfig, "trial")
     assert cfg.model == {"emb_dim": 4, "d": 32, "umcm": "moe", "experts": ["sen", "att"], "cross_layers": 3}
@@ -186,11 +236,21 @@ def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
     tune_dir = os.path.abspath(os.path.join("outputs", "tune", "s"))
     assert cfg.output == os.path.join(tune_dir, "best_model")
     assert cfg.checkpoint_dir == os.path.join(tune_dir, "best_checkpoints")
-    s3 = tuning.best_train_config(_base(), row, tuning.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune"))
+    s3 = tuning.best_train_config(
+        _base(), row, tuning.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune")
+    )
     assert (s3["output"], s3["checkpoint_dir"]) == ("s3://b/tune/s/best_model", "s3://b/tune/s/best_checkpoints")
     # with best_config_out set (the cluster config puts it under models/), the model goes beside it
-    out = tuning.best_train_config(_base(), row, tuning.TuneConfig(train_config="x.yaml", name="s", storage_path="s3://b/tune",
-                                                               best_config_out="s3://b/models/tune/best_train.yaml"))
+    out = tuning.best_train_config(
+        _base(),
+        row,
+        tuning.TuneConfig(
+            train_config="x.yaml",
+            name="s",
+            storage_path="s3://b/tune",
+            best_config_out="s3://b/models/tune/best_train.yaml",
+        ),
+    )
     assert (out["output"], out["checkpoint_dir"]) == ("s3://b/models/tune/best_model", "s3://b/tune/s/best_checkpoints")
 
 
@@ -232,25 +292,43 @@ def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_ru
 
     ok_params, bad_params = {"experts": "att", "cross_layers": 1}, {"experts": "att,sen", "cross_layers": 2, "lr": 1e30}
     results = [
-        Result(metrics={"trial_id": "t_1", "config": ok_params, "training_iteration": 2, "val_auc": 0.61},
-               checkpoint=None, error=None, path=str(tmp_path / "t_1")),
-        Result(metrics={"trial_id": "t_2"}, checkpoint=None, error=RuntimeError("trial raised"), path=str(tmp_path / "t_2")),
+        Result(
+            metrics={"trial_id": "t_1", "config": ok_params, "training_iteration": 2, "val_auc": 0.61},
+            checkpoint=None,
+            error=None,
+            path=str(tmp_path / "t_1"),
+        ),
+        Result(
+            metrics={"trial_id": "t_2"}, checkpoint=None, error=RuntimeError("trial raised"), path=str(tmp_path / "t_2")
+        ),
     ]
-    runs = [_child_run("r1", "t_1", ok_params),
-            _child_run("r2", "t_2", bad_params, error="TrainingDiverged: training diverged: the BCE loss is nan")]
+    runs = [
+        _child_run("r1", "t_1", ok_params),
+        _child_run("r2", "t_2", bad_params, error="TrainingDiverged: training diverged: the BCE loss is nan"),
+    ]
     rows = {r["trial_id"]: r for r in tune.collect(results, 2, runs)}
     assert rows["t_1"]["status"] == "FINISHED" and rows["t_1"]["mlflow_run_id"] == "r1"
     bad = rows["t_2"]
-    assert (bad["status"], bad["mlflow_run_id"], bad["K"], bad["cross_layers"], bad["lr"]) == ("FAILED", "r2", 2, 2, 1e30)
+    assert (bad["status"], bad["mlflow_run_id"], bad["K"], bad["cross_layers"], bad["lr"]) == (
+        "FAILED",
+        "r2",
+        2,
+        2,
+        1e30,
+    )
     assert "training diverged" in bad["error"]
 
 
 def test_a_trial_error_from_ray_train_workers_leads_with_the_worker_error():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    diverged = TrainingDiverged("training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30); lower the learning rate (lr)")
-    err = WorkerGroupError("[Rank 0] Traceback ... allreduce aborted\n[Rank 1] Traceback ... TrainingDiverged",
-                           {0: RuntimeError("allreduce aborted"), 1: diverged})
+    diverged = TrainingDiverged(
+        "training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30); lower the learning rate (lr)"
+    )
+    err = WorkerGroupError(
+        "[Rank 0] Traceback ... allreduce aborted\n[Rank 1] Traceback ... TrainingDiverged",
+        {0: RuntimeError("allreduce aborted"), 1: diverged},
+    )
     text = tune.error_text(err)
     assert text.startswith("TrainingDiverged: training diverged: the BCE loss is nan at epoch 0, step 1 (lr 1e+30)")
     assert "(Ray Train worker rank 1)" in text and "WorkerGroupError: Training failed due to worker errors" in text
@@ -278,28 +356,45 @@ def _trial_states(tune_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, tiny_features, mlflow_server, tmp_path,
-                                                                    monkeypatch):
+def test_a_killed_search_restores_without_rerunning_finished_trials(
+    tiny_world, tiny_features, mlflow_server, tmp_path, monkeypatch
+):
     import mlflow
 
     # Relative paths, as in the shipped configs: trials run in other working directories.
     os.symlink(tiny_world.root, tmp_path / "world")
     os.symlink(tiny_features, tmp_path / "features.parquet")
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
-        "world": "world", "item_features": "features.parquet", "model": {"emb_dim": 4, "d": 8},
-        "epochs": 1, "batch_size": 64, "num_workers": 1,
-        "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
-    }))
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({
-        "train_config": str(tmp_path / "train.yaml"),
-        # lr 1e30 is a valid setting whose training diverges: Adam moves every weight by ~lr
-        # on the first step, the second batch's loss is NaN and the divergence guard raises
-        # on the Ray Train worker, so those three trials fail inside their training loop.
-        "search": {"experts": ["att", "att,sen", "sen"], "cross_layers": [1], "lr": [0.003, 1.0e30]},
-        "epochs": 2, "max_concurrent_trials": 2, "name": "t-search", "storage_path": str(tmp_path / "tune"),
-        "register_model": "umair-fps-test", "ray": {"num_cpus": 4},
-        "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
-    }))
+    (tmp_path / "train.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "world": "world",
+                "item_features": "features.parquet",
+                "model": {"emb_dim": 4, "d": 8},
+                "epochs": 1,
+                "batch_size": 64,
+                "num_workers": 1,
+                "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
+            }
+        )
+    )
+    (tmp_path / "tune.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "train_config": str(tmp_path / "train.yaml"),
+                # lr 1e30 is a valid setting whose training diverges: Adam moves every weight by ~lr
+                # on the first step, the second batch's loss is NaN and the divergence guard raises
+                # on the Ray Train worker, so those three trials fail inside their training loop.
+                "search": {"experts": ["att", "att,sen", "sen"], "cross_layers": [1], "lr": [0.003, 1.0e30]},
+                "epochs": 2,
+                "max_concurrent_trials": 2,
+                "name": "t-search",
+                "storage_path": str(tmp_path / "tune"),
+                "register_model": "umair-fps-test",
+                "ray": {"num_cpus": 4},
+                "mlflow": {"tracking_uri": mlflow_server.url, "experiment": "t-tune"},
+            }
+        )
+    )
     cmd = [UMAIR, "tune", "--config", str(tmp_path / "tune.yaml")]
     tune_dir = tmp_path / "tune" / "t-search"
 
@@ -315,7 +410,9 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
             if done_before and len(done_before) + sum(s == "ERROR" for s in states.values()) < 6:
                 break
             time.sleep(0.5)
-        assert first.poll() is None, "the search ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        assert first.poll() is None, (
+            "the search ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        )
         assert done_before, "no trial finished in time:\n" + (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(60)
@@ -333,9 +430,13 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     assert len(parents) == 1, "the restored search continues the same parent run"
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert {"results.csv", "results.md", "heatmap_val_auc.png", "best_train.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.md", "heatmap_val_auc.png", "best_train.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     by_trial = {c.data.tags["umair.trial_id"]: c for c in children}
     assert len(children) == len(by_trial) == 6, "one child run per trial, none duplicated by the restore"
 
@@ -371,7 +472,9 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     # best_train.yaml is accepted by `umair train` as it is, and trains into the search's own directory.
     best_cfg = load_config(tune_dir / "best_train.yaml", train.TrainConfig)
     assert best_cfg.model["cross_layers"] == int(best["cross_layers"]) and best_cfg.split is None
-    assert best_cfg.output == str(tune_dir / "best_model") and best_cfg.checkpoint_dir == str(tune_dir / "best_checkpoints")
+    assert best_cfg.output == str(tune_dir / "best_model") and best_cfg.checkpoint_dir == str(
+        tune_dir / "best_checkpoints"
+    )
     assert best_cfg.lr == pytest.approx(0.003)
 
     # The registered version holds the model and its umair train config together, and loads.
@@ -379,12 +482,20 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     # arguments; unset, it would create ./mlflow.db.)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
-    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/umair-fps-test/{versions[0].version}",
-                                                   dst_path=str(tmp_path / "registered"), tracking_uri=mlflow_server.url))
+    got = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/umair-fps-test/{versions[0].version}",
+            dst_path=str(tmp_path / "registered"),
+            tracking_uri=mlflow_server.url,
+        )
+    )
     assert {"model.pt", "model.json", "feature_space.json", "best_train.yaml"} <= {f.name for f in got.iterdir()}
     assert (got / "best_train.yaml").read_text() == (tune_dir / "best_train.yaml").read_text()
     saved = load_model(str(got))
-    assert list(saved.config.experts) == best_cfg.model["experts"] and saved.config.cross_layers == best_cfg.model["cross_layers"]
+    assert (
+        list(saved.config.experts) == best_cfg.model["experts"]
+        and saved.config.cross_layers == best_cfg.model["cross_layers"]
+    )
     assert saved.meta["mlflow_run_id"] == best["mlflow_run_id"]
 
     # Running the finished search again (a nightly schedule does) restores it, re-runs no
@@ -397,5 +508,6 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(tiny_world, 
     assert len(client.search_model_versions("name='umair-fps-test'")) == 1
     again = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(again) == 6
-    assert {c.data.tags["umair.trial_id"]: len(client.get_metric_history(c.info.run_id, "trial_attempt"))
-            for c in again} == attempts, "no trial started again"
+    assert {
+        c.data.tags["umair.trial_id"]: len(client.get_metric_history(c.info.run_id, "trial_attempt")) for c in again
+    } == attempts, "no trial started again"

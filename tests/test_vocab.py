@@ -4,7 +4,7 @@ round trips through JSON."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -91,7 +91,7 @@ def test_buckets_missing_and_repeated_values() -> None:
 
 
 def test_buckets_on_timestamps() -> None:
-    start = datetime(2021, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2021, 1, 1, tzinfo=UTC)
     times = [start + timedelta(days=i) for i in range(365)]
     arrow = pa.array(times, pa.timestamp("us", tz="UTC"))
     b = Buckets.fit(arrow, 12)

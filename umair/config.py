@@ -16,8 +16,8 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from umair.storage import StorageSettings
 from umair.errors import UmairError
+from umair.storage import StorageSettings
 
 
 class Settings(BaseModel):
@@ -35,7 +35,7 @@ class StorageConfig(Settings):
         return StorageSettings(endpoint=self.endpoint, region=self.region, retries=self.retries)
 
 
-MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"   # MLflow's own variable
+MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -64,7 +64,7 @@ class MlflowConfig(Settings):
             _warn_default_store_once()
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-            path = os.path.abspath(uri[len(prefix):])
+            path = os.path.abspath(uri[len(prefix) :])
             os.makedirs(os.path.dirname(path), exist_ok=True)
             return prefix + path
         return uri
@@ -79,10 +79,13 @@ def _warn_default_store_once() -> None:
     global _WARNED_DEFAULT_STORE
     if not _WARNED_DEFAULT_STORE:
         _WARNED_DEFAULT_STORE = True
-        print(f"[mlflow] WARNING: no mlflow.tracking_uri and no ${MLFLOW_TRACKING_URI_ENV}: logging to "
-              f"{DEFAULT_TRACKING_URI} in {os.getcwd()}; on a cluster pass "
-              f"--runtime-env-json '{{\"env_vars\": {{\"{MLFLOW_TRACKING_URI_ENV}\": \"http://<mlflow>:5000\"}}}}'",
-              file=sys.stderr, flush=True)
+        print(
+            f"[mlflow] WARNING: no mlflow.tracking_uri and no ${MLFLOW_TRACKING_URI_ENV}: logging to "
+            f"{DEFAULT_TRACKING_URI} in {os.getcwd()}; on a cluster pass "
+            f'--runtime-env-json \'{{"env_vars": {{"{MLFLOW_TRACKING_URI_ENV}": "http://<mlflow>:5000"}}}}\'',
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class SampleConfig(Settings):
@@ -115,7 +118,11 @@ def parse_settings(data: dict, model: type[M], source: str = "<settings>") -> M:
         lines = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "<root>"
-            got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict) else ""
+            got = (
+                f" (got {e['input']!r})"
+                if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict)
+                else ""
+            )
             lines.append(f"{source}: {key}: {e['msg']}{got}")
         raise ConfigError("\n".join(lines)) from None
 

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from umair import storage
 from umair import modalities as registry
+from umair import storage
 from umair.errors import UmairError
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -88,9 +88,7 @@ USERS = Contract(
 
 INTERACTIONS = Contract(
     "interactions",
-    pa.schema(
-        [("user_id", pa.int64()), ("illust_id", pa.int64()), ("ts", TIMESTAMP), ("label", pa.int8())]
-    ),
+    pa.schema([("user_id", pa.int64()), ("illust_id", pa.int64()), ("ts", TIMESTAMP), ("label", pa.int8())]),
     not_null=("user_id", "illust_id", "ts", "label"),
 )
 
@@ -103,9 +101,7 @@ ITEM_FEATURES = Contract(
 
 EXTRACTION_ERRORS = Contract(
     "extraction_errors",
-    pa.schema(
-        [("illust_id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())]
-    ),
+    pa.schema([("illust_id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())]),
     not_null=("uri", "stage", "error"),
 )
 
@@ -154,7 +150,9 @@ def _conform(arr: pa.ChunkedArray, want: pa.DataType, file: str, column: str) ->
             arr = pc.assume_timezone(arr, "UTC")
         return arr.cast(want, safe=True)
     except pa.ArrowInvalid as err:
-        raise ContractError(file, column, _type_name(want), f"{_type_name(have)} values that do not fit ({err})") from err
+        raise ContractError(
+            file, column, _type_name(want), f"{_type_name(have)} values that do not fit ({err})"
+        ) from err
 
 
 def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
@@ -202,7 +200,12 @@ def validate(table: pa.Table, kind: str, file: str = "<table>") -> pa.Table:
     columns = {}
     for f in contract.required:
         if f.name not in table.column_names:
-            raise ContractError(file, f.name, f"a column of type {_type_name(f.type)}", f"no such column (columns: {', '.join(table.column_names)})")
+            raise ContractError(
+                file,
+                f.name,
+                f"a column of type {_type_name(f.type)}",
+                f"no such column (columns: {', '.join(table.column_names)})",
+            )
         columns[f.name] = _conform(table.column(f.name), f.type, file, f.name)
     for name in table.column_names:
         if name in columns:
@@ -213,7 +216,9 @@ def validate(table: pa.Table, kind: str, file: str = "<table>") -> pa.Table:
         elif any(_is_kind(t, k) for k in contract.extra_types):
             columns[name] = table.column(name)
         else:
-            raise ContractError(file, name, "an extra column of type string, integer, float, bool or list", _type_name(t))
+            raise ContractError(
+                file, name, "an extra column of type string, integer, float, bool or list", _type_name(t)
+            )
     out = pa.table(columns, schema=None).replace_schema_metadata(table.schema.metadata)
     for name in contract.id_columns + contract.not_null:
         row = _first_true(out.column(name).is_null())
@@ -262,7 +267,9 @@ def check_interactions(
         unknown = pc.invert(pc.is_in(interactions.column(col), value_set=ref.column(ref_col).combine_chunks()))
         row = _first_true(unknown)
         if row is not None:
-            raise ContractError(file, col, f"an id present in {what}", f"unknown id {interactions.column(col)[row].as_py()}", row)
+            raise ContractError(
+                file, col, f"an id present in {what}", f"unknown id {interactions.column(col)[row].as_py()}", row
+            )
     ids = illustrations.column("illust_id").to_numpy()
     created = illustrations.column("created_at").cast(pa.int64()).to_numpy()
     order = np.argsort(ids)

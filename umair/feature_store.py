@@ -41,7 +41,7 @@ import re
 import socket
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -92,9 +92,9 @@ def apply_moves(output: str, manifest: dict, settings: storage.StorageSettings, 
     """Protocol step 3, idempotent: move each temporary file not moved yet."""
     for src_rel, dst_rel in manifest["moves"]:
         src, dst = part_uri(output, src_rel), part_uri(output, dst_rel)
-        if with_retries(lambda: storage.exists(src, settings), f"inspect {src}", retry_s):
-            with_retries(lambda: move(src, dst, settings), f"move {src}", retry_s)
-        elif not with_retries(lambda: storage.exists(dst, settings), f"inspect {dst}", retry_s):
+        if with_retries(lambda s=src: storage.exists(s, settings), f"inspect {src}", retry_s):
+            with_retries(lambda s=src, d=dst: move(s, d, settings), f"move {src}", retry_s)
+        elif not with_retries(lambda d=dst: storage.exists(d, settings), f"inspect {dst}", retry_s):
             raise CommitError(f"commit {manifest['run_id']}-{manifest['seq']:06d}: neither {src} nor {dst} exists")
 
 
@@ -114,7 +114,9 @@ def commit_chunk(output: str, manifest: dict, settings: storage.StorageSettings,
 def list_manifests(output: str, settings: storage.StorageSettings | None = None, retry_s: float = 30.0) -> list[dict]:
     """Every commit manifest under ``output`` (pending and committed), oldest first."""
     settings = settings or storage.StorageSettings()
-    uris = with_retries(lambda: storage.list_files(part_uri(output, "_commits"), settings), f"list {output}/_commits", retry_s)
+    uris = with_retries(
+        lambda: storage.list_files(part_uri(output, "_commits"), settings), f"list {output}/_commits", retry_s
+    )
     out = []
     for uri in uris:
         if uri.endswith(".json"):
@@ -148,16 +150,20 @@ def recover(output: str, settings: storage.StorageSettings, retry_s: float) -> d
                 fs.delete_file(path)
             counts["rolled_back"] += 1
     tmp = part_uri(output, "_tmp")
-    runs = {f[len(tmp):].lstrip("/").split("/")[0] for f in storage.list_files(tmp, settings)}
+    runs = {f[len(tmp) :].lstrip("/").split("/")[0] for f in storage.list_files(tmp, settings)}
     with_retries(lambda: storage.delete_dir(tmp, settings), f"delete {tmp}", retry_s)
     counts["tmp_runs_removed"] = len(runs)
     return counts
 
 
 def _select(manifests: Iterable[dict], encoder_version: str | None, text_version: str | None) -> list[dict]:
-    chosen = [m for m in manifests if m["status"] == "committed"
-              and (encoder_version is None or m["encoder_version"] == encoder_version)
-              and (text_version is None or m.get("text_version") == text_version)]
+    chosen = [
+        m
+        for m in manifests
+        if m["status"] == "committed"
+        and (encoder_version is None or m["encoder_version"] == encoder_version)
+        and (text_version is None or m.get("text_version") == text_version)
+    ]
     kinds = sorted({(m["encoder_version"], m.get("text_version")) for m in chosen}, key=str)
     if len(kinds) > 1:
         names = ", ".join(f"encoder_version={e!r} text_version={t!r}" for e, t in kinds)
@@ -165,7 +171,9 @@ def _select(manifests: Iterable[dict], encoder_version: str | None, text_version
     return chosen
 
 
-def _read_files(output: str, rels: list[str], settings: storage.StorageSettings | None, columns: list[str] | None = None) -> list[pa.Table]:
+def _read_files(
+    output: str, rels: list[str], settings: storage.StorageSettings | None, columns: list[str] | None = None
+) -> list[pa.Table]:
     return [storage.read_parquet(part_uri(output, rel), settings, columns=columns) for rel in rels]
 
 
@@ -177,8 +185,12 @@ def _empty_features(manifest: dict) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def read_features(output: str, encoder_version: str | None = None, text_version: str | None = None,
-                  settings: storage.StorageSettings | None = None) -> pa.Table:
+def read_features(
+    output: str,
+    encoder_version: str | None = None,
+    text_version: str | None = None,
+    settings: storage.StorageSettings | None = None,
+) -> pa.Table:
     """The committed item features under ``output`` (local or s3://), validated against
     the ``item_features`` contract (so each illust_id at most once), with the encoder
     versions and dims in the schema metadata. ``encoder_version``/``text_version`` pick
@@ -193,14 +205,25 @@ def read_features(output: str, encoder_version: str | None = None, text_version:
     return contracts.validate(table, "item_features", part_uri(output, "features"))
 
 
-def read_errors(output: str, encoder_version: str | None = None, text_version: str | None = None,
-                settings: storage.StorageSettings | None = None) -> pa.Table:
+def read_errors(
+    output: str,
+    encoder_version: str | None = None,
+    text_version: str | None = None,
+    settings: storage.StorageSettings | None = None,
+) -> pa.Table:
     """The committed extraction errors (``extraction_errors`` contract plus ``reason``):
     per illust_id the latest error, leaving out ids that have features since."""
     chosen = _select(list_manifests(output, settings), encoder_version, text_version)
     tables = _read_files(output, [f["path"] for m in chosen for f in m["errors"]], settings)
-    schema = pa.schema([("illust_id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()),
-                        ("reason", pa.string()), ("error", pa.string())])
+    schema = pa.schema(
+        [
+            ("illust_id", pa.int64()),
+            ("uri", pa.string()),
+            ("stage", pa.string()),
+            ("reason", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
     errors = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
     ids = errors.column("illust_id").to_numpy()
     last = {int(i): r for r, i in enumerate(ids)}  # later manifests win
@@ -209,27 +232,35 @@ def read_errors(output: str, encoder_version: str | None = None, text_version: s
     return contracts.validate(errors.take(pa.array(keep, pa.int64())), "extraction_errors", part_uri(output, "errors"))
 
 
-def committed_ids(output: str, manifests: list[dict], settings: storage.StorageSettings | None,
-                   kinds: tuple[str, ...] = ("features", "errors")) -> np.ndarray:
+def committed_ids(
+    output: str,
+    manifests: list[dict],
+    settings: storage.StorageSettings | None,
+    kinds: tuple[str, ...] = ("features", "errors"),
+) -> np.ndarray:
     rels = [f["path"] for m in manifests for kind in kinds for f in m[kind]]
     tables = _read_files(output, rels, settings, columns=["illust_id"])
     return np.concatenate([t.column("illust_id").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_run_id() -> str:
     """Sorts by start time: ``20240501T020000Z-1a2b3c``."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def feature_metadata(enc: dict, text: dict | None, run_id: str) -> dict[str, str]:
     """Parquet schema metadata of every feature part file."""
-    meta = {"umair.sem.dim": str(enc["sem_dim"]), "umair.sty.dim": str(enc["sty_dim"]),
-            "umair.encoder.version": enc["version"], "umair.encoder.spec": json.dumps(enc["spec"], sort_keys=True),
-            "umair.extract.run": run_id}
+    meta = {
+        "umair.sem.dim": str(enc["sem_dim"]),
+        "umair.sty.dim": str(enc["sty_dim"]),
+        "umair.encoder.version": enc["version"],
+        "umair.encoder.spec": json.dumps(enc["spec"], sort_keys=True),
+        "umair.extract.run": run_id,
+    }
     if text:
         meta.update({"umair.tsem.dim": str(text["dim"]), "umair.tsem.encoder": text["version"]})
     return meta
@@ -244,9 +275,18 @@ def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: 
                 dst = f"{kind}/{output_meta['key']}/{run_id}-{rel.rsplit('/', 1)[1]}"
                 moves.append([rel, dst])
                 target.append({"path": dst, "rows": int(d[f"{kind}_rows"])})
-    return {"format": COMMIT_FORMAT, "run_id": run_id, "seq": seq, "created_at": utc_now(), "moves": moves,
-            "features": features, "errors": errors, "rows_ok": sum(f["rows"] for f in features),
-            "rows_failed": sum(f["rows"] for f in errors), **{k: v for k, v in output_meta.items() if k != "key"}}
+    return {
+        "format": COMMIT_FORMAT,
+        "run_id": run_id,
+        "seq": seq,
+        "created_at": utc_now(),
+        "moves": moves,
+        "features": features,
+        "errors": errors,
+        "rows_ok": sum(f["rows"] for f in features),
+        "rows_failed": sum(f["rows"] for f in errors),
+        **{k: v for k, v in output_meta.items() if k != "key"},
+    }
 
 
 def pid_alive(pid: int) -> bool:
@@ -271,4 +311,4 @@ def writer_is_dead(marker: dict, stale_after_s: float) -> bool:
     if marker.get("host") == socket.gethostname() and not pid_alive(int(marker.get("pid", -1))):
         return True
     beat = datetime.fromisoformat(marker.get("heartbeat_at") or marker["started_at"])
-    return (datetime.now(timezone.utc) - beat).total_seconds() > stale_after_s
+    return (datetime.now(UTC) - beat).total_seconds() > stale_after_s

@@ -83,6 +83,26 @@ def of_encoder(encoder: str) -> tuple[str, ...]:
     return tuple(m.name for m in _REGISTRY.values() if m.encoder == encoder)
 
 
-register(Modality("tsem", "e_TSEM", "text", 384, "tag-text semantics: the text encoder over the item's tags (all-MiniLM-L6-v2: 384)"))
-register(Modality("sem", "e_SEM", "image", 2048, "image semantics: global average pool of the backbone's last stage (ResNet101: 2048)"))
-register(Modality("sty", "e_STY", "image", 256, "painting style: max-reduced Gram matrices of the layer1 blocks (256 channels)"))
+register(
+    Modality(
+        "tsem",
+        "e_TSEM",
+        "text",
+        384,
+        "tag-text semantics: the text encoder over the item's tags (all-MiniLM-L6-v2: 384)",
+    )
+)
+register(
+    Modality(
+        "sem",
+        "e_SEM",
+        "image",
+        2048,
+        "image semantics: global average pool of the backbone's last stage (ResNet101: 2048)",
+    )
+)
+register(
+    Modality(
+        "sty", "e_STY", "image", 256, "painting style: max-reduced Gram matrices of the layer1 blocks (256 channels)"
+    )
+)

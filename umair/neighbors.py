@@ -97,8 +97,9 @@ class FeatureIndex:
     source: str
 
     @classmethod
-    def from_table(cls, table: pa.Table, spaces: Sequence[str], source: str = "<item_features>",
-                   center: bool = True) -> FeatureIndex:
+    def from_table(
+        cls, table: pa.Table, spaces: Sequence[str], source: str = "<item_features>", center: bool = True
+    ) -> FeatureIndex:
         """Index the given columns of an item-features table (contract ``item_features``)."""
         for s in spaces:
             if s not in registry.names():
@@ -121,8 +122,10 @@ class FeatureIndex:
         """The row of one id, or :class:`UnknownIdError` naming the id and the file."""
         r = int(self.rows([illust_id])[0])
         if r < 0:
-            raise UnknownIdError(f"illustration {illust_id} is not in the item features {self.source} "
-                                 f"({len(self)} illustrations; run `umair extract` over it first)")
+            raise UnknownIdError(
+                f"illustration {illust_id} is not in the item features {self.source} "
+                f"({len(self)} illustrations; run `umair extract` over it first)"
+            )
         return r
 
     def space(self, name: str) -> np.ndarray:
@@ -130,8 +133,9 @@ class FeatureIndex:
             raise ValueError(f"feature space {name!r} is not indexed (indexed: {', '.join(self.spaces)})")
         return self.spaces[name]
 
-    def similar(self, illust_id: int, space: str, k: int,
-                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def similar(
+        self, illust_id: int, space: str, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` illustrations nearest to ``illust_id`` by cosine in ``space``, itself
         excluded: (illust_ids [k], cosines [k]), best first. ``allowed``: a row mask."""
         r = self.row(illust_id)
@@ -151,7 +155,8 @@ class CandidateSettings(Settings):
     seeds: int = Field(10, ge=0, description="the user's most recent training-window bookmarks used as seeds")
     spaces: tuple[str, ...] = Field(("sem", "sty"), description="feature spaces of the neighbour search")
     exclude: Literal["bookmarked", "seen", "none"] = Field(
-        "bookmarked", description="never recommend what the user already bookmarked / was shown / (none)")
+        "bookmarked", description="never recommend what the user already bookmarked / was shown / (none)"
+    )
     center: bool = Field(True, description="mean-centre the vectors before the cosine")
 
     @field_validator("spaces")
@@ -180,8 +185,14 @@ class CandidateGenerator:
     ``bookmarks`` [N]: training-window bookmark counts (popularity order).
     """
 
-    def __init__(self, index: FeatureIndex, eligible: np.ndarray, created_s: np.ndarray, bookmarks: np.ndarray,
-                 settings: CandidateSettings) -> None:
+    def __init__(
+        self,
+        index: FeatureIndex,
+        eligible: np.ndarray,
+        created_s: np.ndarray,
+        bookmarks: np.ndarray,
+        settings: CandidateSettings,
+    ) -> None:
         from umair.ranking import popularity_order
 
         n = len(index)
@@ -211,8 +222,10 @@ class CandidateGenerator:
         s = self.settings
         banned = ~self.eligible.copy()
         banned[np.asarray(excluded_rows, np.int64)] = True
-        parts = {"recent": self._first(self.recent_rows, s.recent, banned),
-                 "popular": self._first(self.popular_rows, s.popular, banned)}
+        parts = {
+            "recent": self._first(self.recent_rows, s.recent, banned),
+            "popular": self._first(self.popular_rows, s.popular, banned),
+        }
         seeds = np.asarray(seed_rows, np.int64)[: s.seeds]
         for space in s.spaces:
             if s.neighbors == 0 or len(seeds) == 0:

@@ -79,8 +79,16 @@ def contact_sheet(
         if item.image is not None:
             ax.imshow(item.image, interpolation="nearest")
         else:
-            ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=9, color="grey",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "image\nunavailable",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="grey",
+                transform=ax.transAxes,
+            )
         head = f"query {item.illust_id}" if i == 0 else f"#{i} {item.illust_id}  cos {item.score:.3f}"
         ax.set_title(head, fontsize=8, fontweight="bold" if i == 0 else "normal")
         if item.labels:
@@ -88,11 +96,28 @@ def contact_sheet(
             for k, v in item.labels.items():
                 lines.append((f"{k}: {v}", i > 0 and q_labels.get(k) == v))
             for j, (text, same) in enumerate(lines):
-                ax.text(0.5, -0.06 - 0.12 * j, text, ha="center", va="top", fontsize=7, transform=ax.transAxes,
-                        color="green" if same else "black", fontweight="bold" if same else "normal")
+                ax.text(
+                    0.5,
+                    -0.06 - 0.12 * j,
+                    text,
+                    ha="center",
+                    va="top",
+                    fontsize=7,
+                    transform=ax.transAxes,
+                    color="green" if same else "black",
+                    fontweight="bold" if same else "normal",
+                )
         if item.note:
-            ax.text(0.5, -0.06 - 0.12 * len(item.labels or {}), item.note, ha="center", va="top", fontsize=6,
-                    transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5,
+                -0.06 - 0.12 * len(item.labels or {}),
+                item.note,
+                ha="center",
+                va="top",
+                fontsize=6,
+                transform=ax.transAxes,
+                color="grey",
+            )
         if i == 0:
             ax.axis("on")
             ax.set_xticks([])
@@ -174,7 +199,14 @@ def tune_heatmap(rows: list[dict[str, Any]], path: str) -> np.ndarray:
     for i in range(len(ks)):
         for j in range(len(ls)):
             text = "—" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
-            ax.text(j, i, text, ha="center", va="center", color="white" if np.isnan(grid[i, j]) or grid[i, j] < (lo + hi) / 2 else "black")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                color="white" if np.isnan(grid[i, j]) or grid[i, j] < (lo + hi) / 2 else "black",
+            )
     fig.colorbar(im, ax=ax, label="val AUC")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

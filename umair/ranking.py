@@ -115,13 +115,14 @@ def evaluate_rankings(
     return RankingResult(
         recall={k: sums_r[k] / counted if counted else nan for k in ks},
         ndcg={k: sums_n[k] / counted if counted else nan for k in ks},
-        users=counted, skipped=skipped, relevant=n_rel, hits=hits,
+        users=counted,
+        skipped=skipped,
+        relevant=n_rel,
+        hits=hits,
     )
 
 
-def popularity_order(
-    illust_ids: np.ndarray, bookmarks: np.ndarray, created_s: np.ndarray | None = None
-) -> np.ndarray:
+def popularity_order(illust_ids: np.ndarray, bookmarks: np.ndarray, created_s: np.ndarray | None = None) -> np.ndarray:
     """``illust_ids`` sorted by bookmark count (descending), ties by creation time
     (``created_s``, newest first), then by id; ``bookmarks[i]`` counts item ``i``."""
     ids = np.asarray(illust_ids, dtype=np.int64)
@@ -132,9 +133,7 @@ def popularity_order(
     return ids[np.lexsort((ids, -created, -counts))]
 
 
-def popularity_ranking(
-    order: np.ndarray, k: int, exclude: Collection[int] = ()
-) -> list[int]:
+def popularity_ranking(order: np.ndarray, k: int, exclude: Collection[int] = ()) -> list[int]:
     """The first ``k`` ids of ``order`` (from :func:`popularity_order`) not in ``exclude``."""
     _check_k(k)
     out: list[int] = []

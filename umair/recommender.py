@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from umair import contracts, storage
-from umair.model.features import UserTable
 from umair.errors import FeatureError
+from umair.model.features import UserTable
 from umair.model.interactions import parse_time, window
 from umair.model.item_features import check_dims
 from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, user_histories
@@ -48,8 +48,10 @@ class Context:
         r = int(self.user_table.rows(np.array([user_id]))[0])
         if r < 0:
             trained_on = self.saved.meta.get("data", {}).get("users")
-            raise UnknownIdError(f"user {user_id} is not in the users table {self.inputs.users}"
-                                 + (f" (the model was trained with {trained_on})" if trained_on else ""))
+            raise UnknownIdError(
+                f"user {user_id} is not in the users table {self.inputs.users}"
+                + (f" (the model was trained with {trained_on})" if trained_on else "")
+            )
         return r
 
     def is_cold(self, user_row: int) -> bool:
@@ -66,18 +68,24 @@ class Context:
         return self.generator.for_user(bookmarked, self.excluded(user_id))
 
 
-def load_context(model: str, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None) -> Context:
+def load_context(
+    model: str, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None
+) -> Context:
     """Load the model, its lookup tables, the candidate index and the histories (once per actor)."""
     saved = load_model(model, settings)
     info, _ = inspect_features(inputs, settings)
     check_dims(info, {m: saved.config.vectors[m] for m in saved.modalities})
     check_encoders(info, saved)
     ill, _, inter = read_inputs(inputs, settings)
-    lookup, user_table, item_table = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
+    lookup, user_table, item_table = load_lookup(
+        saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint
+    )
     features = read_item_features(inputs, settings, columns=["illust_id", *cand.spaces])
     index = FeatureIndex.from_table(features, cand.spaces, inputs.item_features, cand.center)
     if not np.array_equal(index.illust_ids, item_table.illust_ids):
-        raise FeatureError(f"{inputs.item_features}: the item features changed while loading (rows differ between reads)")
+        raise FeatureError(
+            f"{inputs.item_features}: the item features changed while loading (rows differ between reads)"
+        )
     # Eligibility and recency: in the catalogue and created before T.
     split_us = int(pa.scalar(parse_time(inputs.split), contracts.TIMESTAMP).cast(pa.int64()).as_py())
     cat_ids = ill.column("illust_id").to_numpy().astype(np.int64)
@@ -89,16 +97,16 @@ def load_context(model: str, inputs: Inputs, cand: CandidateSettings, settings: 
     history = window(inter, end=inputs.split)
     item_rows = index.rows(history.column("illust_id").to_numpy())
     labels = history.column("label").to_numpy()
-    histories = user_histories(history.column("user_id").to_numpy(), item_rows, labels,
-                               history.column("ts").to_numpy())
+    histories = user_histories(history.column("user_id").to_numpy(), item_rows, labels, history.column("ts").to_numpy())
     counts = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy()[labels == 1])
     exposure = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy())
     generator = CandidateGenerator(index, eligible, np.where(np.isfinite(created_s), created_s, -np.inf), counts, cand)
     return Context(saved, inputs, lookup, user_table, index, generator, histories, eligible, inter, cand, exposure)
 
 
-def rank_users(ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 8192,
-               exposure_power: float = 1.0) -> tuple[pa.Table, dict[str, int]]:
+def rank_users(
+    ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 8192, exposure_power: float = 1.0
+) -> tuple[pa.Table, dict[str, int]]:
     """Top-``k`` rows (user_id, rank, illust_id, score) of the given users, and counts
     of candidates per source (summed over the users).
 
@@ -108,7 +116,6 @@ def rank_users(ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 81
     ranks by ``ŷ`` alone, ``γ = 1`` by the expected bookmarks ``P(shown) · P(bookmark | shown)``
     under exposure proportional to past impressions."""
     import torch
-
 
     u_rows, i_rows, owners = [], [], []
     sources: dict[str, int] = {"cold_start_users": 0}
@@ -128,15 +135,21 @@ def rank_users(ctx: Context, user_ids: np.ndarray, k: int, score_batch: int = 81
     probs = score_rows(ctx.saved.model, ctx.lookup, torch.as_tensor(ur), torch.as_tensor(ir), score_batch).probs
     if exposure_power:
         share = (ctx.exposure[ir] + 1.0) / (float(ctx.exposure.max(initial=0)) + 1.0)
-        probs = (probs * share ** exposure_power).astype(np.float32)
+        probs = (probs * share**exposure_power).astype(np.float32)
     ids = ctx.index.illust_ids[ir]
     order = np.lexsort((ids, -probs, owner))  # per user: best score first, ties by id
     owner, ids, probs = owner[order], ids[order], probs[order]
     starts = np.r_[0, np.flatnonzero(np.diff(owner)) + 1]
     rank = np.arange(len(owner)) - np.repeat(starts, np.diff(np.r_[starts, len(owner)])) + 1
     keep = rank <= k
-    table = pa.table({"user_id": pa.array(owner[keep], pa.int64()), "rank": pa.array(rank[keep], pa.int32()),
-                      "illust_id": pa.array(ids[keep], pa.int64()), "score": pa.array(probs[keep], pa.float32())})
+    table = pa.table(
+        {
+            "user_id": pa.array(owner[keep], pa.int64()),
+            "rank": pa.array(rank[keep], pa.int32()),
+            "illust_id": pa.array(ids[keep], pa.int64()),
+            "score": pa.array(probs[keep], pa.float32()),
+        }
+    )
     return table, sources
 
 
@@ -160,7 +173,9 @@ def popularity_rankings(ctx: Context, user_ids: np.ndarray, k: int) -> dict[int,
     return {int(u): popularity_ranking(order, k, ctx.index.illust_ids[ctx.excluded(int(u))]) for u in user_ids}
 
 
-def ranking_metrics(ctx: Context, topk: pa.Table, user_ids: np.ndarray, end: str | None, ks: list[int]) -> dict[str, Any]:
+def ranking_metrics(
+    ctx: Context, topk: pa.Table, user_ids: np.ndarray, end: str | None, ks: list[int]
+) -> dict[str, Any]:
     """Recall@K / NDCG@K of the model's lists and of the popularity baseline on ``[T, end)``."""
     from umair.ranking import evaluate_rankings
 
@@ -176,5 +191,4 @@ def ranking_metrics(ctx: Context, topk: pa.Table, user_ids: np.ndarray, end: str
     n_rel = sum(len(r) for r in relevant.values())
     eligible_ids = set(ctx.index.illust_ids[ctx.eligible].tolist())
     reachable = sum(len(r & eligible_ids) for r in relevant.values())
-    return {"model": model, "popularity": pop, "relevant": n_rel, "reachable": reachable,
-            "test_rows": test.num_rows}
+    return {"model": model, "popularity": pop, "relevant": n_rel, "reachable": reachable, "test_rows": test.num_rows}

@@ -7,13 +7,26 @@ import io
 import math
 from typing import Any
 
-
-TUNE_COLUMNS = ["trial_id", "status", "experts", "K", "cross_layers", "lr", "d", "epochs",
-                  "val_auc", "val_logloss", "val_gauc", "mlflow_run_id", "error"]
+TUNE_COLUMNS = [
+    "trial_id",
+    "status",
+    "experts",
+    "K",
+    "cross_layers",
+    "lr",
+    "d",
+    "epochs",
+    "val_auc",
+    "val_logloss",
+    "val_gauc",
+    "mlflow_run_id",
+    "error",
+]
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The ``umair tune`` results table (one row per trial, :data:`TUNE_COLUMNS`) as markdown."""
+
     def fmt(v: Any) -> str:
         if v is None or v == "":
             return ""
@@ -43,8 +56,19 @@ def fmt_cell(v: Any, digits: int = 4) -> str:
 
 def ablation_columns(segment_names: list[str]) -> list[str]:
     """The columns of ``ablate.csv``."""
-    return ["group", "model", "source", "auc", "logloss", "gauc", *[f"auc_{s}" for s in segment_names],
-            "parameters", "samples_per_s", "train_s", "final_train_loss"]
+    return [
+        "group",
+        "model",
+        "source",
+        "auc",
+        "logloss",
+        "gauc",
+        *[f"auc_{s}" for s in segment_names],
+        "parameters",
+        "samples_per_s",
+        "train_s",
+        "final_train_loss",
+    ]
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -57,18 +81,32 @@ def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def ablation_markdown(rows: list[dict[str, Any]], segment_names: list[str], header: list[str], checks: dict[str, Any]) -> str:
+def ablation_markdown(
+    rows: list[dict[str, Any]], segment_names: list[str], header: list[str], checks: dict[str, Any]
+) -> str:
     """``ablate.md``: the Table-4 and Table-3 rows, then the planted-effect checks."""
-    cols = [("model", "model"), ("source", "source"), ("auc", "AUC"), ("logloss", "logloss"), ("gauc", "GAUC"),
-            *[(f"auc_{s}", f"AUC {s} users") for s in segment_names],
-            ("parameters", "parameters"), ("samples_per_s", "train samples/s"), ("train_s", "train s")]
+    cols = [
+        ("model", "model"),
+        ("source", "source"),
+        ("auc", "AUC"),
+        ("logloss", "logloss"),
+        ("gauc", "GAUC"),
+        *[(f"auc_{s}", f"AUC {s} users") for s in segment_names],
+        ("parameters", "parameters"),
+        ("samples_per_s", "train samples/s"),
+        ("train_s", "train s"),
+    ]
     lines = ["# UMAIR-FPS: Tables 3 and 4 on one dataset and one split", "", *header, ""]
     for group in ("Table 4", "Table 3"):
         members = [r for r in rows if r["group"] == group]
         if not members:
             continue
-        lines += [f"## {group}", "", "| " + " | ".join(t for _, t in cols) + " |",
-                  "|" + "|".join("---" if k in ("model", "source") else "---:" for k, _ in cols) + "|"]
+        lines += [
+            f"## {group}",
+            "",
+            "| " + " | ".join(t for _, t in cols) + " |",
+            "|" + "|".join("---" if k in ("model", "source") else "---:" for k, _ in cols) + "|",
+        ]
         for r in members:
             cells = []
             for k, _ in cols:

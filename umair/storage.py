@@ -94,7 +94,10 @@ def parent(uri: str) -> str:
 
 def _credential_fingerprint() -> str:
     """Changes when the credentials in the environment change (kept in memory only)."""
-    raw = "|".join(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    raw = "|".join(
+        os.environ.get(k, "")
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    )
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -139,7 +142,10 @@ def _explain(uri: str, op: str, err: BaseException, settings: StorageSettings | 
             "(or AWS_PROFILE / the instance profile) and that they may "
             f"{op} this prefix"
         )
-    elif any(k in upper for k in ("COULDN'T CONNECT", "CONNECTION REFUSED", "NETWORKCONNECTION", "COULD NOT CONNECT", "TIMED OUT")):
+    elif any(
+        k in upper
+        for k in ("COULDN'T CONNECT", "CONNECTION REFUSED", "NETWORKCONNECTION", "COULD NOT CONNECT", "TIMED OUT")
+    ):
         hint = "the storage endpoint could not be reached; is it running and is the endpoint right?"
     elif "NOSUCHBUCKET" in upper or ("BUCKET" in upper and "NOT FOUND" in upper):
         hint = "the bucket does not exist"
@@ -258,17 +264,47 @@ def _is_permanent(err: BaseException) -> bool:
     throttling) is transient."""
     import errno
 
-    permanent_errnos = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES,
-                        errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
-    markers = ("rejected the credentials", "the bucket does not exist", "is a directory", "not a regular file",
-               "nosuchbucket", "accessdenied", "signaturedoesnotmatch", "invalidaccesskeyid",
-               "no space left on device", "read-only file system", "quota exceeded")
+    permanent_errnos = {
+        errno.ENOENT,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+    }
+    markers = (
+        "rejected the credentials",
+        "the bucket does not exist",
+        "is a directory",
+        "not a regular file",
+        "nosuchbucket",
+        "accessdenied",
+        "signaturedoesnotmatch",
+        "invalidaccesskeyid",
+        "no space left on device",
+        "read-only file system",
+        "quota exceeded",
+    )
     seen: BaseException | None = err
     for _ in range(8):  # err, its cause, the cause's cause...
         if seen is None:
             break
-        if isinstance(seen, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                             pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)):
+        if isinstance(
+            seen,
+            (
+                FileNotFoundError,
+                IsADirectoryError,
+                NotADirectoryError,
+                PermissionError,
+                pa.ArrowInvalid,
+                pa.ArrowTypeError,
+                pa.ArrowNotImplementedError,
+            ),
+        ):
             return True
         if isinstance(seen, OSError) and seen.errno in permanent_errnos:
             return True
@@ -287,8 +323,11 @@ def _note_retry(what: str, err: BaseException, deadline_s: float, elapsed_s: flo
     global _last_retry_note
     if time.monotonic() - _last_retry_note > 5.0:
         _last_retry_note = time.monotonic()
-        print(f"[storage] transient storage error, retrying ({elapsed_s:.0f}s of up to {deadline_s:.0f}s): {what}: {err}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[storage] transient storage error, retrying ({elapsed_s:.0f}s of up to {deadline_s:.0f}s): {what}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def with_retries(op: Callable[[], T], what: str, deadline_s: float) -> T:
@@ -306,10 +345,16 @@ def with_retries(op: Callable[[], T], what: str, deadline_s: float) -> T:
     """
     import errno
 
-    full = {errno.ENOSPC: ("no space left on device", "ENOSPC", "free space or point the output elsewhere"),
-            errno.EROFS: ("read-only file system", "EROFS", "make it writable or point the output elsewhere"),
-            errno.EDQUOT: ("disk quota exceeded", "EDQUOT", "free space, raise the quota or point the output elsewhere")}
-    texts = {"no space left on device": errno.ENOSPC, "read-only file system": errno.EROFS, "quota exceeded": errno.EDQUOT}
+    full = {
+        errno.ENOSPC: ("no space left on device", "ENOSPC", "free space or point the output elsewhere"),
+        errno.EROFS: ("read-only file system", "EROFS", "make it writable or point the output elsewhere"),
+        errno.EDQUOT: ("disk quota exceeded", "EDQUOT", "free space, raise the quota or point the output elsewhere"),
+    }
+    texts = {
+        "no space left on device": errno.ENOSPC,
+        "read-only file system": errno.EROFS,
+        "quota exceeded": errno.EDQUOT,
+    }
     start, delay = time.monotonic(), 0.25
     while True:
         try:

@@ -30,7 +30,6 @@ from umair.model.interactions import IsoTime, parse_time, training_window, windo
 from umair.training.inputs import absolute, resolve_inputs
 from umair.training.settings import TrainConfig
 
-
 METRIC = "val_auc"
 K_RANGE = (1, 4)  # UMCM experts per mix
 L_RANGE = (0, 4)  # DCN-V2 cross layers
@@ -79,8 +78,10 @@ class SearchSpace(Settings):
         for mix in v:
             k = len(parse_experts(mix))
             if not K_RANGE[0] <= k <= K_RANGE[1]:
-                raise ValueError(f"expert mix {mix!r} has K = {k} experts; each mix in search.experts must have "
-                                 f"K in {K_RANGE[0]}..{K_RANGE[1]} (1 to 4 comma-separated att / sen)")
+                raise ValueError(
+                    f"expert mix {mix!r} has K = {k} experts; each mix in search.experts must have "
+                    f"K in {K_RANGE[0]}..{K_RANGE[1]} (1 to 4 comma-separated att / sen)"
+                )
         return v
 
     @field_validator("cross_layers")
@@ -90,8 +91,9 @@ class SearchSpace(Settings):
             raise ValueError("give at least one cross depth, e.g. [0, 2]")
         bad = [x for x in v if not L_RANGE[0] <= x <= L_RANGE[1]]
         if bad:
-            raise ValueError(f"cross depth(s) {bad} out of range; each L in search.cross_layers must be in "
-                             f"{L_RANGE[0]}..{L_RANGE[1]} (0 = no DCN-V2)")
+            raise ValueError(
+                f"cross depth(s) {bad} out of range; each L in search.cross_layers must be in {L_RANGE[0]}..{L_RANGE[1]} (0 = no DCN-V2)"
+            )
         return v
 
     @field_validator("lr", "d")
@@ -104,7 +106,9 @@ class SearchSpace(Settings):
             raise ValueError(f"give at least one {what}, e.g. {example}, or leave search.{info.field_name} out")
         bad = [x for x in v if not ok(x)]
         if bad:
-            raise ValueError(f"{what}(s) {bad} out of range; each {info.field_name} in search.{info.field_name} must be {rule}")
+            raise ValueError(
+                f"{what}(s) {bad} out of range; each {info.field_name} in search.{info.field_name} must be {rule}"
+            )
         return v
 
     def grid(self) -> dict[str, list[Any]]:
@@ -133,31 +137,41 @@ class TrialResources(Settings):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    driver_cpus: float = Field(0.05, gt=0, description="CPUs held by the trial function itself (it mostly waits; > 0 for Tune)")
+    driver_cpus: float = Field(
+        0.05, gt=0, description="CPUs held by the trial function itself (it mostly waits; > 0 for Tune)"
+    )
 
 
 class TuneConfig(Settings):
     """Settings of ``umair tune`` (see pipelines/configs/tune.yaml)."""
 
     train_config: str = Field(..., description="the `umair train` YAML every trial starts from")
-    train: dict[str, Any] = Field(default_factory=dict, description="keys of that YAML to override for every trial; keys each "
-                                  "trial sets itself (TRIAL_OWNED, model.experts / cross_layers / umcm) are refused")
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keys of that YAML to override for every trial; keys each "
+        "trial sets itself (TRIAL_OWNED, model.experts / cross_layers / umcm) are refused",
+    )
     search: SearchSpace = SearchSpace()
     num_samples: int = Field(1, ge=1, description="repeats of the grid (trial seeds differ)")
     epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t)")
-    validation_start: IsoTime | None = Field(None, description="validate on [validation_start, split); None = the last 20 % of the training window's time")
+    validation_start: IsoTime | None = Field(
+        None, description="validate on [validation_start, split); None = the last 20 % of the training window's time"
+    )
     scheduler: SchedulerConfig = SchedulerConfig()
     trial: TrialResources = TrialResources()
     max_concurrent_trials: int = Field(2, ge=1)
     trial_retries: int = Field(0, ge=0, description="restarts of a trial whose process died")
     name: str = "umair-tune"
     storage_path: str = "outputs/tune"
-    register_model: str | None = Field("umair-fps", description="registered model name for the best trial; null = do not register")
-    best_config_out: str | None = Field(None, description="where best_train.yaml goes (default: STORAGE_PATH/NAME/best_train.yaml)")
+    register_model: str | None = Field(
+        "umair-fps", description="registered model name for the best trial; null = do not register"
+    )
+    best_config_out: str | None = Field(
+        None, description="where best_train.yaml goes (default: STORAGE_PATH/NAME/best_train.yaml)"
+    )
     ray: RayConfig = RayConfig(num_cpus=4)
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-tune")
     storage: StorageConfig = StorageConfig()
-
 
     @field_validator("train")
     @classmethod
@@ -165,7 +179,11 @@ class TuneConfig(Settings):
         problems = [f"train.{k} is set per trial by tune: {why}" for k, why in TRIAL_OWNED.items() if k in v]
         model = v.get("model")
         if isinstance(model, dict):
-            problems += [f"train.model.{k} is set per trial by tune: use tune's `{key}`" for k, key in MODEL_OWNED.items() if k in model]
+            problems += [
+                f"train.model.{k} is set per trial by tune: use tune's `{key}`"
+                for k, key in MODEL_OWNED.items()
+                if k in model
+            ]
         if problems:
             raise ValueError("; ".join(problems))
         return v
@@ -173,9 +191,13 @@ class TuneConfig(Settings):
     @model_validator(mode="after")
     def _one_source_per_key(self) -> TuneConfig:
         if self.search.lr and "lr" in self.train:
-            raise ValueError("train.lr and search.lr both set: every trial takes its lr from search.lr; remove train.lr")
+            raise ValueError(
+                "train.lr and search.lr both set: every trial takes its lr from search.lr; remove train.lr"
+            )
         if self.search.d and isinstance(self.train.get("model"), dict) and "d" in self.train["model"]:
-            raise ValueError("train.model.d and search.d both set: every trial takes its d from search.d; remove train.model.d")
+            raise ValueError(
+                "train.model.d and search.d both set: every trial takes its d from search.d; remove train.model.d"
+            )
         return self
 
 
@@ -199,8 +221,9 @@ class TrialContext:
         """(the trials' checkpoint root, this trial's run directory)."""
         trials_dir = storage.join(self.tune_dir, "trials")
         run_name = f"trial-{trial_id}"
-        return trials_dir, storage.join(trials_dir, run_name) if storage.is_s3(trials_dir) else os.path.join(trials_dir, run_name)
-
+        return trials_dir, storage.join(trials_dir, run_name) if storage.is_s3(trials_dir) else os.path.join(
+            trials_dir, run_name
+        )
 
 
 def parse_experts(mix: str) -> tuple[str, ...]:
@@ -240,23 +263,48 @@ def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
 def _trial_model(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The base config's ``model`` overrides with a search point's experts, L (and d)."""
     model = dict(base.get("model") or {})
-    model.update({"umcm": "moe", "experts": list(parse_experts(params["experts"])), "cross_layers": int(params["cross_layers"])})
+    model.update(
+        {"umcm": "moe", "experts": list(parse_experts(params["experts"])), "cross_layers": int(params["cross_layers"])}
+    )
     if params.get("d") is not None:
         model["d"] = int(params["d"])
     return model
 
 
-def trial_train_dict(base: dict[str, Any], params: dict[str, Any], *, epochs: int, split: str, test_end: str | None,
-                     resources: TrialResources, run_name: str, checkpoint_dir: str, output: str,
-                     mlflow: MlflowConfig, seed: int | None = None) -> dict[str, Any]:
+def trial_train_dict(
+    base: dict[str, Any],
+    params: dict[str, Any],
+    *,
+    epochs: int,
+    split: str,
+    test_end: str | None,
+    resources: TrialResources,
+    run_name: str,
+    checkpoint_dir: str,
+    output: str,
+    mlflow: MlflowConfig,
+    seed: int | None = None,
+) -> dict[str, Any]:
     """The ``umair train`` settings of one point of the search space."""
     model = _trial_model(base, params)
-    out = _merge(base, {
-        "model": model, "epochs": epochs, "split": split, "test_end": test_end,
-        "num_workers": resources.num_workers, "use_gpu": resources.use_gpu, "cpus_per_worker": resources.cpus_per_worker,
-        "run_name": run_name, "checkpoint_dir": checkpoint_dir, "output": output,
-        "mlflow": mlflow.model_dump(), "variant": None, "eval_every_epoch": True,
-    })
+    out = _merge(
+        base,
+        {
+            "model": model,
+            "epochs": epochs,
+            "split": split,
+            "test_end": test_end,
+            "num_workers": resources.num_workers,
+            "use_gpu": resources.use_gpu,
+            "cpus_per_worker": resources.cpus_per_worker,
+            "run_name": run_name,
+            "checkpoint_dir": checkpoint_dir,
+            "output": output,
+            "mlflow": mlflow.model_dump(),
+            "variant": None,
+            "eval_every_epoch": True,
+        },
+    )
     out["model"] = model  # replace, not merge: the experts list is the trial's own
     if params.get("lr") is not None:
         out["lr"] = float(params["lr"])
@@ -288,14 +336,21 @@ def check_trials(cfg: TuneConfig, base: dict[str, Any]) -> int:
     return len(points)
 
 
-def validation_window(base: dict[str, Any], start: str | None, settings: storage.StorageSettings | None) -> tuple[str, str]:
+def validation_window(
+    base: dict[str, Any], start: str | None, settings: storage.StorageSettings | None
+) -> tuple[str, str]:
     """(validation_start, split) for the trials, checked: ``start`` or, when None, the 80 %
     time quantile of the training window; the trials' training window ``ts < start`` and
     the validation window ``[start, split)`` must both hold interactions."""
     tc = parse_settings(base, TrainConfig, "train config")
-    inputs = resolve_inputs(tc.world, {"illustrations": tc.illustrations, "users": tc.users,
-                                             "interactions": tc.interactions},
-                                  tc.item_features, tc.split, settings, (tc.encoder_version, tc.text_version))
+    inputs = resolve_inputs(
+        tc.world,
+        {"illustrations": tc.illustrations, "users": tc.users, "interactions": tc.interactions},
+        tc.item_features,
+        tc.split,
+        settings,
+        (tc.encoder_version, tc.text_version),
+    )
     split = inputs.split
     inter = contracts.read_table(inputs.interactions, "interactions", settings)
     if start is None:
@@ -314,18 +369,26 @@ def trial_key(params: dict[str, Any]) -> str:
     return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True, default=str)
 
 
-def trial_settings(context: TrialContext, params: dict[str, Any], trial_id: str,
-                   where: str | None = None) -> TrainConfig:
+def trial_settings(
+    context: TrialContext, params: dict[str, Any], trial_id: str, where: str | None = None
+) -> TrainConfig:
     """The validated ``umair train`` settings of trial ``trial_id`` (its run dir, model
     output and MLflow run are keyed by the trial id, so a restored trial resumes);
     ``where`` names the source in an error (default: the trial)."""
     trials_dir, run_dir = context.trial_dir(trial_id)
     seed = int(context.base.get("seed", 0)) + int(params.get("sample", 0))
     data = trial_train_dict(
-        context.base, params, epochs=context.epochs, split=context.validation_start,
-        test_end=context.split, resources=context.trial, run_name=f"trial-{trial_id}",
-        checkpoint_dir=trials_dir, output=storage.join(run_dir, "model") if storage.is_s3(run_dir) else os.path.join(run_dir, "model"),
-        mlflow=context.mlflow, seed=seed,
+        context.base,
+        params,
+        epochs=context.epochs,
+        split=context.validation_start,
+        test_end=context.split,
+        resources=context.trial,
+        run_name=f"trial-{trial_id}",
+        checkpoint_dir=trials_dir,
+        output=storage.join(run_dir, "model") if storage.is_s3(run_dir) else os.path.join(run_dir, "model"),
+        mlflow=context.mlflow,
+        seed=seed,
     )
     return parse_settings(data, TrainConfig, where or f"trial {trial_id}")
 
@@ -360,6 +423,13 @@ def tune_dir(cfg: TuneConfig) -> str:
 
 def search_fingerprint(cfg: TuneConfig, base: dict[str, Any], start: str) -> str:
     """What must not change between a search and its restoration."""
-    data = {"base": base, "search": cfg.search.model_dump(), "epochs": cfg.epochs, "num_samples": cfg.num_samples,
-            "validation_start": start, "scheduler": cfg.scheduler.model_dump(), "trial": cfg.trial.model_dump()}
+    data = {
+        "base": base,
+        "search": cfg.search.model_dump(),
+        "epochs": cfg.epochs,
+        "num_samples": cfg.num_samples,
+        "validation_start": start,
+        "scheduler": cfg.scheduler.model_dump(),
+        "trial": cfg.trial.model_dump(),
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -54,8 +54,10 @@ DEEPCTR_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "FiBiNET": ("FiBiNET", {}),
     "DIFM": ("DIFM", {}),
 }
-_ZERO_L2 = {"DCN": ("l2_reg_linear", "l2_reg_embedding", "l2_reg_cross"),
-            "DCNMix": ("l2_reg_linear", "l2_reg_embedding", "l2_reg_cross")}
+_ZERO_L2 = {
+    "DCN": ("l2_reg_linear", "l2_reg_embedding", "l2_reg_cross"),
+    "DCNMix": ("l2_reg_linear", "l2_reg_embedding", "l2_reg_cross"),
+}
 
 
 def _import_models() -> Any:
@@ -115,8 +117,15 @@ class DeepCTRRanker(Ranker):
         self.name = name or f"{model} (deepctr)"
         self.model = model
         self.vector_names = tuple(vector_dims)
-        cols = feature_columns(sizes["n_users"], sizes["n_tags"], max_tags, sizes["user_fields"], sizes["item_fields"],
-                               vector_dims, emb_dim)
+        cols = feature_columns(
+            sizes["n_users"],
+            sizes["n_tags"],
+            max_tags,
+            sizes["user_fields"],
+            sizes["item_fields"],
+            vector_dims,
+            emb_dim,
+        )
         kwargs: dict[str, Any] = {"seed": seed, "task": "binary", "device": "cpu"}
         kwargs.update({k: 0.0 for k in _ZERO_L2.get(cls_name, ("l2_reg_linear", "l2_reg_embedding"))})
         kwargs.update(fixed)
@@ -125,7 +134,9 @@ class DeepCTRRanker(Ranker):
         try:
             self.module = getattr(dm, cls_name)(cols, cols, **kwargs)
         except TypeError as err:
-            raise ValueError(f"{self.name}: bad constructor argument for deepctr_torch.models.{cls_name}: {err}") from None
+            raise ValueError(
+                f"{self.name}: bad constructor argument for deepctr_torch.models.{cls_name}: {err}"
+            ) from None
         self.hyperparameters = {k: v for k, v in kwargs.items() if k not in ("device",)}
 
     def encode(self, rows: RowInputs) -> Tensor:
@@ -136,8 +147,8 @@ class DeepCTRRanker(Ranker):
         sources: dict[str, Tensor] = {"user_id": rows.user_id.unsqueeze(1)}
         if "user_tags" in index:
             sources["user_tags"] = rows.user_tags
-        sources.update({f"u_{f}": rows.user_fields[:, i:i + 1] for i, f in enumerate(rows.user_field_names)})
-        sources.update({f"i_{f}": rows.item_fields[:, i:i + 1] for i, f in enumerate(rows.item_field_names)})
+        sources.update({f"u_{f}": rows.user_fields[:, i : i + 1] for i, f in enumerate(rows.user_field_names)})
+        sources.update({f"i_{f}": rows.item_fields[:, i : i + 1] for i, f in enumerate(rows.item_field_names)})
         for m in self.vector_names:
             if m not in rows.vectors:
                 raise ValueError(f"{self.name}: the rows hold no {m!r} vectors")

@@ -24,9 +24,8 @@ initialised N(0, 1e-4) like deepctr's; no batch norm, so batch size 1 works.
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +48,13 @@ class FeatureSelection(nn.Module):
         mlp_block, _ = _fuxictr_layers()
         self.context = nn.ParameterList([nn.Parameter(torch.zeros(1, context_dim)) for _ in range(2)])
         self.gates = nn.ModuleList(
-            mlp_block(input_dim=context_dim, hidden_units=list(hidden), hidden_activations="ReLU",
-                      output_dim=feature_dim, output_activation="Sigmoid")
+            mlp_block(
+                input_dim=context_dim,
+                hidden_units=list(hidden),
+                hidden_activations="ReLU",
+                output_dim=feature_dim,
+                output_activation="Sigmoid",
+            )
             for _ in range(2)
         )
 
@@ -116,10 +120,12 @@ class FinalMLP(nn.Module):
         n_fields = 2 + len(user_fields) + len(item_fields) + len(vector_dims)
         feature_dim = n_fields * k
         self.feature_selection = FeatureSelection(feature_dim, k, fs_hidden)
-        self.mlp1 = mlp_block(input_dim=feature_dim, hidden_units=list(mlp1), hidden_activations="ReLU",
-                              dropout_rates=dropout)
-        self.mlp2 = mlp_block(input_dim=feature_dim, hidden_units=list(mlp2), hidden_activations="ReLU",
-                              dropout_rates=dropout)
+        self.mlp1 = mlp_block(
+            input_dim=feature_dim, hidden_units=list(mlp1), hidden_activations="ReLU", dropout_rates=dropout
+        )
+        self.mlp2 = mlp_block(
+            input_dim=feature_dim, hidden_units=list(mlp2), hidden_activations="ReLU", dropout_rates=dropout
+        )
         self.aggregate = InteractionAggregation(mlp1[-1], mlp2[-1], heads)
 
     def forward(
@@ -147,14 +153,28 @@ class FinalMLPRanker(Ranker):
 
     emits = "logits"
 
-    def __init__(self, sizes: Mapping[str, object], vector_dims: Mapping[str, int], emb_dim: int = 8, seed: int = 0,
-                 name: str = "FinalMLP", **overrides: object) -> None:
+    def __init__(
+        self,
+        sizes: Mapping[str, object],
+        vector_dims: Mapping[str, int],
+        emb_dim: int = 8,
+        seed: int = 0,
+        name: str = "FinalMLP",
+        **overrides: object,
+    ) -> None:
         torch.manual_seed(seed)
         self.name = name
         self.vector_names = tuple(vector_dims)
         try:
-            self.module = FinalMLP(sizes["n_users"], sizes["n_tags"], sizes["user_fields"], sizes["item_fields"],
-                                   vector_dims, emb_dim, **overrides)
+            self.module = FinalMLP(
+                sizes["n_users"],
+                sizes["n_tags"],
+                sizes["user_fields"],
+                sizes["item_fields"],
+                vector_dims,
+                emb_dim,
+                **overrides,
+            )
         except TypeError as err:
             raise ValueError(f"{name}: bad FinalMLP argument: {err}") from None
 

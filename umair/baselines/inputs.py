@@ -46,19 +46,28 @@ class RowInputs:
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        shapes = {"user_id": self.user_id, "user_tags": self.user_tags, "user_fields": self.user_fields,
-                  "item_fields": self.item_fields, **self.vectors}
+        shapes = {
+            "user_id": self.user_id,
+            "user_tags": self.user_tags,
+            "user_fields": self.user_fields,
+            "item_fields": self.item_fields,
+            **self.vectors,
+        }
         for name, t in shapes.items():
             if t.shape[0] != n:
                 raise ValueError(f"RowInputs: {name} has {t.shape[0]} rows, labels {n}")
         if len(self.users) != n:
             raise ValueError(f"RowInputs: users has {len(self.users)} rows, labels {n}")
         if self.user_fields.dim() != 2 or self.user_fields.shape[1] != len(self.user_field_names):
-            raise ValueError(f"RowInputs: user_fields is {list(self.user_fields.shape)}, "
-                             f"expected [N, {len(self.user_field_names)}] for {list(self.user_field_names)}")
+            raise ValueError(
+                f"RowInputs: user_fields is {list(self.user_fields.shape)}, "
+                f"expected [N, {len(self.user_field_names)}] for {list(self.user_field_names)}"
+            )
         if self.item_fields.dim() != 2 or self.item_fields.shape[1] != len(self.item_field_names):
-            raise ValueError(f"RowInputs: item_fields is {list(self.item_fields.shape)}, "
-                             f"expected [N, {len(self.item_field_names)}] for {list(self.item_field_names)}")
+            raise ValueError(
+                f"RowInputs: item_fields is {list(self.item_fields.shape)}, "
+                f"expected [N, {len(self.item_field_names)}] for {list(self.item_field_names)}"
+            )
         unknown = sorted(set(self.vectors) - set(registry.names()))
         if unknown:
             raise ValueError(f"RowInputs: unknown vector columns {unknown}; expected some of {list(registry.names())}")
@@ -73,8 +82,12 @@ class RowInputs:
 
     def ids(self) -> dict[str, Tensor]:
         """``user_id``, ``user_tags``, ``user_fields``, ``item_fields`` of every row."""
-        return {"user_id": self.user_id, "user_tags": self.user_tags, "user_fields": self.user_fields,
-                "item_fields": self.item_fields}
+        return {
+            "user_id": self.user_id,
+            "user_tags": self.user_tags,
+            "user_fields": self.user_fields,
+            "item_fields": self.item_fields,
+        }
 
     @classmethod
     def from_tensors(

@@ -70,8 +70,9 @@ class FusionRanker(Ranker):
             raise ValueError(f"{self.name}: the rows hold no {missing} vectors, which this variant reads")
         module: UmairFPS = self.module  # type: ignore[assignment]
         with torch.no_grad():
-            packed = module.pack_ids(rows.user_id, rows.user_tags, rows.user_fields, rows.item_fields,
-                                     drop_tag_padding=True)
+            packed = module.pack_ids(
+                rows.user_id, rows.user_tags, rows.user_fields, rows.item_fields, drop_tag_padding=True
+            )
         return {"packed": packed, "vectors": {m: rows.vectors[m] for m in used}}
 
     def forward(self, encoded: dict[str, Any], idx: Tensor) -> Tensor:

@@ -47,15 +47,22 @@ def _decode_all(world: Any, size: int) -> np.ndarray:
     return np.stack([decode_image(storage.read_bytes(u), size) for u in uris])
 
 
-def pretext_encoder(world: Any, image_size: int = 32, epochs: int = 3, seed: int = 0, lr: float = 2e-3,
-                    batch_size: int = 32, backbone: str = "resnet18") -> Any:
+def pretext_encoder(
+    world: Any,
+    image_size: int = 32,
+    epochs: int = 3,
+    seed: int = 0,
+    lr: float = 2e-3,
+    batch_size: int = 32,
+    backbone: str = "resnet18",
+) -> Any:
     """A DualEncoder briefly trained on the pretext task (the world's tags,
     multi-label BCE, horizontal flips), in this process; the tag head is kept."""
     import torch
 
-    from umair.image.tags import multi_hot, tag_vocabulary
     from umair.image.encoder import DualEncoder, EncoderSpec
     from umair.image.preprocess import to_tensor_batch
+    from umair.image.tags import multi_hot, tag_vocabulary
 
     torch.manual_seed(seed)
     tags = world.illustrations.column("tags").to_pylist()
@@ -77,8 +84,15 @@ def pretext_encoder(world: Any, image_size: int = 32, epochs: int = 3, seed: int
     return model.eval()
 
 
-def fixture_item_features(world: Any, out: str, encoder: Any = None, image_size: int = 32, tsem_dim: int = 32,
-                          seed: int = 0, encoder_version: str | None = None) -> str:
+def fixture_item_features(
+    world: Any,
+    out: str,
+    encoder: Any = None,
+    image_size: int = 32,
+    tsem_dim: int = 32,
+    seed: int = 0,
+    encoder_version: str | None = None,
+) -> str:
     """Item-features table (contract ``item_features``) for a world, written to
     ``out``: e_SEM / e_STY by ``umair.image.encoder.encode`` with ``encoder`` (default: a
     random-weight ResNet18 seeded by ``seed``), e_TSEM by :func:`fixture_tsem`. The file
@@ -99,7 +113,7 @@ def fixture_item_features(world: Any, out: str, encoder: Any = None, image_size:
     images = _decode_all(world, size)
     sems, stys = [], []
     for s in range(0, len(images), 64):
-        sem, sty = encode(encoder, to_tensor_batch(images[s:s + 64]), "cpu")
+        sem, sty = encode(encoder, to_tensor_batch(images[s : s + 64]), "cpu")
         sems.append(sem.numpy())
         stys.append(sty.numpy())
     sem, sty = np.concatenate(sems), np.concatenate(stys)
@@ -109,10 +123,21 @@ def fixture_item_features(world: Any, out: str, encoder: Any = None, image_size:
     def vectors(x: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), x.shape[1])
 
-    table = pa.table({"illust_id": world.illustrations.column("illust_id"), "sem": vectors(sem), "sty": vectors(sty),
-                      "tsem": vectors(tsem)})
-    meta = {"umair.sem.dim": str(sem.shape[1]), "umair.sty.dim": str(sty.shape[1]), "umair.tsem.dim": str(tsem_dim),
-            "umair.encoder.version": version, "umair.encoder.spec": encoder.spec.model_dump_json(),
-            "umair.tsem.encoder": f"fixture-hashed-tags-{tsem_dim}d-seed{seed}"}
+    table = pa.table(
+        {
+            "illust_id": world.illustrations.column("illust_id"),
+            "sem": vectors(sem),
+            "sty": vectors(sty),
+            "tsem": vectors(tsem),
+        }
+    )
+    meta = {
+        "umair.sem.dim": str(sem.shape[1]),
+        "umair.sty.dim": str(sty.shape[1]),
+        "umair.tsem.dim": str(tsem_dim),
+        "umair.encoder.version": version,
+        "umair.encoder.spec": encoder.spec.model_dump_json(),
+        "umair.tsem.encoder": f"fixture-hashed-tags-{tsem_dim}d-seed{seed}",
+    }
     storage.write_parquet(table.replace_schema_metadata(meta), out)
     return out

@@ -71,7 +71,9 @@ def fit(
         total, n = 0.0, 0
         for idx in torch.randperm(len(rows), generator=gen).split(batch_size):
             out = ranker.forward(encoded, idx)
-            value = bce_step(module, optimizer, out, labels[idx], step_settings, epoch=epoch, step=steps, emits=ranker.emits)
+            value = bce_step(
+                module, optimizer, out, labels[idx], step_settings, epoch=epoch, step=steps, emits=ranker.emits
+            )
             total += value * len(idx)
             n += len(idx)
             steps += 1

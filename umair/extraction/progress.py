@@ -44,9 +44,56 @@ class Progress:
         t, rows = self.first_commit
         return (self.done - rows) / max(self.last_commit - t, 1e-9)
 
+    def summary(self, head: dict, pipeline_s: float, wall_s: float, recovered: dict, mlflow_run_id: str) -> dict:
+        """The run's summary: ``head`` (run id, output, versions, catalogue counts), then the
+        outcome, the rates, timings, recovery counts and the MLflow run id."""
+        steady = self.steady_rate()
+        return {
+            **head,
+            "rows_ok": self.ok,
+            "rows_failed": self.failed,
+            "failed_by_reason": dict(sorted(self.reasons.items())),
+            "chunks": self.chunks,
+            "images_per_s": round(self.done / pipeline_s, 2) if self.done else 0.0,
+            "steady_images_per_s": round(steady, 2) if steady is not None else None,
+            "first_commit_s": round(self.first_commit[0] - self.start, 2) if self.first_commit else None,
+            "pipeline_s": round(pipeline_s, 2),
+            "wall_s": round(wall_s, 2),
+            "recovered": recovered,
+            "mlflow_run_id": mlflow_run_id,
+        }
+
     def line(self, chunk_rows: int) -> str:
         pct = 100.0 * self.done / max(self.total, 1)
         steady = self.steady_rate()
         steady_note = f" ({steady:.1f} since the first commit)" if steady is not None else ""
-        return (f"{LOG} chunk {self.chunks}: committed {chunk_rows} rows; {self.done}/{self.total} done ({pct:.1f}%), "
-                f"{self.ok} ok, {self.failed} failed, {self.rate():.1f} images/s{steady_note}")
+        return (
+            f"{LOG} chunk {self.chunks}: committed {chunk_rows} rows; {self.done}/{self.total} done ({pct:.1f}%), "
+            f"{self.ok} ok, {self.failed} failed, {self.rate():.1f} images/s{steady_note}"
+        )
+
+
+def print_summary(summary: dict) -> None:
+    """The end-of-run lines a person reads."""
+    reasons = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items()) or "none"
+    print(
+        f"{LOG} done: {summary['rows_ok']} ok, {summary['rows_failed']} failed ({reasons}); "
+        f"{summary['to_process']} processed, {summary['already_done']} skipped as already extracted; "
+        f"{summary['images_per_s']} images/s; wall {summary['wall_s']}s; {summary['chunks']} chunks committed",
+        flush=True,
+    )
+    print(f"{LOG} summary: {json.dumps(summary, sort_keys=True)}", flush=True)
+
+
+SUMMARY_METRICS = (
+    "catalogue_rows", "selected_rows", "already_done", "to_process", "rows_ok", "rows_failed", "chunks",
+    "images_per_s", "steady_images_per_s", "first_commit_s", "pipeline_s", "wall_s",
+)  # fmt: skip
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """The MLflow metrics of a run's summary: its counts, rates and timings, and the error
+    rows per ``stage:reason`` as ``failed.<stage>.<reason>``."""
+    out = {k: float(summary[k]) for k in SUMMARY_METRICS if summary.get(k) is not None}
+    out.update({f"failed.{r.replace(':', '.')}": float(n) for r, n in summary["failed_by_reason"].items()})
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -43,12 +43,16 @@ class ExtractConfig(Settings):
     catalogue: str = Field(..., description="illustrations table: parquet file or directory, local or s3://")
     output: str = Field(..., description="item-features prefix: local directory or s3://bucket/prefix")
     encoder: EncoderSource = Field(default_factory=EncoderSource)
-    text_model: str | None = Field(None, description="fine-tuned text encoder directory (umair finetune-text); None = no e_TSEM")
+    text_model: str | None = Field(
+        None, description="fine-tuned text encoder directory (umair finetune-text); None = no e_TSEM"
+    )
     text_mode: Literal["dedup", "joined"] = "dedup"
     text_batch_size: int = Field(256, ge=1, description="strings per text-encoder forward pass")
     text_concurrency: int = Field(1, ge=1, description="text-encoder actors")
     text_num_gpus: float = Field(0.0, ge=0, description="GPU share per text actor (0 = CPU)")
-    since: datetime | None = Field(None, description="only illustrations with created_at >= since (ISO date or time, UTC)")
+    since: datetime | None = Field(
+        None, description="only illustrations with created_at >= since (ISO date or time, UTC)"
+    )
     batch_size: int = Field(64, ge=1, description="images per encoder forward pass")
     decode_batch_size: int = Field(32, ge=1, description="rows per read+decode batch (and per input block)")
     encode_concurrency: int = Field(1, ge=1, description="encoder actors (one model load each)")
@@ -59,9 +63,13 @@ class ExtractConfig(Settings):
     write_batch_rows: int = Field(2048, ge=1, description="rows per part file (at most)")
     max_image_bytes: int = Field(64 * 2**20, ge=1, description="larger files are error rows (stage read)")
     max_image_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images (from the header) are error rows")
-    io_retry_s: float = Field(120.0, ge=0, description="how long transient storage errors are retried before the job stops")
+    io_retry_s: float = Field(
+        120.0, ge=0, description="how long transient storage errors are retried before the job stops"
+    )
     retry_failed: bool = Field(False, description="try again ids whose committed record is an error")
-    stale_after_s: float = Field(1800.0, gt=0, description="a run on another host without a heartbeat for this long is dead")
+    stale_after_s: float = Field(
+        1800.0, gt=0, description="a run on another host without a heartbeat for this long is dead"
+    )
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-extract")
     storage: StorageConfig = StorageConfig()
@@ -81,5 +89,5 @@ class ExtractConfig(Settings):
         if isinstance(value, date) and not isinstance(value, datetime):
             value = datetime(value.year, value.month, value.day)
         if isinstance(value, datetime) and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value

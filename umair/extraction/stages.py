@@ -62,7 +62,7 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
     if "\x00" in uri:
         raise PermanentReadError("bad_uri", f"{uri!r}: NUL character in the URI")
     if storage.is_s3(uri):
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         if not bucket:
             raise PermanentReadError("bad_uri", f"{uri}: no bucket (expected s3://bucket/key)")
         if not key.strip("/"):
@@ -71,7 +71,7 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
             raise PermanentReadError("bad_uri", f"{uri}: empty path component (expected s3://bucket/key)")
         if key.endswith("/"):
             raise PermanentReadError("not_a_file", f"{uri} names a prefix (folder), not an object")
-    elif uri.startswith("file://") and not uri[len("file://"):].strip():
+    elif uri.startswith("file://") and not uri[len("file://") :].strip():
         raise PermanentReadError("bad_uri", f"{uri}: no path after file://")
     try:
         fs, path = storage.resolve(uri, settings)
@@ -94,7 +94,7 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
         codes = {e.errno for e in chain if isinstance(e, OSError)}
         if "rejected the credentials" in text or "accessdenied" in text or "signaturedoesnotmatch" in text:
             raise  # the job's credentials: every row would fail alike
-        bucket = uri[len("s3://"):].split("/")[0] if storage.is_s3(uri) else ""
+        bucket = uri[len("s3://") :].split("/")[0] if storage.is_s3(uri) else ""
         no_bucket = PermanentReadError("no_bucket", f"{uri}: the bucket {bucket} does not exist")
         if "the bucket does not exist" in text or "nosuchbucket" in text:
             raise no_bucket from err
@@ -111,8 +111,12 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
             raise PermanentReadError("not_a_file", f"{uri} is a directory, not a file") from err
         if any(isinstance(e, NotADirectoryError) for e in chain) or errno.ENOTDIR in codes:
             raise PermanentReadError("not_a_file", f"{uri}: a parent in the path is a file, not a directory") from err
-        if (any(isinstance(e, IsADirectoryError) for e in chain) or errno.EISDIR in codes
-                or "is a directory" in text or "not a regular file" in text):
+        if (
+            any(isinstance(e, IsADirectoryError) for e in chain)
+            or errno.EISDIR in codes
+            or "is a directory" in text
+            or "not a regular file" in text
+        ):
             raise PermanentReadError("not_a_file", f"{uri} is not a regular file") from err
         if errno.ELOOP in codes:
             raise PermanentReadError("not_a_file", f"{uri}: too many levels of symbolic links") from err
@@ -128,8 +132,14 @@ def read_image_bytes(uri: str, settings: storage.StorageSettings, max_bytes: int
     return data
 
 
-def decode_rows(batch: dict[str, np.ndarray], image_size: int, max_pixels: int, max_bytes: int,
-                storage_config: StorageConfig, retry_s: float) -> dict[str, np.ndarray]:
+def decode_rows(
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    max_pixels: int,
+    max_bytes: int,
+    storage_config: StorageConfig,
+    retry_s: float,
+) -> dict[str, np.ndarray]:
     """Ray Data UDF (CPU tasks): read and decode each row; a failure marks its row only
     (``stage`` read/decode, ``reason``, ``error``; see :class:`PermanentReadError` and
     :class:`umair.image.preprocess.DecodeError`). A missing ``image_uri`` (None, NaN) is
@@ -202,7 +212,9 @@ class EncodeImages:
     """Ray Data actor: the dual image encoder, loaded once; rows that failed upstream
     pass through with zero vectors (the writer routes them to the errors table)."""
 
-    def __init__(self, source: str | None, spec: dict, seed: int, use_gpu: bool, threads: int, storage_config: StorageConfig):
+    def __init__(
+        self, source: str | None, spec: dict, seed: int, use_gpu: bool, threads: int, storage_config: StorageConfig
+    ):
         import torch
 
         if not use_gpu:
@@ -247,8 +259,13 @@ class _RememberingTextModel:
     def encode(self, texts: list[str], batch_size: int = 32, normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
         if missing:
-            vectors = self.model.encode(missing, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
-                                        convert_to_numpy=True, show_progress_bar=False)
+            vectors = self.model.encode(
+                missing,
+                batch_size=batch_size,
+                normalize_embeddings=normalize_embeddings,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
             if len(self.memory) + len(missing) > self.max_entries:
                 self.memory.clear()
             self.memory.update(zip(missing, np.asarray(vectors, np.float32), strict=True))
@@ -269,7 +286,9 @@ class EmbedTags:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from umair.text.tag_embeddings import embed_tags
 
-        tsem, _ = embed_tags(batch.select(["illust_id", "tags"]), self.model, self.version, mode=self.mode, batch_size=self.batch_size)
+        tsem, _ = embed_tags(
+            batch.select(["illust_id", "tags"]), self.model, self.version, mode=self.mode, batch_size=self.batch_size
+        )
         if not tsem.column("illust_id").equals(batch.column("illust_id")):
             order = {i: r for r, i in enumerate(tsem.column("illust_id").to_pylist())}  # join by id
             tsem = tsem.take(pa.array([order[i] for i in batch.column("illust_id").to_pylist()]))
@@ -278,11 +297,19 @@ class EmbedTags:
 
 def _vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     arr = np.stack(values) if values.dtype == object else values
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32()), dim)
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32()), dim
+    )
 
 
-def write_parts(batch: dict[str, np.ndarray], output: str, run_id: str, meta: dict[str, str],
-                storage_config: StorageConfig, retry_s: float) -> dict[str, np.ndarray]:
+def write_parts(
+    batch: dict[str, np.ndarray],
+    output: str,
+    run_id: str,
+    meta: dict[str, str],
+    storage_config: StorageConfig,
+    retry_s: float,
+) -> dict[str, np.ndarray]:
     """Ray Data UDF (tasks): write a batch's good rows and error rows as temporary part
     files; return one descriptor row for the driver to commit."""
     settings = storage_config.to_settings()
@@ -301,18 +328,20 @@ def write_parts(batch: dict[str, np.ndarray], output: str, run_id: str, meta: di
         desc.update(features=rel, features_rows=int(ok.sum()))
     bad = ~ok
     if bad.any():
-        table = pa.table({
-            "illust_id": pa.array(batch["illust_id"][bad].astype(np.int64), pa.int64()),
-            "uri": pa.array([str(u) for u in batch["image_uri"][bad]], pa.string()),
-            "stage": pa.array([str(s) for s in batch["stage"][bad]], pa.string()),
-            "reason": pa.array([str(s) for s in batch["reason"][bad]], pa.string()),
-            "error": pa.array([str(s) for s in batch["error"][bad]], pa.string()),
-        }).replace_schema_metadata({k: v for k, v in meta.items() if k.startswith("umair.encoder") or k.startswith("umair.extract")})
+        table = pa.table(
+            {
+                "illust_id": pa.array(batch["illust_id"][bad].astype(np.int64), pa.int64()),
+                "uri": pa.array([str(u) for u in batch["image_uri"][bad]], pa.string()),
+                "stage": pa.array([str(s) for s in batch["stage"][bad]], pa.string()),
+                "reason": pa.array([str(s) for s in batch["reason"][bad]], pa.string()),
+                "error": pa.array([str(s) for s in batch["error"][bad]], pa.string()),
+            }
+        ).replace_schema_metadata(
+            {k: v for k, v in meta.items() if k.startswith("umair.encoder") or k.startswith("umair.extract")}
+        )
         rel = f"_tmp/{run_id}/errors/{part}.parquet"
         uri = part_uri(output, rel)
         with_retries(lambda: storage.write_parquet(table, uri, settings), f"write {uri}", retry_s)
         reasons = Counter(f"{s}:{r}" for s, r in zip(batch["stage"][bad], batch["reason"][bad]))
         desc.update(errors=rel, errors_rows=int(bad.sum()), reasons=json.dumps(dict(reasons)))
     return {k: np.array([v]) for k, v in desc.items()}
-
-

@@ -15,14 +15,14 @@ import io
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
 from umair import storage
+from umair.errors import UmairError
 from umair.image.encoder import POOLING, DualEncoder, EncoderSpec
 from umair.image.preprocess import preprocessing_manifest
-from umair.errors import UmairError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.pt"
@@ -90,8 +90,12 @@ def save_encoder(model: DualEncoder, out: str, **provenance) -> dict:
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    manifest = _manifest(model, hashlib.sha256(data).hexdigest(),
-                         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance)
+    manifest = _manifest(
+        model,
+        hashlib.sha256(data).hexdigest(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance,
+    )
     storage.write_bytes(storage.join(out, WEIGHTS), data)
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest
@@ -122,7 +126,9 @@ def load_encoder(source: str | None, spec: EncoderSpec | None = None) -> tuple[D
     except storage.StorageError:
         raise
     except Exception as err:  # torch raises several types for damaged files
-        raise CheckpointError(f"{weights_uri}: corrupt checkpoint, cannot be loaded ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{weights_uri}: corrupt checkpoint, cannot be loaded ({type(err).__name__}: {err})"
+        ) from err
     model = DualEncoder(spec)
     result = model.load_state_dict(state, strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.startswith("head.")]
@@ -133,13 +139,19 @@ def load_encoder(source: str | None, spec: EncoderSpec | None = None) -> tuple[D
         )
     for key in ("sem_dim", "sty_dim"):
         if manifest.get(key) != getattr(model, key):
-            raise CheckpointError(f"{manifest_uri}: {key} {manifest.get(key)} does not match the backbone's {getattr(model, key)}")
+            raise CheckpointError(
+                f"{manifest_uri}: {key} {manifest.get(key)} does not match the backbone's {getattr(model, key)}"
+            )
     if manifest.get("version_scheme") == VERSION_SCHEME:  # older manifests keep the version they were written with
         try:
             expected = encoder_version(manifest)
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{manifest_uri}: not a readable encoder manifest ({type(err).__name__}: {err})") from err
+            raise CheckpointError(
+                f"{manifest_uri}: not a readable encoder manifest ({type(err).__name__}: {err})"
+            ) from err
         if manifest.get("version") != expected:
-            raise CheckpointError(f"{manifest_uri}: recorded version {manifest.get('version')} does not match the "
-                                  f"manifest's contents ({expected}); was it edited after export?")
+            raise CheckpointError(
+                f"{manifest_uri}: recorded version {manifest.get('version')} does not match the "
+                f"manifest's contents ({expected}); was it edited after export?"
+            )
     return model, manifest

@@ -138,7 +138,9 @@ class DualEncoder(nn.Module):
 
 
 @torch.inference_mode()
-def encode(model: DualEncoder, images: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    model: DualEncoder, images: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference: float32 on CPU; bf16 autocast and channels_last on a GPU.
 
     images: [B, 3, S, S] uint8 or float in [0, 1]. Returns float32 (e_SEM, e_STY) on CPU.

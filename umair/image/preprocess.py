@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageFile
+
 from umair.errors import UmairError
 
 MAX_PIXELS = 64_000_000  # refuse larger images from their header (decompression bombs)

@@ -20,9 +20,18 @@ from umair.model.settings import TABLE4_VARIANTS, ModelConfig, dcn_v2_only, tabl
 from umair.model.vocab import Buckets, Vocabulary
 
 _LAZY = {
-    "CrossLayer": "crossnet", "CrossNet": "crossnet", "LowRankMixtureCrossLayer": "crossnet",
-    "FusionOutput": "fusion", "UmairFPS": "fusion", "count_parameters": "fusion", "l2_embedding_penalty": "fusion",
-    "AttentionUMCM": "umcm", "MeanUMCM": "umcm", "MoEOutput": "umcm", "MoEUMCM": "umcm", "SENetUMCM": "umcm",
+    "CrossLayer": "crossnet",
+    "CrossNet": "crossnet",
+    "LowRankMixtureCrossLayer": "crossnet",
+    "FusionOutput": "fusion",
+    "UmairFPS": "fusion",
+    "count_parameters": "fusion",
+    "l2_embedding_penalty": "fusion",
+    "AttentionUMCM": "umcm",
+    "MeanUMCM": "umcm",
+    "MoEOutput": "umcm",
+    "MoEUMCM": "umcm",
+    "SENetUMCM": "umcm",
     "UMCMOutput": "umcm",
 }
 

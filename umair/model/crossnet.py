@@ -58,7 +58,7 @@ class CrossLayer(nn.Module):
 
     @property
     def bias(self) -> Tensor:
-        return self.weight[self._d * self._d:]
+        return self.weight[self._d * self._d :]
 
     def forward(self, x0: Tensor, xl: Tensor) -> Tensor:
         """``x0``, ``xl``: [B, D] -> [B, D]."""
@@ -85,7 +85,9 @@ class LowRankMixtureCrossLayer(nn.Module):
     (each expert's matrix on its own fans), ``bias`` zeros.
     """
 
-    def __init__(self, in_features: int, low_rank: int = 32, num_experts: int = 4, activation: Activation = "tanh") -> None:
+    def __init__(
+        self, in_features: int, low_rank: int = 32, num_experts: int = 4, activation: Activation = "tanh"
+    ) -> None:
         super().__init__()
         d, r, e = in_features, low_rank, num_experts
         self._shape = (e, r, d)
@@ -111,11 +113,11 @@ class LowRankMixtureCrossLayer(nn.Module):
     @property
     def V(self) -> Tensor:  # noqa: N802 (the paper's name)
         e, r, d = self._shape
-        return self._blocks()[0][:e * r].view(e, r, d)
+        return self._blocks()[0][: e * r].view(e, r, d)
 
     @property
     def gate(self) -> Tensor:
-        return self._blocks()[0][self._shape[0] * self._shape[1]:]
+        return self._blocks()[0][self._shape[0] * self._shape[1] :]
 
     @property
     def C(self) -> Tensor:  # noqa: N802

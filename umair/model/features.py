@@ -38,9 +38,9 @@ from pydantic import Field
 
 from umair import storage
 from umair.config import Settings
-from umair.model.vocab import Buckets, Vocabulary
 from umair.errors import FeatureError
 from umair.model.interactions import parse_time, rows_of, take_by_id, window
+from umair.model.vocab import Buckets, Vocabulary
 
 ITEM_NUMERIC: tuple[str, ...] = ("created_at", "width", "height", "page_count")
 ITEM_RESERVED = ("illust_id", "image_uri", "tags", *ITEM_NUMERIC)
@@ -53,8 +53,12 @@ Encoder = Vocabulary | Buckets
 class FeatureSettings(Settings):
     """How fields become embedding indices (all fitted on the training window)."""
 
-    buckets: int = Field(10, ge=1, description="quantile buckets for created_at, width, height, page_count and float extras")
-    min_count: int = Field(1, ge=1, description="a categorical value (id, tag, artist...) seen fewer times is OOV (index 0)")
+    buckets: int = Field(
+        10, ge=1, description="quantile buckets for created_at, width, height, page_count and float extras"
+    )
+    min_count: int = Field(
+        1, ge=1, description="a categorical value (id, tag, artist...) seen fewer times is OOV (index 0)"
+    )
     max_user_tags: int = Field(16, ge=1, description="T: interest tags kept per user (the first T known ones)")
     item_id: bool = Field(True, description="embed the illustration id itself as an item field")
     item_categoricals: tuple[str, ...] | None = Field(
@@ -96,12 +100,16 @@ def _extra_columns(table: pa.Table, reserved: Sequence[str], chosen: Sequence[st
     if chosen is not None:
         missing = [c for c in chosen if c not in table.column_names]
         if missing:
-            raise FeatureError(f"{what}: configured column(s) {missing} not found (columns: {', '.join(table.column_names)})")
+            raise FeatureError(
+                f"{what}: configured column(s) {missing} not found (columns: {', '.join(table.column_names)})"
+            )
         return list(chosen)
     return [
         c
         for c in table.column_names
-        if c not in reserved and not pa.types.is_list(table.schema.field(c).type) and not pa.types.is_large_list(table.schema.field(c).type)
+        if c not in reserved
+        and not pa.types.is_list(table.schema.field(c).type)
+        and not pa.types.is_large_list(table.schema.field(c).type)
     ]
 
 
@@ -199,7 +207,9 @@ class FeatureSpace:
             raise FeatureError("cannot fit a feature space on an empty training window")
         late = window(train_interactions, start=split)
         if late.num_rows:
-            raise FeatureError(f"train_interactions holds {late.num_rows} rows at or after the split {parse_time(split).isoformat()}")
+            raise FeatureError(
+                f"train_interactions holds {late.num_rows} rows at or after the split {parse_time(split).isoformat()}"
+            )
         uid_col = train_interactions.column("user_id")
         item_col = train_interactions.column("illust_id")
         train_users, _ = take_by_id(users, "user_id", pc.unique(uid_col).to_numpy())
@@ -209,7 +219,9 @@ class FeatureSpace:
             c: _fit_field(train_users.column(c), settings)
             for c in _extra_columns(users, USER_RESERVED, settings.user_profile, "users")
         }
-        item_fields: dict[str, Encoder] = {c: Buckets.fit(train_items.column(c), settings.buckets) for c in ITEM_NUMERIC}
+        item_fields: dict[str, Encoder] = {
+            c: Buckets.fit(train_items.column(c), settings.buckets) for c in ITEM_NUMERIC
+        }
         if settings.item_id:
             item_fields["illust_id"] = Vocabulary.fit(item_col, settings.min_count)
         for c in _extra_columns(illustrations, ITEM_RESERVED, settings.item_categoricals, "illustrations"):
@@ -249,8 +261,12 @@ class FeatureSpace:
 
     def encode_users(self, users: pa.Table) -> UserTable:
         """Encode a users table (contract ``users``); unknown ids / values -> 0."""
-        fields = [self.user_fields[c].encode(users.column(c)) if c in users.column_names else np.zeros(users.num_rows, np.int64)
-                  for c in self.user_fields]
+        fields = [
+            self.user_fields[c].encode(users.column(c))
+            if c in users.column_names
+            else np.zeros(users.num_rows, np.int64)
+            for c in self.user_fields
+        ]
         return UserTable(
             user_ids=users.column("user_id").to_numpy().astype(np.int64),
             uid=self.user_id.encode(users.column("user_id")),
@@ -319,5 +335,3 @@ class FeatureSpace:
 
 
 # --------------------------------------------------------------------------- negatives
-
-

@@ -109,7 +109,7 @@ class _FlatLinear(nn.Module):
 
     @property
     def bias(self) -> Tensor:
-        return self.flat[self.in_features * self.out_features:]
+        return self.flat[self.in_features * self.out_features :]
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.flat.split([self.in_features * self.out_features, self.out_features])
@@ -229,8 +229,8 @@ class UmairFPS(nn.Module):
         views = [_TableView(self, a, n) for a, n in zip(starts, sizes, strict=True)]
         n_uf = len(cfg.user_fields)
         self.user_emb, self.tag_emb = views[0], views[1]
-        self.user_field_embs: tuple[_TableView, ...] = tuple(views[2:2 + n_uf])
-        self.item_field_embs: tuple[_TableView, ...] = tuple(views[2 + n_uf:])
+        self.user_field_embs: tuple[_TableView, ...] = tuple(views[2 : 2 + n_uf])
+        self.item_field_embs: tuple[_TableView, ...] = tuple(views[2 + n_uf :])
         # per packed id column: the first row of its table and its vocabulary size
         self._table_starts, self._table_sizes = starts, sizes
         self._bag_starts: dict[tuple, object] = {}  # per-shape index tensors (bag starts, column bounds)
@@ -247,7 +247,9 @@ class UmairFPS(nn.Module):
             )
             width += 2 * d
         self.x0_width = width
-        self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation)
+        self.cross = CrossNet(
+            width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation
+        )
         self.deep = _FlatMLP(width, cfg.mlp, cfg.dropout)
         deep_out = self.deep.out_features
         parallel = cfg.structure == "parallel" and cfg.cross_layers > 0
@@ -296,8 +298,9 @@ class UmairFPS(nn.Module):
             if ids.device.type == "cpu":
                 if bool(outside.any()):
                     row, col = outside.nonzero()[0].tolist()
-                    raise IndexError(f"id {int(ids[row, col])} of input column {col} is outside its vocabulary "
-                                     f"of {int(sizes[0, col])}")
+                    raise IndexError(
+                        f"id {int(ids[row, col])} of input column {col} is outside its vocabulary of {int(sizes[0, col])}"
+                    )
             else:  # no host sync on an accelerator
                 torch._assert_async(~outside.any(), "UmairFPS.pack_ids: an id is outside its vocabulary")
         return ids + starts
@@ -309,7 +312,10 @@ class UmairFPS(nn.Module):
         if got is None:
             s, n = self._table_starts, self._table_sizes
             cols = [0] + [1] * n_tags + list(range(2, len(s)))
-            got = (torch.tensor([[s[c] for c in cols]], device=device), torch.tensor([[n[c] for c in cols]], device=device))
+            got = (
+                torch.tensor([[s[c] for c in cols]], device=device),
+                torch.tensor([[n[c] for c in cols]], device=device),
+            )
             self._cache_put(key, got)
         return got
 
@@ -350,9 +356,9 @@ class UmairFPS(nn.Module):
         offsets, bag_of, ones = self._bag_index(b, width, packed.device)
         weights = ones.to(self.embeddings.weight.dtype)
         if n_tags:
-            real = packed[:, 1:1 + n_tags] != self._tag_pad
+            real = packed[:, 1 : 1 + n_tags] != self._tag_pad
             share = real / real.sum(dim=1, keepdim=True).clamp(min=1)
-            weights = torch.cat([weights[:, :1], share.to(weights.dtype), weights[:, 1 + n_tags:]], dim=1)
+            weights = torch.cat([weights[:, :1], share.to(weights.dtype), weights[:, 1 + n_tags :]], dim=1)
         out = _BagSum.apply(self.embeddings.weight, packed.reshape(-1), offsets, weights.reshape(-1), bag_of)
         return out.view(b, -1)
 
@@ -459,4 +465,3 @@ class _TableView:
 
     def __call__(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight)
-

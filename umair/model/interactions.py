@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -40,7 +40,7 @@ class NegativeSettings(Settings):
 def parse_time(value: str | datetime) -> datetime:
     """A date or datetime (ISO string or object) as an aware UTC datetime."""
     t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _iso_time(value: str) -> str:
@@ -53,7 +53,7 @@ IsoTime = Annotated[str, AfterValidator(_iso_time)]
 
 
 def _micros(when: datetime) -> int:
-    return (when - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    return (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 def window(interactions: pa.Table, start: str | datetime | None = None, end: str | datetime | None = None) -> pa.Table:
@@ -134,7 +134,9 @@ class ItemPool:
         return cls(ids, created, weights)
 
 
-def sample_negatives(positives: pa.Table, pool: ItemPool, settings: NegativeSettings) -> tuple[pa.Table, dict[str, Any]]:
+def sample_negatives(
+    positives: pa.Table, pool: ItemPool, settings: NegativeSettings
+) -> tuple[pa.Table, dict[str, Any]]:
     """``settings.ratio`` negatives (label 0, same user and ts) per positive of
     ``positives``, drawn from the pool's items published at or before that ts."""
     rng = np.random.default_rng(settings.seed)
@@ -154,16 +156,20 @@ def sample_negatives(positives: pa.Table, pool: ItemPool, settings: NegativeSett
         draw = np.searchsorted(cum, rng.random(len(todo)) * tops, side="right")
         draw = np.minimum(draw, n_avail[todo] - 1)
         pick[todo] = draw
-        clash = np.array([(u, i) in liked for u, i in zip(users[todo].tolist(), pool.illust_ids[draw].tolist())], dtype=bool)
+        clash = np.array(
+            [(u, i) in liked for u, i in zip(users[todo].tolist(), pool.illust_ids[draw].tolist())], dtype=bool
+        )
         todo = todo[clash]
     pick[todo] = -1
     keep = pick >= 0
-    negatives = pa.table({
-        "user_id": pa.array(users[keep], pa.int64()),
-        "illust_id": pa.array(pool.illust_ids[pick[keep]], pa.int64()),
-        "ts": pa.array(ts[keep], pa.int64()).cast(contracts.TIMESTAMP),
-        "label": pa.array(np.zeros(int(keep.sum()), np.int8), pa.int8()),
-    })
+    negatives = pa.table(
+        {
+            "user_id": pa.array(users[keep], pa.int64()),
+            "illust_id": pa.array(pool.illust_ids[pick[keep]], pa.int64()),
+            "ts": pa.array(ts[keep], pa.int64()).cast(contracts.TIMESTAMP),
+            "label": pa.array(np.zeros(int(keep.sum()), np.int8), pa.int8()),
+        }
+    )
     record = {
         "strategy": settings.strategy,
         "ratio": settings.ratio,
@@ -186,12 +192,20 @@ def with_negatives(
     positives_only = interactions.num_rows > 0 and bool((labels == 1).all())
     sample = settings.mode == "always" or (settings.mode == "auto" and positives_only)
     if not sample:
-        record: dict[str, Any] = {"applied": False, "mode": settings.mode, "positives": int((labels == 1).sum()),
-                                  "negatives": int((labels == 0).sum())}
+        record: dict[str, Any] = {
+            "applied": False,
+            "mode": settings.mode,
+            "positives": int((labels == 1).sum()),
+            "negatives": int((labels == 0).sum()),
+        }
         return interactions, record
     negatives, record = sample_negatives(interactions, pool, settings)
-    record = {"applied": True, "mode": settings.mode, "reason": "log holds positives only" if positives_only else "mode=always",
-              **record}
+    record = {
+        "applied": True,
+        "mode": settings.mode,
+        "reason": "log holds positives only" if positives_only else "mode=always",
+        **record,
+    }
     base = interactions.select(["user_id", "illust_id", "ts", "label"])
     return pa.concat_tables([base, negatives.cast(base.schema)]), record
 

@@ -36,7 +36,11 @@ class FeaturesInfo:
 
     def encoder_versions(self) -> dict[str, str]:
         """``umair.<name>.encoder`` / ``*.version`` metadata entries, keyed without the prefix."""
-        return {k[len("umair."):]: v for k, v in self.metadata.items() if k.endswith((".encoder", ".version", "encoder_version"))}
+        return {
+            k[len("umair.") :]: v
+            for k, v in self.metadata.items()
+            if k.endswith((".encoder", ".version", "encoder_version"))
+        }
 
 
 def ids_fingerprint(ids: np.ndarray) -> str:
@@ -108,7 +112,9 @@ def build_item_table(
     against the file changing between the driver's check and a worker's load."""
     ids = features.column("illust_id").to_numpy().astype(np.int64)
     if expected_fingerprint is not None and ids_fingerprint(ids) != expected_fingerprint:
-        raise FeatureError(f"{source}: the item features changed since this run was prepared (rows or their order differ)")
+        raise FeatureError(
+            f"{source}: the item features changed since this run was prepared (rows or their order differ)"
+        )
     vectors: dict[str, np.ndarray] = {}
     for m in modalities:
         col = features.column(m).combine_chunks()
@@ -116,12 +122,16 @@ def build_item_table(
         x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), d)
         stats = space.vector_stats.get(m)
         if stats is not None and len(stats.mean) != d:
-            raise FeatureError(f"{source}: column '{m}' holds {d}-d vectors, but the feature space was fitted on {len(stats.mean)}-d ones")
+            raise FeatureError(
+                f"{source}: column '{m}' holds {d}-d vectors, but the feature space was fitted on {len(stats.mean)}-d ones"
+            )
         vectors[m] = stats.apply(x) if stats is not None else x
     return ItemTable(ids, space.encode_items(illustrations, ids), vectors, _umair_metadata(features.schema))
 
 
-def _stats_of_batches(batches: Iterable[pa.RecordBatch], modalities: Sequence[str], source: str, n_wanted: int) -> dict[str, VectorStats]:
+def _stats_of_batches(
+    batches: Iterable[pa.RecordBatch], modalities: Sequence[str], source: str, n_wanted: int
+) -> dict[str, VectorStats]:
     """Per-dimension mean / std of each modality over the rows of ``batches`` (float64 sums)."""
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
@@ -132,7 +142,12 @@ def _stats_of_batches(batches: Iterable[pa.RecordBatch], modalities: Sequence[st
         n += batch.num_rows
         for m in modalities:
             col = batch.column(m)
-            x = col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, col.type.list_size).astype(np.float64)
+            x = (
+                col.flatten()
+                .to_numpy(zero_copy_only=False)
+                .reshape(batch.num_rows, col.type.list_size)
+                .astype(np.float64)
+            )
             sums[m] = sums.get(m, 0.0) + x.sum(axis=0)
             squares[m] = squares.get(m, 0.0) + (x * x).sum(axis=0)
     if n == 0:
@@ -163,11 +178,15 @@ def fit_vector_stats(
     wanted = pa.array(np.unique(np.asarray(item_ids, np.int64)), pa.int64())
     with storage.storage_errors(uri, "read", settings):
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        scanner = dataset.scanner(columns=list(modalities), filter=pads.field("illust_id").isin(wanted), batch_size=batch_rows)
+        scanner = dataset.scanner(
+            columns=list(modalities), filter=pads.field("illust_id").isin(wanted), batch_size=batch_rows
+        )
         return _stats_of_batches(scanner.to_batches(), modalities, uri, len(wanted))
 
 
-def vector_stats_of(table: pa.Table, item_ids: np.ndarray, modalities: Sequence[str], source: str = "<item_features>") -> dict[str, VectorStats]:
+def vector_stats_of(
+    table: pa.Table, item_ids: np.ndarray, modalities: Sequence[str], source: str = "<item_features>"
+) -> dict[str, VectorStats]:
     """:func:`fit_vector_stats` for a table already in memory."""
     if not modalities:
         return {}
@@ -176,7 +195,9 @@ def vector_stats_of(table: pa.Table, item_ids: np.ndarray, modalities: Sequence[
     return _stats_of_batches(rows.to_batches(), modalities, source, len(wanted))
 
 
-def check_item_coverage(interactions: pa.Table, item_ids: np.ndarray, features_uri: str, source: str = "<interactions>") -> None:
+def check_item_coverage(
+    interactions: pa.Table, item_ids: np.ndarray, features_uri: str, source: str = "<interactions>"
+) -> None:
     """:class:`FeatureError` when interactions reference illustrations without item
     features, naming how many (and how many interactions) with the first one as example."""
     ids = interactions.column("illust_id").to_numpy()
@@ -203,9 +224,13 @@ def attach_rows(
     user_rows = rows_of(np.asarray(user_ids, np.int64), interactions.column("user_id").to_numpy())
     if (user_rows < 0).any():
         bad = interactions.column("user_id").to_numpy()[user_rows < 0]
-        raise FeatureError(f"{source}: {len(np.unique(bad))} user(s) are not in the users table (e.g. user_id {int(bad[0])})")
-    return pa.table({
-        "user_row": pa.array(user_rows, pa.int64()),
-        "item_row": pa.array(item_rows, pa.int64()),
-        "label": pa.array(interactions.column("label").to_numpy().astype(np.float32), pa.float32()),
-    })
+        raise FeatureError(
+            f"{source}: {len(np.unique(bad))} user(s) are not in the users table (e.g. user_id {int(bad[0])})"
+        )
+    return pa.table(
+        {
+            "user_row": pa.array(user_rows, pa.int64()),
+            "item_row": pa.array(item_rows, pa.int64()),
+            "label": pa.array(interactions.column("label").to_numpy().astype(np.float32), pa.float32()),
+        }
+    )

@@ -32,17 +32,28 @@ class ModelConfig(BaseModel):
 
     n_users: int = Field(..., ge=1, description="user-id vocabulary size (incl. index 0)")
     n_tags: int = Field(..., ge=1, description="interest-tag vocabulary size (incl. index 0 = padding)")
-    user_fields: dict[str, int] = Field(default_factory=dict, description="profile field -> vocabulary size; column order of user_fields")
-    item_fields: dict[str, int] = Field(default_factory=dict, description="item metadata field -> vocabulary size; column order of item_fields")
+    user_fields: dict[str, int] = Field(
+        default_factory=dict, description="profile field -> vocabulary size; column order of user_fields"
+    )
+    item_fields: dict[str, int] = Field(
+        default_factory=dict, description="item metadata field -> vocabulary size; column order of item_fields"
+    )
     vectors: dict[str, int] = Field(
         default_factory=registry.default_dims,
         description="vector modalities the model reads (umair.modalities names) -> width; "
-                    "default every registered one at its production width (e_SEM 2048, e_STY 256, e_TSEM 384)")
+        "default every registered one at its production width (e_SEM 2048, e_STY 256, e_TSEM 384)",
+    )
     emb_dim: int = Field(8, ge=1, description="k: width of every id / field embedding (8 in the paper)")
     d: int = Field(16, ge=1, description="common width of v_user and of every projected modality")
-    umcm: Literal["moe", "att", "sen", "none"] = Field("moe", description="none = mean of the modalities, no reweighting")
-    experts: tuple[Literal["att", "sen"], ...] = Field(("att", "sen", "att"), description="expert kinds when umcm='moe'; K = len")
-    att_user_proj: bool = Field(True, description="each ATT expert learns q = W v_user; False = paper's Eq. 7, parameter-free")
+    umcm: Literal["moe", "att", "sen", "none"] = Field(
+        "moe", description="none = mean of the modalities, no reweighting"
+    )
+    experts: tuple[Literal["att", "sen"], ...] = Field(
+        ("att", "sen", "att"), description="expert kinds when umcm='moe'; K = len"
+    )
+    att_user_proj: bool = Field(
+        True, description="each ATT expert learns q = W v_user; False = paper's Eq. 7, parameter-free"
+    )
     sen_reduction: int = Field(2, ge=1)
     sen_weights: SenWeights = "softmax"
     cross_layers: int = Field(2, ge=0, description="L; 0 = without DCN-V2")

@@ -115,7 +115,12 @@ class MeanUMCM(nn.Module):
 
 
 def build_expert(
-    kind: ExpertKind, d: int, n_modalities: int, att_user_proj: bool = True, sen_reduction: int = 2, sen_weights: SenWeights = "softmax"
+    kind: ExpertKind,
+    d: int,
+    n_modalities: int,
+    att_user_proj: bool = True,
+    sen_reduction: int = 2,
+    sen_weights: SenWeights = "softmax",
 ) -> nn.Module:
     """One UMCM expert of the given kind: ``"att"``, ``"sen"`` or ``"mean"``."""
     if kind == "att":

@@ -76,7 +76,9 @@ class Vocabulary:
         try:
             arr = arr.cast(self.tokens.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-            raise TypeError(f"cannot encode values of type {arr.type} with a vocabulary of {self.tokens.type}: {err}") from err
+            raise TypeError(
+                f"cannot encode values of type {arr.type} with a vocabulary of {self.tokens.type}: {err}"
+            ) from err
         idx = pc.index_in(arr, value_set=self.tokens)
         return pc.fill_null(pc.add(idx.cast(pa.int64()), 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 

@@ -14,7 +14,7 @@ e_SEM by content.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy import ndimage
@@ -36,18 +36,84 @@ class Style:
 
 
 STYLES: tuple[Style, ...] = (
-    Style("pastel-watercolour", (246, 236, 228), ((240, 170, 190), (190, 170, 235), (170, 215, 230), (250, 210, 160)),
-          (150, 120, 140), 1.0, "none", 0, 1, 0, 1.3, 4),
-    Style("ink-hatching", (232, 226, 208), ((70, 70, 70), (130, 115, 95), (175, 165, 150), (40, 35, 30)),
-          (10, 10, 10), 3.0, "hatch", 45, 3.0, 45, 0.0, 4),
-    Style("neon-cel", (22, 12, 44), ((0, 240, 255), (255, 40, 200), (250, 250, 60), (120, 255, 120)),
-          (255, 255, 255), 2.0, "none", 0, 1, 0, 0.0, 0),
-    Style("earthy-crayon", (196, 168, 118), ((120, 80, 40), (90, 120, 50), (170, 110, 60), (220, 190, 120)),
-          (60, 40, 20), 2.0, "hatch", 0, 2.0, 28, 0.0, 20),
-    Style("blueprint", (24, 56, 128), ((160, 200, 245), (110, 150, 220), (200, 225, 255), (70, 110, 190)),
-          (230, 240, 255), 1.0, "hatch", 90, 8.0, 14, 0.0, 3),
-    Style("pop-halftone", (252, 228, 40), ((230, 30, 40), (20, 20, 20), (250, 250, 250), (30, 90, 220)),
-          (0, 0, 0), 3.0, "halftone", 0, 5.0, 40, 0.0, 0),
+    Style(
+        "pastel-watercolour",
+        (246, 236, 228),
+        ((240, 170, 190), (190, 170, 235), (170, 215, 230), (250, 210, 160)),
+        (150, 120, 140),
+        1.0,
+        "none",
+        0,
+        1,
+        0,
+        1.3,
+        4,
+    ),
+    Style(
+        "ink-hatching",
+        (232, 226, 208),
+        ((70, 70, 70), (130, 115, 95), (175, 165, 150), (40, 35, 30)),
+        (10, 10, 10),
+        3.0,
+        "hatch",
+        45,
+        3.0,
+        45,
+        0.0,
+        4,
+    ),
+    Style(
+        "neon-cel",
+        (22, 12, 44),
+        ((0, 240, 255), (255, 40, 200), (250, 250, 60), (120, 255, 120)),
+        (255, 255, 255),
+        2.0,
+        "none",
+        0,
+        1,
+        0,
+        0.0,
+        0,
+    ),
+    Style(
+        "earthy-crayon",
+        (196, 168, 118),
+        ((120, 80, 40), (90, 120, 50), (170, 110, 60), (220, 190, 120)),
+        (60, 40, 20),
+        2.0,
+        "hatch",
+        0,
+        2.0,
+        28,
+        0.0,
+        20,
+    ),
+    Style(
+        "blueprint",
+        (24, 56, 128),
+        ((160, 200, 245), (110, 150, 220), (200, 225, 255), (70, 110, 190)),
+        (230, 240, 255),
+        1.0,
+        "hatch",
+        90,
+        8.0,
+        14,
+        0.0,
+        3,
+    ),
+    Style(
+        "pop-halftone",
+        (252, 228, 40),
+        ((230, 30, 40), (20, 20, 20), (250, 250, 250), (30, 90, 220)),
+        (0, 0, 0),
+        3.0,
+        "halftone",
+        0,
+        5.0,
+        40,
+        0.0,
+        0,
+    ),
 )
 
 
@@ -107,17 +173,22 @@ def content_parts(name: str, u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
             petals |= _disc(u, v, 0.38 * np.cos(a), 0.38 * np.sin(a), 0.22)
         return [petals, _disc(u, v, 0, 0, 0.2)]
     if name == "cat":
-        ears = _tri(u, v, (-0.5, -0.1), (-0.15, -0.35), (-0.45, -0.7)) | _tri(u, v, (0.5, -0.1), (0.15, -0.35), (0.45, -0.7))
+        ears = _tri(u, v, (-0.5, -0.1), (-0.15, -0.35), (-0.45, -0.7)) | _tri(
+            u, v, (0.5, -0.1), (0.15, -0.35), (0.45, -0.7)
+        )
         return [ears, _disc(u, v, 0, 0.1, 0.48)]
     if name == "mountain":
-        return [_tri(u, v, (-0.8, 0.55), (0.3, 0.55), (-0.25, -0.45)), _tri(u, v, (-0.1, 0.55), (0.85, 0.55), (0.4, -0.15))]
+        return [
+            _tri(u, v, (-0.8, 0.55), (0.3, 0.55), (-0.25, -0.45)),
+            _tri(u, v, (-0.1, 0.55), (0.85, 0.55), (0.4, -0.15)),
+        ]
     raise KeyError(f"unknown content {name!r}")
 
 
 TARGET_AREA = 0.18  # fraction of the [-1, 1]^2 square every subject covers
 
 
-@lru_cache(maxsize=None)
+@cache
 def _size_factor(name: str) -> float:
     """Scale that gives every subject the same area, so area says nothing about content."""
     v, u = np.mgrid[-1:1:256j, -1:1:256j]

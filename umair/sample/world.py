@@ -29,7 +29,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import numpy as np
@@ -38,9 +38,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from umair import contracts, storage
+from umair.errors import UmairError
 from umair.sample import vocab
 from umair.sample.painter import CONTENTS, STYLES, paint
-from umair.errors import UmairError
 
 SizeName = Literal["tiny", "small", "default"]
 TASTES = ("style", "content", "tag", "popularity")
@@ -58,7 +58,9 @@ class WorldSpec:
     n_contents: int
     impressions_per_user: int
     image_size: int
-    taste_mix: dict[str, float] = field(default_factory=lambda: {"style": 0.35, "content": 0.30, "tag": 0.15, "popularity": 0.20})
+    taste_mix: dict[str, float] = field(
+        default_factory=lambda: {"style": 0.35, "content": 0.30, "tag": 0.15, "popularity": 0.20}
+    )
     png_fraction: float = 0.25
     start: str = "2021-01-01"
     split: str = "2021-10-01"  # train window [start, split), test window [split, end)
@@ -78,14 +80,20 @@ class WorldSpec:
 
 
 SIZES: dict[str, WorldSpec] = {
-    "tiny": WorldSpec(n_items=96, n_users=24, n_artists=9, n_styles=3, n_contents=4, impressions_per_user=24, image_size=32),
-    "small": WorldSpec(n_items=600, n_users=120, n_artists=24, n_styles=4, n_contents=6, impressions_per_user=40, image_size=48),
-    "default": WorldSpec(n_items=2400, n_users=400, n_artists=40, n_styles=4, n_contents=6, impressions_per_user=60, image_size=64),
+    "tiny": WorldSpec(
+        n_items=96, n_users=24, n_artists=9, n_styles=3, n_contents=4, impressions_per_user=24, image_size=32
+    ),
+    "small": WorldSpec(
+        n_items=600, n_users=120, n_artists=24, n_styles=4, n_contents=6, impressions_per_user=40, image_size=48
+    ),
+    "default": WorldSpec(
+        n_items=2400, n_users=400, n_artists=40, n_styles=4, n_contents=6, impressions_per_user=60, image_size=64
+    ),
 }
 
 
 def _utc(day: str) -> datetime:
-    return datetime.fromisoformat(day).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(day).replace(tzinfo=UTC)
 
 
 @dataclass
@@ -117,8 +125,7 @@ def _pick_lang(rng: np.random.Generator, preferred: str) -> str:
 def generate(spec: WorldSpec, seed: int, root: str) -> World:
     """Draw a world's tables (images are rendered when written). ``root`` is where it will live."""
     rng = np.random.default_rng(seed)
-    start, split, end = _utc(spec.start), _utc(spec.split), _utc(spec.end)
-    styles = list(range(spec.n_styles))
+    start, end = _utc(spec.start), _utc(spec.end)
     contents = [CONTENTS[i].name for i in range(spec.n_contents)]
 
     # Artists: each paints in one style and tags mostly in one language.
@@ -132,7 +139,9 @@ def generate(spec: WorldSpec, seed: int, root: str) -> World:
     content = rng.integers(spec.n_contents, size=spec.n_items)
     popularity = rng.lognormal(0.0, 1.0, size=spec.n_items)
     span = (end - timedelta(days=1) - (start - timedelta(days=90))).total_seconds()
-    created = [start - timedelta(days=90) + timedelta(seconds=float(s)) for s in np.sort(rng.uniform(0, span, spec.n_items))]
+    created = [
+        start - timedelta(days=90) + timedelta(seconds=float(s)) for s in np.sort(rng.uniform(0, span, spec.n_items))
+    ]
     created = [created[i] for i in rng.permutation(spec.n_items)]
     aspect = rng.choice([1.0, 1.25, 0.8], size=spec.n_items, p=[0.6, 0.2, 0.2])
     width = np.full(spec.n_items, spec.image_size, dtype=np.int32)
@@ -223,7 +232,9 @@ def generate(spec: WorldSpec, seed: int, root: str) -> World:
             "user_id": pa.array(user_ids, pa.int64()),
             "taste": pa.array(tastes),
             "pref_style": pa.array([int(s) if t == "style" else None for s, t in zip(pref_style, tastes)], pa.int32()),
-            "pref_content": pa.array([int(c) if t == "content" else None for c, t in zip(pref_content, tastes)], pa.int32()),
+            "pref_content": pa.array(
+                [int(c) if t == "content" else None for c, t in zip(pref_content, tastes)], pa.int32()
+            ),
             "pref_concept": pa.array([c if t == "tag" else None for c, t in zip(pref_concept, tastes)], pa.string()),
         }
     )
@@ -260,7 +271,7 @@ def generate(spec: WorldSpec, seed: int, root: str) -> World:
                 p = spec.p_base + (spec.p_like - spec.p_base) / (1 + np.exp(-2.0 * (pop_z[item] - 0.8)))
             rows_u.append(user_ids[u])
             rows_i.append(ids[item])
-            rows_ts.append(datetime.fromtimestamp(float(t), tz=timezone.utc))
+            rows_ts.append(datetime.fromtimestamp(float(t), tz=UTC))
             rows_y.append(int(rng.random() < p))
     by_time = np.argsort(np.array([t.timestamp() for t in rows_ts]), kind="stable")
     interactions = pa.table(
@@ -348,12 +359,20 @@ def write_world(
         stage = f"{out}.partial-{uuid.uuid4().hex[:8]}"
     world = generate(spec, seed, out)
     try:
+
         def put(row: int) -> None:
             name = os.path.basename(world.illustrations.column("image_uri")[row].as_py())
             storage.write_bytes(storage.join(stage, "images", name), render_image(world, row), settings)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            bar = tqdm(total=world.illustrations.num_rows, desc="images", unit="img", disable=not progress, file=sys.stderr, mininterval=1.0)
+            bar = tqdm(
+                total=world.illustrations.num_rows,
+                desc="images",
+                unit="img",
+                disable=not progress,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
             for _ in pool.map(put, range(world.illustrations.num_rows)):
                 bar.update(1)
             bar.close()
@@ -388,10 +407,15 @@ def load_world(root: str, settings: storage.StorageSettings | None = None, check
         raise WorldError(f"{root}: no world.json manifest; this is not a (complete) sample world")
     manifest = json.loads(storage.read_bytes(manifest_uri, settings))
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise WorldError(f"{manifest_uri}: expected format_version {FORMAT_VERSION}, found {manifest.get('format_version')}")
+        raise WorldError(
+            f"{manifest_uri}: expected format_version {FORMAT_VERSION}, found {manifest.get('format_version')}"
+        )
     tables = {kind: contracts.read_table(storage.join(root, f), kind, settings) for kind, f in TABLE_FILES.items()}
     contracts.check_interactions(
-        tables["interactions"], tables["users"], tables["illustrations"], storage.join(root, TABLE_FILES["interactions"])
+        tables["interactions"],
+        tables["users"],
+        tables["illustrations"],
+        storage.join(root, TABLE_FILES["interactions"]),
     )
     if check_images:
         present = set(storage.list_files(storage.join(root, "images"), settings))
@@ -402,8 +426,11 @@ def load_world(root: str, settings: storage.StorageSettings | None = None, check
         if missing:
             row, uri = missing[0]
             raise contracts.ContractError(
-                storage.join(root, TABLE_FILES["illustrations"]), "image_uri", "an existing image file",
-                f"missing {uri} ({len(missing)} missing in all)", row,
+                storage.join(root, TABLE_FILES["illustrations"]),
+                "image_uri",
+                "an existing image file",
+                f"missing {uri} ({len(missing)} missing in all)",
+                row,
             )
     spec = WorldSpec(**manifest["spec"])
     return World(

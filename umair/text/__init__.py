@@ -21,7 +21,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from umair.text.pairs import PAIRS_SCHEMA, BadRow, BadRowsError, PairBuild, PairSource, build_pairs, pairs_table, read_pairs, write_pairs
+from umair.text.pairs import (
+    PAIRS_SCHEMA,
+    BadRow,
+    BadRowsError,
+    PairBuild,
+    PairSource,
+    build_pairs,
+    pairs_table,
+    read_pairs,
+    write_pairs,
+)
 
 _LAZY = {
     "FinetuneConfig": "umair.text.settings",
@@ -38,8 +48,16 @@ _LAZY = {
 }
 
 __all__ = [
-    "PAIRS_SCHEMA", "BadRow", "BadRowsError", "PairBuild", "PairSource", "build_pairs", "pairs_table",
-    "read_pairs", "write_pairs", *_LAZY,
+    "PAIRS_SCHEMA",
+    "BadRow",
+    "BadRowsError",
+    "PairBuild",
+    "PairSource",
+    "build_pairs",
+    "pairs_table",
+    "read_pairs",
+    "write_pairs",
+    *_LAZY,
 ]
 
 

@@ -46,8 +46,14 @@ class GroupedNoDuplicatesBatchSampler(DefaultBatchSampler):
     ) -> None:
         if len(keys) != len(dataset):
             raise ValueError(f"{len(keys)} key tuples for a dataset of {len(dataset)} rows")
-        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
-                         generator=generator, seed=seed)
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            valid_label_columns=valid_label_columns,
+            generator=generator,
+            seed=seed,
+        )
         self.keys = list(keys)
         self._cache: tuple[int, list[list[int]]] | None = None
 

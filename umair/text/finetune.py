@@ -153,7 +153,9 @@ def trainer_arguments(config: FinetuneConfig, workdir: str, keys: Sequence[tuple
     )
 
 
-def train(model: SentenceTransformer, train_pairs: pa.Table, config: FinetuneConfig, workdir: str) -> list[dict[str, float]]:
+def train(
+    model: SentenceTransformer, train_pairs: pa.Table, config: FinetuneConfig, workdir: str
+) -> list[dict[str, float]]:
     """Train ``model`` in place on ``train_pairs`` with ``SentenceTransformerTrainer``
     (scratch files under ``workdir``); returns the loss history, one dict per step."""
     from datasets import Dataset
@@ -169,7 +171,12 @@ def train(model: SentenceTransformer, train_pairs: pa.Table, config: FinetuneCon
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     trainer.train()
     return [
-        {"step": float(h["step"]), "epoch": float(h.get("epoch", 0.0)), "loss": float(h["loss"]), "lr": float(h.get("learning_rate", float("nan")))}
+        {
+            "step": float(h["step"]),
+            "epoch": float(h.get("epoch", 0.0)),
+            "loss": float(h["loss"]),
+            "lr": float(h.get("learning_rate", float("nan"))),
+        }
         for h in trainer.state.log_history
         if "loss" in h
     ]
@@ -214,13 +221,23 @@ def finetune(
 
     added: list[str] = []
     if config.add_cjk_tokens:
-        added = add_cjk_tokens(model, train_pairs.column("anchor").to_pylist() + train_pairs.column("positive").to_pylist())
+        added = add_cjk_tokens(
+            model, train_pairs.column("anchor").to_pylist() + train_pairs.column("positive").to_pylist()
+        )
 
     digest = data_hash(pairs)
     settings_dump = config.model_dump(exclude={"output_dir", "device"})
     if logger is not None:
-        logger.log_params({**settings_dump, "base_model": base, "output_dir": config.output_dir, "data_hash": digest,
-                           "train_pairs": train_pairs.num_rows, "held_out_pairs": held.num_rows})
+        logger.log_params(
+            {
+                **settings_dump,
+                "base_model": base,
+                "output_dir": config.output_dir,
+                "data_hash": digest,
+                "train_pairs": train_pairs.num_rows,
+                "held_out_pairs": held.num_rows,
+            }
+        )
     with tempfile.TemporaryDirectory(prefix="umair-text-") as work:
         t_train = time.perf_counter()
         history = train(model, train_pairs, config, os.path.join(work, "trainer"))
@@ -254,8 +271,11 @@ def finetune(
     if logger is not None:
         for h in history:
             logger.log_metrics({"train_loss": h["loss"], "lr": h["lr"]}, step=int(h["step"]))
-        summary: dict[str, float | None] = {"added_cjk_tokens": len(added), "train_seconds": train_seconds,
-                                            "total_seconds": time.perf_counter() - t_start}
+        summary: dict[str, float | None] = {
+            "added_cjk_tokens": len(added),
+            "train_seconds": train_seconds,
+            "total_seconds": time.perf_counter() - t_start,
+        }
         for tag, m in (("before", before), ("after", after)):
             if m:
                 summary.update({f"eval_{tag}_r1": m["r1"], f"eval_{tag}_mrr": m["mrr"]})

@@ -161,10 +161,17 @@ def _required_for(kind: str, columns: Iterable[str], uri: str) -> tuple[str, ...
         if col == "entity":
             found = next((a for a in ID_ALIASES if a in have), None)
             if found is None:
-                raise ContractError(uri, "entity", f"an id column 'entity' or 'concept' (kind '{kind}')", f"no such column (columns: {', '.join(have) or 'none'})")
+                raise ContractError(
+                    uri,
+                    "entity",
+                    f"an id column 'entity' or 'concept' (kind '{kind}')",
+                    f"no such column (columns: {', '.join(have) or 'none'})",
+                )
             out.append(found)
         elif col not in have:
-            raise ContractError(uri, col, f"a column '{col}' (kind '{kind}')", f"no such column (columns: {', '.join(have) or 'none'})")
+            raise ContractError(
+                uri, col, f"a column '{col}' (kind '{kind}')", f"no such column (columns: {', '.join(have) or 'none'})"
+            )
         else:
             out.append(col)
     return tuple(out)
@@ -203,7 +210,7 @@ def _tsv_records(uri: str, data: bytes, kind: str, bad: list[BadRow]) -> Iterato
         fields = text.split("\t")
         if len(fields) != len(header):
             if len(fields) < len(header):
-                missing = ", ".join(repr(h) for h in header[len(fields):])
+                missing = ", ".join(repr(h) for h in header[len(fields) :])
                 reason = f"{len(fields)} fields where the header has {len(header)}: missing {missing}"
             else:
                 reason = f"{len(fields)} fields where the header has {len(header)} (a stray tab?)"
@@ -237,7 +244,9 @@ def _jsonl_records(uri: str, data: bytes, kind: str, bad: list[BadRow]) -> Itera
     yield from records
 
 
-def _parquet_records(uri: str, kind: str, settings: storage.StorageSettings | None) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_records(
+    uri: str, kind: str, settings: storage.StorageSettings | None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     table = storage.read_parquet(uri, settings)
     cols = _required_for(kind, table.column_names, uri)
     for col in cols:
@@ -302,7 +311,8 @@ def pairs_from_records(
     if kind not in REQUIRED:
         raise ValueError(f"unknown pair-source kind {kind!r}; expected one of {sorted(REQUIRED)}")
     numbered: list[tuple[int, Mapping[str, Any]]] = [
-        r if isinstance(r, tuple) else (i, r) for i, r in enumerate(records, start=1)  # type: ignore[misc]
+        r if isinstance(r, tuple) else (i, r)
+        for i, r in enumerate(records, start=1)  # type: ignore[misc]
     ]
     bad: list[BadRow] = []
     out: list[tuple[str, str, str]] = []
@@ -377,7 +387,9 @@ def build_pairs(
     return PairBuild(table, bad, stats)
 
 
-def pairs_table(records: Iterable[Mapping[str, Any]], kind: Kind, source: str = "<records>", *, strict: bool = False) -> PairBuild:
+def pairs_table(
+    records: Iterable[Mapping[str, Any]], kind: Kind, source: str = "<records>", *, strict: bool = False
+) -> PairBuild:
     """:func:`build_pairs` for in-memory records (e.g. :func:`umair.sample.vocab.name_table`)."""
     triples, bad = pairs_from_records(records, kind, source)
     if strict and bad:
@@ -424,9 +436,13 @@ def validate_pairs(table: pa.Table, file: str = "<pairs>") -> pa.Table:
     for name in PAIRS_SCHEMA.names:
         if name not in table.column_names:
             if name in ("anchor", "positive"):
-                raise ContractError(file, name, "a string column", f"no such column (columns: {', '.join(table.column_names)})")
+                raise ContractError(
+                    file, name, "a string column", f"no such column (columns: {', '.join(table.column_names)})"
+                )
             fill = {"perspective": "unknown", "source": ""}.get(name)
-            cols[name] = table.column("anchor").cast(pa.string()) if name == "group" else pa.array([fill] * n, pa.string())
+            cols[name] = (
+                table.column("anchor").cast(pa.string()) if name == "group" else pa.array([fill] * n, pa.string())
+            )
             continue
         col = table.column(name)
         t = col.type

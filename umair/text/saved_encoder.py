@@ -77,7 +77,9 @@ def read_manifest(path: str, settings: storage.StorageSettings | None = None) ->
     missing, not JSON, or lacks ``version``, ``embedding_dim`` or ``base_model``."""
     uri = storage.join(path, MANIFEST)
     if not storage.exists(uri, settings):
-        raise TextEncoderError(f"{uri}: no manifest; {path} is not a complete umair text encoder (was the run interrupted?)")
+        raise TextEncoderError(
+            f"{uri}: no manifest; {path} is not a complete umair text encoder (was the run interrupted?)"
+        )
     try:
         manifest = json.loads(storage.read_bytes(uri, settings))
     except json.JSONDecodeError as err:
@@ -88,7 +90,9 @@ def read_manifest(path: str, settings: storage.StorageSettings | None = None) ->
     return manifest
 
 
-def load_text_encoder(path: str, device: str | None = None, settings: storage.StorageSettings | None = None) -> TextEncoder:
+def load_text_encoder(
+    path: str, device: str | None = None, settings: storage.StorageSettings | None = None
+) -> TextEncoder:
     """Load a saved encoder directory (local or s3://; s3 is copied to a temp dir)."""
     from sentence_transformers import SentenceTransformer
 

@@ -63,19 +63,29 @@ def _dim_of(model: Any) -> int:
 def _encode(model: Any, texts: Sequence[str], batch_size: int) -> np.ndarray:
     if not texts:
         return np.zeros((0, _dim_of(model)), np.float32)
-    out = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    out = model.encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
     return np.asarray(out, dtype=np.float32)
 
 
 def _tag_lists(illustrations: pa.Table, file: str) -> tuple[np.ndarray, list[list[str]]]:
     for col in ("illust_id", "tags"):
         if col not in illustrations.column_names:
-            raise ContractError(file, col, "a column (illust_id int64, tags list<string>)", f"no such column (columns: {', '.join(illustrations.column_names)})")
+            raise ContractError(
+                file,
+                col,
+                "a column (illust_id int64, tags list<string>)",
+                f"no such column (columns: {', '.join(illustrations.column_names)})",
+            )
     ids_col = illustrations.column("illust_id")
     if not pa.types.is_integer(ids_col.type):
         raise ContractError(file, "illust_id", "int64", str(ids_col.type))
     t = illustrations.schema.field("tags").type
-    if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))):
+    if not (
+        (pa.types.is_list(t) or pa.types.is_large_list(t))
+        and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))
+    ):
         raise ContractError(file, "tags", "list<string>", str(t))
     row = pc.index(pc.fill_null(ids_col.is_null(), False), True).as_py()
     if row is not None and row >= 0:
@@ -93,13 +103,17 @@ def _cache_uri(cache_dir: str, model_version: str) -> str:
     return storage.join(cache_dir, f"tag-vectors-{key}.parquet")
 
 
-def _read_cache(uri: str, model_version: str, dim: int, settings: storage.StorageSettings | None) -> dict[str, np.ndarray]:
+def _read_cache(
+    uri: str, model_version: str, dim: int, settings: storage.StorageSettings | None
+) -> dict[str, np.ndarray]:
     if not storage.exists(uri, settings):
         return {}
     table = storage.read_parquet(uri, settings)
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if meta.get("umair.tsem.encoder") != model_version:
-        raise ContractError(uri, None, f"a tag cache of encoder {model_version!r}", f"encoder {meta.get('umair.tsem.encoder')!r}")
+        raise ContractError(
+            uri, None, f"a tag cache of encoder {model_version!r}", f"encoder {meta.get('umair.tsem.encoder')!r}"
+        )
     vt = table.schema.field("vector").type
     if not pa.types.is_fixed_size_list(vt) or vt.list_size != dim:
         raise ContractError(uri, "vector", f"fixed_size_list<float32>[{dim}]", str(vt))
@@ -134,7 +148,11 @@ def tag_vectors(
         known.update(zip(missing, fresh, strict=True))
         if cache_uri:
             all_tags = list(known)
-            storage.write_parquet(_vectors_table(all_tags, np.stack([known[t] for t in all_tags]), dim, model_version), cache_uri, settings)
+            storage.write_parquet(
+                _vectors_table(all_tags, np.stack([known[t] for t in all_tags]), dim, model_version),
+                cache_uri,
+                settings,
+            )
     return known, len(missing), hits
 
 

@@ -15,11 +15,21 @@ import pyarrow as pa
 
 from umair import contracts, storage
 from umair import modalities as registry
-from umair.model.features import FeatureSpace
 from umair.errors import FeatureError
-from umair.model.interactions import ItemPool, parse_time, require_both_labels, training_window, window, with_negatives
-from umair.model.item_features import FeaturesInfo, attach_rows, check_dims, check_item_coverage, features_info, fit_vector_stats, ids_fingerprint, inspect_item_features, vector_stats_of
 from umair.feature_store import read_features
+from umair.model.features import FeatureSpace
+from umair.model.interactions import ItemPool, parse_time, require_both_labels, training_window, window, with_negatives
+from umair.model.item_features import (
+    FeaturesInfo,
+    attach_rows,
+    check_dims,
+    check_item_coverage,
+    features_info,
+    fit_vector_stats,
+    ids_fingerprint,
+    inspect_item_features,
+    vector_stats_of,
+)
 from umair.model.settings import ModelConfig, table4_variant
 from umair.training.model_io import SavedModel
 from umair.training.settings import TrainConfig
@@ -44,16 +54,21 @@ class Inputs:
         """These inputs with the feature set's versions fixed from its metadata, so the
         workers and later evaluations read the same set even if another is committed."""
         meta = info.metadata
-        return replace(self, encoder_version=meta.get("umair.encoder.version", self.encoder_version),
-                       text_version=meta.get("umair.tsem.encoder", self.text_version))
+        return replace(
+            self,
+            encoder_version=meta.get("umair.encoder.version", self.encoder_version),
+            text_version=meta.get("umair.tsem.encoder", self.text_version),
+        )
 
 
 def world_split(world: str, settings: storage.StorageSettings | None = None) -> str:
     """The train/test boundary a sample world's manifest records (``spec.split``)."""
     manifest_uri = storage.join(world, "world.json")
     if not storage.exists(manifest_uri, settings):
-        raise FeatureError(f"{world}: no world.json manifest, so not a complete sample world (write one with "
-                           "`umair sample`); or give the tables and 'split' explicitly")
+        raise FeatureError(
+            f"{world}: no world.json manifest, so not a complete sample world (write one with "
+            "`umair sample`); or give the tables and 'split' explicitly"
+        )
     return json.loads(storage.read_bytes(manifest_uri, settings))["spec"]["split"]
 
 
@@ -75,8 +90,14 @@ def resolve_inputs(
         if world is None:
             raise FeatureError("no split: give 'split' (an ISO date) or a world whose manifest records one")
         split = world_split(world, settings)
-    return Inputs(absolute(uris["illustrations"]), absolute(uris["users"]), absolute(uris["interactions"]),
-                  absolute(item_features), parse_time(split).isoformat(), *versions)
+    return Inputs(
+        absolute(uris["illustrations"]),
+        absolute(uris["users"]),
+        absolute(uris["interactions"]),
+        absolute(item_features),
+        parse_time(split).isoformat(),
+        *versions,
+    )
 
 
 def absolute(uri: str) -> str:
@@ -89,8 +110,9 @@ def is_extraction_output(uri: str, settings: storage.StorageSettings | None = No
     return storage.exists(storage.join(uri, "_commits"), settings)
 
 
-def read_item_features(inputs: Inputs, settings: storage.StorageSettings | None = None,
-                       columns: list[str] | None = None) -> pa.Table:
+def read_item_features(
+    inputs: Inputs, settings: storage.StorageSettings | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """The item-features table (contract ``item_features``): a parquet file or directory,
     or the committed feature set of an extraction output (``umair.feature_store.read_features``)."""
     uri = inputs.item_features
@@ -100,7 +122,9 @@ def read_item_features(inputs: Inputs, settings: storage.StorageSettings | None 
     return contracts.validate(storage.read_parquet(uri, settings, columns=columns), "item_features", uri)
 
 
-def inspect_features(inputs: Inputs, settings: storage.StorageSettings | None = None) -> tuple[FeaturesInfo, pa.Table | None]:
+def inspect_features(
+    inputs: Inputs, settings: storage.StorageSettings | None = None
+) -> tuple[FeaturesInfo, pa.Table | None]:
     """Ids, dims and metadata of the item features; from a plain parquet without reading
     the vectors (None returned), from an extraction output via the whole committed table."""
     if is_extraction_output(inputs.item_features, settings):
@@ -159,8 +183,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     interaction rows. Every :class:`FeatureError` is raised here, before training."""
     settings = cfg.storage.to_settings()
     inputs = resolve_inputs(
-        cfg.world, {"illustrations": cfg.illustrations, "users": cfg.users, "interactions": cfg.interactions},
-        cfg.item_features, cfg.split, settings, (cfg.encoder_version, cfg.text_version),
+        cfg.world,
+        {"illustrations": cfg.illustrations, "users": cfg.users, "interactions": cfg.interactions},
+        cfg.item_features,
+        cfg.split,
+        settings,
+        (cfg.encoder_version, cfg.text_version),
     )
     ill, users, inter = read_inputs(inputs, settings)
     train = training_window(inter, inputs.split, inputs.interactions)
@@ -172,15 +200,35 @@ def prepare(cfg: TrainConfig) -> Prepared:
     train, neg_train = with_negatives(train, pool, cfg.negatives, inputs.interactions)
     require_both_labels(train, f"{inputs.interactions}: training window")
     test_settings = cfg.negatives.model_copy(update={"seed": cfg.negatives.seed + 1})
-    test, neg_test = with_negatives(window(inter, start=inputs.split, end=cfg.test_end), pool, test_settings, inputs.interactions)
+    test, neg_test = with_negatives(
+        window(inter, start=inputs.split, end=cfg.test_end), pool, test_settings, inputs.interactions
+    )
     space = FeatureSpace.fit(ill, users, train, inputs.split, cfg.features)
     model_config = build_model_config(space, info, cfg.model, cfg.variant)
-    train_rows = attach_rows(train, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
-                             f"{inputs.interactions} (training window)")
-    test_rows = attach_rows(test, users.column("user_id").to_numpy(), info.illust_ids, inputs.item_features,
-                            f"{inputs.interactions} (test window)")
-    prepared = Prepared(inputs, space, model_config, info, ids_fingerprint(users.column("user_id").to_numpy()),
-                        train_rows, test_rows, {"train": neg_train, "test": neg_test})
+    train_rows = attach_rows(
+        train,
+        users.column("user_id").to_numpy(),
+        info.illust_ids,
+        inputs.item_features,
+        f"{inputs.interactions} (training window)",
+    )
+    test_rows = attach_rows(
+        test,
+        users.column("user_id").to_numpy(),
+        info.illust_ids,
+        inputs.item_features,
+        f"{inputs.interactions} (test window)",
+    )
+    prepared = Prepared(
+        inputs,
+        space,
+        model_config,
+        info,
+        ids_fingerprint(users.column("user_id").to_numpy()),
+        train_rows,
+        test_rows,
+        {"train": neg_train, "test": neg_test},
+    )
     if cfg.features.standardize and prepared.modalities:
         train_items = info.illust_ids[np.unique(train_rows.column("item_row").to_numpy())]
         if features is not None:
@@ -228,6 +276,12 @@ def resolve_eval_inputs(
     if segments is None and world:
         candidate = storage.join(world, "truth", "users.parquet")
         segments = candidate if storage.exists(candidate, settings) else None
-    return Inputs(absolute(uris["illustrations"]), absolute(uris["users"]), absolute(uris["interactions"]),
-                  absolute(item_features or trained["item_features"]), split_at.isoformat(),
-                  trained.get("encoder_version"), trained.get("text_version")), segments
+    return Inputs(
+        absolute(uris["illustrations"]),
+        absolute(uris["users"]),
+        absolute(uris["interactions"]),
+        absolute(item_features or trained["item_features"]),
+        split_at.isoformat(),
+        trained.get("encoder_version"),
+        trained.get("text_version"),
+    ), segments

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from umair import contracts, storage
-from umair.model.features import FeatureSpace, ItemTable, UserTable
 from umair.errors import FeatureError
+from umair.model.features import FeatureSpace, ItemTable, UserTable
 from umair.model.item_features import build_item_table, ids_fingerprint
 from umair.training.inputs import Inputs, read_item_features
 
@@ -54,12 +54,20 @@ class Lookup:
             return
         n_users, n_items, m = len(self.uid), len(self.ifields), self.ifields.shape[1]
         with torch.no_grad():
-            up = model.pack_ids(self.uid, self.tags, self.ufields, torch.zeros(n_users, m, dtype=torch.long, device=self.device),
-                                drop_tag_padding=n_users > 0)
-            ip = model.pack_ids(torch.zeros(n_items, dtype=torch.long, device=self.device),
-                                torch.zeros(n_items, 1, dtype=torch.long, device=self.device),
-                                torch.zeros(n_items, self.ufields.shape[1], dtype=torch.long, device=self.device), self.ifields)
-        self._user_packed, self._item_packed = up[:, :up.shape[1] - m], ip[:, ip.shape[1] - m:]
+            up = model.pack_ids(
+                self.uid,
+                self.tags,
+                self.ufields,
+                torch.zeros(n_users, m, dtype=torch.long, device=self.device),
+                drop_tag_padding=n_users > 0,
+            )
+            ip = model.pack_ids(
+                torch.zeros(n_items, dtype=torch.long, device=self.device),
+                torch.zeros(n_items, 1, dtype=torch.long, device=self.device),
+                torch.zeros(n_items, self.ufields.shape[1], dtype=torch.long, device=self.device),
+                self.ifields,
+            )
+        self._user_packed, self._item_packed = up[:, : up.shape[1] - m], ip[:, ip.shape[1] - m :]
         self._packed_for = id(model)
 
     def packed(self, user_row: Any, item_row: Any) -> Any:

@@ -1,10 +1,10 @@
 """A trained model on disk or object storage::
 
-    OUTPUT/
-      model.pt            UmairFPS state dict (torch.load(weights_only=True))
-      model.json          format, model_config, variant, split, feature dims, encoder
-                          versions, data URIs and fingerprints, negatives, training history
-      feature_space.json  the fitted FeatureSpace (vocabularies, buckets, vector stats)
+OUTPUT/
+  model.pt            UmairFPS state dict (torch.load(weights_only=True))
+  model.json          format, model_config, variant, split, feature dims, encoder
+                      versions, data URIs and fingerprints, negatives, training history
+  feature_space.json  the fitted FeatureSpace (vocabularies, buckets, vector stats)
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-
 from umair import storage
 from umair.model.features import FeatureSpace
 from umair.model.settings import ModelConfig
-
 
 WEIGHTS, META, SPACE = "model.pt", "model.json", "feature_space.json"
 MODEL_FORMAT = "umair-fps-model/1"
@@ -39,8 +37,13 @@ class SavedModel:
         return list(self.config.vector_names)
 
 
-def save_model(out: str, state_dict: dict[str, Any], meta: dict[str, Any], space: FeatureSpace,
-               settings: storage.StorageSettings | None = None) -> None:
+def save_model(
+    out: str,
+    state_dict: dict[str, Any],
+    meta: dict[str, Any],
+    space: FeatureSpace,
+    settings: storage.StorageSettings | None = None,
+) -> None:
     """Write ``model.pt``, ``feature_space.json`` and ``model.json`` (last) under ``out``."""
     import torch
 
@@ -57,11 +60,17 @@ def load_model(path: str, settings: storage.StorageSettings | None = None, devic
 
     from umair.model.fusion import UmairFPS
 
-    meta = storage.read_manifest(storage.join(path, META), MODEL_FORMAT, settings,
-                                 missing=f"{path}: no {META}; not a trained model directory (run `umair train` first)")
+    meta = storage.read_manifest(
+        storage.join(path, META),
+        MODEL_FORMAT,
+        settings,
+        missing=f"{path}: no {META}; not a trained model directory (run `umair train` first)",
+    )
     config = ModelConfig(**meta["model_config"])
     model = UmairFPS(config)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, WEIGHTS), settings)), map_location="cpu", weights_only=True)
+    state = torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(path, WEIGHTS), settings)), map_location="cpu", weights_only=True
+    )
     model.load_state_dict(state)
     model.to(device).eval()
     return SavedModel(model, config, FeatureSpace.load(storage.join(path, SPACE), settings), meta)

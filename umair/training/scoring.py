@@ -33,7 +33,7 @@ def score_rows(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, batch
     probs, weights = [], []
     with torch.no_grad():
         for s in range(0, len(user_rows), batch_size):
-            u, i = user_rows[s:s + batch_size], item_rows[s:s + batch_size]
+            u, i = user_rows[s : s + batch_size], item_rows[s : s + batch_size]
             out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
             probs.append(torch.sigmoid(out.logits).float().cpu().numpy())
             if out.alpha is not None:
@@ -47,8 +47,13 @@ def window_metrics(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> 
     from umair.metrics import auc, gauc, logloss
 
     g = gauc(users, labels, probs)
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs), "gauc": g.value, "gauc_users": g.users,
-            "gauc_skipped": g.skipped}
+    return {
+        "auc": auc(labels, probs),
+        "logloss": logloss(labels, probs),
+        "gauc": g.value,
+        "gauc_users": g.users,
+        "gauc_skipped": g.skipped,
+    }
 
 
 def segment_map(uri: str | None, column: str, settings: storage.StorageSettings | None) -> dict[int, str]:
@@ -57,13 +62,23 @@ def segment_map(uri: str | None, column: str, settings: storage.StorageSettings 
         return {}
     table = storage.read_parquet(uri, settings)
     if "user_id" not in table.column_names or column not in table.column_names:
-        raise FeatureError(f"{uri}: expected columns 'user_id' and '{column}' (columns: {', '.join(table.column_names)})")
-    return {int(u): str(s) for u, s in zip(table.column("user_id").to_pylist(), table.column(column).to_pylist()) if s is not None}
+        raise FeatureError(
+            f"{uri}: expected columns 'user_id' and '{column}' (columns: {', '.join(table.column_names)})"
+        )
+    return {
+        int(u): str(s)
+        for u, s in zip(table.column("user_id").to_pylist(), table.column(column).to_pylist())
+        if s is not None
+    }
 
 
 def segment_report(
-    users: np.ndarray, labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None,
-    modalities: list[str], segments: dict[int, str],
+    users: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    weights: np.ndarray | None,
+    modalities: list[str],
+    segments: dict[int, str],
 ) -> dict[str, dict[str, Any]]:
     """Per segment (``all`` first): rows, users, AUC, logloss, GAUC and mean ᾱ per modality."""
     alpha = mean_attention(users, weights, modalities, segments) if weights is not None else {}
@@ -73,6 +88,10 @@ def segment_report(
     for name in names:
         mask = np.ones(len(users), bool) if name == "all" else seg_of_row == name
         m = window_metrics(users[mask], labels[mask], probs[mask])
-        out[name] = {"rows": int(mask.sum()), "users": int(len(np.unique(users[mask]))), **m,
-                     "alpha": {k: v for k, v in alpha.get(name, {}).items() if k != "users"}}
+        out[name] = {
+            "rows": int(mask.sum()),
+            "users": int(len(np.unique(users[mask]))),
+            **m,
+            "alpha": {k: v for k, v in alpha.get(name, {}).items() if k != "users"},
+        }
     return out

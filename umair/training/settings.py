@@ -11,7 +11,6 @@ from umair.model.features import FeatureSettings
 from umair.model.interactions import IsoTime, NegativeSettings
 from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 
-
 DERIVED = ("n_users", "n_tags", "user_fields", "item_fields")
 
 
@@ -38,16 +37,24 @@ class TrainConfig(Settings):
     users: str | None = None
     interactions: str | None = None
     item_features: str = Field(..., description="item-features table (parquet) or the output root of `umair extract`")
-    encoder_version: str | None = Field(None, description="feature set of an extraction output holding several (umair.encoder.version)")
+    encoder_version: str | None = Field(
+        None, description="feature set of an extraction output holding several (umair.encoder.version)"
+    )
     text_version: str | None = Field(None, description="... and its text encoder (umair.tsem.encoder)")
     split: IsoTime | None = Field(None, description="train on ts < split, test on ts >= split (default: the world's)")
-    test_end: IsoTime | None = Field(None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)")
-    model: ModelOverrides = Field(default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)")
+    test_end: IsoTime | None = Field(
+        None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)"
+    )
+    model: ModelOverrides = Field(
+        default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)"
+    )
     variant: str | None = Field(None, description="a Table-4 variant applied on top, e.g. 'w/o STY'")
     features: FeatureSettings = FeatureSettings()
     negatives: NegativeSettings = NegativeSettings()
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1, description="rows per step on each worker; one optimizer step sees batch_size × num_workers")
+    batch_size: int = Field(
+        256, ge=1, description="rows per step on each worker; one optimizer step sees batch_size × num_workers"
+    )
     lr: float = Field(1e-3, gt=0)
     l2_emb: float = Field(1e-3, ge=0)
     num_workers: int = Field(2, ge=1)
@@ -70,7 +77,6 @@ class TrainConfig(Settings):
         if v is not None and v not in TABLE4_VARIANTS:
             raise ValueError(f"unknown Table-4 variant {v!r}; expected one of {list(TABLE4_VARIANTS)}")
         return v
-
 
     @model_validator(mode="after")
     def _tables(self) -> TrainConfig:

@@ -12,7 +12,6 @@ from umair.errors import JobFailed
 from umair.training.lookup import Lookup
 
 
-
 @dataclass(frozen=True)
 class StepSettings:
     """Optimiser settings of :func:`train_epoch` (paper: Adam lr 1e-3, L2 1e-3)."""
@@ -30,11 +29,21 @@ def check_finite_loss(value: float, *, epoch: int, step: int, lr: float) -> None
     if not np.isfinite(value):
         raise TrainingDiverged(
             f"training diverged: the BCE loss is {value} at epoch {epoch}, step {step} (lr {lr:g}); "
-            "this step was not applied and this epoch is not checkpointed; lower the learning rate (lr)")
+            "this step was not applied and this epoch is not checkpointed; lower the learning rate (lr)"
+        )
 
 
-def bce_step(raw: Any, optimizer: Any, out: Any, labels: Any, config: StepSettings, *, epoch: int, step: int,
-             emits: str = "logits") -> float:
+def bce_step(
+    raw: Any,
+    optimizer: Any,
+    out: Any,
+    labels: Any,
+    config: StepSettings,
+    *,
+    epoch: int,
+    step: int,
+    emits: str = "logits",
+) -> float:
     """One optimizer step on a batch's model output ``out`` [B]: BCE(out, y) + l2_emb ·
     Σ‖E‖² (every embedding table E of ``raw``), then Adam. ``emits`` "logits" uses
     BCE-with-logits, "probs" plain BCE on ŷ clipped to [1e-7, 1 - 1e-7] (deepctr-torch
@@ -68,11 +77,13 @@ def check_finite_weights(raw: Any, *, epoch: int, step: int, lr: float) -> None:
     if not finite:
         raise TrainingDiverged(
             f"training diverged: weights are NaN or infinite after epoch {epoch}, step {step} (lr {lr:g}); "
-            "this epoch is not checkpointed; lower the learning rate (lr)")
+            "this epoch is not checkpointed; lower the learning rate (lr)"
+        )
 
 
-def train_epoch(model: Any, raw: Any, optimizer: Any, batches: Any, lookup: Lookup, config: StepSettings,
-                epoch: int = 0) -> Any:
+def train_epoch(
+    model: Any, raw: Any, optimizer: Any, batches: Any, lookup: Lookup, config: StepSettings, epoch: int = 0
+) -> Any:
     """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
     tensors), each a :func:`bce_step` on ``model(lookup.packed(u, i), lookup.item_vectors(i))``
     (``model`` may be the DDP wrapper of ``raw``). Returns [Σ BCE·n, n] of this worker
