@@ -34,7 +34,7 @@ import pyarrow as pa
 from pipelines.runtime import ended_run, ensure_experiment, init_ray
 from umair import storage
 from umair.errors import JobFailed, root_cause
-from umair.extraction.plan import encoder_info, select_rows, text_info
+from umair.extraction.plan import encoder_info, run_params, select_rows, text_info
 from umair.extraction.progress import Progress, print_summary, summary_metrics
 from umair.extraction.settings import ExtractConfig
 from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, write_parts
@@ -51,8 +51,11 @@ from umair.feature_store import (
     utc_now,
     version_key,
     write_json,
-    writer_is_dead,
 )
+from umair.feature_store import (
+    repair as repair_duplicates,
+)
+from umair.lease import Lease
 from umair.storage import with_retries
 
 LOG = "[extract]"
@@ -155,13 +158,16 @@ def stream_and_commit(
     progress: Progress,
     settings: storage.StorageSettings,
     on_commit: Callable[[Progress], None],
+    lease: Lease,
 ) -> None:
-    """Consume the pipeline's descriptor rows; commit every ``chunk_rows`` rows."""
+    """Consume the pipeline's descriptor rows; commit every ``chunk_rows`` rows, each
+    after checking that this run still holds the output's lease."""
     pending: list[dict] = []
     rows = 0
 
     def commit() -> None:
         nonlocal pending, rows
+        lease.check()  # a run that lost its lease commits nothing more
         manifest = chunk_manifest(pending, run_id, progress.chunks, output_meta)
         commit_chunk(cfg.output, manifest, settings, cfg.io_retry_s)
         progress.add(pending)
@@ -181,21 +187,14 @@ def stream_and_commit(
 # --------------------------------------------------------------------------- MLflow and run markers
 
 
-def _close_stale_runs(cfg: ExtractConfig, client, settings: storage.StorageSettings) -> int:
-    """Mark dead runs ``killed`` (and their MLflow runs KILLED); refuse to start beside a
-    live one, since two writers could both extract the same rows."""
+def _close_dead_runs(cfg: ExtractConfig, client, settings: storage.StorageSettings) -> int:
+    """With the lease held, every other run still marked ``running`` is dead: mark it
+    ``killed`` and its MLflow run KILLED. Returns how many were closed."""
     closed = 0
     for uri in storage.list_files(part_uri(cfg.output, "_runs"), settings):
         marker = read_json(uri, settings, cfg.io_retry_s)
         if marker.get("status") != "running":
             continue
-        if not writer_is_dead(marker, cfg.stale_after_s):
-            raise ExtractError(
-                f"{cfg.output}: extraction run {marker['run_id']} (host {marker.get('host')}, pid {marker.get('pid')}, "
-                f"last heartbeat {marker.get('heartbeat_at') or marker.get('started_at')}) is still writing here; one "
-                f"extraction per output at a time. If it is dead, rerun after stale_after_s={cfg.stale_after_s:.0f}s "
-                f"from that heartbeat, or delete {uri}."
-            )
         try:
             if client.get_run(marker["mlflow_run_id"]).info.status == "RUNNING":
                 client.set_terminated(marker["mlflow_run_id"], status="KILLED")
@@ -204,31 +203,6 @@ def _close_stale_runs(cfg: ExtractConfig, client, settings: storage.StorageSetti
         write_json(uri, {**marker, "status": "killed", "closed_at": utc_now()}, settings, cfg.io_retry_s)
         closed += 1
     return closed
-
-
-def _params(cfg: ExtractConfig, enc: dict, text: dict | None, run_id: str) -> dict[str, str]:
-    return {
-        k: str(v)
-        for k, v in {
-            "run_id": run_id,
-            "catalogue": cfg.catalogue,
-            "output": cfg.output,
-            "encoder_source": cfg.encoder.source,
-            "encoder_version": enc["version"],
-            "backbone": enc["spec"]["backbone"],
-            "image_size": enc["image_size"],
-            "text_model": cfg.text_model,
-            "text_version": text["version"] if text else None,
-            "text_mode": cfg.text_mode,
-            "since": cfg.since.isoformat() if cfg.since else None,
-            "batch_size": cfg.batch_size,
-            "decode_batch_size": cfg.decode_batch_size,
-            "encode_concurrency": cfg.encode_concurrency,
-            "use_gpu": cfg.use_gpu,
-            "chunk_rows": cfg.chunk_rows,
-            "retry_failed": cfg.retry_failed,
-        }.items()
-    }
 
 
 # --------------------------------------------------------------------------- run
@@ -243,9 +217,24 @@ def run(cfg: ExtractConfig) -> dict:
     settings = cfg.storage.to_settings()
     run_id = new_run_id()
     enc, text = encoder_info(cfg, settings), text_info(cfg, settings)
+    # The lease first: recovery, the skip list, the MLflow run and every commit belong to one writer.
+    lease = Lease.acquire(cfg.output, run_id, settings, cfg.stale_after_s, cfg.heartbeat_s)
+    try:
+        client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
+        return _run_holding(cfg, run_id, enc, text, client, lease, t0)
+    finally:
+        lease.release()
+
+
+def _run_holding(
+    cfg: ExtractConfig, run_id: str, enc: dict, text: dict | None, client, lease: Lease, t0: float
+) -> dict:
+    """:func:`run` once the output's lease is held."""
+    import mlflow
+
+    settings = cfg.storage.to_settings()
     key = version_key(enc["version"], text["version"] if text else None)
-    client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
-    stale_runs = _close_stale_runs(cfg, client, settings)  # first: recovery must not touch a live run's files
+    stale_runs = _close_dead_runs(cfg, client, settings)
     recovered = {**recover(cfg.output, settings, cfg.io_retry_s), "stale_runs_closed": stale_runs}
     same_set = [
         m
@@ -260,7 +249,7 @@ def run(cfg: ExtractConfig) -> dict:
     mlflow_run = client.create_run(ensure_experiment(cfg.mlflow), run_name=f"extract-{run_id}")
     mlflow_id = mlflow_run.info.run_id
     client.log_batch(
-        mlflow_id, params=[mlflow.entities.Param(k, v) for k, v in _params(cfg, enc, text, run_id).items()]
+        mlflow_id, params=[mlflow.entities.Param(k, v) for k, v in run_params(cfg, enc, text, run_id).items()]
     )
     marker = part_uri(cfg.output, f"_runs/{run_id}.json")
     alive = {
@@ -305,7 +294,7 @@ def run(cfg: ExtractConfig) -> dict:
                 init_ray(cfg.ray)
                 progress.start = time.perf_counter()
                 ds = build_pipeline(todo, cfg, enc, text, run_id, output_meta["metadata"])
-                stream_and_commit(ds, cfg, run_id, output_meta, progress, settings, after_commit)
+                stream_and_commit(ds, cfg, run_id, output_meta, progress, settings, after_commit, lease)
         except BaseException as err:
             write_json(
                 marker,
@@ -346,6 +335,16 @@ def run(cfg: ExtractConfig) -> dict:
     return summary
 
 
+def repair(cfg: ExtractConfig) -> dict[str, int]:
+    """``umair extract --repair``: holding the output's lease, drop every illust_id committed
+    more than once (the first committed copy stays; :func:`umair.feature_store.repair`)."""
+    settings = cfg.storage.to_settings()
+    with Lease.acquire(cfg.output, f"repair-{new_run_id()}", settings, cfg.stale_after_s, cfg.heartbeat_s):
+        counts = repair_duplicates(cfg.output, settings, cfg.io_retry_s)
+    print(f"{LOG} repair of {cfg.output}: {json.dumps(counts)}", flush=True)
+    return counts
+
+
 def register(sub) -> None:
     """Add ``umair extract`` to the CLI."""
     from umair.config import load_config
@@ -370,6 +369,9 @@ def register(sub) -> None:
         if args.endpoint:
             overrides["storage.endpoint"] = args.endpoint
         cfg = load_config(args.config, ExtractConfig, overrides)
+        if args.repair:
+            repair(cfg)
+            return 0
         if args.encoder is not None:
             source = None if args.encoder == "random" else args.encoder
             cfg = cfg.model_copy(update={"encoder": cfg.encoder.model_copy(update={"source": source})})
@@ -387,5 +389,10 @@ def register(sub) -> None:
     p.add_argument("--encode-concurrency", type=int, help="encoder actors")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor (bf16)")
     p.add_argument("--retry-failed", action="store_true", help="try again rows whose committed record is an error")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop illust_ids committed more than once (keeps the first); no extraction",
+    )
     p.add_argument("--endpoint", help="S3-compatible endpoint URL (overrides storage.endpoint)")
     p.set_defaults(func=handler)

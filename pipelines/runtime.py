@@ -14,6 +14,7 @@ from typing import Any
 
 from umair import storage
 from umair.config import ConfigError, MlflowConfig, RayConfig
+from umair.errors import root_cause
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -123,7 +124,9 @@ class Terminated(KeyboardInterrupt):
 def ended_run(client: Any, run_id: str) -> Iterator[None]:
     """Close the MLflow run ``run_id`` on every way out of the block: FINISHED when it
     completes, KILLED on Ctrl-C or SIGTERM (a handler turns SIGTERM into :class:`Terminated`
-    while the block runs, in the main thread), FAILED on any other error (re-raised)."""
+    while the block runs, in the main thread), FAILED on any other error (re-raised). A
+    failed or killed run gets the error's root cause (Ray's wrappers removed) as the tag
+    ``umair.error``, so MLflow shows why."""
     handler_set = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if handler_set else None
 
@@ -134,10 +137,12 @@ def ended_run(client: Any, run_id: str) -> Iterator[None]:
         signal.signal(signal.SIGTERM, on_term)
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        client.set_tag(run_id, "umair.error", root_cause(err)[:5000])
         client.set_terminated(run_id, "KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
+        client.set_tag(run_id, "umair.error", root_cause(err)[:5000])
         client.set_terminated(run_id, "FAILED")
         raise
     else:

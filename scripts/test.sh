@@ -3,6 +3,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh || exit 1
+echo "[lint] ruff check + ruff format --check"
+.venv/bin/ruff check umair pipelines tests bench || exit 1
+.venv/bin/ruff format --check umair pipelines tests bench || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines.extract import ExtractConfig, ExtractError, _close_stale_runs, build_pipeline, run
+from pipelines.extract import ExtractConfig, ExtractError, _close_dead_runs, build_pipeline, run
 from umair import storage
 from umair.config import StorageConfig, parse_settings
 from umair.extraction.stages import load_image_encoder, write_parts
@@ -504,27 +503,27 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     assert _ids(read_features(output, encoder_version="enc-v1")) == [i for i in range(1, 21) if i % 5]
 
 
-def test_a_live_run_on_the_same_output_is_refused_and_a_dead_one_closed(tmp_path, s3_server, mlflow_db):
+def test_a_live_writer_is_refused_and_dead_runs_are_closed(tmp_path, s3_server, mlflow_db):
     import mlflow
+
+    from umair.lease import Lease, LeaseHeld
 
     output = str(tmp_path / "out")
     cfg = make_config(s3_server, "unused.parquet", output, mlflow_db)
+    with Lease.acquire(output, "r-live", heartbeat_s=60), pytest.raises(LeaseHeld, match=r"run r-live \(host "):
+        run(cfg)  # refused before it reads anything
     marker = os.path.join(output, "_runs", "r-1.json")
-    live = {
+    dead = {
         "run_id": "r-1",
         "status": "running",
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started_at": datetime.now(UTC).isoformat(),
+        "host": "another-host",
+        "pid": 1,
+        "started_at": "2024-01-01T00:00:00+00:00",
         "mlflow_run_id": "none",
     }
-    storage.write_bytes(marker, json.dumps(live).encode())
+    storage.write_bytes(marker, json.dumps(dead).encode())
     client = mlflow.MlflowClient(f"sqlite:///{mlflow_db}")
-    with pytest.raises(ExtractError, match="run r-1 .* is still writing here"):
-        _close_stale_runs(cfg, client, storage.StorageSettings())
-    elsewhere = {**live, "host": "another-host", "heartbeat_at": "2024-01-01T00:00:00+00:00"}
-    storage.write_bytes(marker, json.dumps(elsewhere).encode())  # silent for longer than stale_after_s
-    assert _close_stale_runs(cfg, client, storage.StorageSettings()) == 1
+    assert _close_dead_runs(cfg, client, storage.StorageSettings()) == 1  # called with the lease held
     assert json.loads(storage.read_bytes(marker))["status"] == "killed"
 
 

@@ -37,6 +37,9 @@ def test_a_run_ends_finished_failed_or_killed(client):
         os.kill(os.getpid(), signal.SIGTERM)
         signal.pause()  # the handler raises as soon as the signal lands
     assert [_status(c, r) for r in (ok, bad, stopped, termed)] == ["FINISHED", "FAILED", "KILLED", "KILLED"]
+    assert c.get_run(bad).data.tags["umair.error"] == "ValueError: boom"
+    assert c.get_run(termed).data.tags["umair.error"] == "Terminated: received signal 15"
+    assert "umair.error" not in c.get_run(ok).data.tags
     assert signal.getsignal(signal.SIGTERM) is previous, "the job's SIGTERM handler is removed afterwards"
 
 

@@ -8,16 +8,16 @@ Output layout (``OUTPUT`` a local directory or an ``s3://`` prefix)::
     OUTPUT/errors/<version-key>/<run>-<part>.parquet        committed error parts
     OUTPUT/_commits/<run>-<seq>.json                        one manifest per chunk
     OUTPUT/_runs/<run>.json                                 run status + MLflow run id
+    OUTPUT/_lease.json                                      the writer holding the output
 
 Commit protocol (every write of a manifest is atomic: a local rename or a single S3
-PUT; one extraction writes to an OUTPUT at a time: a run refuses to start while
-another's ``_runs`` marker says ``running`` and that run is alive, i.e. its process
-exists on this host or its heartbeat, refreshed at every commit, is younger than
-``stale_after_s``; two runs starting within the same instant are not caught):
+PUT). One extraction writes to an OUTPUT at a time: it holds the output's lease
+(:mod:`umair.lease`: ``OUTPUT/_lease.json``, created only if absent, renewed by a
+heartbeat thread, checked before every commit) from before its recovery to its end.
 
 1. pipeline tasks write part files under ``_tmp/<run>/`` only; readers never look there;
 2. for a chunk, the driver writes ``_commits/<run>-<seq>.json`` with status ``pending``,
-   listing every (temporary → final) move and the rows each file holds;
+   listing every (temporary → final) move and, per file, its rows, size and SHA-256;
 3. it moves each file to its final name (``features/…``, ``errors/…``); a move whose
    source is gone and whose target exists was already done, so step 3 is idempotent;
 4. it rewrites the manifest with status ``committed``: the chunk's single commit point;
@@ -25,6 +25,10 @@ exists on this host or its heartbeat, refreshed at every commit, is younger than
    use only files listed in ``committed`` manifests. A run first recovers: every
    ``pending`` manifest is rolled forward (steps 3-4) or, if a temporary file was lost,
    rolled back (its final files deleted, then the manifest); then ``_tmp/`` is emptied.
+
+Readers verify each file's size and SHA-256 against its manifest (a file changed in
+place is an error naming it), and refuse ids committed by more than one manifest, naming
+them (:func:`repair`, ``umair extract --repair``, drops the later copies).
 
 So a run killed at any point and rerun ends with every illustration exactly once: rows
 of committed chunks are skipped (same encoder and text versions), rows of uncommitted
@@ -35,20 +39,20 @@ table then keeps only the latest error of ids that still have no features).
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-import socket
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from umair import contracts, storage
 from umair import modalities as registry
-from umair.errors import JobFailed
+from umair.errors import FeatureError, JobFailed
 from umair.storage import move, with_retries
 
 COMMIT_FORMAT = "umair-extract-commit/1"
@@ -177,6 +181,37 @@ def _read_files(
     return [storage.read_parquet(part_uri(output, rel), settings, columns=columns) for rel in rels]
 
 
+def read_part(output: str, manifest: dict, entry: dict, settings: storage.StorageSettings | None) -> pa.Table:
+    """One committed part file, its size and SHA-256 checked against the manifest that
+    lists it (:class:`FeatureError` naming the file and the manifest on a mismatch)."""
+    uri = part_uri(output, entry["path"])
+    data = storage.read_bytes(uri, settings)
+    if "sha256" in entry:
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry["bytes"] or digest != entry["sha256"]:
+            raise FeatureError(
+                f"{uri}: the file changed after it was committed (manifest {manifest_uri(output, manifest)} lists "
+                f"{entry['bytes']} bytes, sha256 {entry['sha256'][:16]}…; found {len(data)} bytes, sha256 {digest[:16]}…); "
+                "restore it from a copy, or delete that manifest and rerun `umair extract` to extract its rows again"
+            )
+    return pq.read_table(pa.BufferReader(data))
+
+
+def manifest_uri(output: str, manifest: dict) -> str:
+    """Where a commit manifest lives."""
+    return _commit_uri(output, manifest["run_id"], manifest["seq"])
+
+
+def duplicate_ids(manifests: list[dict], ids_of: dict[tuple[str, int], np.ndarray]) -> dict[int, list[str]]:
+    """illust_id -> the manifests (``run-seq``) whose feature parts hold it, for ids held more than once."""
+    seen: dict[int, list[str]] = {}
+    for m in manifests:
+        name = f"{m['run_id']}-{m['seq']:06d}"
+        for i in np.unique(ids_of[(m["run_id"], m["seq"])]).tolist():
+            seen.setdefault(int(i), []).append(name)
+    return {i: names for i, names in seen.items() if len(names) > 1}
+
+
 def _empty_features(manifest: dict) -> pa.Table:
     fields = [pa.field("illust_id", pa.int64())]
     for name in registry.names():
@@ -199,7 +234,18 @@ def read_features(
     if not chosen:
         want = f" for encoder version {encoder_version!r}" if encoder_version else ""
         raise FileNotFoundError(f"{output}: no committed item features{want}; run `umair extract` first")
-    tables = _read_files(output, [f["path"] for m in chosen for f in m["features"]], settings)
+    tables, ids_of = [], {}
+    for m in chosen:
+        parts = [read_part(output, m, f, settings) for f in m["features"]]
+        tables += parts
+        ids_of[(m["run_id"], m["seq"])] = np.concatenate([t.column("illust_id").to_numpy() for t in parts] or [[]])
+    dups = duplicate_ids(chosen, ids_of)
+    if dups:
+        first = min(dups)
+        raise FeatureError(
+            f"{output}: {len(dups)} illust_id(s) are committed more than once (e.g. {first} in manifests "
+            f"{', '.join(dups[first])} under {part_uri(output, '_commits')}); run `umair extract --repair` on this output"
+        )
     table = pa.concat_tables(tables) if tables else _empty_features(chosen[-1])
     table = table.replace_schema_metadata(chosen[-1]["metadata"])
     return contracts.validate(table, "item_features", part_uri(output, "features"))
@@ -214,7 +260,7 @@ def read_errors(
     """The committed extraction errors (``extraction_errors`` contract plus ``reason``):
     per illust_id the latest error, leaving out ids that have features since."""
     chosen = _select(list_manifests(output, settings), encoder_version, text_version)
-    tables = _read_files(output, [f["path"] for m in chosen for f in m["errors"]], settings)
+    tables = [read_part(output, m, f, settings) for m in chosen for f in m["errors"]]
     schema = pa.schema(
         [
             ("illust_id", pa.int64()),
@@ -274,7 +320,10 @@ def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: 
             if rel:
                 dst = f"{kind}/{output_meta['key']}/{run_id}-{rel.rsplit('/', 1)[1]}"
                 moves.append([rel, dst])
-                target.append({"path": dst, "rows": int(d[f"{kind}_rows"])})
+                entry = {"path": dst, "rows": int(d[f"{kind}_rows"])}
+                if d.get(f"{kind}_sha256"):  # size and content hash, verified by every reader
+                    entry.update(bytes=int(d[f"{kind}_bytes"]), sha256=str(d[f"{kind}_sha256"]))
+                target.append(entry)
     return {
         "format": COMMIT_FORMAT,
         "run_id": run_id,
@@ -289,26 +338,61 @@ def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: 
     }
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def writer_is_dead(marker: dict, stale_after_s: float) -> bool:
-    """A run marked ``running`` is dead when it ran on this host and its process is gone,
-    or when its heartbeat (refreshed at every commit) is older than ``stale_after_s``."""
-    if marker.get("host") == socket.gethostname() and not pid_alive(int(marker.get("pid", -1))):
-        return True
-    beat = datetime.fromisoformat(marker.get("heartbeat_at") or marker["started_at"])
-    return (datetime.now(UTC) - beat).total_seconds() > stale_after_s
+def repair(output: str, settings: storage.StorageSettings | None = None, retry_s: float = 30.0) -> dict[str, int]:
+    """Remove illust_ids committed more than once (e.g. by two runs that wrote the same
+    output at once, before the lease existed): per feature set, in commit order, the first
+    committed row of an id is kept and later ones are dropped. Each affected part is
+    rewritten without them (new file, listed with its size and SHA-256), its manifest is
+    rewritten (one atomic write), then the old part is deleted; a crash in between leaves
+    at most an unlisted file, which no reader sees. Hold the output's lease while calling.
+    Returns counts of manifests and parts rewritten and rows dropped."""
+    counts = {"manifests_rewritten": 0, "parts_rewritten": 0, "rows_dropped": 0}
+    committed = [m for m in list_manifests(output, settings, retry_s) if m["status"] == "committed"]
+    for key in sorted({(m["encoder_version"], m.get("text_version")) for m in committed}, key=str):
+        seen: set[int] = set()
+        for m in (m for m in committed if (m["encoder_version"], m.get("text_version")) == key):
+            entries, stale = [], []
+            for entry in m["features"]:
+                table = read_part(output, m, entry, settings)
+                ids = table.column("illust_id").to_numpy()
+                _, first = np.unique(ids, return_index=True)
+                keep = np.zeros(len(ids), bool)
+                keep[first] = True
+                keep &= ~np.isin(ids, np.fromiter(seen, np.int64, len(seen)))
+                seen.update(ids[keep].tolist())
+                if keep.all():
+                    entries.append(entry)
+                    continue
+                counts["parts_rewritten"] += 1
+                counts["rows_dropped"] += int((~keep).sum())
+                stale.append(entry["path"])
+                if keep.any():
+                    kept = table.filter(pa.array(keep))
+                    data, rel = (
+                        storage.parquet_bytes(kept),
+                        entry["path"].replace(".parquet", f"-r{uuid.uuid4().hex[:8]}.parquet"),
+                    )
+                    with_retries(
+                        lambda r=rel, b=data: storage.write_bytes(part_uri(output, r), b, settings),
+                        f"write {rel}",
+                        retry_s,
+                    )
+                    entries.append(
+                        {
+                            "path": rel,
+                            "rows": kept.num_rows,
+                            "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                        }
+                    )
+            if not stale:
+                continue
+            fixed = {**m, "features": entries, "rows_ok": sum(e["rows"] for e in entries), "repaired_at": utc_now()}
+            write_json(manifest_uri(output, m), fixed, settings, retry_s)
+            counts["manifests_rewritten"] += 1
+            for rel in stale:
+                uri = part_uri(output, rel)
+                fs, path = storage.resolve(uri, settings)
+                with storage.storage_errors(uri, "delete", settings):
+                    fs.delete_file(path)
+    return counts

@@ -154,3 +154,52 @@ def mean_attention(
         means = per_user[mask].mean(axis=0)
         out[name] = {m: float(v) for m, v in zip(modalities, means)} | {"users": int(mask.sum())}
     return out
+
+
+PLANTED_MODALITY: dict[str, str] = {"style": "sty", "content": "sem", "tag": "tsem"}
+"""The sample world's planted tastes (``truth/users.parquet`` ``taste``) and the modality
+that carries each: style-driven users -> e_STY, content-driven -> e_SEM, tag-driven ->
+e_TSEM (popularity-driven users have none)."""
+
+
+def per_user_attention(users: Sequence[int] | np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(user ids [U], mean ᾱ per user [U, J])``: each user's impressions averaged."""
+    w = np.asarray(weights, dtype=np.float64)
+    u = np.asarray(users).ravel()
+    if w.ndim != 2 or len(w) != len(u):
+        raise ValueError(f"weights must be [N, J] with N = {len(u)}, got {list(w.shape)}")
+    uniq, inverse = np.unique(u, return_inverse=True)
+    per_user = np.zeros((len(uniq), w.shape[1]))
+    np.add.at(per_user, inverse, w)
+    per_user /= np.maximum(np.bincount(inverse, minlength=len(uniq)), 1)[:, None]
+    return uniq, per_user
+
+
+def alpha_spread(
+    users: Sequence[int] | np.ndarray,
+    weights: np.ndarray,
+    modalities: Sequence[str],
+    segment_of_user: dict[int, str],
+    planted: dict[str, str] | None = None,
+) -> dict[str, dict[str, object]]:
+    """How user-aware ᾱ is, per segment (``"all"`` included): over the segment's users'
+    mean ᾱ [U, J], the ``std`` per modality, and ``share_planted_top``, the share of its
+    users whose largest ᾱ_j is the segment's planted modality (``planted``, default
+    :data:`PLANTED_MODALITY`; None for a segment without one or a modality not stacked).
+    For ``"all"`` the share counts every user whose segment has a planted modality."""
+    planted = PLANTED_MODALITY if planted is None else planted
+    uniq, per_user = per_user_attention(users, weights)
+    seg = np.array([segment_of_user.get(int(x)) for x in uniq], dtype=object)
+    top = np.asarray(modalities, dtype=object)[per_user.argmax(axis=1)] if len(uniq) else np.array([], object)
+    want = np.array([planted.get(s) if s is not None else None for s in seg], dtype=object)
+    want = np.array([m if m in modalities else None for m in want], dtype=object)
+    out: dict[str, dict[str, object]] = {}
+    for name in ["all", *sorted({s for s in seg if s is not None})]:
+        mask = np.ones(len(uniq), bool) if name == "all" else seg == name
+        has = mask & (want != None)  # noqa: E711 - elementwise on an object array
+        out[name] = {
+            "users": int(mask.sum()),
+            "std": {m: float(per_user[mask, j].std()) for j, m in enumerate(modalities)} if mask.any() else {},
+            "share_planted_top": float((top[has] == want[has]).mean()) if has.any() else None,
+        }
+    return out

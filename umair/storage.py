@@ -13,7 +13,9 @@ in memory and sent in one request, which S3 applies atomically).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -116,6 +118,19 @@ def _s3_filesystem(settings: StorageSettings, _credentials: str) -> pafs.S3FileS
         kwargs["scheme"] = parsed.scheme
     # No access_key/secret_key: pyarrow uses the default AWS credential chain.
     return pafs.S3FileSystem(**kwargs)
+
+
+def _drop_s3_filesystems() -> None:
+    """At exit, drop the cached S3 filesystems before pyarrow's own exit hook finalizes
+    its AWS SDK: a filesystem that outlives ``FinalizeS3`` can abort the process as it
+    ends ("Mutex corrupt", "Fatal Python error: Aborted" in Ray worker logs of runs that
+    otherwise succeeded; apache/arrow#41087, #50188). ``atexit`` runs this hook first,
+    since this module registers it after ``pyarrow.fs`` was imported."""
+    _s3_filesystem.cache_clear()
+    gc.collect()
+
+
+atexit.register(_drop_s3_filesystems)
 
 
 def resolve(uri: str, settings: StorageSettings | None = None) -> tuple[pafs.FileSystem, str]:
@@ -229,11 +244,16 @@ def move_dir(src: str, dst: str, settings: StorageSettings | None = None) -> Non
     os.replace(os.path.abspath(src), os.path.abspath(dst))
 
 
-def write_parquet(table: pa.Table, uri: str, settings: StorageSettings | None = None) -> None:
-    """Write ``table`` as one parquet file, all-or-nothing."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one zstd-compressed parquet file."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_bytes(uri, buf.getvalue(), settings)
+    return buf.getvalue()
+
+
+def write_parquet(table: pa.Table, uri: str, settings: StorageSettings | None = None) -> None:
+    """Write ``table`` as one parquet file, all-or-nothing."""
+    write_bytes(uri, parquet_bytes(table), settings)
 
 
 def read_parquet(uri: str, settings: StorageSettings | None = None, columns: list[str] | None = None) -> pa.Table:

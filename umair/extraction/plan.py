@@ -63,3 +63,29 @@ def select_rows(
         "to_process": todo.num_rows,
     }
     return todo.select(columns).combine_chunks(), counts
+
+
+def run_params(cfg: ExtractConfig, enc: dict, text: dict | None, run_id: str) -> dict[str, str]:
+    """The run's MLflow params: what it reads and writes, the encoders and the pipeline settings."""
+    return {
+        k: str(v)
+        for k, v in {
+            "run_id": run_id,
+            "catalogue": cfg.catalogue,
+            "output": cfg.output,
+            "encoder_source": cfg.encoder.source,
+            "encoder_version": enc["version"],
+            "backbone": enc["spec"]["backbone"],
+            "image_size": enc["image_size"],
+            "text_model": cfg.text_model,
+            "text_version": text["version"] if text else None,
+            "text_mode": cfg.text_mode,
+            "since": cfg.since.isoformat() if cfg.since else None,
+            "batch_size": cfg.batch_size,
+            "decode_batch_size": cfg.decode_batch_size,
+            "encode_concurrency": cfg.encode_concurrency,
+            "use_gpu": cfg.use_gpu,
+            "chunk_rows": cfg.chunk_rows,
+            "retry_failed": cfg.retry_failed,
+        }.items()
+    }

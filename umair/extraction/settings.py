@@ -68,8 +68,11 @@ class ExtractConfig(Settings):
     )
     retry_failed: bool = Field(False, description="try again ids whose committed record is an error")
     stale_after_s: float = Field(
-        1800.0, gt=0, description="a run on another host without a heartbeat for this long is dead"
+        1800.0,
+        gt=0,
+        description="a lease whose heartbeat is older than this (or whose process on this host is gone) is dead",
     )
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a running extraction renews its lease on the output")
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-extract")
     storage: StorageConfig = StorageConfig()

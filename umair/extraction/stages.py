@@ -6,6 +6,7 @@ writer. Nothing here imports Ray; settings arrive typed (:class:`StorageConfig`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -302,6 +303,27 @@ def _vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     )
 
 
+def mark_non_finite(batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+    """Flag (in place of ``ok``) rows whose e_SEM / e_STY / e_TSEM hold NaN or infinity as error rows."""
+    bad = np.zeros(len(ok), bool)
+    for name in registry.names():
+        if name in batch and len(ok):
+            values = batch[name]
+            arr = np.stack(values) if values.dtype == object else values
+            bad |= ~np.isfinite(np.asarray(arr, np.float64).reshape(len(ok), -1)).all(axis=1)
+    bad &= ok
+    if not bad.any():
+        return batch
+    out = dict(batch)
+    out["stage"], out["reason"], out["error"] = (np.array(batch[k], dtype=object) for k in ("stage", "reason", "error"))
+    names = [m for m in registry.names() if m in batch]
+    out["stage"][bad], out["reason"][bad] = "encode", "non_finite"
+    out["error"][bad] = f"the encoder produced NaN or infinite values ({', '.join(names)})"
+    ok[bad] = False
+    out["ok"] = ok
+    return out
+
+
 def write_parts(
     batch: dict[str, np.ndarray],
     output: str,
@@ -311,11 +333,14 @@ def write_parts(
     retry_s: float,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF (tasks): write a batch's good rows and error rows as temporary part
-    files; return one descriptor row for the driver to commit."""
+    files; return one descriptor row for the driver to commit. A row whose vectors hold a
+    NaN or an infinity becomes an error row (stage ``encode``, reason ``non_finite``)."""
     settings = storage_config.to_settings()
     ok = batch["ok"].astype(bool)
+    batch = mark_non_finite(batch, ok)
     part = uuid.uuid4().hex[:16]
     desc: dict[str, Any] = {"features": "", "features_rows": 0, "errors": "", "errors_rows": 0, "reasons": "{}"}
+    desc.update(features_bytes=0, features_sha256="", errors_bytes=0, errors_sha256="")
     if ok.any():
         columns = {"illust_id": pa.array(batch["illust_id"][ok].astype(np.int64), pa.int64())}
         for name in registry.names():
@@ -323,8 +348,9 @@ def write_parts(
                 columns[name] = _vectors(batch[name][ok], int(meta[f"umair.{name}.dim"]))
         table = pa.table(columns).replace_schema_metadata(meta)
         rel = f"_tmp/{run_id}/features/{part}.parquet"
-        uri = part_uri(output, rel)
-        with_retries(lambda: storage.write_parquet(table, uri, settings), f"write {uri}", retry_s)
+        uri, data = part_uri(output, rel), storage.parquet_bytes(table)
+        with_retries(lambda u=uri, b=data: storage.write_bytes(u, b, settings), f"write {uri}", retry_s)
+        desc.update(features_bytes=len(data), features_sha256=hashlib.sha256(data).hexdigest())
         desc.update(features=rel, features_rows=int(ok.sum()))
     bad = ~ok
     if bad.any():
@@ -340,8 +366,9 @@ def write_parts(
             {k: v for k, v in meta.items() if k.startswith("umair.encoder") or k.startswith("umair.extract")}
         )
         rel = f"_tmp/{run_id}/errors/{part}.parquet"
-        uri = part_uri(output, rel)
-        with_retries(lambda: storage.write_parquet(table, uri, settings), f"write {uri}", retry_s)
+        uri, data = part_uri(output, rel), storage.parquet_bytes(table)
+        with_retries(lambda u=uri, b=data: storage.write_bytes(u, b, settings), f"write {uri}", retry_s)
+        desc.update(errors_bytes=len(data), errors_sha256=hashlib.sha256(data).hexdigest())
         reasons = Counter(f"{s}:{r}" for s, r in zip(batch["stage"][bad], batch["reason"][bad]))
         desc.update(errors=rel, errors_rows=int(bad.sum()), reasons=json.dumps(dict(reasons)))
     return {k: np.array([v]) for k, v in desc.items()}

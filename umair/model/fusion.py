@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umair.model.crossnet import CrossNet
+from umair.model.history import UserHistory, history_widths
 from umair.model.settings import (  # noqa: F401 - re-exported: the settings live in a torch-free module
     META,
     TABLE4_VARIANTS,
@@ -246,6 +247,9 @@ class UmairFPS(nn.Module):
                 cfg.expert_kinds, d, len(self.modality_names), cfg.att_user_proj, cfg.sen_reduction, cfg.sen_weights
             )
             width += 2 * d
+        self.history: UserHistory | None = None
+        if cfg.multimodal and cfg.user_history:
+            self.history = UserHistory(cfg.n_users, history_widths(cfg.vectors, self.modality_names))
         self.x0_width = width
         self.cross = CrossNet(
             width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation
@@ -369,10 +373,15 @@ class UmairFPS(nn.Module):
             raise ValueError(f"{name}: expected shape [B, {width}], got {list(x.shape)}")
         return self.modality_proj[name](x.to(self.user_proj.weight.dtype))
 
-    def explain(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None) -> FusionOutput:
+    def explain(
+        self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None
+    ) -> FusionOutput:
         """Logits [B] plus the UMCM weights α [B, K, J] (J in :attr:`modality_names`
         order) and β [B, K] (K in ``cfg.expert_kinds`` order) of ids packed by
-        :meth:`pack_ids` and the item vectors ``vectors[m]`` [B, cfg.vectors[m]]."""
+        :meth:`pack_ids` and the item vectors ``vectors[m]`` [B, cfg.vectors[m]].
+        ``own`` [B] (training labels; only with ``cfg.user_history``, in train mode): the
+        rows whose item is in the user's history, which then leaves it out
+        (:meth:`UserHistory.leave_one_out`)."""
         cfg = self.cfg
         raw = self.embed_packed(packed)  # [B, (2 + P + M) k] = [user id, tags, profile | item fields]
         alpha = beta = None
@@ -382,6 +391,12 @@ class UmairFPS(nn.Module):
             user_raw, item_raw = raw[:, :split], raw[:, split:]
             v_user = self.user_proj(user_raw)
             given = vectors or {}
+            if self.history is not None:  # + Σ_m W_m hist_m(u), see umair.model.history
+                uid = packed[:, 0]
+                loo = own is not None and self.training
+                hist = self.history.leave_one_out(uid, given, own) if loo else self.history(uid)
+                for m, h in hist.items():
+                    v_user = v_user + F.linear(h.to(v_user.dtype), self.modality_proj[m].weight)
             e = [
                 self.modality_proj[META](item_raw) if m == META else self._modality(m, given.get(m), cfg.vectors[m])
                 for m in self.modality_names
@@ -395,10 +410,12 @@ class UmairFPS(nn.Module):
             h = self.deep(xl)
         return FusionOutput(self.head(h).squeeze(-1), alpha, beta)
 
-    def forward(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None
+    ) -> Tensor:
         """Logits [B] of ids packed by :meth:`pack_ids` [B, 1 + T + P + M] and the item
-        vectors (apply a sigmoid for bookmark probabilities)."""
-        return self.explain(packed, vectors).logits
+        vectors (apply a sigmoid for bookmark probabilities); ``own`` as in :meth:`explain`."""
+        return self.explain(packed, vectors, own).logits
 
 
 def compact_tags(user_tags: Tensor, keep: int | None = None) -> Tensor:

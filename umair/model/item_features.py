@@ -148,6 +148,15 @@ def _stats_of_batches(
                 .reshape(batch.num_rows, col.type.list_size)
                 .astype(np.float64)
             )
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                row = int(np.argmax(~finite))
+                ident = (
+                    f"illust_id {batch.column('illust_id')[row].as_py()}"
+                    if "illust_id" in batch.schema.names
+                    else "a row"
+                )
+                raise FeatureError(f"{source}: column '{m}': {ident} holds NaN or infinite values; re-extract it")
             sums[m] = sums.get(m, 0.0) + x.sum(axis=0)
             squares[m] = squares.get(m, 0.0) + (x * x).sum(axis=0)
     if n == 0:
@@ -179,7 +188,7 @@ def fit_vector_stats(
     with storage.storage_errors(uri, "read", settings):
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
         scanner = dataset.scanner(
-            columns=list(modalities), filter=pads.field("illust_id").isin(wanted), batch_size=batch_rows
+            columns=["illust_id", *modalities], filter=pads.field("illust_id").isin(wanted), batch_size=batch_rows
         )
         return _stats_of_batches(scanner.to_batches(), modalities, uri, len(wanted))
 
@@ -191,7 +200,7 @@ def vector_stats_of(
     if not modalities:
         return {}
     wanted = pa.array(np.unique(np.asarray(item_ids, np.int64)), pa.int64())
-    rows = table.filter(pc.is_in(table.column("illust_id"), value_set=wanted)).select(list(modalities))
+    rows = table.filter(pc.is_in(table.column("illust_id"), value_set=wanted)).select(["illust_id", *modalities])
     return _stats_of_batches(rows.to_batches(), modalities, source, len(wanted))
 
 

@@ -54,6 +54,11 @@ class ModelConfig(BaseModel):
     att_user_proj: bool = Field(
         True, description="each ATT expert learns q = W v_user; False = paper's Eq. 7, parameter-free"
     )
+    user_history: bool = Field(
+        False,
+        description="v_user also reads the mean standardised vectors of the user's training-window bookmarks "
+        "(umair.model.history); set by the training job before training",
+    )
     sen_reduction: int = Field(2, ge=1)
     sen_weights: SenWeights = "softmax"
     cross_layers: int = Field(2, ge=0, description="L; 0 = without DCN-V2")
