@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # because tests/conftest.py loads fixture_item_features from this file.
 from _machine import machine_line  # noqa: E402
 
-from umair.baselines.sample_features import fixture_item_features, fixture_tsem, pretext_encoder  # noqa: E402,F401
+from umair.baselines.sample_features import fixture_item_features, pretext_encoder  # noqa: E402
 
 # --------------------------------------------------------------------------- the benchmark
 

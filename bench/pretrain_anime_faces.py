@@ -29,7 +29,7 @@ from _machine import machine_line  # noqa: E402
 from pipelines.pretrain_image import PretrainImageConfig, run  # noqa: E402
 from umair import contracts, storage  # noqa: E402
 from umair.config import MlflowConfig  # noqa: E402
-from umair.image.encoder import EncoderSpec  # noqa: E402
+from umair.image.spec import EncoderSpec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -121,14 +121,16 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
     train, test = window_rows(prepared, None)
     mc = dcn_v2_only(prepared.model_config) if args.variant == "dcn" else prepared.model_config
     ranker = FusionRanker(args.variant, mc, seed)
-    history = getattr(ranker.module, "set_user_history", None)
-    if history is not None and mc.multimodal and mc.user_history:
-        history(train.user_id, train.labels, train.vectors)
+    module = ranker.module
+    if module.history is not None:
+        module.history.fit(train.user_id, train.labels, train.vectors)
     t0 = time.perf_counter()
-    fit(ranker, train, args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
+    if module.history is None:
+        fit(ranker, train, args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
+    else:  # the same loop as umair.baselines.training.fit, the labels passed as `own` (leave-one-out)
+        _fit_own(ranker, train, args, seed)
     train_s = time.perf_counter() - t0
     encoded = ranker.encode(test)
-    module = ranker.module
     module.eval()
     probs, weights = [], []
     with torch.no_grad():
@@ -147,13 +149,37 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
         "window": args.window,
         "variant": args.variant,
         "seed": seed,
-        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "l2_emb")},
+        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "l2_emb", "no_loo")},
         "model": json.loads(args.model),
         "train_s": round(train_s, 1),
         "auc": {k: v["auc"] for k, v in rep.items()},
         "alpha": {k: v["alpha"] for k, v in rep.items()},
         "spread": spread,
     }
+
+
+def _fit_own(ranker: Any, rows: Any, args: argparse.Namespace, seed: int) -> None:
+    """:func:`umair.baselines.training.fit`'s loop (same shuffles, :func:`bce_step`), with
+    each batch's labels as ``own`` so positive rows leave their item out of the history."""
+    import torch
+
+    from umair.training.step import StepSettings, bce_step
+
+    encoded = ranker.encode(rows)
+    module = ranker.module
+    optimizer = torch.optim.Adam(module.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(seed)
+    settings = StepSettings(lr=args.lr, l2_emb=args.l2_emb)
+    module.train()
+    step = 0
+    loo = not args.no_loo
+    for epoch in range(args.epochs):
+        for idx in torch.randperm(len(rows), generator=gen).split(args.batch_size):
+            y = rows.labels[idx]
+            vec = {m: v[idx] for m, v in encoded["vectors"].items()}
+            out = module(encoded["packed"][idx], vec, own=y if loo else None)
+            bce_step(module, optimizer, out, y, settings, epoch=epoch, step=step)
+            step += 1
 
 
 def _summary(rows: list[dict[str, Any]]) -> str:
@@ -189,6 +215,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--l2-emb", type=float, default=1e-3)
+    p.add_argument("--no-loo", action="store_true", help="user history without leave-one-out in training")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(machine_line(), flush=True)

@@ -11,7 +11,7 @@ configuration has none. All are trained by the same loop
 with torch's default implementation, BCE + L2 1e-3 on every embedding table) and scored
 on the same test window. Two pairs, each the same model form in both libraries:
 
-- headline: ``umair DCN-V2-only`` (:func:`umair.model.fusion.dcn_v2_only`: DCN-V2's
+- headline: ``umair DCN-V2-only`` (:func:`umair.model.settings.dcn_v2_only`: DCN-V2's
   full-rank cross x_0 ⊙ (W x_l + b) + x_l, 2 layers, MLP [64, 32, 16]; the ablate
   table's "DCN-V2-only (umair)") vs ``deepctr DCN-V2``
   (``deepctr_torch.models.DCN(cross_parameterization='matrix')``, cross_num 2, DNN
@@ -141,7 +141,7 @@ def part_a(args: argparse.Namespace, prepared: Any, train: Any, test: Any) -> li
     from umair.baselines.deepctr_adapter import DeepCTRRanker
     from umair.baselines.rankers import FusionRanker
     from umair.baselines.training import fit, predict
-    from umair.model.fusion import dcn_v2_only, table4_variant
+    from umair.model.settings import dcn_v2_only, table4_variant
     from umair.training.scoring import window_metrics
 
     base = prepared.model_config

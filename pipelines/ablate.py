@@ -3,11 +3,11 @@
 ``umair ablate --config pipelines/configs/ablate.yaml`` trains and evaluates, on the same
 training window and the same later test window:
 
-- every Table-4 variant of UMAIR-FPS (:data:`~umair.model.fusion.TABLE4_VARIANTS`:
+- every Table-4 variant of UMAIR-FPS (:data:`~umair.model.settings.TABLE4_VARIANTS`:
   ``full`` is UMAIR-FPS itself, then w/o ALL / STY / SEM / TSEM, w/o UMCM, UMCM_ATT /
   UMCM_SEN, ATT*K / SEN*K, w/o DCN-V2);
 - the Table-3 comparison models (:data:`TABLE3_MODELS`): this project's DCN-V2-only
-  configuration (:func:`~umair.model.fusion.dcn_v2_only`: DCN-V2's full-rank cross over
+  configuration (:func:`~umair.model.settings.dcn_v2_only`: DCN-V2's full-rank cross over
   the id and metadata embeddings; "w/o ALL" is the same with the low-rank mixture cross),
   deepctr-torch's DCN, DCN-V2 (DCN, matrix cross), DCNMix, xDeepFM, FiBiNET and DIFM
   through :mod:`umair.baselines.deepctr_adapter`, and FinalMLP

@@ -4,7 +4,7 @@
 Before any worker starts, the driver reads the tables (contracts checked), cuts the
 training window ``ts < split``, samples negatives when the log holds positives only,
 fits the :class:`~umair.model.features.FeatureSpace` on that window, builds the
-:class:`~umair.model.fusion.ModelConfig` (sizes from the feature space, vector widths
+:class:`~umair.model.settings.ModelConfig` (sizes from the feature space, vector widths
 from the item-features file, overrides and an optional Table-4 variant from the
 settings) and maps every interaction to ``(user_row, item_row, label)``. Bad inputs stop
 the job here with a :class:`~umair.errors.FeatureError`.

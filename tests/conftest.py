@@ -193,15 +193,12 @@ def ray_local(s3_server):
 @pytest.fixture(scope="session")
 def tiny_features(tiny_world, tmp_path_factory):
     """Item features (illust_id, sem, sty, tsem) for the tiny world from
-    ``fixture_item_features`` in bench/ablation_sample.py: a random-weight ResNet18
+    :func:`umair.baselines.sample_features.fixture_item_features`: a random-weight ResNet18
     over 32 px images and hashed tag vectors, standing in for the extraction job."""
-    import importlib.util
+    from umair.baselines.sample_features import fixture_item_features
 
-    spec = importlib.util.spec_from_file_location("ablation_sample", ROOT / "bench" / "ablation_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("train_features") / "features.parquet"
-    return module.fixture_item_features(tiny_world, str(out), image_size=32, tsem_dim=16, seed=0)
+    return fixture_item_features(tiny_world, str(out), image_size=32, tsem_dim=16, seed=0)
 
 
 @dataclass

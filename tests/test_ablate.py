@@ -24,7 +24,7 @@ from umair.ablation import (
 from umair.baselines.finalmlp import InteractionAggregation
 from umair.baselines.training import fit, predict
 from umair.config import ConfigError, load_config
-from umair.model.fusion import TABLE4_VARIANTS
+from umair.model.settings import TABLE4_VARIANTS
 from umair.training.inputs import prepare
 from umair.training.settings import TrainConfig
 

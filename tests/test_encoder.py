@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from umair.image.checkpoint import CheckpointError, load_encoder, save_encoder
-from umair.image.encoder import DualEncoder, EncoderSpec, encode, gram_style
+from umair.image.encoder import DualEncoder, encode, gram_style
+from umair.image.spec import EncoderSpec
 
 
 def _numpy_style(maps: list[np.ndarray]) -> np.ndarray:

@@ -2,14 +2,13 @@
 world's ground truth (style / content), the recommend job (Ray Data) against a
 popularity ranking, and the similar / explain commands with their PNGs and errors.
 
-Item features come from ``fixture_item_features`` in bench/ablation_sample.py over the
+Item features come from :func:`umair.baselines.sample_features.fixture_item_features` over the
 ``small`` sample world, with the dual encoder first trained briefly on the pretext task
 (the world's tags; ``pretext_encoder``): no label of the ground truth enters a feature.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -127,11 +126,9 @@ def small(tmp_path_factory):
     """The small sample world and item features from a pretext-trained ResNet18 (32 px)."""
     import torch
 
+    from umair.baselines import sample_features
     from umair.sample.world import write_world
 
-    spec = importlib.util.spec_from_file_location("ablation_sample", ROOT / "bench" / "ablation_sample.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     root = tmp_path_factory.mktemp("recommend")
     world = write_world(str(root / "world"), "small", seed=3, progress=False)
     threads = torch.get_num_threads()
@@ -139,8 +136,8 @@ def small(tmp_path_factory):
     try:
         # 6 pretext epochs (~20 s on 2 cores): enough for e_SEM to find the same content across
         # styles (3 epochs are not: its neighbours then follow the style as e_STY's do).
-        encoder = bench.pretext_encoder(world, image_size=32, epochs=6, seed=0)
-        features = bench.fixture_item_features(
+        encoder = sample_features.pretext_encoder(world, image_size=32, epochs=6, seed=0)
+        features = sample_features.fixture_item_features(
             world,
             str(root / "features.parquet"),
             encoder,

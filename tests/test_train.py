@@ -2,7 +2,7 @@
 training window only, the input errors raised before training, negative sampling, and
 (slow) a 2-worker Ray Train run that evaluate loads, and a killed worker that resumes.
 
-Item features here come from ``fixture_item_features`` in bench/ablation_sample.py, a
+Item features here come from :func:`umair.baselines.sample_features.fixture_item_features`, a
 test fixture standing in for the extraction job (a random-weight ResNet18 over the
 world's images, hashed-tag e_TSEM); training only consumes the item-features contract.
 """

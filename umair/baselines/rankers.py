@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from umair.baselines.inputs import RowInputs
-from umair.model.fusion import ModelConfig, UmairFPS, count_parameters
+from umair.model.fusion import UmairFPS, count_parameters
+from umair.model.settings import ModelConfig
 
 
 class Ranker(ABC):

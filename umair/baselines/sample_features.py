@@ -60,8 +60,9 @@ def pretext_encoder(
     multi-label BCE, horizontal flips), in this process; the tag head is kept."""
     import torch
 
-    from umair.image.encoder import DualEncoder, EncoderSpec
+    from umair.image.encoder import DualEncoder
     from umair.image.preprocess import to_tensor_batch
+    from umair.image.spec import EncoderSpec
     from umair.image.tags import multi_hot, tag_vocabulary
 
     torch.manual_seed(seed)
@@ -102,8 +103,9 @@ def fixture_item_features(
     import torch
 
     from umair import storage
-    from umair.image.encoder import DualEncoder, EncoderSpec, encode
+    from umair.image.encoder import DualEncoder, encode
     from umair.image.preprocess import to_tensor_batch
+    from umair.image.spec import EncoderSpec
 
     if encoder is None:
         torch.manual_seed(seed)

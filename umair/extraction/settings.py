@@ -15,7 +15,7 @@ class EncoderSource(Settings):
     """Which image encoder. ``source``: an exported encoder directory (local or s3://),
     ``torchvision:<WEIGHTS>`` (production, needs the internet) or ``None`` for random
     weights drawn with ``seed`` (tests, benchmarks). ``spec`` (the keys of
-    :class:`umair.image.encoder.EncoderSpec`) applies only when the source is not an
+    :class:`umair.image.spec.EncoderSpec`) applies only when the source is not an
     exported directory, whose own manifest defines backbone and image size.
 
     ``spec`` is held as a validated dict so that importing this module does not import

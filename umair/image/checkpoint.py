@@ -21,8 +21,9 @@ import torch
 
 from umair import storage
 from umair.errors import UmairError
-from umair.image.encoder import POOLING, DualEncoder, EncoderSpec
+from umair.image.encoder import POOLING, DualEncoder
 from umair.image.preprocess import preprocessing_manifest
+from umair.image.spec import EncoderSpec
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.pt"

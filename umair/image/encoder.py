@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from umair.image.spec import EncoderSpec  # noqa: F401 - re-exported (the spec lives in a torch-free module)
+from umair.image.spec import EncoderSpec
 
 
 class DualOutput(NamedTuple):
@@ -86,7 +86,8 @@ class DualEncoder(nn.Module):
     Example::
 
         >>> import torch
-        >>> from umair.image.encoder import DualEncoder, EncoderSpec
+        >>> from umair.image.encoder import DualEncoder
+        >>> from umair.image.spec import EncoderSpec
         >>> model = DualEncoder(EncoderSpec(backbone="resnet18", image_size=32), n_tags=5).eval()
         >>> model.style_layers, model.sem_dim, model.sty_dim
         (('layer1.0', 'layer1.1'), 512, 64)

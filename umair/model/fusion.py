@@ -29,14 +29,7 @@ from torch import Tensor, nn
 
 from umair.model.crossnet import CrossNet
 from umair.model.history import UserHistory, history_widths
-from umair.model.settings import (  # noqa: F401 - re-exported: the settings live in a torch-free module
-    META,
-    TABLE4_VARIANTS,
-    ModelConfig,
-    dcn_v2_only,
-    table4_variant,
-    table4_variants,
-)
+from umair.model.settings import META, ModelConfig
 from umair.model.umcm import MoEUMCM
 
 
@@ -152,7 +145,7 @@ class UmairFPS(nn.Module):
 
     The sigmoid is left to the caller (train with ``BCEWithLogitsLoss``). With every
     multimodal feature off ("w/o ALL") there is no ``v_user``, ``e``, UMCM: ``x_0 = raw``,
-    a DCN-V2 model over id / metadata embeddings (:func:`dcn_v2_only` is the same with
+    a DCN-V2 model over id / metadata embeddings (:func:`umair.model.settings.dcn_v2_only` is the same with
     DCN-V2's own full-rank cross).
 
     Args:
@@ -410,9 +403,7 @@ class UmairFPS(nn.Module):
             h = self.deep(xl)
         return FusionOutput(self.head(h).squeeze(-1), alpha, beta)
 
-    def forward(
-        self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None) -> Tensor:
         """Logits [B] of ids packed by :meth:`pack_ids` [B, 1 + T + P + M] and the item
         vectors (apply a sigmoid for bookmark probabilities); ``own`` as in :meth:`explain`."""
         return self.explain(packed, vectors, own).logits
