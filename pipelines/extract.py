@@ -42,14 +42,13 @@ from umair.feature_store import (
     chunk_manifest,
     commit_chunk,
     committed_ids,
-    feature_metadata,
     list_manifests,
     new_run_id,
+    output_meta,
     part_uri,
     read_json,
     recover,
     utc_now,
-    version_key,
     write_json,
 )
 from umair.feature_store import (
@@ -233,15 +232,13 @@ def _run_holding(
     import mlflow
 
     settings = cfg.storage.to_settings()
-    key = version_key(enc["version"], text["version"] if text else None)
+    versions = {"image": enc["version"], **({"text": text["version"]} if text else {})}
     stale_runs = _close_dead_runs(cfg, client, settings)
     recovered = {**recover(cfg.output, settings, cfg.io_retry_s), "stale_runs_closed": stale_runs}
     same_set = [
         m
         for m in list_manifests(cfg.output, settings, cfg.io_retry_s)
-        if m["status"] == "committed"
-        and m["encoder_version"] == enc["version"]
-        and m.get("text_version") == (text["version"] if text else None)
+        if m["status"] == "committed" and m["versions"] == versions
     ]
     done = committed_ids(cfg.output, same_set, settings, ("features",) if cfg.retry_failed else ("features", "errors"))
     todo, counts = select_rows(cfg, settings, done)
@@ -273,16 +270,7 @@ def _run_holding(
         print(f"{LOG} recovered an interrupted run: {json.dumps(recovered)}", flush=True)
 
     progress = Progress(counts["to_process"])
-    output_meta = {
-        "key": key,
-        "encoder_version": enc["version"],
-        "text_version": text["version"] if text else None,
-        "sem_dim": enc["sem_dim"],
-        "sty_dim": enc["sty_dim"],
-        "tsem_dim": text["dim"] if text else None,
-        "metadata": feature_metadata(enc, text, run_id),
-        "mlflow_run_id": mlflow_id,
-    }
+    meta = output_meta(enc, text, run_id, mlflow_id)
 
     def after_commit(p: Progress) -> None:
         client.log_metric(mlflow_id, "rows_done", p.done, step=p.chunks)
@@ -293,8 +281,8 @@ def _run_holding(
             if counts["to_process"]:
                 init_ray(cfg.ray)
                 progress.start = time.perf_counter()
-                ds = build_pipeline(todo, cfg, enc, text, run_id, output_meta["metadata"])
-                stream_and_commit(ds, cfg, run_id, output_meta, progress, settings, after_commit, lease)
+                ds = build_pipeline(todo, cfg, enc, text, run_id, meta["metadata"])
+                stream_and_commit(ds, cfg, run_id, meta, progress, settings, after_commit, lease)
         except BaseException as err:
             write_json(
                 marker,

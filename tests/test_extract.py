@@ -44,6 +44,7 @@ from umair.feature_store import (
     feature_metadata,
     finish_commit,
     list_manifests,
+    output_meta,
     read_errors,
     read_features,
     recover,
@@ -449,17 +450,9 @@ def _parts(output: str, run_id: str, ids: list[int], meta: dict) -> list[dict]:
 def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     output, settings = str(tmp_path / "out"), storage.StorageSettings()
     enc = {"version": "enc-v1", "sem_dim": 4, "sty_dim": 2, "spec": SPEC, "image_size": SIZE}
-    meta = feature_metadata(enc, None, "run-a")
-    out_meta = {
-        "key": "enc-v1",
-        "encoder_version": "enc-v1",
-        "text_version": None,
-        "sem_dim": 4,
-        "sty_dim": 2,
-        "tsem_dim": None,
-        "metadata": meta,
-        "mlflow_run_id": None,
-    }
+    out_meta = output_meta(enc, None, "run-a", "none")
+    meta = out_meta["metadata"]
+    assert out_meta["versions"] == {"image": "enc-v1"} and out_meta["dims"] == {"sem": 4, "sty": 2}
     first = chunk_manifest(_parts(output, "run-a", list(range(1, 11)), meta), "run-a", 0, out_meta)
     begin_commit(output, first, settings, 1.0)
     apply_moves(output, first, settings, 1.0)
@@ -492,15 +485,15 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     assert [m["status"] for m in list_manifests(output)] == ["committed", "committed"]
 
     # another encoder's features beside them: readers must say which set they want
-    other = {**out_meta, "key": "enc-v2", "encoder_version": "enc-v2"}
+    other = {**out_meta, "key": "enc-v2", "versions": {"image": "enc-v2"}}
     commit = chunk_manifest(_parts(output, "run-d", [1, 2, 3], meta), "run-d", 0, other)
     begin_commit(output, commit, settings, 1.0)
     apply_moves(output, commit, settings, 1.0)
     finish_commit(output, commit, settings, 1.0)
-    with pytest.raises(ValueError, match="several feature sets"):
+    with pytest.raises(ValueError, match=r"several feature sets are committed here \(image='enc-v1'; image='enc-v2'\)"):
         read_features(output)
-    assert _ids(read_features(output, encoder_version="enc-v2")) == [1, 2, 3]
-    assert _ids(read_features(output, encoder_version="enc-v1")) == [i for i in range(1, 21) if i % 5]
+    assert _ids(read_features(output, {"image": "enc-v2"})) == [1, 2, 3]
+    assert _ids(read_features(output, {"image": "enc-v1"})) == [i for i in range(1, 21) if i % 5]
 
 
 def test_a_live_writer_is_refused_and_dead_runs_are_closed(tmp_path, s3_server, mlflow_db):

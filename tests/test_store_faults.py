@@ -29,6 +29,7 @@ from umair.feature_store import (
     commit_chunk,
     list_manifests,
     manifest_uri,
+    output_meta,
     part_uri,
     read_errors,
     read_features,
@@ -37,17 +38,9 @@ from umair.feature_store import (
 from umair.lease import LEASE, Lease, LeaseHeld, LeaseLost
 
 ROOT = Path(__file__).resolve().parents[1]
-META = {"umair.sem.dim": "4", "umair.sty.dim": "2", "umair.encoder.version": "enc-v1", "umair.encoder.spec": "{}"}
-OUT_META = {
-    "key": "enc-v1",
-    "encoder_version": "enc-v1",
-    "text_version": None,
-    "sem_dim": 4,
-    "sty_dim": 2,
-    "tsem_dim": None,
-    "metadata": META,
-    "mlflow_run_id": "none",
-}
+ENC = {"version": "enc-v1", "sem_dim": 4, "sty_dim": 2, "spec": {}, "image_size": 32}
+OUT_META = output_meta(ENC, None, "run-x", "none")
+META = OUT_META["metadata"]
 
 
 # --------------------------------------------------------------------------- the lease

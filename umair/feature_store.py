@@ -43,7 +43,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import numpy as np
@@ -71,10 +71,17 @@ def read_json(uri: str, settings: storage.StorageSettings, retry_s: float) -> di
     return json.loads(with_retries(lambda: storage.read_bytes(uri, settings), f"read {uri}", retry_s))
 
 
-def version_key(encoder_version: str, text_version: str | None) -> str:
-    """Directory name of one (image encoder, text encoder) feature set."""
-    raw = encoder_version if not text_version else f"{encoder_version}__text-{text_version}"
+def version_key(versions: Mapping[str, str]) -> str:
+    """Directory name of one feature set: its encoders' versions (``image``, ``text``, ...)."""
+    raw = "__".join(f"{encoder}-{version}" for encoder, version in sorted(versions.items()))
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+
+
+def feature_set_versions(encoder_version: str | None, text_version: str | None) -> dict[str, str]:
+    """The ``versions`` mapping of the settings that name a feature set by its image and
+    text encoders (``encoder_version`` / ``text_version`` of train and evaluate configs)."""
+    given = {"image": encoder_version, "text": text_version}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _commit_uri(output: str, run_id: str, seq: int) -> str:
@@ -160,18 +167,19 @@ def recover(output: str, settings: storage.StorageSettings, retry_s: float) -> d
     return counts
 
 
-def _select(manifests: Iterable[dict], encoder_version: str | None, text_version: str | None) -> list[dict]:
+def _select(manifests: Iterable[dict], versions: Mapping[str, str] | None) -> list[dict]:
+    """The committed manifests of the one feature set whose encoder versions include
+    ``versions`` (``{"image": ..., "text": ...}``; empty or None: any, if only one set)."""
+    wanted = dict(versions or {})
     chosen = [
-        m
-        for m in manifests
-        if m["status"] == "committed"
-        and (encoder_version is None or m["encoder_version"] == encoder_version)
-        and (text_version is None or m.get("text_version") == text_version)
+        m for m in manifests if m["status"] == "committed" and all(m["versions"].get(k) == v for k, v in wanted.items())
     ]
-    kinds = sorted({(m["encoder_version"], m.get("text_version")) for m in chosen}, key=str)
+    kinds = sorted({tuple(sorted(m["versions"].items())) for m in chosen})
     if len(kinds) > 1:
-        names = ", ".join(f"encoder_version={e!r} text_version={t!r}" for e, t in kinds)
-        raise ValueError(f"several feature sets are committed here ({names}); pass encoder_version (and text_version)")
+        names = "; ".join(", ".join(f"{k}={v!r}" for k, v in kind) for kind in kinds)
+        raise ValueError(
+            f"several feature sets are committed here ({names}); pass encoder_version (and text_version) to pick one"
+        )
     return chosen
 
 
@@ -215,24 +223,21 @@ def duplicate_ids(manifests: list[dict], ids_of: dict[tuple[str, int], np.ndarra
 def _empty_features(manifest: dict) -> pa.Table:
     fields = [pa.field("illust_id", pa.int64())]
     for name in registry.names():
-        if manifest.get(f"{name}_dim"):
-            fields.append(pa.field(name, pa.list_(pa.float32(), int(manifest[f"{name}_dim"]))))
+        if manifest["dims"].get(name):
+            fields.append(pa.field(name, pa.list_(pa.float32(), int(manifest["dims"][name]))))
     return pa.schema(fields).empty_table()
 
 
 def read_features(
-    output: str,
-    encoder_version: str | None = None,
-    text_version: str | None = None,
-    settings: storage.StorageSettings | None = None,
+    output: str, versions: Mapping[str, str] | None = None, settings: storage.StorageSettings | None = None
 ) -> pa.Table:
     """The committed item features under ``output`` (local or s3://), validated against
     the ``item_features`` contract (so each illust_id at most once), with the encoder
-    versions and dims in the schema metadata. ``encoder_version``/``text_version`` pick
-    a feature set; they may stay None when only one set is committed there."""
-    chosen = _select(list_manifests(output, settings), encoder_version, text_version)
+    versions and dims in the schema metadata. ``versions`` (encoder -> version, e.g.
+    ``{"image": ...}``) picks a feature set; it may stay None when only one is committed."""
+    chosen = _select(list_manifests(output, settings), versions)
     if not chosen:
-        want = f" for encoder version {encoder_version!r}" if encoder_version else ""
+        want = f" for encoder versions {dict(versions)}" if versions else ""
         raise FileNotFoundError(f"{output}: no committed item features{want}; run `umair extract` first")
     tables, ids_of = [], {}
     for m in chosen:
@@ -252,14 +257,11 @@ def read_features(
 
 
 def read_errors(
-    output: str,
-    encoder_version: str | None = None,
-    text_version: str | None = None,
-    settings: storage.StorageSettings | None = None,
+    output: str, versions: Mapping[str, str] | None = None, settings: storage.StorageSettings | None = None
 ) -> pa.Table:
     """The committed extraction errors (``extraction_errors`` contract plus ``reason``):
     per illust_id the latest error, leaving out ids that have features since."""
-    chosen = _select(list_manifests(output, settings), encoder_version, text_version)
+    chosen = _select(list_manifests(output, settings), versions)
     tables = [read_part(output, m, f, settings) for m in chosen for f in m["errors"]]
     schema = pa.schema(
         [
@@ -312,6 +314,21 @@ def feature_metadata(enc: dict, text: dict | None, run_id: str) -> dict[str, str
     return meta
 
 
+def output_meta(enc: dict, text: dict | None, run_id: str, mlflow_run_id: str) -> dict:
+    """What every manifest of one run records about its feature set: the encoders'
+    ``versions`` (a mapping, one entry per encoder), the vector ``dims`` per modality, the
+    part files' schema metadata and the MLflow run; ``key`` names its directories."""
+    versions = {"image": enc["version"], **({"text": text["version"]} if text else {})}
+    dims = {"sem": int(enc["sem_dim"]), "sty": int(enc["sty_dim"]), **({"tsem": int(text["dim"])} if text else {})}
+    return {
+        "key": version_key(versions),
+        "versions": versions,
+        "dims": dims,
+        "metadata": feature_metadata(enc, text, run_id),
+        "mlflow_run_id": mlflow_run_id,
+    }
+
+
 def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: dict) -> dict:
     moves, features, errors = [], [], []
     for d in descriptors:
@@ -348,9 +365,9 @@ def repair(output: str, settings: storage.StorageSettings | None = None, retry_s
     Returns counts of manifests and parts rewritten and rows dropped."""
     counts = {"manifests_rewritten": 0, "parts_rewritten": 0, "rows_dropped": 0}
     committed = [m for m in list_manifests(output, settings, retry_s) if m["status"] == "committed"]
-    for key in sorted({(m["encoder_version"], m.get("text_version")) for m in committed}, key=str):
+    for key in sorted({tuple(sorted(m["versions"].items())) for m in committed}):
         seen: set[int] = set()
-        for m in (m for m in committed if (m["encoder_version"], m.get("text_version")) == key):
+        for m in (m for m in committed if tuple(sorted(m["versions"].items())) == key):
             entries, stale = [], []
             for entry in m["features"]:
                 table = read_part(output, m, entry, settings)

@@ -16,7 +16,7 @@ import pyarrow as pa
 from umair import contracts, storage
 from umair import modalities as registry
 from umair.errors import FeatureError
-from umair.feature_store import read_features
+from umair.feature_store import feature_set_versions, read_features
 from umair.model.features import FeatureSpace
 from umair.model.interactions import ItemPool, parse_time, require_both_labels, training_window, window, with_negatives
 from umair.model.item_features import (
@@ -117,7 +117,7 @@ def read_item_features(
     or the committed feature set of an extraction output (``umair.feature_store.read_features``)."""
     uri = inputs.item_features
     if is_extraction_output(uri, settings):
-        table = read_features(uri, inputs.encoder_version, inputs.text_version, settings)
+        table = read_features(uri, feature_set_versions(inputs.encoder_version, inputs.text_version), settings)
         return table.select(columns) if columns else table
     return contracts.validate(storage.read_parquet(uri, settings, columns=columns), "item_features", uri)
 
