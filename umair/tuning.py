@@ -27,7 +27,7 @@ from umair import contracts, storage
 from umair.config import ConfigError, MlflowConfig, RayConfig, Settings, StorageConfig, parse_settings, read_yaml
 from umair.errors import FeatureError
 from umair.model.interactions import IsoTime, parse_time, training_window, window
-from umair.training.inputs import absolute, resolve_inputs
+from umair.training.inputs import absolute, train_inputs_of
 from umair.training.settings import TrainConfig
 
 METRIC = "val_auc"
@@ -343,14 +343,7 @@ def validation_window(
     time quantile of the training window; the trials' training window ``ts < start`` and
     the validation window ``[start, split)`` must both hold interactions."""
     tc = parse_settings(base, TrainConfig, "train config")
-    inputs = resolve_inputs(
-        tc.world,
-        {"illustrations": tc.illustrations, "users": tc.users, "interactions": tc.interactions},
-        tc.item_features,
-        tc.split,
-        settings,
-        (tc.encoder_version, tc.text_version),
-    )
+    inputs = train_inputs_of(tc, settings)
     split = inputs.split
     inter = contracts.read_table(inputs.interactions, "interactions", settings)
     if start is None:

@@ -178,18 +178,18 @@ def read_inputs(inputs: Inputs, settings: storage.StorageSettings | None) -> tup
     return ill, users, inter
 
 
+def train_inputs_of(cfg: TrainConfig, settings: storage.StorageSettings | None) -> Inputs:
+    """:func:`resolve_inputs` of a training run's settings."""
+    tables = {"illustrations": cfg.illustrations, "users": cfg.users, "interactions": cfg.interactions}
+    versions = (cfg.encoder_version, cfg.text_version)
+    return resolve_inputs(cfg.world, tables, cfg.item_features, cfg.split, settings, versions)
+
+
 def prepare(cfg: TrainConfig) -> Prepared:
     """Read and check the inputs, fit the feature space, build the model config and the
     interaction rows. Every :class:`FeatureError` is raised here, before training."""
     settings = cfg.storage.to_settings()
-    inputs = resolve_inputs(
-        cfg.world,
-        {"illustrations": cfg.illustrations, "users": cfg.users, "interactions": cfg.interactions},
-        cfg.item_features,
-        cfg.split,
-        settings,
-        (cfg.encoder_version, cfg.text_version),
-    )
+    inputs = train_inputs_of(cfg, settings)
     ill, users, inter = read_inputs(inputs, settings)
     train = training_window(inter, inputs.split, inputs.interactions)
     info, features = inspect_features(inputs, settings)
@@ -205,19 +205,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     )
     space = FeatureSpace.fit(ill, users, train, inputs.split, cfg.features)
     model_config = build_model_config(space, info, cfg.model, cfg.variant)
-    train_rows = attach_rows(
-        train,
-        users.column("user_id").to_numpy(),
-        info.illust_ids,
-        inputs.item_features,
-        f"{inputs.interactions} (training window)",
-    )
-    test_rows = attach_rows(
-        test,
-        users.column("user_id").to_numpy(),
-        info.illust_ids,
-        inputs.item_features,
-        f"{inputs.interactions} (test window)",
+    user_ids = users.column("user_id").to_numpy()
+    train_rows, test_rows = (
+        attach_rows(rows, user_ids, info.illust_ids, inputs.item_features, f"{inputs.interactions} ({name} window)")
+        for rows, name in ((train, "training"), (test, "test"))
     )
     prepared = Prepared(
         inputs,
@@ -247,6 +238,17 @@ def check_encoders(info: FeaturesInfo, saved: SavedModel) -> None:
     if differ:
         k, (old, new) = next(iter(differ.items()))
         raise FeatureError(f"{info.uri}: {k} is {new!r}, but the model was trained on features from {old!r}")
+
+
+EVAL_INPUT_KEYS = ("world", "illustrations", "users", "interactions", "item_features", "split", "segments")
+
+
+def eval_inputs_of(
+    settings_obj: Any, saved: SavedModel, settings: storage.StorageSettings | None
+) -> tuple[Inputs, str | None]:
+    """:func:`resolve_eval_inputs` from a job's settings holding any of :data:`EVAL_INPUT_KEYS`
+    (``umair evaluate``, ``recommend``, ``explain``)."""
+    return resolve_eval_inputs(saved, settings, **{k: getattr(settings_obj, k, None) for k in EVAL_INPUT_KEYS})
 
 
 def resolve_eval_inputs(
