@@ -50,7 +50,7 @@ from umair.errors import FeatureError
 from umair.model.interactions import IsoTime
 from umair.neighbors import CandidateSettings, UnknownIdError
 from umair.recommender import SCHEMA, load_context, rank_users, ranking_metrics
-from umair.training.inputs import Inputs, resolve_eval_inputs
+from umair.training.inputs import Inputs, eval_inputs_of
 from umair.training.model_io import load_model
 
 TAG = "[recommend]"
@@ -230,16 +230,7 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, _ = resolve_eval_inputs(
-        saved,
-        settings,
-        world=cfg.world,
-        illustrations=cfg.illustrations,
-        users=cfg.users,
-        interactions=cfg.interactions,
-        item_features=cfg.item_features,
-        split=cfg.split,
-    )
+    inputs, _ = eval_inputs_of(cfg, saved, settings)
     users = contracts.read_table(inputs.users, "users", settings)
     all_ids = users.column("user_id").to_numpy().astype(np.int64)
     if cfg.user_ids is not None:
