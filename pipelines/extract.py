@@ -77,11 +77,17 @@ def decode_task_memory(cfg: ExtractConfig, image_size: int) -> int:
 
 
 def build_pipeline(todo: pa.Table, cfg: ExtractConfig, enc: dict, text: dict | None, run_id: str, meta: dict[str, str]):
-    """The Ray Data plan: [e_TSEM] → read+decode → encode → write parts (descriptor rows out)."""
+    """The Ray Data plan: [e_TSEM] → read+decode → encode → write parts (descriptor rows out).
+    ``decode: gpu`` (:meth:`ExtractConfig.resolved_decode`): the CPU tasks only read bytes and the encoder actors
+    decode. Images are fitted by the encoder's resize mode (an exported one's from its manifest)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    storage_config = cfg.storage
+    from umair.image.spec import EncoderSpec, read_exported_spec
+
+    storage_config, source, decode = cfg.storage, cfg.encoder.source, cfg.resolved_decode()
+    exported = source is not None and not source.startswith("torchvision:")
+    fitted = read_exported_spec(source, storage_config.to_settings()) if exported else EncoderSpec(**cfg.encoder.spec)
     step = cfg.decode_batch_size
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     if text:
@@ -116,6 +122,8 @@ def build_pipeline(todo: pa.Table, cfg: ExtractConfig, enc: dict, text: dict | N
             "max_bytes": cfg.max_image_bytes,
             "storage_config": storage_config,
             "retry_s": cfg.io_retry_s,
+            "resize": fitted.resize,
+            "decode": decode,
         },
     )
     ds = ds.map_batches(
@@ -132,6 +140,8 @@ def build_pipeline(todo: pa.Table, cfg: ExtractConfig, enc: dict, text: dict | N
             "use_gpu": cfg.use_gpu,
             "threads": int(cfg.encode_num_cpus),
             "storage_config": storage_config,
+            "decode": decode,
+            "max_pixels": cfg.max_image_pixels,
         },
     )
     return ds.map_batches(

@@ -7,6 +7,17 @@ tags; a checkpoint every epoch; a rerun with the same ``run_name`` and
 ``checkpoint_dir`` resumes from the latest checkpoint. Metrics (loss, mAP, micro-F1 on
 a validation split, and the tag-frequency baseline's mAP) go to MLflow. At the end the
 encoder is exported without its classifier head, with a manifest.
+
+Images are fitted to the encoder's size by its resize mode (``encoder.resize``) with the
+same :func:`umair.image.preprocess.decode_image` as extraction; normalisation is the
+encoder's own first layer (``encoder.normalize``; ``dataset`` statistics are measured
+here on up to ``stats_images`` training images). ``init`` starts from pretrained weights
+(``torchvision:IMAGENET1K_V2``, an exported encoder directory whose pretext head is
+restored tag by tag, or a state-dict file); the start is validated once on the driver
+(offline, a hub download fails there with what to do), scored on the validation split
+before the first step (``init_val_mAP``) and recorded in the manifest and the version.
+``freeze_epochs`` > 0 freezes the stem up to ``freeze_upto`` (weights and BatchNorm
+statistics) for the first epochs.
 """
 
 from __future__ import annotations
@@ -17,9 +28,11 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from pipelines.runtime import claim_run_dir, ended_run, init_ray, resumable_mlflow_run, run_dir_of
 from umair import contracts, storage
@@ -32,6 +45,10 @@ class PretrainImageConfig(Settings):
     catalogue: str  # illustrations table (parquet file or directory, local or s3://)
     output: str  # where the exported encoder goes
     encoder: EncoderSpec = EncoderSpec()
+    init: str | None = None  # torchvision:IMAGENET1K_V2 | PATH (exported encoder dir or state dict) | None (random)
+    freeze_upto: Literal["stem", "layer1", "layer2", "layer3"] = "layer1"
+    freeze_epochs: int = Field(0, ge=0)  # epochs (from the first) with the stem .. freeze_upto frozen
+    stats_images: int = Field(512, ge=1)  # training images that measure normalize: dataset statistics
     top_tags: int = 100
     val_fraction: float = 0.2
     epochs: int = 3
@@ -54,7 +71,7 @@ class PretrainWorker:
     """What every Ray Train worker of one pretext run needs (pickled into ``train_loop_config``)."""
 
     cfg: PretrainImageConfig
-    n_tags: int
+    vocabulary: tuple[str, ...]
     run_id: str
     tracking_uri: str
 
@@ -62,8 +79,8 @@ class PretrainWorker:
 class DecodeRows:
     """Ray Data UDF: read each image's bytes and decode it; failures are flagged, not raised."""
 
-    def __init__(self, image_size: int, storage_config: StorageConfig):
-        self.size = image_size
+    def __init__(self, image_size: int, resize: str, storage_config: StorageConfig):
+        self.size, self.resize = image_size, resize
         self.settings = storage_config.to_settings()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -74,7 +91,7 @@ class DecodeRows:
         ok = np.zeros(n, bool)
         for i, uri in enumerate(batch["image_uri"]):
             try:
-                images[i] = decode_image(storage.read_bytes(str(uri), self.settings), self.size)
+                images[i] = decode_image(storage.read_bytes(str(uri), self.settings), self.size, resize=self.resize)
                 ok[i] = True
             except (DecodeError, storage.StorageError):
                 pass
@@ -100,7 +117,8 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
     import torch.distributed as dist
     from ray.train.torch import prepare_model
 
-    from umair.image.encoder import DualEncoder
+    from umair.image.checkpoint import load_init
+    from umair.image.encoder import DualEncoder, early_modules
 
     w = config["settings"]
     c = w.cfg
@@ -109,7 +127,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
         torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = DualEncoder(c.encoder, n_tags=w.n_tags)
+    model = DualEncoder(c.encoder, n_tags=len(w.vocabulary))
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -124,6 +142,9 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
                 f"[pretrain-image] resuming from the checkpoint of epoch {start_epoch - 1}; next epoch {start_epoch}",
                 flush=True,
             )
+    elif c.init:
+        load_init(model, c.init, list(w.vocabulary), c.storage.to_settings())
+    frozen = early_modules(model, c.freeze_upto)
     model = prepare_model(model)
     device = next(model.parameters()).device
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -138,8 +159,30 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
             dist.all_reduce(t)
         return t.tolist()
 
+    def evaluate() -> tuple[dict[str, float], int]:
+        model.eval()
+        scores, labels, val_failed = [], [], 0
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=c.batch_size, device=device):
+                ok = batch["ok"].bool()
+                val_failed += int((~ok).sum())
+                if ok.any():
+                    x = batch["image"][ok].permute(0, 3, 1, 2).float().div_(255)
+                    scores.append(torch.sigmoid(model(x).logits).cpu().numpy())
+                    labels.append(batch["labels"][ok].cpu().numpy())
+        return _metrics(np.concatenate(scores), np.concatenate(labels)), val_failed
+
+    if c.init and start_epoch == 0:  # the pretrained start's own score, before any step
+        init_metrics, _ = evaluate()
+        if rank == 0:
+            print(f"[pretrain-image] init {c.init}: val_mAP={init_metrics['mAP']:.4g}", flush=True)
+            client.log_metric(w.run_id, "init_val_mAP", init_metrics["mAP"], step=0)
+
     for epoch in range(start_epoch, c.epochs):
         model.train()
+        freezing = epoch < c.freeze_epochs
+        for m in frozen if freezing else []:
+            m.eval()  # BatchNorm statistics stay as they were
         t0 = time.perf_counter()
         loss_sum = seen = failed = 0.0
         for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device):
@@ -154,29 +197,23 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
             loss = loss_fn(model(x).logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for m in frozen if freezing else []:
+                for p in m.parameters():
+                    p.grad = None  # AdamW skips parameters without a gradient (no decay either)
             optimizer.step()
             loss_sum += float(loss) * x.shape[0]
             seen += x.shape[0]
         loss_sum, seen, failed = allreduce([loss_sum, seen, failed])
         train_s = time.perf_counter() - t0
 
-        model.eval()
-        scores, labels, val_failed = [], [], 0
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=c.batch_size, device=device):
-                ok = batch["ok"].bool()
-                val_failed += int((~ok).sum())
-                if ok.any():
-                    x = batch["image"][ok].permute(0, 3, 1, 2).float().div_(255)
-                    scores.append(torch.sigmoid(model(x).logits).cpu().numpy())
-                    labels.append(batch["labels"][ok].cpu().numpy())
+        val_metrics, val_failed = evaluate()
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
             "train_images": seen,
             "decode_failures": failed + val_failed,
             "images_per_s": seen / train_s,
-            **{f"val_{k}": v for k, v in _metrics(np.concatenate(scores), np.concatenate(labels)).items()},
+            **{f"val_{k}": v for k, v in val_metrics.items()},
         }
         if rank == 0:
             print(
@@ -223,6 +260,51 @@ def prepare_data(cfg: PretrainImageConfig) -> tuple[pa.Table, list[str], np.ndar
     return data, vocab, is_val
 
 
+def dataset_statistics(data: pa.Table, is_val: np.ndarray, cfg: PretrainImageConfig) -> EncoderSpec:
+    """``cfg.encoder`` with ``normalize: dataset`` statistics measured (per channel, inputs
+    in [0, 1], after the encoder's resize) on the first ``stats_images`` training images
+    that decode; other specs, and specs with their statistics given, are returned as they are."""
+    from umair.image.preprocess import DecodeError, decode_image
+
+    spec = cfg.encoder
+    if spec.normalize != "dataset" or spec.mean is not None:
+        return spec
+    settings = cfg.storage.to_settings()
+    total, squares, pixels = np.zeros(3), np.zeros(3), 0
+    for uri in [u for u, v in zip(data.column("image_uri").to_pylist(), is_val) if not v and u][: cfg.stats_images]:
+        try:
+            img = decode_image(storage.read_bytes(uri, settings), spec.image_size, resize=spec.resize) / 255.0
+        except (DecodeError, storage.StorageError):
+            continue
+        total += img.reshape(-1, 3).sum(0)
+        squares += (img.reshape(-1, 3) ** 2).sum(0)
+        pixels += img.shape[0] * img.shape[1]
+    if not pixels:
+        raise ValueError(f"{cfg.catalogue}: no training image decodes; cannot measure normalize: dataset statistics")
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean**2, 1e-12))
+    stats = {"mean": tuple(round(float(v), 6) for v in mean), "std": tuple(round(float(v), 6) for v in std)}
+    return EncoderSpec(**{**spec.model_dump(), **stats})
+
+
+def check_init(cfg: PretrainImageConfig, vocab: list[str]) -> dict | None:
+    """Load ``cfg.init`` once on the driver (a clear error before Ray starts when it cannot
+    be had, e.g. a hub download offline); its record for the manifest, or None."""
+    if not cfg.init:
+        return None
+    from umair.image.checkpoint import load_init
+    from umair.image.encoder import DualEncoder
+
+    record = load_init(DualEncoder(cfg.encoder, n_tags=len(vocab)), cfg.init, vocab, cfg.storage.to_settings())
+    if cfg.init.startswith("torchvision:IMAGENET") and cfg.encoder.normalize != "imagenet":
+        print(
+            f"[pretrain-image] note: {cfg.init} was trained on ImageNet-normalised inputs, "
+            f"but encoder.normalize is {cfg.encoder.normalize}",
+            flush=True,
+        )
+    return record
+
+
 def frequency_baseline(labels: np.ndarray, is_val: np.ndarray) -> dict[str, float]:
     """mAP/micro-F1 of scoring every validation image with the training tag frequencies."""
     prior = labels[~is_val].mean(0)
@@ -243,6 +325,8 @@ def run(cfg: PretrainImageConfig) -> dict:
     t_start = time.perf_counter()
     settings = cfg.storage.to_settings()
     data, vocab, is_val = prepare_data(cfg)
+    cfg = cfg.model_copy(update={"encoder": dataset_statistics(data, is_val, cfg)})
+    init_record = check_init(cfg, vocab)
     labels = np.stack(data.column("labels").to_numpy(zero_copy_only=False))
     baseline = frequency_baseline(labels, is_val)
     print(
@@ -262,6 +346,11 @@ def run(cfg: PretrainImageConfig) -> dict:
     params = {
         "backbone": cfg.encoder.backbone,
         "image_size": cfg.encoder.image_size,
+        "resize": cfg.encoder.resize,
+        "normalize": cfg.encoder.normalize,
+        "init": cfg.init,
+        "init_weights": init_record["weights"] if init_record else None,
+        "freeze": f"{cfg.freeze_upto} for {cfg.freeze_epochs} epochs" if cfg.freeze_epochs else None,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
@@ -280,7 +369,11 @@ def run(cfg: PretrainImageConfig) -> dict:
         init_ray(cfg.ray)
         decode = DecodeRows
         common = dict(
-            fn_constructor_kwargs={"image_size": cfg.encoder.image_size, "storage_config": cfg.storage},
+            fn_constructor_kwargs={
+                "image_size": cfg.encoder.image_size,
+                "resize": cfg.encoder.resize,
+                "storage_config": cfg.storage,
+            },
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=1),
         )
@@ -292,7 +385,7 @@ def run(cfg: PretrainImageConfig) -> dict:
         val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"settings": PretrainWorker(cfg, len(vocab), run_id, cfg.mlflow.resolved_uri())},
+            train_loop_config={"settings": PretrainWorker(cfg, tuple(vocab), run_id, cfg.mlflow.resolved_uri())},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
             datasets={"train": train_ds, "val": val_ds},
             dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -310,9 +403,13 @@ def run(cfg: PretrainImageConfig) -> dict:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         model = DualEncoder(cfg.encoder, n_tags=len(vocab))
         model.load_state_dict(state["model"])
+        init_history = client.get_metric_history(run_id, "init_val_mAP") if init_record else []
+        init_metrics = {"val_mAP": init_history[0].value} if init_history else None
         manifest = save_encoder(
             model,
             cfg.output,
+            init=init_record,
+            init_metrics=init_metrics,
             tag_vocabulary=vocab,
             tag_vocab_hash=vocab_hash,
             training_data_version=data_version,
@@ -329,6 +426,8 @@ def run(cfg: PretrainImageConfig) -> dict:
         "epochs": state["epoch"] + 1,
         "val_mAP": result.metrics.get("val_mAP"),
         "baseline_val_mAP": baseline["mAP"],
+        "init": cfg.init,
+        "init_val_mAP": init_metrics["val_mAP"] if init_metrics else None,
         "val_micro_f1": result.metrics.get("val_micro_f1"),
         "decode_failures": result.metrics.get("decode_failures"),
         "wall_s": round(time.perf_counter() - t_start, 1),

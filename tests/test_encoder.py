@@ -38,7 +38,7 @@ def test_encoder_outputs_match_direct_computation():
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
-        h = model.stem(x)
+        h = model.stem(model.normalize(x))  # the fixed first layer: ImageNet mean/std by default
         block_outputs = []
         for block in model.layer1:
             h = block(h)

@@ -50,6 +50,7 @@ from umair.feature_store import (
     recover,
 )
 from umair.image.preprocess import DecodeError, decode_image
+from umair.image.spec import EncoderSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 UMAIR = str(Path(sys.executable).parent / "umair")
@@ -352,8 +353,14 @@ def test_features_equal_the_bare_encoder_on_the_same_images(first_run, catalogue
         pa.array([i in catalogue.good for i in catalogue.table.column("illust_id").to_pylist()])
     )
     picks = [0, 1, rows.num_rows - 1, rows.num_rows - 3]  # two world images, two planted ones
+    resize = EncoderSpec(**SPEC).resize  # the encoder's own resize mode (pad for new encoders)
     images = np.stack(
-        [decode_image(storage.read_bytes(rows.column("image_uri")[i].as_py(), s3_server.settings), SIZE) for i in picks]
+        [
+            decode_image(
+                storage.read_bytes(rows.column("image_uri")[i].as_py(), s3_server.settings), SIZE, resize=resize
+            )
+            for i in picks
+        ]
     )
     sem, sty = encode(model, torch.from_numpy(images).permute(0, 3, 1, 2), "cpu")
     for k, i in enumerate(picks):

@@ -431,8 +431,18 @@ def test_the_extraction_writer_on_a_full_or_read_only_disk_stops_at_once(tmpfs, 
 
 
 BASE = EncoderSpec(backbone="resnet18", image_size=32)
-# One other value for every field that changes outputs; a new EncoderSpec field must be added here or to NOT_OUTPUT_FIELDS.
-OTHER_VALUE = {"backbone": "resnet34", "image_size": 48, "style_layers": ("layer2.0", "layer2.1")}
+MEASURED = BASE.model_copy(update={"normalize": "dataset", "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2)})
+# One other value for every field that changes outputs, and the spec it is changed in; a new
+# EncoderSpec field must be added here or to NOT_OUTPUT_FIELDS.
+OTHER_VALUE = {
+    "backbone": (BASE, "resnet34"),
+    "image_size": (BASE, 48),
+    "style_layers": (BASE, ("layer2.0", "layer2.1")),
+    "resize": (BASE, "squash"),
+    "normalize": (BASE, "none"),
+    "mean": (MEASURED, (0.5, 0.4, 0.2)),
+    "std": (MEASURED, (0.2, 0.25, 0.2)),
+}
 
 
 def _version(spec: EncoderSpec) -> str:
@@ -445,9 +455,29 @@ def test_every_encoder_spec_field_is_versioned_or_declared_output_neutral():
 
 @pytest.mark.parametrize("field", sorted(OTHER_VALUE))
 def test_changing_an_output_affecting_field_changes_the_version(field):
-    other = BASE.model_copy(update={field: OTHER_VALUE[field]})
-    assert getattr(other, field) != getattr(BASE, field)
-    assert _version(other) != _version(BASE)
+    base, value = OTHER_VALUE[field]
+    other = EncoderSpec(**{**base.model_dump(), field: value})
+    assert getattr(other, field) != getattr(base, field)
+    assert _version(other) != _version(base)
+
+
+def test_every_resize_mode_and_normalisation_is_its_own_version_and_equal_ones_share_one():
+    modes = {m: _version(BASE.model_copy(update={"resize": m})) for m in ("squash", "pad", "center_crop")}
+    norms = {n: _version(BASE.model_copy(update={"normalize": n})) for n in ("none", "imagenet")}
+    versions = [*modes.values(), *norms.values(), _version(MEASURED)]
+    assert len(set(versions)) == len(versions) - 1 and modes["pad"] == norms["imagenet"] == _version(BASE)
+    # Equal outputs, one version: "none" is "dataset" with mean 0 and std 1.
+    unit = BASE.model_copy(update={"normalize": "dataset", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})
+    assert _version(unit) == norms["none"]
+
+
+def test_the_pretrained_start_changes_the_version():
+    _, manifest = load_encoder(None, BASE)
+    starts = [None, {"source": "a", "weights": "torchvision:IMAGENET1K_V2"}, {"source": "b", "weights": "ab" * 32}]
+    versions = [encoder_version({**manifest, "init": start}) for start in starts]
+    assert len(set(versions)) == 3 and versions[0] == manifest["version"]
+    # Where it came from is provenance: the same start weights from another place is the same encoder.
+    assert encoder_version({**manifest, "init": {**starts[2], "source": "c", "head_tags": 7}}) == versions[2]
 
 
 def test_same_spec_same_version_and_equivalent_specs_share_one():
@@ -512,9 +542,22 @@ def test_an_exported_manifest_records_the_full_spec_and_its_version_recomputes(t
     written = save_encoder(DualEncoder(spec, n_tags=3), str(out), tag_vocab_hash="abc")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == written
-    assert manifest["spec"] == {"backbone": "resnet18", "image_size": 32, "style_layers": ["layer1.1"]}
+    assert manifest["spec"] == {
+        "backbone": "resnet18",
+        "image_size": 32,
+        "style_layers": ["layer1.1"],
+        "resize": "pad",
+        "normalize": "imagenet",
+        "mean": None,
+        "std": None,
+    }
     assert set(manifest["spec"]) == set(EncoderSpec.model_fields)
-    assert manifest["preprocessing"] == {"resize": [32, 32], **preprocess.PREPROCESSING}
+    assert manifest["preprocessing"] == {
+        "resize": [32, 32],
+        "fit": "pad",
+        "pad_value": list(preprocess.PAD_VALUE),
+        **preprocess.PREPROCESSING,
+    }
     assert manifest["version"] == encoder_version(manifest) == load_encoder(str(out))[1]["version"]
     assert manifest["version"].startswith("resnet18-32px-") and len(manifest["version"]) == len("resnet18-32px-") + 12
     # Another export of other weights: another version.

@@ -116,3 +116,46 @@ def test_style_and_semantic_outputs_separate_the_planted_factors(pretrained):
     )
     assert sty_ss > sty_sc + 0.3
     assert sem_sc > sem_ss + 0.1
+
+
+def test_pretext_from_a_saved_encoder_starts_at_its_validation_map_or_better(pretrained):
+    """``init: <exported encoder>``: the weights and the pretext head (row by tag) are
+    restored, so the run's score before its first step is the saved encoder's final
+    validation mAP (same split, same preprocessing); the start is in the manifest and the
+    version; the stem and layer1 stay frozen for the first epoch."""
+    root, conf = pretrained["root"], pretrained["conf"]
+    _, saved = load_encoder(conf["output"])
+    again = {
+        **conf,
+        "output": str(root / "encoder_again"),
+        "init": conf["output"],
+        "epochs": 1,
+        "freeze_epochs": 1,
+        "freeze_upto": "layer1",
+        "run_name": "t-pretrain-again",
+        "mlflow": {**conf["mlflow"], "experiment": "t-pretrain-again"},
+    }
+    (root / "again.yaml").write_text(yaml.safe_dump(again))
+    done = subprocess.run(
+        [UMAIR, "pretrain-image", "--config", str(root / "again.yaml")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    model, manifest = load_encoder(again["output"])
+    start = manifest["init_metrics"]["val_mAP"]
+    assert start >= saved["final_metrics"]["val_mAP"] - 1e-6, (start, saved["final_metrics"])
+    assert manifest["init"] == {
+        "source": conf["output"],
+        "weights": saved["weights_sha"],
+        "head_tags": len(saved["tag_vocabulary"]),
+    }
+    assert manifest["version"] != saved["version"]
+    # Frozen for its only epoch: the stem and layer1 are the saved encoder's, BatchNorm statistics too.
+    old, _ = load_encoder(conf["output"])
+    for name, tensor in old.state_dict().items():
+        if name.startswith(("stem.", "layer1.")):
+            torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+    assert not torch.equal(model.state_dict()["layer4.1.conv2.weight"], old.state_dict()["layer4.1.conv2.weight"])

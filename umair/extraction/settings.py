@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.image.preprocess import MAX_PIXELS
@@ -59,6 +59,11 @@ class ExtractConfig(Settings):
     encode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor (torch threads on CPU)")
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read+decode task")
     use_gpu: bool = False
+    decode: Literal["cpu", "gpu", "auto"] = Field(
+        "auto",
+        description="cpu: decode on the CPU tasks; gpu: CPU tasks read bytes, the encoder actors decode JPEGs on "
+        "their GPU in batches (other files and refused JPEGs on the actor's CPU); auto: gpu when use_gpu",
+    )
     chunk_rows: int = Field(10_000, ge=1, description="rows per commit: a killed run keeps every committed chunk")
     write_batch_rows: int = Field(2048, ge=1, description="rows per part file (at most)")
     max_image_bytes: int = Field(64 * 2**20, ge=1, description="larger files are error rows (stage read)")
@@ -76,6 +81,18 @@ class ExtractConfig(Settings):
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-extract")
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _gpu_decode_needs_gpus(self) -> ExtractConfig:
+        if self.decode == "gpu" and not self.use_gpu:
+            raise ValueError(
+                "decode: gpu decodes on the encoder actors' GPUs and needs use_gpu: true (or decode: auto)"
+            )
+        return self
+
+    def resolved_decode(self) -> Literal["cpu", "gpu"]:
+        """Where images are decoded: ``gpu`` for ``decode: gpu``, and for ``auto`` when the encoders use GPUs."""
+        return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.use_gpu) else "cpu"
 
     @field_validator("encoder", mode="before")
     @classmethod

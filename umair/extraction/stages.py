@@ -140,17 +140,27 @@ def decode_rows(
     max_bytes: int,
     storage_config: StorageConfig,
     retry_s: float,
+    resize: str = "squash",
+    decode: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF (CPU tasks): read and decode each row; a failure marks its row only
     (``stage`` read/decode, ``reason``, ``error``; see :class:`PermanentReadError` and
     :class:`umair.image.preprocess.DecodeError`). A missing ``image_uri`` (None, NaN) is
     ``bad_uri``. Only storage failures every row would share (transient ones past
-    ``retry_s``, rejected credentials, full storage) raise, and stop the job."""
-    from umair.image.preprocess import DecodeError, decode_image
+    ``retry_s``, rejected credentials, full storage) raise, and stop the job.
+
+    ``resize``: the encoder's resize mode (``decode_image``). ``decode="gpu"``: rows are
+    read, not decoded; out go the file bytes (``data``) and where the encoder actor is to
+    decode them (``route``: ``gpu`` for complete RGB/greyscale JPEGs,
+    :func:`umair.image.preprocess.plan_decode`; else ``cpu``), no ``image`` column; read
+    failures are error rows as in ``cpu`` mode."""
+    from umair.image.preprocess import DecodeError, decode_image, plan_decode
 
     settings = storage_config.to_settings()
     n = len(batch["illust_id"])
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    gpu = decode == "gpu"
+    images = None if gpu else np.zeros((n, image_size, image_size, 3), np.uint8)
+    data_col, route = np.full(n, b"", dtype=object), np.full(n, "", dtype=object)
     ok = np.zeros(n, bool)
     stage, reason, error = (np.full(n, "", dtype=object) for _ in range(3))
     for i, raw in enumerate(batch["image_uri"]):
@@ -165,13 +175,20 @@ def decode_rows(
         except PermanentReadError as err:
             stage[i], reason[i], error[i] = "read", err.reason, str(err)
             continue
+        if gpu:
+            data_col[i], route[i], ok[i] = data, plan_decode(data, max_pixels), True
+            continue
         try:
-            images[i] = decode_image(data, image_size, max_pixels)
+            images[i] = decode_image(data, image_size, max_pixels, resize)
             ok[i] = True
         except DecodeError as err:
             stage[i], reason[i], error[i] = "decode", err.reason, str(err)
     out = {k: v for k, v in batch.items() if k not in ("created_at", "tags")}
-    out.update(image=images, ok=ok, stage=stage, reason=reason, error=error)
+    out.update(ok=ok, stage=stage, reason=reason, error=error)
+    if gpu:
+        out.update(data=data_col, route=route)
+    else:
+        out.update(image=images)
     return out
 
 
@@ -211,12 +228,36 @@ def _load_exported(source: str, settings: storage.StorageSettings):
 
 class EncodeImages:
     """Ray Data actor: the dual image encoder, loaded once; rows that failed upstream
-    pass through with zero vectors (the writer routes them to the errors table)."""
+    pass through with zero vectors (the writer routes them to the errors table).
+
+    ``decode="cpu"``: batches carry decoded pixels (``image`` [B, S, S, 3] uint8).
+    ``decode="gpu"``: batches carry file bytes (``data``) and a ``route`` per row
+    (:func:`decode_rows`); the ``gpu`` rows are decoded together with
+    ``torchvision.io.decode_jpeg(..., device=jpeg_device)`` (default: the actor's device)
+    and fitted by :func:`umair.image.preprocess.fit_tensor`; a batch the decoder refuses
+    is retried row by row, and every row it refuses, like every ``cpu`` row, is decoded
+    here by :func:`umair.image.preprocess.decode_image`, whose errors make error rows
+    (``stage`` decode) exactly as on the CPU tasks. The resize mode and size are the
+    loaded encoder's (from its manifest). ``counts`` tallies rows decoded by the JPEG
+    decoder (``jpeg``), by the CPU decoder (``cpu``) and refused by both (``failed``).
+    """
 
     def __init__(
-        self, source: str | None, spec: dict, seed: int, use_gpu: bool, threads: int, storage_config: StorageConfig
+        self,
+        source: str | None,
+        spec: dict,
+        seed: int,
+        use_gpu: bool,
+        threads: int,
+        storage_config: StorageConfig,
+        decode: str = "cpu",
+        max_pixels: int | None = None,
+        jpeg_device: str | None = None,
     ):
         import torch
+
+        from umair.image.preprocess import MAX_PIXELS
+        from umair.image.spec import EncoderSpec
 
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
@@ -226,22 +267,79 @@ class EncodeImages:
         if use_gpu:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.sem_dim, self.sty_dim = int(manifest["sem_dim"]), int(manifest["sty_dim"])
+        fitted = EncoderSpec.from_manifest(manifest["spec"])
+        self.size, self.resize = fitted.image_size, fitted.resize
+        self.decode, self.max_pixels = decode, max_pixels or MAX_PIXELS
+        self.jpeg_device = torch.device(jpeg_device) if jpeg_device else self.device
+        self.counts = Counter()
+
+    def _jpeg(self, datas: list[bytes]) -> list:
+        """[3, S, S] uint8 tensors on the JPEG device (None where the decoder refuses the row)."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from umair.image.preprocess import fit_tensor
+
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            decoded = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.jpeg_device))
+        except RuntimeError:  # one bad file fails the batch: find it row by row
+            decoded = []
+            for e in encoded:
+                try:
+                    decoded.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.jpeg_device))
+                except RuntimeError:
+                    decoded.append(None)
+        return [None if d is None else fit_tensor(d, self.size, self.resize) for d in decoded]
+
+    def _decode(self, batch: dict[str, np.ndarray], ok: np.ndarray, stage, reason, error):
+        """[ok rows, 3, S, S] uint8 on the encoder's device; rows neither decoder takes are
+        marked in ``ok``/``stage``/``reason``/``error`` (in place)."""
+        import torch
+
+        from umair.image.preprocess import DecodeError, decode_image
+
+        rows = np.flatnonzero(ok)
+        images: dict[int, torch.Tensor] = {}
+        on_gpu = [i for i in rows if batch["route"][i] == "gpu"]
+        for i, img in zip(on_gpu, self._jpeg([bytes(batch["data"][i]) for i in on_gpu]) if on_gpu else []):
+            if img is not None:
+                images[i] = img.to(self.device)
+                self.counts["jpeg"] += 1
+        for i in rows:
+            if i in images:
+                continue
+            try:
+                pixels = decode_image(bytes(batch["data"][i]), self.size, self.max_pixels, self.resize)
+                images[i] = torch.from_numpy(pixels.copy()).permute(2, 0, 1).to(self.device)
+                self.counts["cpu"] += 1
+            except DecodeError as err:
+                ok[i], stage[i], reason[i], error[i] = False, "decode", err.reason, str(err)
+                self.counts["failed"] += 1
+        kept = [images[i] for i in rows if ok[i]]
+        return torch.stack(kept) if kept else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from umair.image.encoder import encode
 
-        ok = batch["ok"].astype(bool)
+        ok = batch["ok"].astype(bool).copy()
+        stage, reason, error = (np.array(batch[k], dtype=object) for k in ("stage", "reason", "error"))
         n = len(ok)
         sem = np.zeros((n, self.sem_dim), np.float32)
         sty = np.zeros((n, self.sty_dim), np.float32)
-        if ok.any():
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2)
+        if self.decode == "gpu":
+            images = self._decode(batch, ok, stage, reason, error) if ok.any() else None
+        else:
+            images = (
+                torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2) if ok.any() else None
+            )
+        if images is not None:
             s, t = encode(self.model, images, self.device)
             sem[ok], sty[ok] = s.numpy(), t.numpy()
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(sem=sem, sty=sty)
+        out = {k: v for k, v in batch.items() if k not in ("image", "data", "route")}
+        out.update(ok=ok, stage=stage, reason=reason, error=error, sem=sem, sty=sty)
         return out
 
 

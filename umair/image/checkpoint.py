@@ -1,9 +1,12 @@
 """Exported encoders: a directory with ``encoder.pt`` (state dict) and ``manifest.json``.
 
 The manifest records everything that defines the encoder's outputs (the full spec:
-backbone, image size, style layers; preprocessing, pooling, weights hash, output dims)
-and where it came from (tag vocabulary hash, training data version), so extraction and
-training can check they use the same one. Its ``version`` (:func:`encoder_version`) is
+backbone, image size, style layers, resize mode, normalisation; preprocessing, pooling,
+weights hash, output dims, the pretrained start ``init``) and where it came from (tag
+vocabulary hash, training data version), so extraction and training can check they use
+the same one. The pretext classifier head, when there is one, is kept beside the
+encoder in ``pretext_head.pt`` (a later pretext run started from this encoder restores
+it row by tag); the encoder itself never carries it. Its ``version`` (:func:`encoder_version`) is
 a hash over all that changes outputs and nothing else.
 Loading uses ``torch.load(weights_only=True)``; a corrupt or mismatched checkpoint
 raises :class:`CheckpointError` naming the file and the mismatch.
@@ -27,27 +30,45 @@ from umair.image.spec import EncoderSpec
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.pt"
+HEAD = "pretext_head.pt"
 
 
 class CheckpointError(UmairError, ValueError):
     """A checkpoint cannot be used; the message names the file and why."""
 
 
-VERSION_SCHEME = 2  # how encoder_version hashes a manifest; 1 = backbone-size-weights only (no longer written)
+# How encoder_version hashes a manifest: 1 = backbone-size-weights only (no longer written);
+# 2 = spec (backbone, size, style layers), preprocessing, pooling, weights; 3 = 2 + resize
+# mode, normalisation and the pretrained start. Scheme-2 manifests are still verified.
+VERSION_SCHEME = 3
+VERIFIED_SCHEMES = (2, VERSION_SCHEME)
+_SCHEME2_SPEC_FIELDS = ("backbone", "image_size", "style_layers")
 
 
 def version_inputs(manifest: dict) -> dict:
     """Everything in ``manifest`` that changes the encoder's outputs: the spec's
-    output-affecting fields (:meth:`EncoderSpec.output_identity`), the preprocessing, the
-    pooling and the weights. Provenance (creation time, tag vocabulary, training data)
-    and derived values (dims) are left out: they do not change outputs."""
-    spec = EncoderSpec(**manifest["spec"])
+    output-affecting fields (:meth:`EncoderSpec.output_identity`: resize mode and
+    normalisation included), the preprocessing, the pooling, the weights and the weights
+    it started from (``init``). Provenance (creation time, tag vocabulary, training
+    data) and derived values (dims) are left out: they do not change outputs. A manifest
+    of scheme 2 (or without a scheme) hashes as it did when it was written."""
+    spec = EncoderSpec.from_manifest(manifest["spec"])
+    identity = spec.output_identity()
+    if manifest.get("version_scheme", 2) < VERSION_SCHEME:
+        return {
+            "scheme": 2,
+            "spec": {k: identity[k] for k in _SCHEME2_SPEC_FIELDS},
+            "preprocessing": manifest.get("preprocessing") or preprocessing_manifest(spec.image_size),
+            "pooling": manifest.get("pooling") or POOLING,
+            "weights": manifest["weights_sha"],
+        }
     return {
         "scheme": VERSION_SCHEME,
-        "spec": spec.output_identity(),
-        "preprocessing": manifest.get("preprocessing") or preprocessing_manifest(spec.image_size),
+        "spec": identity,
+        "preprocessing": manifest.get("preprocessing") or preprocessing_manifest(spec.image_size, spec.resize),
         "pooling": manifest.get("pooling") or POOLING,
         "weights": manifest["weights_sha"],
+        "init": (manifest.get("init") or {}).get("weights"),
     }
 
 
@@ -74,7 +95,7 @@ def _manifest(model: DualEncoder, weights_sha: str, **extra) -> dict:
         "style_layers": list(model.style_layers),
         "sem_dim": model.sem_dim,
         "sty_dim": model.sty_dim,
-        "preprocessing": preprocessing_manifest(model.spec.image_size),
+        "preprocessing": preprocessing_manifest(model.spec.image_size, model.spec.resize),
         "pooling": dict(POOLING),
         "weights_sha": weights_sha,
         **extra,
@@ -83,10 +104,18 @@ def _manifest(model: DualEncoder, weights_sha: str, **extra) -> dict:
     return manifest
 
 
-def save_encoder(model: DualEncoder, out: str, **provenance) -> dict:
-    """Write the encoder (without any classifier head) and its manifest to ``out``."""
+def save_encoder(model: DualEncoder, out: str, init: dict | None = None, **provenance) -> dict:
+    """Write the encoder (without any classifier head) and its manifest to ``out``; the
+    head, if any, goes to ``pretext_head.pt`` beside it. ``init``: the pretrained start
+    (:func:`load_init`'s record: ``source``, ``weights``), versioned."""
     import hashlib
 
+    if model.head is not None:
+        head = io.BytesIO()
+        torch.save(model.head.state_dict(), head)
+        storage.write_bytes(storage.join(out, HEAD), head.getvalue())
+    if init is not None:
+        provenance["init"] = init
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -115,7 +144,7 @@ def load_encoder(source: str | None, spec: EncoderSpec | None = None) -> tuple[D
     weights_uri = storage.join(source, WEIGHTS)
     try:
         manifest = json.loads(storage.read_bytes(manifest_uri))
-        spec = EncoderSpec(**manifest["spec"])
+        spec = EncoderSpec.from_manifest(manifest["spec"])
     except (storage.StorageError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{manifest_uri}: not a readable encoder manifest ({err})") from err
     try:
@@ -143,7 +172,7 @@ def load_encoder(source: str | None, spec: EncoderSpec | None = None) -> tuple[D
             raise CheckpointError(
                 f"{manifest_uri}: {key} {manifest.get(key)} does not match the backbone's {getattr(model, key)}"
             )
-    if manifest.get("version_scheme") == VERSION_SCHEME:  # older manifests keep the version they were written with
+    if manifest.get("version_scheme") in VERIFIED_SCHEMES:  # older manifests keep the version they were written with
         try:
             expected = encoder_version(manifest)
         except (KeyError, TypeError, ValueError) as err:
@@ -156,3 +185,102 @@ def load_encoder(source: str | None, spec: EncoderSpec | None = None) -> tuple[D
                 f"manifest's contents ({expected}); was it edited after export?"
             )
     return model, manifest
+
+
+def _torchvision_state(backbone: str, name: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision weights ``name`` for ``backbone`` (downloads once into
+    torch's hub cache); CheckpointError naming what to do where that is impossible."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(backbone)[name]
+    except KeyError:
+        known = ", ".join(w.name for w in torchvision.models.get_model_weights(backbone))
+        raise CheckpointError(f"init torchvision:{name}: {backbone} has no such weights (known: {known})") from None
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:  # URLError, HTTPError, OSError, RuntimeError (hash mismatch) ...
+        raise CheckpointError(
+            f"init torchvision:{name}: cannot download {weights.url} ({type(err).__name__}: {err}). "
+            f"Offline, put the file in {torch.hub.get_dir()}/checkpoints/ or give init a local PATH "
+            "(a state dict file or an exported encoder directory)"
+        ) from err
+
+
+def _as_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet state dict (conv1, bn1, layerN, fc) in DualEncoder's key names
+    (stem.0, stem.1, layerN; fc dropped); DualEncoder keys pass unchanged."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            continue
+        for old, new in (("conv1.", "stem.0."), ("bn1.", "stem.1.")):
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        renamed[key] = value
+    return renamed
+
+
+def load_init(model: DualEncoder, init: str, vocabulary: list[str] | None = None, settings=None) -> dict:
+    """Load the pretrained start ``init`` into ``model`` (in place) and return its record
+    for the manifest: ``{"source": init, "weights": <identity>, "head_tags": <rows restored>}``.
+
+    ``init`` is ``torchvision:<WEIGHTS>`` (e.g. ``torchvision:IMAGENET1K_V2``; identity
+    the enum), an exported encoder directory (identity its ``weights_sha``; its pretext
+    head, when saved, restores the rows of the tags in ``vocabulary`` that it knows), or a
+    state-dict file (DualEncoder or torchvision ResNet keys; identity its sha256). The
+    backbone must match ``model.spec.backbone``; keys missing or unexpected raise
+    :class:`CheckpointError` naming the source."""
+    import hashlib
+
+    head_tags = 0
+    if init.startswith("torchvision:"):
+        state, identity = _torchvision_state(model.spec.backbone, init.split(":", 1)[1]), init
+    else:
+        manifest_uri = storage.join(init, MANIFEST)
+        if storage.exists(manifest_uri, settings):
+            source, manifest = load_encoder(init)
+            if manifest["spec"]["backbone"] != model.spec.backbone:
+                raise CheckpointError(
+                    f"init {init}: a {manifest['spec']['backbone']} encoder cannot start a {model.spec.backbone}"
+                )
+            state, identity = dict(source.state_dict()), str(manifest["weights_sha"])
+            head_uri = storage.join(init, HEAD)
+            old_vocab = manifest.get("tag_vocabulary") or []
+            if model.head is not None and vocabulary and old_vocab and storage.exists(head_uri, settings):
+                head = torch.load(
+                    io.BytesIO(storage.read_bytes(head_uri, settings)), map_location="cpu", weights_only=True
+                )
+                index = {t: i for i, t in enumerate(old_vocab)}
+                with torch.no_grad():
+                    for row, tag in enumerate(vocabulary):
+                        if tag in index:
+                            model.head.weight[row] = head["weight"][index[tag]]
+                            model.head.bias[row] = head["bias"][index[tag]]
+                            head_tags += 1
+        else:
+            try:
+                data = storage.read_bytes(init, settings)
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except storage.StorageError as err:
+                raise CheckpointError(f"init {init}: neither an exported encoder nor a readable file ({err})") from err
+            except Exception as err:
+                raise CheckpointError(f"init {init}: not a state dict ({type(err).__name__}: {err})") from err
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]  # a pretext job's own checkpoint (state.pt)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"init {init}: not a state dict (a {type(state).__name__})")
+            identity = hashlib.sha256(data).hexdigest()
+    state = {k: v for k, v in _as_encoder_keys(state).items() if not k.startswith("head.")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not match
+        first = str(err).split("\n\t")[1:2] or [str(err)[:200]]
+        raise CheckpointError(f"init {init}: weights do not fit a {model.spec.backbone} ({first[0]})") from err
+    missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"init {init}: weights do not fit a {model.spec.backbone} (missing {len(missing)} keys e.g. "
+            f"{missing[:2]}, unexpected {len(result.unexpected_keys)} e.g. {result.unexpected_keys[:2]})"
+        )
+    return {"source": init, "weights": identity, "head_tags": head_tags}

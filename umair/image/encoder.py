@@ -1,5 +1,8 @@
 """The dual-output image encoder E_img: one ResNet backbone, two outputs.
 
+* input normalisation = a fixed first layer ``(x - mean) / std`` (:class:`Normalize`, from
+  ``spec.normalize``; no trainable parameters and nothing in the state dict, so encoders
+  exported before it load unchanged with ``normalize: none``).
 * e_SEM = mean pooling of the last conv stage (2048-d for ResNet50/101, 512-d for 18/34).
 * e_STY = style from channel Gram matrices of early residual blocks. For each chosen
   block output F (C×H·W), G = F Fᵀ / (H·W); the max over one channel axis of G gives a
@@ -36,6 +39,35 @@ POOLING = {
 }
 
 
+class Normalize(nn.Module):
+    """The encoder's fixed first layer: [B, 3, H, W] in [0, 1] → (x - mean) / std per
+    channel. The statistics are non-persistent buffers (they follow the spec, not the
+    state dict); mean 0 and std 1 (``normalize: none``) is the identity."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.identity = tuple(mean) == (0.0, 0.0, 0.0) and tuple(std) == (1.0, 1.0, 1.0)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+EARLY_BLOCKS = ("stem", "layer1", "layer2", "layer3")
+
+
+def early_modules(model: DualEncoder, upto: str) -> list[nn.Module]:
+    """The backbone's modules from the stem up to and including ``upto`` (one of
+    :data:`EARLY_BLOCKS`): what the pretext job may freeze for its first epochs."""
+    if upto not in EARLY_BLOCKS:
+        raise ValueError(f"cannot freeze up to {upto!r}: expected one of {', '.join(EARLY_BLOCKS)}")
+    names = EARLY_BLOCKS[: EARLY_BLOCKS.index(upto) + 1]
+    return [getattr(model, n) for n in names]
+
+
 def gram_style(feature_maps: list[torch.Tensor]) -> torch.Tensor:
     """e_STY from a list of [B, C, H, W] maps (same C): max-reduced Gram matrices, max-pooled.
 
@@ -68,11 +100,13 @@ class DualEncoder(nn.Module):
 
     ``C_last`` (:attr:`sem_dim`) is 2048 on ResNet50/101 and 512 on ResNet18/34; ``C``
     (:attr:`sty_dim`) is 256 and 64 with the default style blocks. The Gram matrices are
-    computed in float32 (:func:`gram_style`).
+    computed in float32 (:func:`gram_style`). Before the stem, the fixed layer
+    :attr:`normalize` (:class:`Normalize`) applies ``spec.normalize``.
 
     Args:
-        spec: backbone, image size and style blocks (:class:`EncoderSpec`); the style
-            blocks must exist and share one channel count (ValueError otherwise).
+        spec: backbone, image size, style blocks and normalisation (:class:`EncoderSpec`);
+            the style blocks must exist and share one channel count, and ``normalize:
+            dataset`` needs measured mean/std (ValueError otherwise).
         n_tags: width of the multi-label tag head of the pretext task; 0 = no head (the
             exported encoder carries only the backbone).
         weights: a torchvision weights enum name such as ``"IMAGENET1K_V2"``, or None for
@@ -102,6 +136,7 @@ class DualEncoder(nn.Module):
     def __init__(self, spec: EncoderSpec, n_tags: int = 0, weights: str | None = None):
         super().__init__()
         self.spec = spec
+        self.normalize = Normalize(*spec.normalization_stats())
         builder = getattr(torchvision.models, spec.backbone)
         net = builder(weights=weights)  # weights: a torchvision enum name such as "IMAGENET1K_V2", or None
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -127,9 +162,9 @@ class DualEncoder(nn.Module):
         return last_bn[-1].num_features if not hasattr(block, "bn3") else block.bn3.num_features
 
     def forward(self, images: torch.Tensor) -> DualOutput:
-        """images: [B, 3, S, S] floats in [0, 1]."""
+        """images: [B, 3, S, S] floats in [0, 1] (normalised here by :attr:`normalize`)."""
         self._captured = []
-        x = self.stem(images)
+        x = self.stem(self.normalize(images))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         sem = x.mean(dim=(2, 3))
         sty = gram_style(self._captured)
