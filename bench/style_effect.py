@@ -20,8 +20,9 @@ Reads the demo's world and item features (``make demo`` writes them to
     .venv/bin/python bench/style_effect.py probe
     .venv/bin/python bench/style_effect.py train --window val --seeds 0 1 2 --name demo-recipe
     .venv/bin/python bench/style_effect.py train --window val --seeds 0 1 2 --name l2=0 --l2-emb 0
-    .venv/bin/python bench/style_effect.py train --window test --seeds 0 1 2 --name fix \\
-        --model '{"user_history": true}'
+    .venv/bin/python bench/style_effect.py train --window val --seeds 0 1 2 --name fix --epochs 5 \\
+        --model '{"user_history": true, "modality_norm": "l2", "umcm": "moe", "experts": ["att"]}'
+    .venv/bin/python bench/style_effect.py fixture --size default --seeds 0 1 2 3 4 --epochs 5 --model '{...}'
 
 Each run appends one JSON line per seed to ``OUT/results.jsonl`` and prints a summary row
 (mean ± std over seeds).
@@ -92,19 +93,15 @@ def _segments(world: str) -> dict[int, str]:
 
 
 def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) -> dict[str, Any]:
-    """One in-process training + scoring run; per-taste AUC and ᾱ figures."""
-    import torch
-
-    from pipelines.ablate import window_rows
-    from umair.baselines.rankers import FusionRanker
-    from umair.baselines.training import fit
-    from umair.metrics import PLANTED_MODALITY, alpha_spread, modality_weights
+    """One in-process training (:func:`umair.training.local.fit_local`) + scoring run;
+    per-taste AUC and ᾱ figures."""
+    from umair.metrics import PLANTED_MODALITY, alpha_spread
     from umair.model.settings import dcn_v2_only
-    from umair.training.inputs import world_split
-    from umair.training.scoring import segment_report
+    from umair.training.inputs import prepare, world_split
+    from umair.training.local import LocalRecipe, fit_local, rows_of_window
+    from umair.training.scoring import score_rows, segment_report
     from umair.training.settings import TrainConfig
 
-    torch.set_num_threads(1)
     split = world_split(args.world)
     cfg = TrainConfig(
         world=args.world,
@@ -115,35 +112,22 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
         variant=None if args.variant in ("full", "dcn") else args.variant,
         seed=seed,
     )
-    from umair.training.inputs import prepare
-
     prepared = prepare(cfg)
-    train, test = window_rows(prepared, None)
     mc = dcn_v2_only(prepared.model_config) if args.variant == "dcn" else prepared.model_config
-    ranker = FusionRanker(args.variant, mc, seed)
-    module = ranker.module
-    if module.history is not None:
-        module.history.fit(train.user_id, train.labels, train.vectors)
+    recipe = LocalRecipe(args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
     t0 = time.perf_counter()
-    if module.history is None:
-        fit(ranker, train, args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
-    else:  # the same loop as umair.baselines.training.fit, the labels passed as `own` (leave-one-out)
-        _fit_own(ranker, train, args, seed)
+    if args.no_loo and mc.multimodal and mc.user_history:
+        fitted = _fit_no_loo(prepared, mc, recipe)
+    else:
+        fitted = fit_local(prepared, mc, recipe)
     train_s = time.perf_counter() - t0
-    encoded = ranker.encode(test)
-    module.eval()
-    probs, weights = [], []
-    with torch.no_grad():
-        for idx in torch.arange(len(test)).split(4096):
-            out = module.explain(encoded["packed"][idx], {m: v[idx] for m, v in encoded["vectors"].items()})
-            probs.append(torch.sigmoid(out.logits).numpy())
-            if out.alpha is not None:
-                weights.append(modality_weights(out.alpha.numpy(), out.beta.numpy()))
-    p = np.concatenate(probs)
-    w = np.concatenate(weights) if weights else None
+    u, i, y = rows_of_window(prepared.test_rows)
+    scores = score_rows(fitted.model, fitted.lookup, u, i)
     names = list(mc.modalities)
-    rep = segment_report(test.users, test.labels.numpy(), p, w, names, segments)
-    spread = alpha_spread(test.users, w, names, segments, PLANTED_MODALITY) if w is not None else {}
+    user_ids = _user_ids(prepared, u.numpy())
+    rep = segment_report(user_ids, y, scores.probs, scores.weights, names, segments)
+    w = scores.weights
+    spread = alpha_spread(user_ids, w, names, segments, PLANTED_MODALITY) if w is not None else {}
     return {
         "name": args.name,
         "window": args.window,
@@ -158,28 +142,76 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
     }
 
 
-def _fit_own(ranker: Any, rows: Any, args: argparse.Namespace, seed: int) -> None:
-    """:func:`umair.baselines.training.fit`'s loop (same shuffles, :func:`bce_step`), with
-    each batch's labels as ``own`` so positive rows leave their item out of the history."""
+def _user_ids(prepared: Any, user_rows: np.ndarray) -> np.ndarray:
+    from umair import contracts
+
+    users = contracts.read_table(prepared.inputs.users, "users")
+    return users.column("user_id").to_numpy()[user_rows]
+
+
+def _fit_no_loo(prepared: Any, mc: Any, recipe: Any) -> Any:
+    """:func:`fit_local` with the history's leave-one-out off (the labels not passed as
+    ``own``): what the leave-one-out is worth."""
     import torch
 
+    from umair.model.fusion import UmairFPS
+    from umair.training.local import Fitted, rows_of_window
+    from umair.training.lookup import fit_history, load_lookup
     from umair.training.step import StepSettings, bce_step
 
-    encoded = ranker.encode(rows)
-    module = ranker.module
-    optimizer = torch.optim.Adam(module.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(seed)
-    settings = StepSettings(lr=args.lr, l2_emb=args.l2_emb)
-    module.train()
-    step = 0
-    loo = not args.no_loo
-    for epoch in range(args.epochs):
-        for idx in torch.randperm(len(rows), generator=gen).split(args.batch_size):
-            y = rows.labels[idx]
-            vec = {m: v[idx] for m, v in encoded["vectors"].items()}
-            out = module(encoded["packed"][idx], vec, own=y if loo else None)
-            bce_step(module, optimizer, out, y, settings, epoch=epoch, step=step)
-            step += 1
+    torch.set_num_threads(recipe.threads)
+    lookup, _, _ = load_lookup(prepared.space, prepared.inputs, prepared.modalities, "cpu")
+    torch.manual_seed(recipe.seed)
+    model = UmairFPS(mc)
+    u, i, y = rows_of_window(prepared.train_rows)
+    fit_history(model, lookup, u, i, y)
+    labels = torch.as_tensor(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    settings = StepSettings(lr=recipe.lr, l2_emb=recipe.l2_emb)
+    lookup.pack_for(model)
+    model.train()
+    for epoch in range(recipe.epochs):
+        for step, b in enumerate(torch.randperm(len(u), generator=gen).split(recipe.batch_size)):
+            out = model(lookup.packed(u[b], i[b]), lookup.item_vectors(i[b]))
+            bce_step(model, optimizer, out, labels[b], settings, epoch=epoch, step=step)
+    model.eval()
+    return Fitted(model, lookup, [])
+
+
+def fixture(args: argparse.Namespace) -> None:
+    """The slow test's scenario (tests/test_style_effect.py) over seeds: a sample world
+    (``--size``, seed 7) with in-process item features (random-weight ResNet18 at
+    ``--image-size`` px, hashed-tag e_TSEM), full vs w/o STY; prints the style-user margin
+    and the ᾱ ratio."""
+    from umair.baselines.sample_features import fixture_item_features
+    from umair.sample.world import load_world, write_world
+    from umair.training.local import LocalRecipe
+    from umair.training.planted import style_effect
+
+    base = os.path.join(args.out, f"fixture-{args.size}-{args.image_size}px")
+    world, feats = os.path.join(base, "world"), os.path.join(base, "features.parquet")
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(world, "world.json")):
+        write_world(world, args.size, 7, True, progress=False)
+    if not os.path.exists(feats):
+        fixture_item_features(load_world(world), feats, image_size=args.image_size, tsem_dim=16, seed=0)
+    print(f"world + features in {time.perf_counter() - t0:.0f}s", flush=True)
+    out = []
+    for seed in args.seeds:
+        recipe = LocalRecipe(args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
+        r = style_effect(world, feats, json.loads(args.model), recipe, baseline={})
+        out.append(r)
+        print(
+            f"  seed {seed}: style AUC {r['style_auc']:.3f}, margin {r['margin']:+.3f}, "
+            f"ᾱ ratio {r['alpha_ratio']:.2f}, STY largest {r['style_top_share']:.0%}, "
+            f"all {r['rows']['full']['auc']['all']:.3f}; over the paper's v_user {r['over_baseline']:+.3f} "
+            f"(baseline style AUC {r['rows']['baseline']['auc']['style']:.3f})",
+            flush=True,
+        )
+    for k in ("margin", "alpha_ratio", "style_top_share", "style_auc", "over_baseline"):
+        v = np.array([r[k] for r in out])
+        print(f"{k}: mean {v.mean():.3f} std {v.std():.3f} min {v.min():.3f} max {v.max():.3f}")
 
 
 def _summary(rows: list[dict[str, Any]]) -> str:
@@ -190,7 +222,7 @@ def _summary(rows: list[dict[str, Any]]) -> str:
     auc = {k: ms([r["auc"].get(k, np.nan) for r in rows]) for k in ("all", "style", "content", "tag", "popularity")}
     parts = [f"{rows[0]['name']} [{rows[0]['window']}, {rows[0]['variant']}, seeds {[r['seed'] for r in rows]}]"]
     parts.append("AUC " + ", ".join(f"{k} {v}" for k, v in auc.items()))
-    if rows[0]["spread"]:
+    if rows[0]["spread"] and "sty" in rows[0]["alpha"]["style"]:
         ratio = [r["alpha"]["style"]["sty"] / r["alpha"]["content"]["sty"] for r in rows]
         share = [r["spread"]["style"]["share_planted_top"] for r in rows]
         std = [r["spread"]["all"]["std"]["sty"] for r in rows]
@@ -202,7 +234,7 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("probe", "train"))
+    p.add_argument("what", choices=("probe", "train", "fixture"))
     p.add_argument("--world", default="outputs/demo/world")
     p.add_argument("--features", default="outputs/demo/features")
     p.add_argument("--out", default="outputs/bench/style_effect")
@@ -215,6 +247,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--l2-emb", type=float, default=1e-3)
+    p.add_argument("--size", default="small", help="fixture world size (tiny, small, default)")
+    p.add_argument("--image-size", type=int, default=48, help="fixture encoder input size")
     p.add_argument("--no-loo", action="store_true", help="user history without leave-one-out in training")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -224,6 +258,9 @@ def main() -> int:
         print(json.dumps(res, indent=1))
         with open(os.path.join(args.out, "probe.json"), "w") as f:
             json.dump(res, f, indent=1)
+        return 0
+    if args.what == "fixture":
+        fixture(args)
         return 0
     segments = _segments(args.world)
     rows = []

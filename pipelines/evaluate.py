@@ -10,7 +10,11 @@ given; an earlier one is refused), and reports
   ``ᾱ_j = Σ_k β_k α_{k,j}`` per modality per segment (each user's impressions averaged,
   then users averaged). Segments come from a table with ``user_id`` and a segment
   column (default: a sample world's ``truth/users.parquet``, column ``taste``); without
-  one every user is in ``"all"``.
+  one every user is in ``"all"``;
+- how user-aware ᾱ is (``alpha_spread``, :func:`umair.metrics.alpha_spread`): per segment
+  the std over users of each user's mean ᾱ_j, and the share of users whose largest ᾱ is
+  the modality of their planted taste (sample world: style -> STY, content -> SEM, tag
+  -> TSEM).
 
 The report is printed, written as JSON (``MODEL/evaluation.json`` by default) and logged
 to MLflow (its own run, tagged with the training run's id). Scoring runs in this process
@@ -32,9 +36,10 @@ from pipelines.runtime import ensure_experiment
 from umair import storage
 from umair.config import MlflowConfig, Settings, StorageConfig
 from umair.errors import FeatureError
+from umair.metrics import alpha_spread
 from umair.model.interactions import IsoTime, ItemPool, NegativeSettings, require_both_labels, window, with_negatives
 from umair.model.item_features import attach_rows, check_dims
-from umair.training.inputs import check_encoders, inspect_features, read_inputs, resolve_eval_inputs
+from umair.training.inputs import check_encoders, eval_inputs_of, inspect_features, read_inputs
 from umair.training.lookup import load_lookup
 from umair.training.model_io import load_model
 from umair.training.scoring import score_rows, segment_map, segment_report
@@ -82,6 +87,12 @@ def _print(report: dict[str, Any]) -> None:
         print(
             f"  {name:<12} {s['rows']:>6} {s['users']:>5} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['gauc']:>7.4f}{alpha}"
         )
+    spread = report.get("alpha_spread") or {}
+    for name, s in spread.items():
+        std = ", ".join(f"{m} {v:.3f}" for m, v in s["std"].items())
+        share = s["share_planted_top"]
+        top = "" if share is None else f"; largest ᾱ = planted modality for {share:.0%} of its users"
+        print(f"  ᾱ spread {name:<12} std over users: {std}{top}")
 
 
 def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
@@ -131,17 +142,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, segments_uri = resolve_eval_inputs(
-        saved,
-        settings,
-        world=cfg.world,
-        illustrations=cfg.illustrations,
-        users=cfg.users,
-        interactions=cfg.interactions,
-        item_features=cfg.item_features,
-        split=cfg.split,
-        segments=cfg.segments,
-    )
+    inputs, segments_uri = eval_inputs_of(cfg, saved, settings)
     ill, users, inter = read_inputs(inputs, settings)
     test = window(inter, start=inputs.split, end=cfg.end)
     if test.num_rows == 0:
@@ -196,6 +197,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "negatives": negatives,
         "train_run_id": saved.meta.get("mlflow_run_id"),
     }
+    if scores.weights is not None and seg:
+        report["alpha_spread"] = alpha_spread(user_ids, scores.weights, modalities, seg)
     _print(report)
     out = cfg.output or storage.join(cfg.model, "evaluation.json")
     report["output"] = out

@@ -12,7 +12,11 @@ For the whole test window ``[T, end)``: every logged impression is scored, and t
 first, then users: :func:`umair.metrics.mean_attention`, the statistic ``umair
 evaluate`` reports; segments from :func:`pipelines.evaluate.segment_map`, by default a
 sample world's planted ``taste`` in ``truth/users.parquet``, else one segment ``all``)
-are drawn as a PNG (:func:`umair.plots.attention_plot`) and written as JSON beside it.
+are drawn as a PNG (:func:`umair.plots.attention_plot`) and written as JSON beside it,
+with how user-aware ᾱ is (:func:`umair.metrics.alpha_spread`): per segment the std over
+users of each user's mean ᾱ_j, and the share of users whose largest ᾱ is the modality
+of their planted taste (sample world: style -> STY, content -> SEM, tag -> TSEM), which
+is also printed next to the explained user.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pydantic import Field
 from umair import storage
 from umair.config import Settings, StorageConfig
 from umair.errors import FeatureError
+from umair.metrics import PLANTED_MODALITY
 from umair.model.interactions import window
 from umair.neighbors import CandidateSettings
 
@@ -136,7 +141,7 @@ def explain_user(ctx: Any, user_id: int, cfg: ExplainConfig) -> dict[str, Any]:
 
 def segment_attention(ctx: Any, cfg: ExplainConfig, segments: dict[int, str]) -> dict[str, Any]:
     """Mean ᾱ per modality and mean β per expert for each segment over the test window's impressions."""
-    from umair.metrics import mean_attention, modality_weights
+    from umair.metrics import alpha_spread, mean_attention, modality_weights
 
     test = window(ctx.interactions, start=ctx.inputs.split, end=cfg.end)
     u_rows = ctx.user_table.rows(test.column("user_id").to_numpy())
@@ -150,7 +155,8 @@ def segment_attention(ctx: Any, cfg: ExplainConfig, segments: dict[int, str]) ->
     users = ctx.user_table.user_ids[u_rows[ok]]
     modalities = list(ctx.saved.config.modalities)
     experts = expert_names(ctx.saved.config.expert_kinds)
-    a = mean_attention(users, modality_weights(alpha, beta), modalities, segments)
+    weights = modality_weights(alpha, beta)
+    a = mean_attention(users, weights, modalities, segments)
     b = mean_attention(users, beta, experts, segments)
     return {
         "rows": int(ok.sum()),
@@ -160,6 +166,7 @@ def segment_attention(ctx: Any, cfg: ExplainConfig, segments: dict[int, str]) ->
         "users": {s: int(v["users"]) for s, v in a.items()},
         "alpha": {s: {m: v[m] for m in modalities} for s, v in a.items()},
         "beta": {s: {e: v[e] for e in experts} for s, v in b.items()},
+        "alpha_spread": alpha_spread(users, weights, modalities, segments),
     }
 
 
@@ -174,6 +181,15 @@ def _print_user(res: dict[str, Any], segment: str | None, ctx: Any) -> None:
     mods = list(res["alpha_bar"])
     print(f"  {'':<14}" + "".join(f" {m:>7}" for m in mods))
     print(f"  {'ᾱ (Σ_k β_k α)':<14}" + "".join(f" {res['alpha_bar'][m]:>7.3f}" for m in mods))
+    planted = PLANTED_MODALITY.get(segment or "")
+    if segment:
+        top = max(mods, key=lambda m: res["alpha_bar"][m])
+        verdict = f"largest ᾱ: {top}" + (
+            f" ({'=' if top == planted else '≠'} the planted taste's {planted})" if planted else ""
+        )
+        print(
+            f"  planted taste: {segment}" + (f" (modality {planted})" if planted else " (no modality)") + f"; {verdict}"
+        )
     for e, row in res["alpha_per_expert"].items():
         head = f"α {e} β={res['beta'][e]:.3f}"
         print(f"  {head:<14}" + "".join(f" {row[m]:>7.3f}" for m in mods))
@@ -190,23 +206,13 @@ def run(cfg: ExplainConfig, user_id: int) -> dict[str, Any]:
     """Explain ``user_id``, draw the α-per-segment plot of the test window; return both."""
     from umair.plots import attention_plot
     from umair.recommender import load_context
-    from umair.training.inputs import resolve_eval_inputs
+    from umair.training.inputs import eval_inputs_of
     from umair.training.model_io import load_model
     from umair.training.scoring import segment_map
 
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, default_segments = resolve_eval_inputs(
-        saved,
-        settings,
-        world=cfg.world,
-        illustrations=cfg.illustrations,
-        users=cfg.users,
-        interactions=cfg.interactions,
-        item_features=cfg.item_features,
-        split=cfg.split,
-        segments=cfg.segments,
-    )
+    inputs, default_segments = eval_inputs_of(cfg, saved, settings)
     ctx = load_context(cfg.model, inputs, cfg.candidates, settings)
     ctx.user_row(int(user_id))  # an unknown user fails here, before any scoring
     seg_uri = cfg.segments or default_segments
@@ -234,6 +240,13 @@ def run(cfg: ExplainConfig, user_id: int) -> dict[str, Any]:
             + "".join(f" {vals[m]:>7.3f}" for m in seg["modalities"])
             + "  |"
             + "".join(f" {seg['beta'][s][e]:>7.3f}" for e in seg["experts"])
+        )
+    for s, sp in seg["alpha_spread"].items():
+        share = sp["share_planted_top"]
+        print(
+            f"  ᾱ spread {s:<12} std over users "
+            + " ".join(f"{m}={v:.3f}" for m, v in sp["std"].items())
+            + ("" if share is None else f"; largest ᾱ = planted modality for {share:.0%}")
         )
     title = f"{cfg.model} ({saved.meta.get('variant', 'full')}): test window from {inputs.split[:10]}"
     attention_plot(seg["alpha"], seg["modalities"], title, cfg.out, seg["users"], seg["beta"], seg["experts"], settings)

@@ -55,7 +55,7 @@ from umair.config import StorageConfig
 from umair.model.features import FeatureSpace
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Inputs, Prepared, prepare
-from umair.training.lookup import Lookup, load_lookup
+from umair.training.lookup import Lookup, fit_history, history_rows, load_lookup
 from umair.training.model_io import META, MODEL_FORMAT, SPACE, WEIGHTS, save_model
 from umair.training.scoring import score_rows, window_metrics
 from umair.training.settings import TrainConfig
@@ -85,6 +85,7 @@ class WorkerSettings:
     eval_name: str
     run_id: str
     tracking_uri: str
+    history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # bookmarked training rows (user history)
 
 
 def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[dict[str, float]]]:
@@ -160,6 +161,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         ws.users_fingerprint,
     )
     raw = UmairFPS(ws.model).to(device)
+    if ws.history is not None:  # the same table on every worker (a checkpoint restores it too)
+        fit_history(raw, lookup, *ws.history)
     optimizer = torch.optim.Adam(raw.parameters(), lr=ws.step.lr)  # built on the device: resumed state lands there too
     start_epoch, starts, history = _restore(raw, optimizer, rank)
     starts.append(start_epoch)
@@ -352,6 +355,7 @@ def fit(
             eval_name=eval_name,
             run_id=run_id,
             tracking_uri=cfg.mlflow.resolved_uri(),
+            history=history_rows(prepared.train_rows) if mc.multimodal and mc.user_history else None,
         )
         trainer = TorchTrainer(
             train_loop,

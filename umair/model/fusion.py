@@ -123,10 +123,13 @@ class UmairFPS(nn.Module):
         e_j      = W_j x_j + b_j   for x_j in (e_TSEM, e_SEM, e_STY, [E_f(i^O_f)...])     [B, J, d]
 
     the enabled modalities in that order (:attr:`modality_names`; the last one is
-    ``F_emb(i^O)``, present when there are item fields). UMCM (:mod:`umair.model.umcm`),
+    ``F_emb(i^O)``, present when there are item fields). ``cfg.user_history`` adds
+    ``Σ_m W_m hist_m(u)`` to ``v_user`` (mean vectors of the user's training bookmarks,
+    :mod:`umair.model.history`); ``cfg.modality_norm = "l2"`` rescales every ``e_j`` to
+    norm ``√d``, so only α sets a modality's share of ``v_il``. UMCM (:mod:`umair.model.umcm`),
     ``K`` experts of ``cfg.expert_kinds``; an ATT expert ``k``::
 
-        α^k_j    = softmax_j(<q_k, e_j>),  q_k = v_user (paper) or W_k v_user (default)  [B, K, J]
+        α^k_j    = softmax_j(<q_k, e_j> / τ),  q_k = v_user (paper) or W_k v_user       [B, K, J]
         v_il^k   = Σ_j α^k_j e_j                                                         [B, K, d]
 
     (a SEN expert takes ``α^k`` from squeeze-and-excitation of ``e``, "w/o UMCM" is the
@@ -237,7 +240,13 @@ class UmairFPS(nn.Module):
             in_dims = {**cfg.vectors, META: item_width}
             self.modality_proj = nn.ModuleDict({m: nn.Linear(in_dims[m], d) for m in self.modality_names})
             self.umcm = MoEUMCM(
-                cfg.expert_kinds, d, len(self.modality_names), cfg.att_user_proj, cfg.sen_reduction, cfg.sen_weights
+                cfg.expert_kinds,
+                d,
+                len(self.modality_names),
+                cfg.att_user_proj,
+                cfg.sen_reduction,
+                cfg.sen_weights,
+                cfg.att_temperature,
             )
             width += 2 * d
         self.history: UserHistory | None = None
@@ -394,7 +403,10 @@ class UmairFPS(nn.Module):
                 self.modality_proj[META](item_raw) if m == META else self._modality(m, given.get(m), cfg.vectors[m])
                 for m in self.modality_names
             ]
-            v_il, alpha, beta = self.umcm(v_user, torch.stack(e, dim=1))
+            stack = torch.stack(e, dim=1)  # [B, J, d]
+            if cfg.modality_norm == "l2":  # ‖e_j‖ = √d: α alone sets each modality's share of v_il
+                stack = F.normalize(stack, dim=-1) * cfg.d**0.5
+            v_il, alpha, beta = self.umcm(v_user, stack)
             x0 = torch.cat([raw, v_user, v_il], dim=-1)
         xl = self.cross(x0)
         if cfg.structure == "parallel" and cfg.cross_layers > 0:

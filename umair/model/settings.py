@@ -59,6 +59,14 @@ class ModelConfig(BaseModel):
         description="v_user also reads the mean standardised vectors of the user's training-window bookmarks "
         "(umair.model.history); set by the training job before training",
     )
+    att_temperature: float = Field(
+        1.0, gt=0, description="τ of every ATT expert: α = softmax_j(<q, e_j> / τ); below 1 sharpens α"
+    )
+    modality_norm: Literal["none", "l2"] = Field(
+        "none",
+        description="l2: every projected e_j is scaled to norm sqrt(d) before UMCM, so only α (not a modality's "
+        "learned magnitude) decides how much of it reaches v_il",
+    )
     sen_reduction: int = Field(2, ge=1)
     sen_weights: SenWeights = "softmax"
     cross_layers: int = Field(2, ge=0, description="L; 0 = without DCN-V2")

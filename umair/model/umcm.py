@@ -64,8 +64,9 @@ class AttentionUMCM(nn.Module):
             the paper's parameter-free ``q = v_user``.
     """
 
-    def __init__(self, d: int, user_proj: bool = True) -> None:
+    def __init__(self, d: int, user_proj: bool = True, temperature: float = 1.0) -> None:
         super().__init__()
+        self.temperature = temperature
         self.query: nn.Linear | None = None
         if user_proj:
             self.query = nn.Linear(d, d, bias=False)
@@ -75,7 +76,7 @@ class AttentionUMCM(nn.Module):
     def forward(self, v_user: Tensor, e: Tensor) -> UMCMOutput:
         """``v_user`` [B, d], ``e`` [B, J, d] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
         q = v_user if self.query is None else self.query(v_user)
-        alpha = torch.softmax(torch.einsum("bd,bjd->bj", q, e), dim=-1)
+        alpha = torch.softmax(torch.einsum("bd,bjd->bj", q, e) / self.temperature, dim=-1)
         return UMCMOutput(_weighted_sum(alpha, e), alpha)
 
 
@@ -121,10 +122,11 @@ def build_expert(
     att_user_proj: bool = True,
     sen_reduction: int = 2,
     sen_weights: SenWeights = "softmax",
+    att_temperature: float = 1.0,
 ) -> nn.Module:
     """One UMCM expert of the given kind: ``"att"``, ``"sen"`` or ``"mean"``."""
     if kind == "att":
-        return AttentionUMCM(d, att_user_proj)
+        return AttentionUMCM(d, att_user_proj, att_temperature)
     if kind == "sen":
         return SENetUMCM(n_modalities, sen_reduction, sen_weights)
     if kind == "mean":
@@ -150,13 +152,15 @@ class MoEUMCM(nn.Module):
         att_user_proj: bool = True,
         sen_reduction: int = 2,
         sen_weights: SenWeights = "softmax",
+        att_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if not experts:
             raise ValueError("MoEUMCM needs at least one expert")
         self.kinds = tuple(experts)
         self.experts = nn.ModuleList(
-            build_expert(k, d, n_modalities, att_user_proj, sen_reduction, sen_weights) for k in self.kinds
+            build_expert(k, d, n_modalities, att_user_proj, sen_reduction, sen_weights, att_temperature)
+            for k in self.kinds
         )
 
     def forward(self, v_user: Tensor, e: Tensor) -> MoEOutput:

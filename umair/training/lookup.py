@@ -101,3 +101,29 @@ def load_lookup(
     user_table = space.encode_users(users)
     item_table = build_item_table(features, ill, space, modalities, features_fingerprint, inputs.item_features)
     return Lookup(user_table, item_table, modalities, device), user_table, item_table
+
+
+def fit_history(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, labels: Any) -> None:
+    """Set ``model.history`` (:mod:`umair.model.history`; nothing without one) from the
+    training rows ``user_rows`` / ``item_rows`` / ``labels`` [N] (arrays or tensors): the
+    mean standardised vectors of each user's bookmarked items."""
+    import torch
+
+    if getattr(model, "history", None) is None:
+        return
+    u = torch.as_tensor(np.asarray(user_rows), device=lookup.device).long()
+    i = torch.as_tensor(np.asarray(item_rows), device=lookup.device).long()
+    y = torch.as_tensor(np.asarray(labels), device=lookup.device).float()
+    model.history.fit(lookup.uid[u], y, lookup.item_vectors(i))
+
+
+def history_rows(train_rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bookmarked rows of a training-window rows table (``user_row``, ``item_row``,
+    ``label``), what :func:`fit_history` reads: ``(user_rows, item_rows, labels)``."""
+    y = train_rows.column("label").to_numpy()
+    pos = y > 0
+    return (
+        train_rows.column("user_row").to_numpy()[pos].astype(np.int64),
+        train_rows.column("item_row").to_numpy()[pos].astype(np.int64),
+        np.ones(int(pos.sum()), np.float32),
+    )

@@ -86,8 +86,9 @@ def train_epoch(
 ) -> Any:
     """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
     tensors), each a :func:`bce_step` on ``model(lookup.packed(u, i), lookup.item_vectors(i))``
-    (``model`` may be the DDP wrapper of ``raw``). Returns [Σ BCE·n, n] of this worker
-    (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
+    (``model`` may be the DDP wrapper of ``raw``; a model with a user history
+    (``raw.history``, :mod:`umair.model.history`) also gets ``own=label``, the
+    leave-one-out). Returns [Σ BCE·n, n] of this worker (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
     checkpointed (:func:`bce_step`, then :func:`check_finite_weights` at the end)."""
     import torch
 
@@ -95,9 +96,13 @@ def train_epoch(
     lookup.pack_for(raw)
     sums = torch.zeros(2, dtype=torch.float64)
     step = -1
+    history = getattr(raw, "history", None) is not None
     for step, batch in enumerate(batches):
         u, i = batch["user_row"], batch["item_row"]
-        logits = model(lookup.packed(u, i), lookup.item_vectors(i))
+        if history:  # positive rows leave their own item out of the user's history
+            logits = model(lookup.packed(u, i), lookup.item_vectors(i), own=batch["label"])
+        else:
+            logits = model(lookup.packed(u, i), lookup.item_vectors(i))
         value = bce_step(raw, optimizer, logits, batch["label"], config, epoch=epoch, step=step)
         sums += torch.tensor([value * len(logits), len(logits)], dtype=torch.float64)
     check_finite_weights(raw, epoch=epoch, step=step, lr=config.lr)
