@@ -116,10 +116,7 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
     mc = dcn_v2_only(prepared.model_config) if args.variant == "dcn" else prepared.model_config
     recipe = LocalRecipe(args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
     t0 = time.perf_counter()
-    if args.no_loo and mc.multimodal and mc.user_history:
-        fitted = _fit_no_loo(prepared, mc, recipe)
-    else:
-        fitted = fit_local(prepared, mc, recipe)
+    fitted = fit_local(prepared, mc, recipe, leave_one_out=not args.no_loo)
     train_s = time.perf_counter() - t0
     u, i, y = rows_of_window(prepared.test_rows)
     scores = score_rows(fitted.model, fitted.lookup, u, i)
@@ -147,36 +144,6 @@ def _user_ids(prepared: Any, user_rows: np.ndarray) -> np.ndarray:
 
     users = contracts.read_table(prepared.inputs.users, "users")
     return users.column("user_id").to_numpy()[user_rows]
-
-
-def _fit_no_loo(prepared: Any, mc: Any, recipe: Any) -> Any:
-    """:func:`fit_local` with the history's leave-one-out off (the labels not passed as
-    ``own``): what the leave-one-out is worth."""
-    import torch
-
-    from umair.model.fusion import UmairFPS
-    from umair.training.local import Fitted, rows_of_window
-    from umair.training.lookup import fit_history, load_lookup
-    from umair.training.step import StepSettings, bce_step
-
-    torch.set_num_threads(recipe.threads)
-    lookup, _, _ = load_lookup(prepared.space, prepared.inputs, prepared.modalities, "cpu")
-    torch.manual_seed(recipe.seed)
-    model = UmairFPS(mc)
-    u, i, y = rows_of_window(prepared.train_rows)
-    fit_history(model, lookup, u, i, y)
-    labels = torch.as_tensor(y)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    settings = StepSettings(lr=recipe.lr, l2_emb=recipe.l2_emb)
-    lookup.pack_for(model)
-    model.train()
-    for epoch in range(recipe.epochs):
-        for step, b in enumerate(torch.randperm(len(u), generator=gen).split(recipe.batch_size)):
-            out = model(lookup.packed(u[b], i[b]), lookup.item_vectors(i[b]))
-            bce_step(model, optimizer, out, labels[b], settings, epoch=epoch, step=step)
-    model.eval()
-    return Fitted(model, lookup, [])
 
 
 def fixture(args: argparse.Namespace) -> None:

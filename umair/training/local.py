@@ -52,7 +52,13 @@ def rows_of_window(rows: Any) -> tuple[Any, Any, np.ndarray]:
     return u, i, rows.column("label").to_numpy().astype(np.float32)
 
 
-def fit_local(prepared: Prepared, config: ModelConfig, recipe: LocalRecipe, lookup: Lookup | None = None) -> Fitted:
+def fit_local(
+    prepared: Prepared,
+    config: ModelConfig,
+    recipe: LocalRecipe,
+    lookup: Lookup | None = None,
+    leave_one_out: bool = True,
+) -> Fitted:
     """Train :class:`UmairFPS` (``config``: the prepared one or a Table-4 / DCN-V2-only
     change of it) on ``prepared.train_rows``; its user history, if any, is fitted on the
     same rows first. ``lookup``: reuse the tables of an earlier call (same ``prepared``)."""
@@ -75,7 +81,7 @@ def fit_local(prepared: Prepared, config: ModelConfig, recipe: LocalRecipe, look
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(u), generator=gen).split(recipe.batch_size)
         batches = ({"user_row": u[b], "item_row": i[b], "label": labels[b]} for b in order)
-        sums = train_epoch(model, model, optimizer, batches, lookup, step, epoch)
+        sums = train_epoch(model, model, optimizer, batches, lookup, step, epoch, leave_one_out)
         losses.append(float(sums[0] / max(float(sums[1]), 1.0)))
     model.eval()
     return Fitted(model, lookup, losses)

@@ -82,13 +82,20 @@ def check_finite_weights(raw: Any, *, epoch: int, step: int, lr: float) -> None:
 
 
 def train_epoch(
-    model: Any, raw: Any, optimizer: Any, batches: Any, lookup: Lookup, config: StepSettings, epoch: int = 0
+    model: Any,
+    raw: Any,
+    optimizer: Any,
+    batches: Any,
+    lookup: Lookup,
+    config: StepSettings,
+    epoch: int = 0,
+    leave_one_out: bool = True,
 ) -> Any:
     """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
     tensors), each a :func:`bce_step` on ``model(lookup.packed(u, i), lookup.item_vectors(i))``
     (``model`` may be the DDP wrapper of ``raw``; a model with a user history
     (``raw.history``, :mod:`umair.model.history`) also gets ``own=label``, the
-    leave-one-out). Returns [Σ BCE·n, n] of this worker (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
+    leave-one-out; ``leave_one_out=False`` turns it off, for measuring what it is worth). Returns [Σ BCE·n, n] of this worker (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
     checkpointed (:func:`bce_step`, then :func:`check_finite_weights` at the end)."""
     import torch
 
@@ -96,7 +103,7 @@ def train_epoch(
     lookup.pack_for(raw)
     sums = torch.zeros(2, dtype=torch.float64)
     step = -1
-    history = getattr(raw, "history", None) is not None
+    history = leave_one_out and getattr(raw, "history", None) is not None
     for step, batch in enumerate(batches):
         u, i = batch["user_row"], batch["item_row"]
         if history:  # positive rows leave their own item out of the user's history
