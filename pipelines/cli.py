@@ -73,12 +73,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from umair.sample.world import load_world, summarize
+TABLE_FLAGS = ("illustrations", "users", "interactions")
 
-    world = load_world(args.world, _storage(args).to_settings(), check_images=not args.skip_images)
-    print(f"{args.world}: valid")
-    _print_summary(summarize(world))
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``umair validate WORLD`` or ``umair validate --illustrations P --users P --interactions P``:
+    prints the report of :mod:`umair.validation`; a broken contract exits 2 (via main)."""
+    from umair.contracts import Checks
+    from umair.validation import validate_tables, validate_world
+
+    tables = {k: getattr(args, k) for k in TABLE_FLAGS}
+    given = [k for k, v in tables.items() if v]
+    if args.world and (given or args.item_features):
+        raise cfg.ConfigError("give either a WORLD or --illustrations/--users/--interactions, not both")
+    if not args.world and len(given) < len(TABLE_FLAGS):
+        missing = ", ".join(f"--{k}" for k in TABLE_FLAGS if k not in given)
+        raise cfg.ConfigError(f"give a WORLD, or all of --illustrations, --users, --interactions (missing {missing})")
+    checks = Checks(before_created_at=args.before_created_at) if args.before_created_at else None
+    settings = _storage(args).to_settings()
+    if args.world:
+        if args.check_images:
+            raise cfg.ConfigError(
+                "umair validate: --check-images is for tables; a WORLD checks its images unless --skip-images"
+            )
+        report = validate_world(args.world, settings, check_images=not args.skip_images, checks=checks)
+    else:
+        report = validate_tables(
+            **tables, item_features=args.item_features, checks=checks, check_images=args.check_images, settings=settings
+        )
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -108,9 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("validate", help="check a world's tables against the data contracts and print its summary")
-    p.add_argument("world", help="local directory or s3:// prefix of a world")
-    p.add_argument("--skip-images", action="store_true", help="do not check that every image_uri exists")
+    p = sub.add_parser(
+        "validate",
+        help="check a sample world or any site's tables against the data contracts and print a summary",
+        description="Either WORLD (a sample world) or --illustrations, --users and --interactions "
+        "(any tables, local or s3://). Exit 0: valid (warnings allowed); 2: a contract is broken.",
+    )
+    p.add_argument("world", nargs="?", help="local directory or s3:// prefix of a sample world")
+    p.add_argument(
+        "--illustrations", help="illustrations parquet (illust_id, image_uri; optional tags, created_at, ...)"
+    )
+    p.add_argument("--users", help="users parquet (user_id; optional interest_tags, profile columns)")
+    p.add_argument("--interactions", help="interactions parquet (user_id, illust_id, ts, label)")
+    p.add_argument("--item-features", help="item-features parquet (illust_id and e_SEM/e_STY/e_TSEM vectors)")
+    p.add_argument(
+        "--before-created-at",
+        choices=["error", "warn", "off"],
+        help="interactions before the item's created_at: error, warn (default) or off",
+    )
+    p.add_argument("--check-images", action="store_true", help="tables: check that every non-null image_uri exists")
+    p.add_argument("--skip-images", action="store_true", help="WORLD: do not check that every image_uri exists")
     _storage_args(p)
     p.set_defaults(func=cmd_validate)
 

@@ -14,10 +14,15 @@ given; an earlier one is refused), and reports
 - how user-aware ᾱ is (``alpha_spread``, :func:`umair.metrics.alpha_spread`): per segment
   the std over users of each user's mean ᾱ_j, and the share of users whose largest ᾱ is
   the modality of their planted taste (sample world: style -> STY, content -> SEM, tag
-  -> TSEM).
+  -> TSEM);
+- AUC / logloss / GAUC of warm vs cold users and warm vs cold items (``warm_cold``):
+  warm = the id occurs in the model's training window (interactions with ``ts <`` the
+  ``train_end`` its ``model.json`` records: the validation start, else the split).
 
 The report is printed, written as JSON (``MODEL/evaluation.json`` by default) and logged
-to MLflow (its own run, tagged with the training run's id). Scoring runs in this process
+to MLflow (its own run, tagged with the training run's id); the per-row predictions go
+beside it as ``predictions.parquet``: user_id, illust_id, ts, label, prob, user_warm,
+item_warm and ``alpha_<modality>`` (ᾱ_j of that row) per modality. Scoring runs in this process
 in batches: the test window of one evaluation fits in memory.
 """
 
@@ -30,19 +35,20 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from pipelines.runtime import ensure_experiment
-from umair import storage
+from umair import contracts, storage
 from umair.config import MlflowConfig, Settings, StorageConfig
 from umair.errors import FeatureError
 from umair.metrics import alpha_spread
 from umair.model.interactions import IsoTime, ItemPool, NegativeSettings, require_both_labels, window, with_negatives
-from umair.model.item_features import attach_rows, check_dims
-from umair.training.inputs import check_encoders, eval_inputs_of, inspect_features, read_inputs
+from umair.model.item_features import attach_rows, check_dims, modality_coverage
+from umair.training.inputs import check_encoders, eval_inputs_of, inspect_features, read_checked
 from umair.training.lookup import load_lookup
 from umair.training.model_io import load_model
-from umair.training.scoring import score_rows, segment_map, segment_report
+from umair.training.scoring import score_rows, seen_before, segment_map, segment_report, warm_cold_report
 
 TAG = "[evaluate]"
 
@@ -64,7 +70,11 @@ class EvaluateConfig(Settings):
     segment_column: str = "taste"
     negatives: NegativeSettings = NegativeSettings(seed=1)
     batch_size: int = Field(4096, ge=1)
-    output: str | None = Field(None, description="JSON report; default: MODEL/evaluation.json")
+    warm_cold: bool = Field(True, description="also report warm vs cold users and items (seen in training or not)")
+    checks: contracts.Checks = contracts.Checks()
+    output: str | None = Field(
+        None, description="JSON report; default: MODEL/evaluation.json (predictions.parquet goes beside it)"
+    )
     run_name: str = "evaluate"
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-train")
     storage: StorageConfig = StorageConfig()
@@ -87,6 +97,11 @@ def _print(report: dict[str, Any]) -> None:
         print(
             f"  {name:<12} {s['rows']:>6} {s['users']:>5} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['gauc']:>7.4f}{alpha}"
         )
+    for kind, sides in (report.get("warm_cold") or {}).items():
+        for side, s in sides.items():
+            print(
+                f"  {side + ' ' + kind:<12} {s['rows']:>6} {s['users']:>5} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['gauc']:>7.4f}"
+            )
     spread = report.get("alpha_spread") or {}
     for name, s in spread.items():
         std = ", ".join(f"{m} {v:.3f}" for m, v in s["std"].items())
@@ -121,6 +136,10 @@ def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
             metrics.append(mlflow.entities.Metric(f"{name}.{k}", float(s[k]), now, 0))
         for m, v in s["alpha"].items():
             metrics.append(mlflow.entities.Metric(f"{name}.alpha_{m}", float(v), now, 0))
+    for kind, sides in (report.get("warm_cold") or {}).items():
+        for side, s in sides.items():
+            for k in ("auc", "logloss", "gauc"):
+                metrics.append(mlflow.entities.Metric(f"{side}_{kind}.{k}", float(s[k]), now, 0))
     client.log_batch(
         rid,
         metrics=[m for m in metrics if np.isfinite(m.value)],
@@ -143,7 +162,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
     inputs, segments_uri = eval_inputs_of(cfg, saved, settings)
-    ill, users, inter = read_inputs(inputs, settings)
+    ill, users, inter, checked = read_checked(inputs, settings, cfg.checks)
+    for line in checked.lines():
+        print(f"{TAG} warning: {line}", flush=True)
     test = window(inter, start=inputs.split, end=cfg.end)
     if test.num_rows == 0:
         raise FeatureError(
@@ -152,7 +173,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     info, _ = inspect_features(inputs, settings)
     check_dims(info, {m: saved.config.vectors[m] for m in saved.modalities})
     check_encoders(info, saved)
-    pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, window(inter, end=saved.meta["split"]))
+    train_end = saved.meta.get("train_end") or saved.meta["split"]  # models before validation windows: the split
+    trained_on = window(inter, end=train_end)
+    pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, trained_on)
     test, negatives = with_negatives(test, pool, cfg.negatives, inputs.interactions)
     require_both_labels(test, f"{inputs.interactions}: test window")
     rows = attach_rows(
@@ -162,7 +185,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         inputs.item_features,
         f"{inputs.interactions} (test window)",
     )
-    lookup, user_table, _ = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
+    lookup, user_table, items = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
     user_rows = rows.column("user_row").to_numpy()
     scores = score_rows(
         saved.model,
@@ -190,6 +213,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "gauc_users": overall["gauc_users"],
         "gauc_skipped": overall["gauc_skipped"],
         "gauc_weighting": "impressions",
+        "modality_coverage": modality_coverage(items, rows.column("item_row").to_numpy()),
         "modalities": modalities,
         "segments_source": segments_uri,
         "segment_column": cfg.segment_column if seg else None,
@@ -199,13 +223,42 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     if scores.weights is not None and seg:
         report["alpha_spread"] = alpha_spread(user_ids, scores.weights, modalities, seg)
+    warm = {
+        "users": seen_before(test.column("user_id").to_numpy(), trained_on.column("user_id").to_numpy()),
+        "items": seen_before(test.column("illust_id").to_numpy(), trained_on.column("illust_id").to_numpy()),
+    }
+    if cfg.warm_cold:
+        report["warm_cold"] = warm_cold_report(user_ids, labels, scores.probs, warm)
+        report["warm_before"] = train_end
     _print(report)
     out = cfg.output or storage.join(cfg.model, "evaluation.json")
     report["output"] = out
+    report["predictions"] = storage.join(storage.parent(out), "predictions.parquet")
+    storage.write_parquet(_predictions(test, labels, scores, modalities, warm), report["predictions"], settings)
     report["mlflow_run_id"] = _log(cfg, report)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     storage.write_bytes(out, json.dumps(report, indent=2, default=str).encode(), settings)
     return report
+
+
+def _predictions(
+    test: pa.Table, labels: np.ndarray, scores: Any, modalities: list[str], warm: dict[str, np.ndarray]
+) -> pa.Table:
+    """One row per scored interaction: user_id, illust_id, ts, label, prob, user_warm,
+    item_warm, and ``alpha_<m>`` = ᾱ_m of the row for every modality (none without UMCM)."""
+    cols: dict[str, Any] = {
+        "user_id": test.column("user_id"),
+        "illust_id": test.column("illust_id"),
+        "ts": test.column("ts"),
+        "label": pa.array(labels.astype(np.int8), pa.int8()),
+        "prob": pa.array(scores.probs.astype(np.float32), pa.float32()),
+        "user_warm": pa.array(warm["users"], pa.bool_()),
+        "item_warm": pa.array(warm["items"], pa.bool_()),
+    }
+    if scores.weights is not None:
+        for j, m in enumerate(modalities):
+            cols[f"alpha_{m}"] = pa.array(scores.weights[:, j].astype(np.float32), pa.float32())
+    return pa.table(cols)
 
 
 def register(sub: Any) -> None:

@@ -10,8 +10,10 @@ still to do through four stages, so they overlap and memory stays bounded:
     → write part files (tasks)  → the driver commits chunks of rows.
 
 A row that cannot be read (missing object, file over ``max_image_bytes``) or decoded
-(zero bytes, truncated, not an image, absurd header dimensions) becomes an error row
-(``illust_id, uri, stage, reason, error``); the other rows of its batch carry on.
+(zero bytes, truncated, not an image, absurd header dimensions) gets an error row
+(``illust_id, uri, stage, reason, error``) and a feature row with NULL e_SEM / e_STY (and
+its e_TSEM); so does a NULL ``image_uri``, without an error row. ``--retry-failed`` tries
+failed images again (:func:`umair.feature_store.done_ids`); a plain rerun skips them.
 Transient storage failures (endpoint down, 5xx) are retried for ``io_retry_s``; after
 that the job stops with a message naming the object, and a rerun resumes.
 
@@ -41,7 +43,7 @@ from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, write_
 from umair.feature_store import (
     chunk_manifest,
     commit_chunk,
-    committed_ids,
+    done_ids,
     list_manifests,
     new_run_id,
     output_meta,
@@ -101,6 +103,7 @@ def build_pipeline(todo: pa.Table, cfg: ExtractConfig, enc: dict, text: dict | N
             fn_constructor_kwargs={
                 "path": cfg.text_model,
                 "mode": cfg.text_mode,
+                **{"columns": list(cfg.text_columns), "max_chars": cfg.text_max_chars},
                 "batch_size": cfg.text_batch_size,
                 "use_gpu": cfg.text_num_gpus > 0,
                 "storage_config": storage_config,
@@ -186,7 +189,7 @@ def stream_and_commit(
 
     for d in ds.iter_rows():
         pending.append(d)
-        rows += int(d["features_rows"]) + int(d["errors_rows"])
+        rows += int(d["features_rows"]) + int(d["partial_rows"])  # one feature row per catalogue row
         if rows >= cfg.chunk_rows:
             commit()
     if pending:
@@ -250,7 +253,7 @@ def _run_holding(
         for m in list_manifests(cfg.output, settings, cfg.io_retry_s)
         if m["status"] == "committed" and m["versions"] == versions
     ]
-    done = committed_ids(cfg.output, same_set, settings, ("features",) if cfg.retry_failed else ("features", "errors"))
+    done = done_ids(cfg.output, same_set, settings, cfg.catalogue if cfg.retry_failed else None)
     todo, counts = select_rows(cfg, settings, done)
 
     mlflow_run = client.create_run(ensure_experiment(cfg.mlflow), run_name=f"extract-{run_id}")
@@ -382,7 +385,7 @@ def register(sub) -> None:
     p.add_argument("--output", help="item-features prefix, local or s3:// (overrides the config)")
     p.add_argument("--encoder", help="exported encoder directory, torchvision:WEIGHTS, or 'random'")
     p.add_argument("--since", help="only illustrations created on/after this ISO date (UTC)")
-    p.add_argument("--text-model", help="fine-tuned text encoder directory: adds e_TSEM")
+    p.add_argument("--text-model", help="e_TSEM encoder: a finetune-text output, 'base' or a sentence-transformers dir")
     p.add_argument("--chunk-rows", type=int, help="rows per commit")
     p.add_argument("--encode-concurrency", type=int, help="encoder actors")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor (bf16)")

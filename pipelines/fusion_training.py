@@ -7,23 +7,30 @@ fits the :class:`~umair.model.features.FeatureSpace` on that window, builds the
 :class:`~umair.model.settings.ModelConfig` (sizes from the feature space, vector widths
 from the item-features file, overrides and an optional Table-4 variant from the
 settings) and maps every interaction to ``(user_row, item_row, label)``. Bad inputs stop
-the job here with a :class:`~umair.errors.FeatureError`.
+the job here with a :class:`~umair.errors.FeatureError`. With a validation window
+(``validation`` / ``validation_fraction``) the training part is ``ts < validation``, and
+everything above is fitted on it alone.
 
 Each worker loads the users and the item-features table once (the vectors as tensors,
 on the GPU when there is one) and gathers rows by index per batch; the narrow
 interaction rows stream through Ray Data (``random_shuffle``) into
 ``iter_torch_batches``. Loss: BCE on the logit + ``l2_emb`` · Σ‖embedding tables‖²
-(paper: Adam, lr 1e-3, L2 1e-3, one epoch). Rank 0 checkpoints every epoch; a worker
-that dies restarts the group from the latest checkpoint (``max_failures``), and a rerun
-with the same ``run_name`` / ``checkpoint_dir`` resumes too. Per-epoch metrics (train
-loss, and AUC / logloss / GAUC on the later window when ``eval_every_epoch``) go to
-MLflow; at the end the model is written to ``output``::
+(paper: Adam, lr 1e-3, L2 1e-3, one epoch). After every epoch rank 0 scores the
+validation window (``val_auc``, ``val_logloss``, ``val_gauc``, logged to MLflow per epoch
+with ``train_loss``) and checkpoints; Ray keeps the best-``val_auc`` checkpoint and the
+latest (``CheckpointConfig``), and ``patience`` epochs without a better ``val_auc`` stop
+every worker. A worker that dies restarts the group from the latest checkpoint
+(``max_failures``), and a rerun with the same ``run_name`` / ``checkpoint_dir`` resumes
+too. At the end the best-validation checkpoint (the last one without a validation
+window) is the model: the driver scores the test window once with it (``test_auc``,
+``test_logloss``, ``test_gauc``; never used to choose anything) and writes ``output``::
 
     OUTPUT/
       model.pt            UmairFPS state dict (torch.load(weights_only=True))
-      model.json          format, model_config, variant, split, feature dims, encoder
-                          versions and umair.* metadata of the features file, data URIs
-                          and fingerprints, negative sampling record, training history
+      model.json          format, model_config, variant, windows (train_end, validation,
+                          split, test_end), best_epoch, val_auc, test metrics, feature
+                          dims, encoder versions and umair.* metadata of the features
+                          file, data URIs and fingerprints, negatives, training history
       feature_space.json  the fitted FeatureSpace (vocabularies, buckets, vector stats)
 
 and logged to the MLflow run as artifacts under ``model/``.
@@ -53,13 +60,14 @@ from pipelines.runtime import (
 from umair import storage
 from umair.config import StorageConfig
 from umair.model.features import FeatureSpace
+from umair.model.item_features import modality_coverage
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Inputs, Prepared, prepare
-from umair.training.lookup import Lookup, fit_history, history_rows, load_lookup
-from umair.training.model_io import META, MODEL_FORMAT, SPACE, WEIGHTS, save_model
-from umair.training.scoring import score_rows, window_metrics
+from umair.training.lookup import fit_history, history_rows, load_lookup
+from umair.training.model_io import META, SPACE, WEIGHTS, save_model, training_meta
+from umair.training.scoring import score_state, window_scores
 from umair.training.settings import TrainConfig
-from umair.training.step import StepSettings, train_epoch
+from umair.training.step import EpochSelection, StepSettings, train_epoch
 
 TAG = "[train]"
 
@@ -81,8 +89,8 @@ class WorkerSettings:
     seed: int
     use_gpu: bool
     threads: int
-    evaluate: bool
-    eval_name: str
+    validate: bool  # score the validation window every epoch and select on val_auc
+    patience: int | None
     run_id: str
     tracking_uri: str
     history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # bookmarked training rows (user history)
@@ -151,7 +159,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    lookup, _, _ = load_lookup(
+    lookup, _, items = load_lookup(
         ws.space,
         ws.inputs,
         ws.modalities,
@@ -160,6 +168,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         ws.features_fingerprint,
         ws.users_fingerprint,
     )
+    if rank == 0 and ws.modalities:
+        print(f"[train] items with each modality (all / present): {modality_coverage(items)}", flush=True)
     raw = UmairFPS(ws.model).to(device)
     if ws.history is not None:  # the same table on every worker (a checkpoint restores it too)
         fit_history(raw, lookup, *ws.history)
@@ -171,7 +181,10 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     client = mlflow.MlflowClient(ws.tracking_uri) if rank == 0 else None
     dtypes = {"user_row": torch.int64, "item_row": torch.int64, "label": torch.float32}
 
+    selection = EpochSelection.replay(history, ws.patience)
     for epoch in range(start_epoch, ws.epochs):
+        if selection.stop:  # a resumed run that had already stopped early
+            break
         t0 = time.perf_counter()
         batches = train_shard.iter_torch_batches(batch_size=ws.batch_size, device=device, dtypes=dtypes)
         sums = train_epoch(model, raw, optimizer, batches, lookup, ws.step, epoch)
@@ -193,32 +206,44 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         extra = {"placement_group": pg.id.hex()} if pg is not None else {}
         if rank != 0:
             ray.train.report({**metrics, **extra}, checkpoint=None, checkpoint_dir_name=name)
-            continue
-        if ws.evaluate:
-            metrics.update(_eval_test(raw, lookup, ray.train.get_dataset_shard("test"), ws.batch_size, ws.eval_name))
-        history.append(metrics)
-        _log_epoch(client, ws.run_id, metrics)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(
-                {
-                    "model": raw.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "starts": starts,
-                    "history": history,
-                },
-                os.path.join(d, "state.pt"),
-            )
-            ray.train.report(
-                {**metrics, **extra}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
-            )
+        else:
+            if ws.validate:
+                metrics.update(_score_shard(raw, lookup, ray.train.get_dataset_shard("val"), ws.batch_size))
+                selection.update(epoch, metrics["val_auc"])
+                metrics.update(selection.metrics())
+            history.append(metrics)
+            _log_epoch(client, ws.run_id, metrics)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(
+                    {
+                        "model": raw.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "starts": starts,
+                        "history": history,
+                    },
+                    os.path.join(d, "state.pt"),
+                )
+                ray.train.report(
+                    {**metrics, **extra}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
+                )
+        if ws.patience is not None:  # rank 0 decides; every worker stops together
+            flag = torch.tensor([1.0 if selection.stop else 0.0], device=device)
+            if world > 1:
+                dist.broadcast(flag, src=0)
+            if float(flag[0]) > 0:
+                if rank == 0:
+                    print(
+                        f"{TAG} early stop after epoch {epoch}: no better val_auc in {ws.patience} epoch(s) "
+                        f"(best {selection.best_auc:.4f} at epoch {selection.best_epoch})",
+                        flush=True,
+                    )
+                break
 
 
-def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int, name: str = "test") -> dict[str, float]:
-    """Later-window AUC / logloss / GAUC on rank 0, keys ``<name>_auc`` etc. (monitoring
-    for ``umair train``; the validation metric ASHA stops on for ``umair tune``)."""
-    import torch
-
+def _score_shard(model: Any, lookup: Any, shard: Any, batch_size: int) -> dict[str, float]:
+    """Validation-window AUC / logloss / GAUC on rank 0 (``val_auc`` etc.): the metric
+    the best epoch, early stopping and ``umair tune``'s ASHA are decided on."""
     users, items, labels = [], [], []
     for batch in shard.iter_batches(batch_size=65536, batch_format="numpy"):
         users.append(batch["user_row"])
@@ -227,18 +252,15 @@ def _eval_test(model: Any, lookup: Lookup, shard: Any, batch_size: int, name: st
     if not users:
         return {}
     u, i, y = (np.concatenate(x) for x in (users, items, labels))
-    device = lookup.uid.device
-    scores = score_rows(
-        model, lookup, torch.as_tensor(u, device=device), torch.as_tensor(i, device=device), max(batch_size, 4096)
-    )
-    m = window_metrics(u, y, scores.probs)
-    return {f"{name}_{k}": float(v) for k, v in m.items()}
+    return window_scores(model, lookup, u, i, y, "val", batch_size)
 
 
 def _run_fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
     """What must not change between a run and its resumption (epochs may grow)."""
+    windows = {"validation": prepared.validation} if prepared.validation else {}  # absent: old runs keep theirs
     return fingerprint(
         {
+            **windows,
             "model": prepared.model_config.model_dump(mode="json"),
             "space": prepared.space.to_dict(),
             "features": prepared.info.fingerprint,
@@ -268,6 +290,9 @@ def _params(cfg: TrainConfig, prepared: Prepared) -> dict[str, Any]:
         "modalities": ",".join(mc.modalities) or "none",
         "train_rows": prepared.train_rows.num_rows,
         "test_rows": prepared.test_rows.num_rows,
+        "validation": prepared.validation or "none",
+        "val_rows": prepared.val_rows.num_rows if prepared.val_rows is not None else 0,
+        "patience": cfg.patience if cfg.patience is not None else "none",
         "features_fingerprint": prepared.info.fingerprint,
         "negatives": json.dumps(prepared.negatives["train"], sort_keys=True),
     }
@@ -295,21 +320,39 @@ def _datasets(prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
         return [t.slice(s, step) for s in range(0, max(t.num_rows, 1), step)]
 
     out = {"train": ray.data.from_arrow(blocks(prepared.train_rows)).random_shuffle(seed=cfg.seed)}
-    if cfg.eval_every_epoch and prepared.test_rows.num_rows:
-        out["test"] = ray.data.from_arrow(blocks(prepared.test_rows))
+    if cfg.eval_every_epoch and prepared.val_rows is not None:
+        out["val"] = ray.data.from_arrow(blocks(prepared.val_rows))
     return out
 
 
-def fit(
-    cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None, eval_name: str = "test"
-) -> dict[str, Any]:
-    """Train with Ray Train, save the model to ``cfg.output``, return a summary (also in MLflow).
+def _chosen_state(result: Any, validate: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(latest checkpoint's state, the chosen one's): with a validation window the
+    checkpoint of the best epoch by ``val_auc`` (first on ties; Ray keeps it beside the
+    latest), else the latest."""
+    import torch
+
+    def load(checkpoint: Any) -> dict[str, Any]:
+        with checkpoint.as_directory() as d:
+            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+
+    latest = load(result.checkpoint)
+    if not validate:
+        return latest, latest
+    best = EpochSelection.replay(list(latest["history"]), None).best_epoch
+    kept = {int(m["epoch"]): c for c, m in (result.best_checkpoints or []) if "epoch" in m}
+    if best in kept:
+        return latest, load(kept[best])
+    return latest, load(result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint)
+
+
+def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train with Ray Train, save the best-validation model to ``cfg.output``, score the
+    test window once with it; return a summary (also in MLflow).
 
     ``parent_run_id`` makes the MLflow run a child of that run (a Tune trial under its
-    search); ``callbacks`` are Ray Train callbacks (e.g. Tune's ``TuneReportCallback``);
-    ``eval_name`` prefixes the later window's metrics (``val`` when tuning: ``val_auc``)."""
+    search); ``callbacks`` are Ray Train callbacks (e.g. Tune's ``TuneReportCallback``,
+    which reports every epoch's ``val_auc`` to ASHA)."""
     import mlflow
-    import torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -318,12 +361,16 @@ def fit(
     t_start = time.perf_counter()
     settings = cfg.storage.to_settings()
     prepared = prepare(cfg)
+    for line in prepared.check_report.lines() if prepared.check_report else []:
+        print(f"{TAG} warning: {line}", flush=True)
     mc = prepared.model_config
     n_params = count_parameters(UmairFPS(mc))
+    val = prepared.val_rows
     print(
-        f"{TAG} {prepared.train_rows.num_rows} training rows, {prepared.test_rows.num_rows} test rows (split "
-        f"{prepared.inputs.split}); variant {cfg.variant or 'full'}, modalities {list(mc.modalities)}, "
-        f"{n_params} parameters; negatives: {json.dumps(prepared.negatives['train'])}",
+        f"{TAG} {prepared.train_rows.num_rows} training rows (ts < {prepared.train_end}), "
+        + (f"{val.num_rows} validation rows [{prepared.validation}, {prepared.inputs.split}), " if val else "")
+        + f"{prepared.test_rows.num_rows} test rows (from {prepared.inputs.split}); variant {cfg.variant or 'full'}, "
+        f"modalities {list(mc.modalities)}, {n_params} parameters; negatives: {json.dumps(prepared.negatives['train'])}",
         flush=True,
     )
 
@@ -337,6 +384,7 @@ def fit(
     with ended_run(client, run_id):  # FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM
         init_ray(cfg.ray)
         datasets = _datasets(prepared, cfg)
+        validate = "val" in datasets
         worker = WorkerSettings(
             inputs=prepared.inputs,
             space=prepared.space,
@@ -351,11 +399,17 @@ def fit(
             seed=cfg.seed,
             use_gpu=cfg.use_gpu,
             threads=cfg.threads,
-            evaluate="test" in datasets,
-            eval_name=eval_name,
+            validate=validate,
+            patience=cfg.patience if validate else None,
             run_id=run_id,
             tracking_uri=cfg.mlflow.resolved_uri(),
             history=history_rows(prepared.train_rows) if mc.multimodal and mc.user_history else None,
+        )
+        # With a validation window Ray keeps the best checkpoint by val_auc and, always, the latest.
+        kept = (
+            CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc", checkpoint_score_order="max")
+            if validate
+            else CheckpointConfig(num_to_keep=2)
         )
         trainer = TorchTrainer(
             train_loop,
@@ -370,43 +424,31 @@ def fit(
             run_config=RunConfig(
                 name=cfg.run_name,
                 storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                checkpoint_config=kept,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 callbacks=callbacks or None,
             ),
         )
         result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        state, chosen = _chosen_state(result, validate)
         history, starts = list(state["history"]), list(state["starts"])
-        final = history[-1] if history else {}
-        meta = {
-            "format": MODEL_FORMAT,
-            "model_config": mc.model_dump(mode="json"),
-            "variant": cfg.variant or "full",
-            "split": prepared.inputs.split,
-            "test_end": cfg.test_end,
-            "modalities": list(mc.modalities),
-            "feature_dims": {m: prepared.info.dims[m] for m in prepared.modalities},
-            "encoder_versions": prepared.info.encoder_versions(),
-            "feature_metadata": prepared.info.metadata,
-            "data": {
-                **prepared.inputs.to_dict(),
-                "features_fingerprint": prepared.info.fingerprint,
-                "users_fingerprint": prepared.users_fingerprint,
-            },
-            "negatives": prepared.negatives,
-            "training": {
-                "epochs": int(state["epoch"]) + 1,
-                "attempt_start_epochs": starts,
-                "history": history,
-                **cfg.model_dump(include={"batch_size", "lr", "l2_emb", "num_workers", "use_gpu", "seed"}),
-            },
-            "parameters": n_params,
-            "mlflow_run_id": run_id,
-        }
+        best_epoch = int(chosen["epoch"])
+        best = next((h for h in history if int(h["epoch"]) == best_epoch), {})
+        test = score_state(prepared, chosen["model"], cfg.batch_size, settings)
+        if test:
+            print(
+                f"{TAG} test window, epoch {best_epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in test.items()),
+                flush=True,
+            )
+            now = int(time.time() * 1000)
+            client.log_batch(
+                run_id,
+                metrics=[mlflow.entities.Metric(k, v, now, best_epoch) for k, v in test.items() if np.isfinite(v)],
+            )
+        meta = training_meta(cfg, prepared, state, chosen, test)
+        meta.update(parameters=n_params, mlflow_run_id=run_id)
         with tempfile.TemporaryDirectory() as tmp:
-            save_model(tmp, state["model"], meta, prepared.space)
+            save_model(tmp, chosen["model"], meta, prepared.space)
             for name in (WEIGHTS, SPACE, META):
                 with open(os.path.join(tmp, name), "rb") as f:
                     storage.write_bytes(storage.join(cfg.output, name), f.read(), settings)
@@ -415,13 +457,19 @@ def fit(
         "model": cfg.output,
         "variant": cfg.variant or "full",
         "epochs": int(state["epoch"]) + 1,
+        "best_epoch": best_epoch,
+        "stopped_early": int(state["epoch"]) + 1 < cfg.epochs,
         "attempt_start_epochs": starts,
         "train_rows": prepared.train_rows.num_rows,
+        "val_rows": val.num_rows if val is not None else 0,
         "test_rows": prepared.test_rows.num_rows,
-        "train_loss": final.get("train_loss"),
-        f"{eval_name}_auc": final.get(f"{eval_name}_auc"),
-        f"{eval_name}_logloss": final.get(f"{eval_name}_logloss"),
-        f"{eval_name}_gauc": final.get(f"{eval_name}_gauc"),
+        "train_loss": best.get("train_loss"),
+        "val_auc": best.get("val_auc"),
+        "val_logloss": best.get("val_logloss"),
+        "val_gauc": best.get("val_gauc"),
+        "test_auc": test.get("test_auc"),
+        "test_logloss": test.get("test_logloss"),
+        "test_gauc": test.get("test_gauc"),
         "parameters": n_params,
         "negatives": prepared.negatives["train"],
         "encoder_versions": prepared.info.encoder_versions(),

@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from pipelines.runtime import claim_run_dir, ended_run, init_ray, resumable_mlflow_run, run_dir_of
@@ -49,6 +50,7 @@ class PretrainImageConfig(Settings):
     freeze_upto: Literal["stem", "layer1", "layer2", "layer3"] = "layer1"
     freeze_epochs: int = Field(0, ge=0)  # epochs (from the first) with the stem .. freeze_upto frozen
     stats_images: int = Field(512, ge=1)  # training images that measure normalize: dataset statistics
+    label_column: str = "tags"  # list<string> column whose values are the pretext's labels (tags, genres...)
     top_tags: int = 100
     val_fraction: float = 0.2
     epochs: int = 3
@@ -244,7 +246,16 @@ def prepare_data(cfg: PretrainImageConfig) -> tuple[pa.Table, list[str], np.ndar
     """Read and validate the catalogue; build the tag vocabulary on the training split."""
     settings = cfg.storage.to_settings()
     table = contracts.read_table(cfg.catalogue, "illustrations", settings)
-    tags = table.column("tags").to_pylist()
+    col = cfg.label_column
+    if col not in table.column_names or not pa.types.is_list(table.schema.field(col).type):
+        found = str(table.schema.field(col).type) if col in table.column_names else "no such column"
+        raise contracts.ContractError(cfg.catalogue, col, "a list<string> column of labels (label_column)", found)
+    with_image = pc.invert(pc.is_null(table.column("image_uri")))
+    skipped = table.num_rows - pc.sum(with_image).as_py()
+    if skipped:
+        print(f"[pretrain-image] {skipped} illustration(s) without an image_uri are left out of the pretext task")
+    table = table.filter(with_image)
+    tags = [t or [] for t in table.column(col).to_pylist()]
     is_val = split_ids(table.column("illust_id").to_numpy(), cfg.val_fraction, cfg.seed)
     vocab = tag_vocabulary([t for t, v in zip(tags, is_val) if not v], cfg.top_tags)
     if not vocab:

@@ -115,21 +115,29 @@ def run(cfg: SimilarConfig, illust_id: int) -> dict[str, Any]:
         cat = contracts.read_table(cat_uri, "illustrations", settings)
         wanted = {int(illust_id), *map(int, ids)}
         for i, u, t in zip(
-            cat.column("illust_id").to_pylist(), cat.column("image_uri").to_pylist(), cat.column("tags").to_pylist()
+            cat.column("illust_id").to_pylist(),
+            cat.column("image_uri").to_pylist(),
+            cat.column("tags").to_pylist() if "tags" in cat.column_names else [None] * cat.num_rows,
         ):
             if int(i) in wanted:
                 images[int(i)], tags[int(i)] = u, t or []
     q = labels.get(int(illust_id), {})
     rows = [
-        {"rank": r + 1, "illust_id": int(i), "cosine": float(s), **labels.get(int(i), {}), "tags": tags.get(int(i), [])}
+        {
+            "rank": r + 1,
+            "illust_id": int(i),
+            "cosine": float(s),
+            **labels.get(int(i), {}),
+            "tags": tags.get(int(i)) or [],
+        }
         for r, (i, s) in enumerate(zip(ids, sims))
     ]
     shares = {f"same_{k}": float(np.mean([row.get(k) == v for row in rows])) for k, v in q.items()} if rows else {}
 
     print(
         f"{TAG} {len(rows)} nearest to illustration {illust_id} by {cfg.by} (cosine of {space}, "
-        f"{'centred' if cfg.center else 'raw'}) among {len(index)} in {cfg.item_features}"
-        + (f"; query {', '.join(f'{k}={v}' for k, v in q.items())}" if q else "")
+        f"{'centred' if cfg.center else 'raw'}) among the {int(index.has(space).sum())} of {len(index)} "
+        f"with {space} in {cfg.item_features}" + (f"; query {', '.join(f'{k}={v}' for k, v in q.items())}" if q else "")
     )
     cols = list(q)
     print(f"  {'rank':>4} {'illust_id':>10} {'cosine':>7}" + "".join(f" {c:>12}" for c in cols) + "  tags")

@@ -4,8 +4,10 @@ Each trial is one distributed Ray Train run: a Tune function builds the trial's
 :class:`~pipelines.TrainConfig` and calls :func:`pipelines.train.run`, whose
 TorchTrainer reports every epoch back to Tune through ``TuneReportCallback``. Trials
 train on ``ts < validation_start`` and are scored on the validation window
-``[validation_start, split)`` (``val_auc``), so the test window is never seen while
-searching; ASHA stops weak trials early on ``val_auc``.
+``[validation_start, split)`` (``val_auc``), each keeping its best epoch, so the test
+window is never seen while searching; ASHA stops weak trials early on ``val_auc``. The
+best trial's ``best_train.yaml`` refits on the same training window and validation
+window (``refit_on_validation: true``: on everything before the split).
 
 MLflow: one parent run for the search and a child run per trial (params, per-epoch
 metrics, status FINISHED / KILLED when ASHA stopped it / FAILED with the error). At the
@@ -94,7 +96,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     print(f"{TAG} trial {trial_id} (attempt {attempts + 1}): {json.dumps(params)}", flush=True)
     try:
         cfg = trial_settings(context, params, trial_id)
-        fit(cfg, parent_run_id=context.parent_run_id, callbacks=[TuneReportCallback()], eval_name="val")
+        fit(cfg, parent_run_id=context.parent_run_id, callbacks=[TuneReportCallback()])
     except Exception as err:
         # Recorded here; the search driver sets the run's final status from Tune's view
         # (an ASHA stop also lands here, as the Train controller dying under us).
@@ -189,7 +191,9 @@ def collect(results: Any, epochs: int, runs: list[Any]) -> list[dict[str, Any]]:
                 "lr": cfg.get("lr"),
                 "d": cfg.get("d"),
                 "epochs": done,
-                "val_auc": metrics.get("val_auc"),
+                # the trial's saved model is its best epoch: rank trials by that epoch's val_auc
+                "val_auc": metrics.get("best_val_auc", metrics.get("val_auc")),
+                "best_epoch": int(metrics["best_epoch"]) if metrics.get("best_epoch") is not None else None,
                 "val_logloss": metrics.get("val_logloss"),
                 "val_gauc": metrics.get("val_gauc"),
                 "mlflow_run_id": run.info.run_id if run is not None else None,
@@ -227,7 +231,7 @@ def finalize_model(
     if storage.exists(storage.join(cfg.output, META), settings):
         return
     print(f"{TAG} writing the model of trial {row['trial_id']} from its last checkpoint", flush=True)
-    fit(cfg, parent_run_id=context.parent_run_id, eval_name="val")
+    fit(cfg, parent_run_id=context.parent_run_id)
 
 
 def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str, best_yaml_path: str) -> Any:
@@ -290,6 +294,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
         "scheduler": cfg.scheduler.kind,
         "max_concurrent_trials": cfg.max_concurrent_trials,
         "trial_workers": cfg.trial.num_workers,
+        "refit_on_validation": cfg.refit_on_validation,
         "train_config": cfg.train_config,
     }
     new = [mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in existing]
@@ -407,11 +412,16 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             tune_heatmap(rows, str(Path(tmp) / "heatmap_val_auc.png"))
             if finished:
                 best = finished[0]
-                best_cfg = best_train_config(base, best, cfg)
+                best_cfg = best_train_config(base, best, cfg, start)
                 best_yaml = (
                     f"# Best trial {best['trial_id']} of search {cfg.name!r}: val AUC {best['val_auc']:.4f} "
                     f"(K={best['K']} [{best['experts']}], L={best['cross_layers']}).\n"
-                    f"# Train the final model on the full training window with: umair train --config THIS_FILE\n"
+                    + (
+                        "# Refit on every interaction before the split (refit_on_validation) with: "
+                        if cfg.refit_on_validation
+                        else f"# Refit on ts < {start}, epoch chosen on [{start}, {split}), with: "
+                    )
+                    + "umair train --config THIS_FILE\n"
                     + yaml.safe_dump(best_cfg, sort_keys=False, allow_unicode=True)
                 )
                 (Path(tmp) / "best_train.yaml").write_text(best_yaml)

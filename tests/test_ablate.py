@@ -90,6 +90,15 @@ def test_deepctr_input_matrix_holds_the_rows(rows, tiny_world, tiny_features, tm
     assert kernels.dim() == 3 and kernels.shape[1] == kernels.shape[2]
 
 
+def test_dcn_v2_only_is_one_definition_shared_with_umair_train(rows, tiny_world, tiny_features, tmp_path):
+    prepared, train, _ = rows
+    cfg = _cfg(tiny_world, tiny_features, tmp_path, models=["full", "dcn_v2_only"])
+    assert cfg.models == ["full", DCN_V2_ONLY]  # train's variant name is the ablation row's alias
+    trained = prepare(TrainConfig(world=str(tiny_world.root), item_features=tiny_features, variant="dcn_v2_only"))
+    ranker = build_ranker(DCN_V2_ONLY, prepared.model_config, train, cfg)
+    assert ranker.config == trained.model_config and not trained.model_config.multimodal
+
+
 def test_interaction_aggregation_is_the_papers_bilinear_form():
     torch.manual_seed(0)
     agg = InteractionAggregation(6, 4, heads=2)

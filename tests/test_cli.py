@@ -109,3 +109,89 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "all tables valid, every image present" in res.stdout
     assert "demo finished" in res.stdout
     assert (tmp_path / "world" / "world.json").exists()
+
+
+def _site(tmp_path, label=(1, 0, 1, 1), user_id=(7, 8, 7, 8)):
+    """A MovieLens-like site: illustrations with illust_id + image_uri (NULLs) + created_at,
+    users with user_id only, ratings (row 2 rates item 3 before its created_at)."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0, t1, t2 = (datetime(2021, m, 1, tzinfo=UTC) for m in (1, 2, 3))
+    ill = pa.table(
+        {
+            "illust_id": [1, 2, 3],
+            "image_uri": [str(tmp_path / "p1.jpg"), None, None],
+            "created_at": pa.array([t0, None, t2], pa.timestamp("ms")),
+        }
+    )
+    inter = pa.table(
+        {
+            "user_id": list(user_id),
+            "illust_id": [1, 2, 3, 1],
+            "ts": pa.array([t1, t0, t1, t2], pa.timestamp("s")),
+            "label": list(label),
+        }
+    )
+    args = []
+    for name, table in (("illustrations", ill), ("users", pa.table({"user_id": [7, 8]})), ("interactions", inter)):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        args += [f"--{name}", str(tmp_path / f"{name}.parquet")]
+    return args
+
+
+def test_validate_any_tables(tmp_path):
+    (tmp_path / "p1.jpg").write_bytes(b"jpeg")
+    args = _site(tmp_path)
+    res = run("validate", *args, "--check-images")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].endswith("interactions.parquet: valid (1 warning(s))")
+    for line in (
+        "    without_image_uri    2",
+        "    image_uris_missing   0",
+        "    distinct_user_ids  2",
+        '    time_range           ["2021-01-01T00:00:00+00:00", "2021-03-01T00:00:00+00:00"]',
+        "    label_rate           0.75",
+        "    unknown_user_ids     0",
+        "    before_created_at    1",
+    ):
+        assert line in lines, res.stdout
+    assert "first: row 2: user_id 7, illust_id 3" in res.stdout
+    res = run("validate", *args, "--before-created-at", "error")
+    assert res.returncode == 2
+    assert f"{tmp_path / 'interactions.parquet'}: column 'ts' (row 2): expected a time at or after" in res.stderr
+    assert run("validate", *args, "--before-created-at", "off").returncode == 0
+    res = run("validate", *_site(tmp_path, label=(1, 0, 3, 1)))
+    assert res.returncode == 2
+    assert (
+        f"umair validate: error: {tmp_path / 'interactions.parquet'}: column 'label' (row 2): "
+        "expected labels in {0, 1}, found 3" in res.stderr
+    )
+    res = run("validate", *_site(tmp_path, user_id=(7, 8, 7, 5)))
+    assert res.returncode == 2
+    assert "column 'user_id' (row 3): expected an id present in users, found unknown id 5" in res.stderr
+    res = run("validate", *args[:2])
+    assert res.returncode == 2 and "missing --users, --interactions" in res.stderr
+
+
+def test_validate_world_skip_images(tiny_world, tmp_path):
+    """--skip-images on a world whose images are gone and whose tags are not the sample
+    vocabulary: valid, with the summary (it used to crash with KeyError: None)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "world"
+    shutil.copytree(tiny_world.root, root, ignore=shutil.ignore_patterns("images"))
+    ill = pq.read_table(root / "illustrations.parquet")
+    tags = pa.array([["Sci-Fi"]] * ill.num_rows, pa.list_(pa.string()))
+    pq.write_table(ill.set_column(ill.schema.get_field_index("tags"), "tags", tags), root / "illustrations.parquet")
+    res = run("validate", str(root), "--skip-images")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{root}: valid\n")
+    assert f'"other": {ill.num_rows}' in res.stdout
+    assert run("validate", str(root)).returncode == 2  # without --skip-images the missing images are errors

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from umair import contracts
-from umair.contracts import ContractError, check_interactions, read_table
+from umair.contracts import CheckReport, Checks, ContractError, check_interactions, read_table
 
 T0 = datetime(2021, 1, 1, tzinfo=UTC)
 T1 = datetime(2021, 2, 1, tzinfo=UTC)
@@ -105,7 +105,7 @@ def test_valid_tables_pass_and_compatible_types_are_normalised(tmp_path):
         (
             "illustrations",
             _ills(width=pa.array([64, 0, 64], pa.int32())),
-            "column 'width' (row 1): expected a positive integer, found 0",
+            "column 'width' (row 1): expected a positive integer or null, found 0",
         ),
         (
             "illustrations",
@@ -119,8 +119,13 @@ def test_valid_tables_pass_and_compatible_types_are_normalised(tmp_path):
         ),
         (
             "users",
-            _users(interest_tags=None),
-            "column 'interest_tags': expected a column of type list<string>, found no such column (columns: user_id, gender)",
+            _users(interest_tags=pa.array(["moon", "cat"])),
+            "column 'interest_tags': expected list<string>, found string",
+        ),
+        (
+            "illustrations",
+            _ills(page_count=pa.array([1.0, 2.0, 1.0])),
+            "column 'page_count': expected int32, found double",
         ),
         (
             "interactions",
@@ -176,6 +181,48 @@ def test_item_features_vectors(tmp_path):
     assert str(info.value) == f"{path}: column 'sem': expected fixed_size_list<float16|float32>, found list<double>"
 
 
+def test_optional_columns_may_be_absent_or_null(tmp_path):
+    """A catalogue with only ids and image URIs (some NULL: items without images) and a
+    users table with only ids are valid; optional columns present with nulls are conformed."""
+    bare = pa.table({"illust_id": pa.array([10, 11, 12], pa.int32()), "image_uri": ["a.jpg", None, None]})
+    out = read_table(_write(tmp_path, bare), "illustrations")
+    assert out.column_names == ["illust_id", "image_uri"]
+    assert out.column("image_uri").null_count == 2
+    users = read_table(_write(tmp_path, pa.table({"user_id": pa.array([1, 2], pa.int32())}), "u.parquet"), "users")
+    assert users.schema == pa.schema([("user_id", pa.int64())])
+    holes = _ills(
+        width=pa.array([64, None, 64], pa.int64()),
+        created_at=pa.array([T0, None, T1], pa.timestamp("s")),
+        tags=pa.array([["moon"], None, []], pa.large_list(pa.large_string())),
+    )
+    out = read_table(_write(tmp_path, holes, "holes.parquet"), "illustrations")
+    assert out.schema.field("width").type == pa.int32()
+    assert out.schema.field("created_at").type == contracts.TIMESTAMP
+    assert out.schema.field("tags").type == contracts.TAGS
+    assert out.column("width").to_pylist() == [64, None, 64]
+    assert out.column("created_at")[1].as_py() is None
+
+
+def test_before_created_at_is_a_setting(caplog):
+    early = _inter(ts=pa.array([T0, T1, T0], contracts.TIMESTAMP))  # item 12 was created at T1: row 2
+    with caplog.at_level("WARNING", logger="umair"):
+        report = check_interactions(early, _users(), _ills(), "inter.parquet")
+    assert report.before_created_at == 1
+    assert report.lines() == [
+        "inter.parquet: 1 interaction(s) before the illustration's created_at (checks.before_created_at=warn); "
+        "first: row 2: user_id 1, illust_id 12, ts 2021-01-01 00:00:00+00:00 before created_at 2021-02-01 00:00:00+00:00"
+    ]
+    assert [r.getMessage() for r in caplog.records if r.name == "umair"] == report.lines()
+    off = check_interactions(early, _users(), _ills(), "inter.parquet", Checks(before_created_at="off"))
+    assert off == CheckReport(file="inter.parquet") and off.lines() == []
+    # No created_at column, or a NULL created_at: the item is available from the start.
+    assert check_interactions(early, _users(), _ills(created_at=None)).before_created_at == 0
+    nulls = _ills(created_at=pa.array([T0, T0, None], contracts.TIMESTAMP))
+    assert check_interactions(early, _users(), nulls, checks=Checks(before_created_at="error")).before_created_at == 0
+    with pytest.raises(Exception, match="before_created_at"):
+        Checks(before_created_at="ignore")
+
+
 def test_cross_table_rules():
     with pytest.raises(ContractError) as info:
         check_interactions(_inter(user_id=pa.array([1, 2, 7], pa.int64())), _users(), _ills(), "inter.parquet")
@@ -191,10 +238,12 @@ def test_cross_table_rules():
     )
     early = _inter(ts=pa.array([T1, T1, T0], contracts.TIMESTAMP))  # item 12 was created at T1
     with pytest.raises(ContractError) as info:
-        check_interactions(early, _users(), _ills(), "inter.parquet")
+        check_interactions(early, _users(), _ills(), "inter.parquet", Checks(before_created_at="error"))
     assert str(info.value) == (
-        "inter.parquet: column 'ts' (row 2): expected a time at or after the illustration's created_at, "
-        "found 2021-01-01 00:00:00+00:00 before 2021-02-01 00:00:00+00:00"
+        "inter.parquet: column 'ts' (row 2): expected a time at or after the illustration's created_at "
+        "(checks.before_created_at: error; warn or off accept logs that break this), "
+        "found 1 such row(s), the first: user_id 1, illust_id 12, "
+        "ts 2021-01-01 00:00:00+00:00 before created_at 2021-02-01 00:00:00+00:00"
     )
 
 

@@ -310,7 +310,12 @@ def first_run(s3_server, ray_local, catalogue, mlflow_db):
 def test_every_good_row_written_exactly_once(first_run, catalogue, s3_server):
     cfg, summary = first_run
     features = read_features(cfg.output, settings=s3_server.settings)  # validates: ids unique
-    assert _ids(features) == sorted(catalogue.good)
+    assert _ids(features) == sorted(catalogue.good | set(catalogue.bad))  # bad images: NULL e_SEM / e_STY
+    partial = {
+        i for i, v in zip(features.column("illust_id").to_pylist(), features.column("sem").to_pylist()) if v is None
+    }
+    assert partial == set(catalogue.bad) and summary["rows_partial"] == len(catalogue.bad)
+    assert summary["rows_by_modality"] == {"sem": len(catalogue.good), "sty": len(catalogue.good)}
     assert summary["rows_ok"] == len(catalogue.good) and summary["rows_failed"] == len(catalogue.bad)
     assert summary["to_process"] == catalogue.table.num_rows and summary["already_done"] == 0
     assert summary["chunks"] >= 3  # chunk_rows=32: committed in several chunks
@@ -322,7 +327,7 @@ def test_every_good_row_written_exactly_once(first_run, catalogue, s3_server):
     assert re.fullmatch(r"resnet18-32px-random-[0-9a-f]{12}-seed0", summary["encoder_version"]), summary[
         "encoder_version"
     ]
-    sem = np.stack(features.column("sem").to_numpy(zero_copy_only=False))
+    sem = np.stack(features.column("sem").drop_null().to_numpy(zero_copy_only=False))
     assert np.isfinite(sem).all() and (np.abs(sem).sum(1) > 0).all()
     assert not storage.list_files(storage.join(cfg.output, "_tmp"), s3_server.settings)  # nothing left behind
 
@@ -400,7 +405,7 @@ def test_a_second_run_with_the_same_encoder_processes_nothing(first_run, catalog
     cfg, first = first_run
     again = run(cfg)
     assert again["to_process"] == 0 and again["already_done"] == catalogue.table.num_rows and again["chunks"] == 0
-    assert _ids(read_features(cfg.output, settings=s3_server.settings)) == sorted(catalogue.good)
+    assert _ids(read_features(cfg.output, settings=s3_server.settings)) == sorted(catalogue.good | set(catalogue.bad))
 
 
 def test_since_takes_only_new_rows_and_retry_failed_retries_errors(first_run, catalogue, s3_server, world):
@@ -428,7 +433,9 @@ def test_since_takes_only_new_rows_and_retry_failed_retries_errors(first_run, ca
     assert summary["selected_rows"] == 4  # three new rows and the late one
     assert summary["to_process"] == 4 and summary["rows_ok"] == 4 and summary["rows_failed"] == 0, summary
     features = read_features(cfg.output, settings=s3_server.settings)
-    assert _ids(features) == sorted(catalogue.good | {800_001, 800_002, 800_003, catalogue.plants["late"]})
+    assert _ids(features) == sorted(catalogue.good | set(catalogue.bad) | {800_001, 800_002, 800_003})
+    late = features.filter(pa.array(np.array(features.column("illust_id").to_pylist()) == catalogue.plants["late"]))
+    assert late.column("sem").null_count == 0, "the retried row superseded the partial one"
     errors = read_errors(cfg.output, settings=s3_server.settings)
     assert catalogue.plants["late"] not in errors.column("illust_id").to_pylist()
     assert len(errors) == len(catalogue.bad) - 1
@@ -469,11 +476,13 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     src, dst = second["moves"][0]  # the driver dies after moving one of the two files
     os.makedirs(os.path.dirname(os.path.join(output, dst)), exist_ok=True)
     os.replace(os.path.join(output, src), os.path.join(output, dst))
-    assert _ids(read_features(output)) == [i for i in range(1, 11) if i % 5]  # pending chunk invisible
+    assert _ids(read_features(output)) == list(range(1, 11))  # pending chunk invisible; 5: a partial row
 
     counts = recover(output, settings, 1.0)
     assert counts == {"rolled_forward": 1, "rolled_back": 0, "tmp_runs_removed": 0}
-    assert _ids(read_features(output)) == [i for i in range(1, 21) if i % 5]
+    features = read_features(output)
+    assert _ids(features) == list(range(1, 21))
+    assert sorted(features.filter(features.column("sem").is_null()).column("illust_id").to_pylist()) == [5, 10, 15, 20]
     assert _ids(read_errors(output)) == [5, 10, 15, 20]
     assert recover(output, settings, 1.0) == {"rolled_forward": 0, "rolled_back": 0, "tmp_runs_removed": 0}
 
@@ -483,11 +492,12 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     src, dst = third["moves"][0]
     os.makedirs(os.path.dirname(os.path.join(output, dst)), exist_ok=True)
     os.replace(os.path.join(output, src), os.path.join(output, dst))
-    os.remove(os.path.join(output, third["moves"][1][0]))
+    for lost, _ in third["moves"][1:]:  # its other temporary files (partial rows, errors) are lost
+        os.remove(os.path.join(output, lost))
     stray = _parts(output, "run-c", [99], meta)  # a killed run's uncommitted part
     assert stray[0]["features"].startswith("_tmp/run-c/")
     assert recover(output, settings, 1.0) == {"rolled_forward": 0, "rolled_back": 1, "tmp_runs_removed": 1}
-    assert _ids(read_features(output)) == [i for i in range(1, 21) if i % 5]
+    assert _ids(read_features(output)) == list(range(1, 21))
     assert not os.path.exists(os.path.join(output, dst)) and not os.path.exists(os.path.join(output, "_tmp"))
     assert [m["status"] for m in list_manifests(output)] == ["committed", "committed"]
 
@@ -500,7 +510,7 @@ def test_a_commit_interrupted_half_way_is_rolled_forward_once(tmp_path):
     with pytest.raises(ValueError, match=r"several feature sets are committed here \(image='enc-v1'; image='enc-v2'\)"):
         read_features(output)
     assert _ids(read_features(output, {"image": "enc-v2"})) == [1, 2, 3]
-    assert _ids(read_features(output, {"image": "enc-v1"})) == [i for i in range(1, 21) if i % 5]
+    assert _ids(read_features(output, {"image": "enc-v1"})) == list(range(1, 21))
 
 
 def test_a_live_writer_is_refused_and_dead_runs_are_closed(tmp_path, s3_server, mlflow_db):

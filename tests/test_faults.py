@@ -92,8 +92,8 @@ def test_decode_rows_makes_permanent_read_failures_error_rows_at_once(tmp_path):
     [
         ("", "bad_uri", "bad_uri: empty image_uri"),
         ("   ", "bad_uri", "bad_uri: empty image_uri"),
-        (None, "bad_uri", "bad_uri: empty image_uri"),
-        (float("nan"), "bad_uri", "bad_uri: empty image_uri"),
+        (None, "no_image", "no_image: the catalogue has no image_uri"),  # NULL: no image, not an error row
+        (float("nan"), "no_image", "no_image: the catalogue has no image_uri"),
         ("s3://", "bad_uri", "bad_uri: s3://: no bucket (expected s3://bucket/key)"),
         ("s3:///key.png", "bad_uri", "bad_uri: s3:///key.png: no bucket (expected s3://bucket/key)"),
         (

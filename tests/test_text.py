@@ -225,6 +225,7 @@ def test_config_refuses_unknown_keys_and_trainer_arguments_exist():
         FinetuneConfig(output_dir="x", epoch=1)
     with pytest.raises(Exception, match="extra"):  # one training path only: the trainer
         FinetuneConfig(output_dir="x", backend="torch")
+    assert FinetuneConfig(output_dir="x", base_model="base").resolved_base_model() == default_base_model()
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     names = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
@@ -408,22 +409,22 @@ def test_dedup_mode_equals_mean_of_directly_encoded_tags(base_model):
     assert table.schema.field("tsem").type == pa.list_(pa.float32(), 384)
     assert table.schema.metadata == {b"umair.tsem.dim": b"384", b"umair.tsem.encoder": b"minilm-test"}
     assert table.column("illust_id").to_pylist() == [10, 11, 12, 13, 14]
-    vecs = np.asarray(table.column("tsem").to_pylist(), np.float32)
+    vecs = table.column("tsem").to_pylist()
     for row, tags in ((0, ["moon", "夜空"]), (1, ["猫", "animal"]), (4, ["花朵", "nature"])):
         direct = np.mean([base_model.encode([t], normalize_embeddings=True)[0] for t in tags], axis=0)
         np.testing.assert_allclose(vecs[row], direct, atol=1e-5)
-    assert not vecs[2].any() and not vecs[3].any()
+    assert vecs[2] is None and vecs[3] is None  # no tags: NULL e_TSEM (absent), not a zero vector
     assert stats.distinct_tags == 6 and stats.encoded_strings == 6 and stats.illustrations_without_tags == 2
     contracts.validate(table, "item_features")  # fits the item-features contract
 
 
 def test_joined_mode_encodes_one_string_per_illustration(base_model):
     table, stats = embed_tags(_illustrations(), base_model, "minilm-test", mode="joined")
-    vecs = np.asarray(table.column("tsem").to_pylist(), np.float32)
-    assert vecs.shape == (5, 384) and stats.encoded_strings == 3
+    assert table.column("tsem").is_null().to_pylist() == [False, False, True, True, False]
+    vecs = np.asarray(table.column("tsem").drop_null().to_pylist(), np.float32)
+    assert vecs.shape == (3, 384) and stats.encoded_strings == 3
     np.testing.assert_allclose(vecs[0], base_model.encode(["moon, 夜空"], normalize_embeddings=True)[0], atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(vecs[[0, 1, 4]], axis=1), 1.0, atol=1e-5)
-    assert not vecs[2].any() and not vecs[3].any()
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
 def test_tag_cache_is_reused_per_model_version(tmp_path, base_model):

@@ -261,6 +261,18 @@ def test_settings_refuse_derived_sizes_and_unknown_variants(hand_paths, tmp_path
         load_config(ROOT / "pipelines" / "configs" / "train.yaml", train.TrainConfig, {"epochs": 0})
 
 
+def test_the_shipped_train_config_keeps_the_demo_protocol_and_accepts_the_new_keys():
+    path = ROOT / "pipelines" / "configs" / "train.yaml"
+    demo = load_config(path, train.TrainConfig)
+    # the demo trains on ts < split and keeps its last epoch, as before validation windows
+    assert (demo.validation, demo.validation_fraction, demo.patience) == (None, None, None)
+    assert not demo.has_validation and demo.checks.before_created_at == "warn"
+    cfg = load_config(path, train.TrainConfig, {"variant": "dcn_v2_only", "validation_fraction": 0.2, "patience": 2})
+    assert cfg.variant == "dcn_v2_only" and cfg.has_validation
+    with pytest.raises(ConfigError, match="before_created_at"):
+        load_config(path, train.TrainConfig, {"checks": {"before_created_at": "sometimes"}})
+
+
 # --------------------------------------------------------------------------- divergence guard
 
 
@@ -428,6 +440,10 @@ def test_two_worker_training_saves_a_model_that_evaluate_loads(ray_local, tiny_w
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["num_workers"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+    # no validation window: the last epoch is the model, the test window is scored once, with it
+    assert meta["best_epoch"] == 1 and meta["selected_on"] == "last epoch" and meta["train_end"] == meta["split"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_auc")] == [1]
+    assert not client.get_metric_history(run.info.run_id, "val_auc")
     assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {
         "model/model.pt",
         "model/model.json",

@@ -130,6 +130,9 @@ def test_every_grid_point_is_built_before_ray_starts_and_a_bad_one_is_named(tmp_
         ("mlflow", {"experiment": "e"}, "use tune's `mlflow`"),
         ("variant", "w/o STY", "from tune's `search`"),
         ("eval_every_epoch", False, "validation window"),
+        ("validation", "2021-09-01", "use tune's `validation_start`"),
+        ("validation_fraction", 0.1, "use tune's `validation_start`"),
+        ("patience", 2, "ASHA stops weak trials"),
         ("ray", {"num_cpus": 2}, "use tune's `ray`"),
     ],
 )
@@ -208,8 +211,9 @@ def test_a_trial_is_train_settings_on_the_validation_window():
         _base(),
         {"experts": "sen,att", "cross_layers": 3, "lr": 0.01, "d": 32},
         epochs=4,
-        split="2021-08-01",
+        split="2021-10-01",
         test_end="2021-10-01",
+        validation="2021-08-01",
         resources=tuning.TrialResources(num_workers=2, cpus_per_worker=0.5),
         run_name="trial-x",
         checkpoint_dir="/c",
@@ -218,7 +222,9 @@ def test_a_trial_is_train_settings_on_the_validation_window():
     )
     cfg = parse_settings(data, train.TrainConfig, "trial")
     assert cfg.model == {"emb_dim": 4, "d": 32, "umcm": "moe", "experts": ["sen", "att"], "cross_layers": 3}
-    assert (cfg.split, cfg.test_end, cfg.epochs, cfg.lr) == ("2021-08-01", "2021-10-01", 4, 0.01)
+    # trained on ts < validation, epochs chosen on [validation, split), an empty test window
+    assert (cfg.validation, cfg.split, cfg.test_end) == ("2021-08-01", "2021-10-01", "2021-10-01")
+    assert (cfg.epochs, cfg.lr, cfg.patience, cfg.validation_fraction) == (4, 0.01, None, None)
     assert (cfg.num_workers, cfg.cpus_per_worker, cfg.run_name, cfg.seed) == (2, 0.5, "trial-x", 5)
     assert cfg.mlflow.tracking_uri == "http://m"
 
@@ -230,7 +236,9 @@ def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
     path.write_text(yaml.safe_dump(best))
     cfg = load_config(path, train.TrainConfig)
     assert cfg.model["experts"] == ["att", "sen"] and cfg.model["cross_layers"] == 2 and cfg.model["d"] == 16
-    assert cfg.split is None and cfg.test_end is None  # the full training window, the world's split
+    assert cfg.split is None and cfg.test_end is None  # the world's split
+    # no validation start known: the trials' default window, the last 20 % of the training window
+    assert (cfg.validation, cfg.validation_fraction) == (None, 0.2)
     assert cfg.epochs == 3 and cfg.run_name == "train-s-best"
     # its model and checkpoints are the search's own: training it overwrites no base-config model
     tune_dir = os.path.abspath(os.path.join("outputs", "tune", "s"))
@@ -252,6 +260,36 @@ def test_the_best_config_round_trips_through_yaml_into_umair_train(tmp_path):
         ),
     )
     assert (out["output"], out["checkpoint_dir"]) == ("s3://b/models/tune/best_model", "s3://b/tune/s/best_checkpoints")
+
+
+def test_the_best_config_refits_on_the_training_window_only_unless_told_otherwise():
+    row = {"experts": "att", "cross_layers": 1, "lr": None, "d": None, "K": 1, "best_epoch": 1}
+    tune_cfg = tuning.TuneConfig(train_config="x.yaml", epochs=5, name="s")
+    best = parse_settings(
+        tuning.best_train_config(_base(), row, tune_cfg, "2021-08-15T00:00:00+00:00"), train.TrainConfig, "best"
+    )
+    # the same windows as the trials: ts < validation_start to train, the epoch chosen after it
+    assert (best.validation, best.validation_fraction, best.epochs) == ("2021-08-15T00:00:00+00:00", None, 5)
+    assert best.has_validation and best.eval_every_epoch
+    refit = tune_cfg.model_copy(update={"refit_on_validation": True})
+    whole = parse_settings(
+        tuning.best_train_config({**_base(), "validation_fraction": 0.3, "patience": 2}, row, refit, "2021-08-15"),
+        train.TrainConfig,
+        "best",
+    )
+    # everything before the split, for the best trial's number of epochs (its best epoch + 1)
+    assert (whole.validation, whole.validation_fraction, whole.patience, whole.epochs) == (None, None, None, 2)
+
+
+def test_trials_are_ranked_by_their_best_epoch_not_their_last():
+    class Result:
+        def __init__(self, trial_id, last, best, best_epoch):
+            self.metrics = {"trial_id": trial_id, "training_iteration": 3, "val_auc": last}
+            self.metrics |= {"best_val_auc": best, "best_epoch": best_epoch}
+            self.config, self.error = {"experts": "att", "cross_layers": 0}, None
+
+    rows = tune.collect([Result("a", 0.70, 0.71, 2), Result("b", 0.60, 0.80, 0)], 3, [])
+    assert [(r["trial_id"], r["val_auc"], r["best_epoch"]) for r in rows] == [("b", 0.80, 0), ("a", 0.71, 2)]
 
 
 def test_heat_map_keeps_the_best_auc_per_cell_and_leaves_failed_cells_empty(tmp_path):

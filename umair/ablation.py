@@ -14,10 +14,11 @@ from umair.config import MlflowConfig, Settings, StorageConfig
 from umair.errors import FeatureError
 from umair.model.features import FeatureSettings
 from umair.model.interactions import IsoTime, NegativeSettings
+from umair.model.settings import DCN_V2_ONLY as DCN_V2_ONLY_VARIANT
 from umair.model.settings import TABLE4_VARIANTS, ModelConfig
 from umair.training.settings import ModelOverrides
 
-DCN_V2_ONLY = "DCN-V2-only (umair)"
+DCN_V2_ONLY = "DCN-V2-only (umair)"  # the model of `umair train`'s `variant: dcn_v2_only`
 DEEPCTR_NAMES = {f"{m} (deepctr)": m for m in ("DCN", "xDeepFM", "FiBiNET", "DIFM", "DCN-V2", "DCNMix")}
 FINALMLP = "FinalMLP"
 TABLE3_MODELS: tuple[str, ...] = (
@@ -67,7 +68,10 @@ class AblateConfig(Settings):
     )
     generate: GenerateSettings | None = Field(None, description="set to generate a world + features instead")
     split: IsoTime | None = None
-    models: list[str] = Field(default_factory=lambda: list(ALL_MODELS), description="names from Table 4 and Table 3")
+    models: list[str] = Field(
+        default_factory=lambda: list(ALL_MODELS),
+        description="names from Table 4 and Table 3 ('dcn_v2_only', umair train's variant name, is DCN-V2-only (umair))",
+    )
     model: ModelOverrides = Field(default_factory=dict, description="ModelConfig overrides of the base UMAIR-FPS")
     baselines: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="constructor overrides per Table-3 model"
@@ -102,6 +106,7 @@ class AblateConfig(Settings):
     @field_validator("models")
     @classmethod
     def _known_models(cls, v: list[str]) -> list[str]:
+        v = [DCN_V2_ONLY if m == DCN_V2_ONLY_VARIANT else m for m in v]
         if not v:
             raise ValueError("name at least one model")
         unknown = [m for m in v if m not in ALL_MODELS]
@@ -132,7 +137,7 @@ def build_ranker(name: str, base: ModelConfig, train: Any, cfg: AblateConfig) ->
     from umair.baselines.deepctr_adapter import DeepCTRRanker
     from umair.baselines.finalmlp import FinalMLPRanker
     from umair.baselines.rankers import FusionRanker
-    from umair.model.settings import dcn_v2_only, table4_variant
+    from umair.model.settings import model_variant
 
     sizes = {
         "n_users": base.n_users,
@@ -142,9 +147,9 @@ def build_ranker(name: str, base: ModelConfig, train: Any, cfg: AblateConfig) ->
     }
     dims = train.dims if cfg.baseline_vectors else {}
     if name in TABLE4_VARIANTS:
-        return FusionRanker(name, table4_variant(base, name), cfg.seed)
-    if name == DCN_V2_ONLY:
-        return FusionRanker(name, dcn_v2_only(base), cfg.seed)
+        return FusionRanker(name, model_variant(base, name), cfg.seed)
+    if name == DCN_V2_ONLY:  # the same definition as `umair train --variant dcn_v2_only`
+        return FusionRanker(name, model_variant(base, DCN_V2_ONLY_VARIANT), cfg.seed)
     if name in DEEPCTR_NAMES:
         return DeepCTRRanker(
             DEEPCTR_NAMES[name],

@@ -1,24 +1,39 @@
 """Data contracts: the Arrow schemas every table must follow, and one validating reader.
 
-Tables (see DESIGN.md, "Data contracts"):
+A contract names the columns a table must have (*required*), the columns it may have
+with a fixed meaning (*optional typed columns*: checked and cast to their canonical type
+when present, simply absent otherwise) and rules on values. Any other column is allowed
+when it is a string, integer, float, bool or list (categoricals such as ``artist``).
 
-- ``illustrations``: illust_id, image_uri, tags, created_at, width, height, page_count,
-  plus optional categorical columns (artist, ...).
-- ``users``: user_id, interest_tags, plus optional profile columns (gender, ...).
-- ``interactions``: user_id, illust_id, ts, label (1 = bookmarked, 0 = shown, not).
-- ``item_features``: illust_id, sem, sty, tsem (fixed-size float vectors: e_SEM,
-  e_STY, e_TSEM); encoder versions and dims live in the file metadata.
+Tables (``required``; *optional typed columns*):
+
+- ``illustrations``: illust_id int64 (unique), image_uri string (NULL allowed: an item
+  without an image is normal); *tags* list<string>, *created_at* timestamp[us, UTC]
+  (nulls allowed), *width*, *height*, *page_count* int32 (positive where not null).
+- ``users``: user_id int64 (unique); *interest_tags* list<string>.
+- ``interactions``: user_id, illust_id int64, ts timestamp[us, UTC], label int8 in
+  {0, 1} (1 = bookmarked / liked, 0 = shown, not); no nulls.
+- ``item_features``: illust_id int64 (unique); the vector columns of
+  :mod:`umair.modalities` (e_SEM ``sem``, e_STY ``sty``, e_TSEM ``tsem``:
+  fixed_size_list<float16|float32>[d]; NULL where the item lacks that modality, e.g. no
+  image); encoder versions and dims live in the file metadata.
 - ``extraction_errors``: illust_id, uri, stage, error.
 
 :func:`read_table` reads one table, normalises compatible types (int32 ids become
-int64, any timestamp unit becomes microseconds UTC) and raises :class:`ContractError`
-naming the file, the column, the first offending row and what was expected.
-:func:`check_interactions` adds the checks that need several tables.
+int64, any timestamp unit becomes microseconds UTC, large strings become strings) and
+raises :class:`ContractError` naming the file, the column, the first offending row, what
+was expected and what was found. :func:`check_interactions` adds the rules that need
+several tables: unknown user or illustration ids are always errors; the rule "an
+interaction is not before the item's created_at" is a :class:`Checks` setting
+(``error`` / ``warn`` / ``off``) because real logs break it, and its count comes back in
+a :class:`CheckReport`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +41,10 @@ import pyarrow.compute as pc
 
 from umair import modalities as registry
 from umair import storage
+from umair.config import Settings
 from umair.errors import UmairError
+
+log = logging.getLogger("umair")
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 TAGS = pa.list_(pa.string())
@@ -47,12 +65,15 @@ class ContractError(UmairError, ValueError):
 
 @dataclass(frozen=True)
 class Contract:
-    """Required columns with their canonical types, plus rules on values."""
+    """Required columns with their canonical types, optional typed columns (checked and
+    conformed when present, absent otherwise), plus rules on values."""
 
     name: str
     required: pa.Schema
     id_columns: tuple[str, ...] = ()  # each value unique and non-null
     not_null: tuple[str, ...] = ()
+    optional: pa.Schema = pa.schema([])
+    positive: tuple[str, ...] = ()  # integer columns whose non-null values must be >= 1
     # Extra columns are allowed when their type is one of these (categoricals, numbers).
     extra_types: tuple[str, ...] = ("string", "integer", "floating", "boolean", "list")
     # Vector modality columns (umair.modalities: e_SEM, e_STY, e_TSEM, ...) are allowed and checked.
@@ -65,10 +86,10 @@ class Contract:
 
 ILLUSTRATIONS = Contract(
     "illustrations",
-    pa.schema(
+    pa.schema([("illust_id", pa.int64()), ("image_uri", pa.string())]),
+    id_columns=("illust_id",),
+    optional=pa.schema(
         [
-            ("illust_id", pa.int64()),
-            ("image_uri", pa.string()),
             ("tags", TAGS),
             ("created_at", TIMESTAMP),
             ("width", pa.int32()),
@@ -76,14 +97,14 @@ ILLUSTRATIONS = Contract(
             ("page_count", pa.int32()),
         ]
     ),
-    id_columns=("illust_id",),
-    not_null=("image_uri", "created_at"),
+    positive=("width", "height", "page_count"),
 )
 
 USERS = Contract(
     "users",
-    pa.schema([("user_id", pa.int64()), ("interest_tags", TAGS)]),
+    pa.schema([("user_id", pa.int64())]),
     id_columns=("user_id",),
+    optional=pa.schema([("interest_tags", TAGS)]),
 )
 
 INTERACTIONS = Contract(
@@ -184,12 +205,15 @@ def _check_vectors(table: pa.Table, contract: Contract, file: str) -> None:
         declared = meta.get(f"umair.{name}.dim")
         if declared is not None and int(declared) != t.list_size:
             raise ContractError(file, name, f"dimension {declared} (file metadata)", f"dimension {t.list_size}")
-        nulls = table.column(name).is_null()
-        row = _first_true(nulls)
+        # NULL = the modality is absent for that item (e.g. no image: no e_SEM / e_STY); a
+        # vector that is there must be finite.
+        column, present = table.column(name), None
+        if column.null_count:
+            present = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+            column = column.filter(column.is_valid())
+        row = _first_non_finite(column, t.list_size)
         if row is not None:
-            raise ContractError(file, name, "a vector in every row", "null", row)
-        row = _first_non_finite(table.column(name), t.list_size)
-        if row is not None:
+            row = int(present[row]) if present is not None else row
             ident = f"illust_id {table.column('illust_id')[row].as_py()}: " if "illust_id" in table.column_names else ""
             raise ContractError(file, name, "finite values in every vector", f"{ident}NaN or infinity", row)
 
@@ -207,6 +231,9 @@ def validate(table: pa.Table, kind: str, file: str = "<table>") -> pa.Table:
                 f"no such column (columns: {', '.join(table.column_names)})",
             )
         columns[f.name] = _conform(table.column(f.name), f.type, file, f.name)
+    for f in contract.optional:
+        if f.name in table.column_names:
+            columns[f.name] = _conform(table.column(f.name), f.type, file, f.name)
     for name in table.column_names:
         if name in columns:
             continue
@@ -236,11 +263,11 @@ def validate(table: pa.Table, kind: str, file: str = "<table>") -> pa.Table:
         row = _first_true(bad)
         if row is not None:
             raise ContractError(file, "label", "labels in {0, 1}", f"{out.column('label')[row].as_py()}", row)
-    if kind == "illustrations":
-        for name in ("width", "height", "page_count"):
+    for name in contract.positive:
+        if name in out.column_names:
             row = _first_true(pc.less(out.column(name), 1))
             if row is not None:
-                raise ContractError(file, name, "a positive integer", str(out.column(name)[row].as_py()), row)
+                raise ContractError(file, name, "a positive integer or null", str(out.column(name)[row].as_py()), row)
     _check_vectors(out, contract, file)
     return out
 
@@ -252,14 +279,78 @@ def read_table(uri: str, kind: str, settings: storage.StorageSettings | None = N
     return validate(storage.read_parquet(uri, settings), kind, uri)
 
 
+class Checks(Settings):
+    """How :func:`check_interactions` treats a rule that real logs may break.
+
+    before_created_at: an interaction whose ``ts`` is before its illustration's
+    ``created_at`` (a catalogue re-dated after import, a clock skew). ``error`` raises
+    :class:`ContractError`; ``warn`` (default) counts the rows, logs one warning on the
+    ``umair`` logger and goes on; ``off`` skips the rule."""
+
+    before_created_at: Literal["error", "warn", "off"] = "warn"
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What :func:`check_interactions` found that was not an error.
+
+    before_created_at: rows whose ts is before the item's created_at (0 when the
+    column is absent or the rule is off); ``before_created_at_example`` describes the
+    first such row ("row 3: user 7, illust_id 12, ts ... before created_at ...")."""
+
+    before_created_at: int = 0
+    before_created_at_example: str | None = None
+    file: str = "<interactions>"
+
+    def lines(self) -> list[str]:
+        """Human-readable warnings, one per broken rule (empty when none)."""
+        out = []
+        if self.before_created_at:
+            out.append(
+                f"{self.file}: {self.before_created_at} interaction(s) before the illustration's "
+                f"created_at (checks.before_created_at=warn); first: {self.before_created_at_example}"
+            )
+        return out
+
+
+def _before_created_at(interactions: pa.Table, illustrations: pa.Table) -> tuple[int, int | None, str]:
+    """(count, first row, its description) of interactions whose ts is before their
+    illustration's created_at; items with a null created_at, or a table without the
+    column, never count. Assumes every illust_id is known (checked before)."""
+    if "created_at" not in illustrations.column_names or interactions.num_rows == 0:
+        return 0, None, ""
+    ids = illustrations.column("illust_id").to_numpy()
+    created_col = illustrations.column("created_at")
+    known = ~created_col.is_null().to_numpy(zero_copy_only=False).astype(bool)
+    created = pc.fill_null(created_col.cast(pa.int64()), 0).to_numpy()
+    order = np.argsort(ids)
+    item_row = order[np.searchsorted(ids[order], interactions.column("illust_id").to_numpy())]
+    ts = interactions.column("ts").cast(pa.int64()).to_numpy()
+    early = np.flatnonzero(known[item_row] & (ts < created[item_row]))
+    if not len(early):
+        return 0, None, ""
+    row = int(early[0])
+    detail = (
+        f"user_id {interactions.column('user_id')[row].as_py()}, "
+        f"illust_id {interactions.column('illust_id')[row].as_py()}, "
+        f"ts {interactions.column('ts')[row].as_py()} before created_at "
+        f"{created_col[int(item_row[row])].as_py()}"
+    )
+    return len(early), row, detail
+
+
 def check_interactions(
     interactions: pa.Table,
     users: pa.Table,
     illustrations: pa.Table,
     file: str = "<interactions>",
-) -> None:
-    """Cross-table rules: every interaction names a known user and illustration, and
-    nobody bookmarks an illustration before it was published (ts >= created_at)."""
+    checks: Checks | None = None,
+) -> CheckReport:
+    """Cross-table rules on validated tables: every interaction names a known user and
+    illustration (always an error), and, as ``checks.before_created_at`` says, nobody
+    interacts with an illustration before its ``created_at`` (skipped for items without
+    one). Returns the counts of rows that broke a rule set to ``warn``."""
+    checks = checks or Checks()
     for col, ref, ref_col, what in (
         ("user_id", users, "user_id", "users"),
         ("illust_id", illustrations, "illust_id", "illustrations"),
@@ -270,19 +361,20 @@ def check_interactions(
             raise ContractError(
                 file, col, f"an id present in {what}", f"unknown id {interactions.column(col)[row].as_py()}", row
             )
-    ids = illustrations.column("illust_id").to_numpy()
-    created = illustrations.column("created_at").cast(pa.int64()).to_numpy()
-    order = np.argsort(ids)
-    pos = np.searchsorted(ids[order], interactions.column("illust_id").to_numpy())
-    item_created = created[order][pos]
-    ts = interactions.column("ts").cast(pa.int64()).to_numpy()
-    early = np.flatnonzero(ts < item_created)
-    if len(early):
-        row = int(early[0])
+    if checks.before_created_at == "off":
+        return CheckReport(file=file)
+    count, row, detail = _before_created_at(interactions, illustrations)
+    if count and checks.before_created_at == "error":
         raise ContractError(
             file,
             "ts",
-            "a time at or after the illustration's created_at",
-            f"{interactions.column('ts')[row].as_py()} before {illustrations.column('created_at')[int(order[pos[row]])].as_py()}",
+            "a time at or after the illustration's created_at (checks.before_created_at: error; "
+            "warn or off accept logs that break this)",
+            f"{count} such row(s), the first: {detail}",
             row,
         )
+    example = f"row {row}: {detail}" if count else None
+    report = CheckReport(before_created_at=count, before_created_at_example=example, file=file)
+    for line in report.lines():
+        log.warning(line)
+    return report

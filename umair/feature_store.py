@@ -32,9 +32,18 @@ them (:func:`repair`, ``umair extract --repair``, drops the later copies).
 
 So a run killed at any point and rerun ends with every illustration exactly once: rows
 of committed chunks are skipped (same encoder and text versions), rows of uncommitted
-ones are processed again, and nothing outside a committed manifest is ever read. Error
-rows count as done too (``retry_failed: true`` gives them another try; the errors
-table then keeps only the latest error of ids that still have no features).
+ones are processed again, and nothing outside a committed manifest is ever read.
+
+Items with a missing modality: every processed item gets one feature row. Rows with
+every modality go to ``features`` parts, rows where some vector is NULL (no image, an
+image that could not be read or decoded: e_TSEM with NULL e_SEM / e_STY) to *partial*
+parts (manifest entries with ``"partial": true``); a failed image also has its error row.
+A rerun skips every committed item, partial ones too. ``retry_failed: true`` processes
+again every item without a complete row (partial rows and error-only rows of older
+outputs), except those whose ``image_uri`` is still NULL (:func:`done_ids`); a partial row
+is superseded by a later committed row of its id (readers, :func:`repair`:
+:func:`superseded`), and the errors table keeps the latest error of ids that still have
+no complete row.
 """
 
 from __future__ import annotations
@@ -210,6 +219,19 @@ def manifest_uri(output: str, manifest: dict) -> str:
     return _commit_uri(output, manifest["run_id"], manifest["seq"])
 
 
+def superseded(parts: list[tuple[bool, np.ndarray]]) -> list[np.ndarray]:
+    """Per part (``(partial, ids)`` in commit order), the rows a later committed copy of the
+    same id replaces: only rows of partial parts are replaced (a retried item)."""
+    sizes = [len(ids) for _, ids in parts]
+    ids = np.concatenate([np.asarray(i, np.int64) for _, i in parts] or [np.zeros(0, np.int64)])
+    partial = np.concatenate([np.full(n, p, bool) for (p, _), n in zip(parts, sizes)] or [np.zeros(0, bool)])
+    _, inverse = np.unique(ids, return_inverse=True)
+    last = np.full(len(ids), -1)
+    np.maximum.at(last, inverse, np.arange(len(ids)))
+    gone = partial & (np.arange(len(ids)) < last[inverse])
+    return np.split(gone, np.cumsum(sizes)[:-1]) if parts else []
+
+
 def duplicate_ids(manifests: list[dict], ids_of: dict[tuple[str, int], np.ndarray]) -> dict[int, list[str]]:
     """illust_id -> the manifests (``run-seq``) whose feature parts hold it, for ids held more than once."""
     seen: dict[int, list[str]] = {}
@@ -239,11 +261,13 @@ def read_features(
     if not chosen:
         want = f" for encoder versions {dict(versions)}" if versions else ""
         raise FileNotFoundError(f"{output}: no committed item features{want}; run `umair extract` first")
-    tables, ids_of = [], {}
-    for m in chosen:
-        parts = [read_part(output, m, f, settings) for f in m["features"]]
-        tables += parts
-        ids_of[(m["run_id"], m["seq"])] = np.concatenate([t.column("illust_id").to_numpy() for t in parts] or [[]])
+    parts = [(m, f, read_part(output, m, f, settings)) for m in chosen for f in m["features"]]
+    gone = superseded([(bool(f.get("partial")), t.column("illust_id").to_numpy()) for _, f, t in parts])
+    tables = [t.filter(pa.array(~g)) if g.any() else t for (_, _, t), g in zip(parts, gone)]
+    ids_of = {(m["run_id"], m["seq"]): [] for m in chosen}
+    for (m, _, _), t in zip(parts, tables):
+        ids_of[(m["run_id"], m["seq"])].append(t.column("illust_id").to_numpy())
+    ids_of = {k: np.concatenate(v or [np.zeros(0, np.int64)]) for k, v in ids_of.items()}
     dups = duplicate_ids(chosen, ids_of)
     if dups:
         first = min(dups)
@@ -251,7 +275,10 @@ def read_features(
             f"{output}: {len(dups)} illust_id(s) are committed more than once (e.g. {first} in manifests "
             f"{', '.join(dups[first])} under {part_uri(output, '_commits')}); run `umair extract --repair` on this output"
         )
-    table = pa.concat_tables(tables) if tables else _empty_features(chosen[-1])
+    schema = _empty_features(chosen[-1]).schema  # partial parts lack absent modalities' columns: NULL
+    tables = [pa.table({f.name: t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema})
+              for t in tables]  # fmt: skip
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.replace_schema_metadata(chosen[-1]["metadata"])
     return contracts.validate(table, "item_features", part_uri(output, "features"))
 
@@ -260,7 +287,8 @@ def read_errors(
     output: str, versions: Mapping[str, str] | None = None, settings: storage.StorageSettings | None = None
 ) -> pa.Table:
     """The committed extraction errors (``extraction_errors`` contract plus ``reason``):
-    per illust_id the latest error, leaving out ids that have features since."""
+    per illust_id the latest error, leaving out ids that have a complete feature row
+    since (an id with a partial row, e.g. e_TSEM without e_SEM / e_STY, keeps its error)."""
     chosen = _select(list_manifests(output, settings), versions)
     tables = [read_part(output, m, f, settings) for m in chosen for f in m["errors"]]
     schema = pa.schema(
@@ -275,7 +303,7 @@ def read_errors(
     errors = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
     ids = errors.column("illust_id").to_numpy()
     last = {int(i): r for r, i in enumerate(ids)}  # later manifests win
-    with_features = set(committed_ids(output, chosen, settings, kinds=("features",)).tolist())
+    with_features = set(committed_ids(output, chosen, settings, kinds=("features",), partial=False).tolist())
     keep = sorted(r for i, r in last.items() if i not in with_features)
     return contracts.validate(errors.take(pa.array(keep, pa.int64())), "extraction_errors", part_uri(output, "errors"))
 
@@ -285,10 +313,38 @@ def committed_ids(
     manifests: list[dict],
     settings: storage.StorageSettings | None,
     kinds: tuple[str, ...] = ("features", "errors"),
+    partial: bool | None = None,
 ) -> np.ndarray:
-    rels = [f["path"] for m in manifests for kind in kinds for f in m[kind]]
+    """The illust_ids of the ``kinds`` parts of ``manifests``; ``partial`` False / True:
+    only complete / only partial feature parts (None: both)."""
+    rels = [
+        f["path"]
+        for m in manifests
+        for kind in kinds
+        for f in m[kind]
+        if kind != "features" or partial is None or bool(f.get("partial")) == partial
+    ]
     tables = _read_files(output, rels, settings, columns=["illust_id"])
     return np.concatenate([t.column("illust_id").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+
+
+def done_ids(
+    output: str,
+    manifests: list[dict],
+    settings: storage.StorageSettings | None,
+    retry_catalogue: str | None = None,
+) -> np.ndarray:
+    """The illust_ids a new run skips: every committed one (feature rows, partial or not,
+    and error rows). ``retry_catalogue`` (the catalogue, for ``retry_failed``): only those
+    with a complete feature row, plus the partial ones whose ``image_uri`` is NULL in that
+    catalogue now (retrying them would only write the same row again)."""
+    if retry_catalogue is None:
+        return np.unique(committed_ids(output, manifests, settings, ("features", "errors")))
+    complete = committed_ids(output, manifests, settings, ("features",), partial=False)
+    partial = committed_ids(output, manifests, settings, ("features",), partial=True)
+    uris = storage.read_parquet(retry_catalogue, settings, columns=["illust_id", "image_uri"])
+    no_image = uris.filter(uris.column("image_uri").is_null()).column("illust_id").to_numpy()
+    return np.unique(np.concatenate([complete, partial[np.isin(partial, no_image)]]))
 
 
 def utc_now() -> str:
@@ -332,15 +388,21 @@ def output_meta(enc: dict, text: dict | None, run_id: str, mlflow_run_id: str) -
 def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: dict) -> dict:
     moves, features, errors = [], [], []
     for d in descriptors:
-        for kind, target in (("features", features), ("errors", errors)):
-            rel = str(d[kind])
+        parts = [(kind, {k: d.get(f"{kind}_{k}") for k in ("rows", "bytes", "sha256")} | {"path": d[kind]})
+                 for kind in ("features", "errors")]  # fmt: skip
+        parts += [("partial", p) for p in json.loads(str(d.get("partial") or "[]"))]
+        for kind, part in parts:
+            rel = str(part["path"])
             if rel:
-                dst = f"{kind}/{output_meta['key']}/{run_id}-{rel.rsplit('/', 1)[1]}"
+                folder = "errors" if kind == "errors" else "features"
+                dst = f"{folder}/{output_meta['key']}/{run_id}-{rel.rsplit('/', 1)[1]}"
                 moves.append([rel, dst])
-                entry = {"path": dst, "rows": int(d[f"{kind}_rows"])}
-                if d.get(f"{kind}_sha256"):  # size and content hash, verified by every reader
-                    entry.update(bytes=int(d[f"{kind}_bytes"]), sha256=str(d[f"{kind}_sha256"]))
-                target.append(entry)
+                entry: dict = {"path": dst, "rows": int(part["rows"])}
+                if part.get("sha256"):  # size and content hash, verified by every reader
+                    entry.update(bytes=int(part["bytes"]), sha256=str(part["sha256"]))
+                if kind == "partial":  # rows without some modality; a later row of the id supersedes them
+                    entry["partial"] = True
+                (errors if kind == "errors" else features).append(entry)
     return {
         "format": COMMIT_FORMAT,
         "run_id": run_id,
@@ -349,7 +411,8 @@ def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: 
         "moves": moves,
         "features": features,
         "errors": errors,
-        "rows_ok": sum(f["rows"] for f in features),
+        "rows_ok": sum(f["rows"] for f in features if not f.get("partial")),
+        "rows_partial": sum(f["rows"] for f in features if f.get("partial")),
         "rows_failed": sum(f["rows"] for f in errors),
         **{k: v for k, v in output_meta.items() if k != "key"},
     }
@@ -358,7 +421,8 @@ def chunk_manifest(descriptors: list[dict], run_id: str, seq: int, output_meta: 
 def repair(output: str, settings: storage.StorageSettings | None = None, retry_s: float = 30.0) -> dict[str, int]:
     """Remove illust_ids committed more than once (e.g. by two runs that wrote the same
     output at once, before the lease existed): per feature set, in commit order, the first
-    committed row of an id is kept and later ones are dropped. Each affected part is
+    committed row of an id is kept and later ones are dropped (a partial row that a later
+    row of its id supersedes, :func:`superseded`, is left as it is). Each affected part is
     rewritten without them (new file, listed with its size and SHA-256), its manifest is
     rewritten (one atomic write), then the old part is deleted; a crash in between leaves
     at most an unlisted file, which no reader sees. Hold the output's lease while calling.
@@ -367,16 +431,22 @@ def repair(output: str, settings: storage.StorageSettings | None = None, retry_s
     committed = [m for m in list_manifests(output, settings, retry_s) if m["status"] == "committed"]
     for key in sorted({tuple(sorted(m["versions"].items())) for m in committed}):
         seen: set[int] = set()
-        for m in (m for m in committed if tuple(sorted(m["versions"].items())) == key):
+        group = [m for m in committed if tuple(sorted(m["versions"].items())) == key]
+        listed = [e for m in group for e in m["features"]]
+        heads = _read_files(output, [e["path"] for e in listed], settings, columns=["illust_id"])
+        flagged = [(bool(e.get("partial")), t.column("illust_id").to_numpy()) for e, t in zip(listed, heads)]
+        gone = dict(zip([e["path"] for e in listed], superseded(flagged)))
+        for m in group:
             entries, stale = [], []
             for entry in m["features"]:
                 table = read_part(output, m, entry, settings)
                 ids = table.column("illust_id").to_numpy()
-                _, first = np.unique(ids, return_index=True)
-                keep = np.zeros(len(ids), bool)
-                keep[first] = True
-                keep &= ~np.isin(ids, np.fromiter(seen, np.int64, len(seen)))
-                seen.update(ids[keep].tolist())
+                live = ~gone[entry["path"]]
+                keep = ~live  # superseded rows stay as they are: readers skip them
+                _, first = np.unique(ids[live], return_index=True)
+                fresh = np.flatnonzero(live)[first]
+                keep[fresh] = ~np.isin(ids[fresh], np.fromiter(seen, np.int64, len(seen)))
+                seen.update(ids[fresh[keep[fresh]]].tolist())
                 if keep.all():
                     entries.append(entry)
                     continue
@@ -394,17 +464,14 @@ def repair(output: str, settings: storage.StorageSettings | None = None, retry_s
                         f"write {rel}",
                         retry_s,
                     )
-                    entries.append(
-                        {
-                            "path": rel,
-                            "rows": kept.num_rows,
-                            "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest(),
-                        }
-                    )
+                    fresh_entry = {"path": rel, "rows": kept.num_rows, "bytes": len(data)}
+                    fresh_entry["sha256"] = hashlib.sha256(data).hexdigest()
+                    entries.append({**fresh_entry, **({"partial": True} if entry.get("partial") else {})})
             if not stale:
                 continue
-            fixed = {**m, "features": entries, "rows_ok": sum(e["rows"] for e in entries), "repaired_at": utc_now()}
+            fixed = {**m, "features": entries, "repaired_at": utc_now()}
+            fixed["rows_ok"] = sum(e["rows"] for e in entries if not e.get("partial"))
+            fixed["rows_partial"] = sum(e["rows"] for e in entries if e.get("partial"))
             write_json(manifest_uri(output, m), fixed, settings, retry_s)
             counts["manifests_rewritten"] += 1
             for rel in stale:

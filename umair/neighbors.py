@@ -19,12 +19,17 @@ behind the same methods.
 
 minus what the user already bookmarked (``exclude: bookmarked``), everything they were
 shown (``seen``) or nothing (``none``).
+
+An item whose vector of a space is NULL (no image: no e_SEM / e_STY) is never a
+neighbour in that space, nor a seed there (``FeatureIndex.present``); the centring mean
+is taken over the items that have the vector. It is still reachable through the other
+spaces, recency and popularity.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -42,14 +47,20 @@ class UnknownIdError(UmairError, ValueError):
     """An illustration or user id that the given table / model does not hold."""
 
 
+class MissingVectorError(UmairError, ValueError):
+    """The query illustration has no vector in the asked feature space (e.g. no image)."""
+
+
 def vectors_of(table: pa.Table, column: str, source: str = "<item_features>") -> np.ndarray:
-    """A fixed-size-list column as a float32 matrix [rows, d]."""
+    """A fixed-size-list column as a float32 matrix [rows, d] (zero rows where NULL)."""
+    from umair.model.item_features import vector_matrix
+
     if column not in table.column_names:
         raise UnknownIdError(f"{source}: no column '{column}' (columns: {', '.join(table.column_names)})")
     col = table.column(column).combine_chunks()
     if not pa.types.is_fixed_size_list(col.type):
         raise ValueError(f"{source}: column '{column}' is {col.type}, expected fixed_size_list<float>")
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32)
+    return vector_matrix(col)[0].astype(np.float32)
 
 
 def unit_rows(x: np.ndarray, center: bool = True) -> np.ndarray:
@@ -95,6 +106,7 @@ class FeatureIndex:
     illust_ids: np.ndarray
     spaces: dict[str, np.ndarray]
     source: str
+    present: dict[str, np.ndarray] = field(default_factory=dict)  # per space bool [N]; absent: all
 
     @classmethod
     def from_table(
@@ -104,8 +116,23 @@ class FeatureIndex:
         for s in spaces:
             if s not in registry.names():
                 raise ValueError(f"unknown feature space {s!r}; expected one of {list(registry.names())}")
+        from umair.model.item_features import vector_matrix
+
         ids = table.column("illust_id").to_numpy().astype(np.int64)
-        return cls(ids, {s: unit_rows(vectors_of(table, s, source), center) for s in spaces}, source)
+        units, present = {}, {}
+        for s in spaces:
+            vectors_of(table.slice(0, 0), s, source)
+            x, has = vector_matrix(table.column(s))
+            x = x.astype(np.float32)
+            if center and has.any():
+                x = np.where(has[:, None], x - x[has].mean(axis=0, keepdims=True), 0.0).astype(np.float32)
+            units[s], present[s] = unit_rows(x, center=False), has
+        return cls(ids, units, source, present)
+
+    def has(self, space: str) -> np.ndarray:
+        """bool [N]: the rows with a vector in ``space``."""
+        got = self.present.get(space)
+        return np.ones(len(self), bool) if got is None else got
 
     def __len__(self) -> int:
         return len(self.illust_ids)
@@ -140,8 +167,14 @@ class FeatureIndex:
         excluded: (illust_ids [k], cosines [k]), best first. ``allowed``: a row mask."""
         r = self.row(illust_id)
         x = self.space(space)
+        if not self.has(space)[r]:
+            raise MissingVectorError(
+                f"illustration {illust_id} has no {registry.get(space).symbol} vector in {self.source} "
+                f"(e.g. no image); try another feature space"
+            )
         banned = np.zeros(len(self), bool) if allowed is None else ~np.asarray(allowed, bool)
         banned[r] = True
+        banned |= ~self.has(space)  # items without the vector are never neighbours in it
         rows, sims = cosine_topk(x[r], x, k, banned)
         return self.illust_ids[rows[0]], sims[0]
 
@@ -228,11 +261,13 @@ class CandidateGenerator:
         }
         seeds = np.asarray(seed_rows, np.int64)[: s.seeds]
         for space in s.spaces:
-            if s.neighbors == 0 or len(seeds) == 0:
+            has = self.index.has(space)
+            mine = seeds[has[seeds]]  # a seed without the vector has no neighbours in this space
+            if s.neighbors == 0 or len(mine) == 0:
                 parts[f"knn_{space}"] = np.zeros(0, np.int64)
                 continue
             x = self.index.space(space)
-            rows, _ = cosine_topk(x[seeds], x, s.neighbors, banned)
+            rows, _ = cosine_topk(x[mine], x, s.neighbors, banned | ~has)
             parts[f"knn_{space}"] = rows.ravel()
         merged = np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64)
         _, first = np.unique(merged, return_index=True)

@@ -14,7 +14,7 @@ import pyarrow as pa
 from umair import contracts, storage
 from umair.errors import FeatureError
 from umair.model.features import UserTable
-from umair.model.interactions import parse_time, window
+from umair.model.interactions import created_at_us, parse_time, window
 from umair.model.item_features import check_dims
 from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, user_histories
 from umair.ranking import bookmark_counts
@@ -89,7 +89,7 @@ def load_context(
     # Eligibility and recency: in the catalogue and created before T.
     split_us = int(pa.scalar(parse_time(inputs.split), contracts.TIMESTAMP).cast(pa.int64()).as_py())
     cat_ids = ill.column("illust_id").to_numpy().astype(np.int64)
-    created = ill.column("created_at").cast(pa.int64()).to_numpy()
+    created = created_at_us(ill)  # no created_at (column or value): eligible from the start
     pos = index.rows(cat_ids)
     created_s = np.full(len(index), np.inf)
     created_s[pos[pos >= 0]] = created[pos >= 0] / 1e6

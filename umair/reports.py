@@ -16,6 +16,7 @@ TUNE_COLUMNS = [
     "lr",
     "d",
     "epochs",
+    "best_epoch",
     "val_auc",
     "val_logloss",
     "val_gauc",
@@ -25,7 +26,8 @@ TUNE_COLUMNS = [
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """The ``umair tune`` results table (one row per trial, :data:`TUNE_COLUMNS`) as markdown."""
+    """The ``umair tune`` results table (one row per trial, :data:`TUNE_COLUMNS`) as markdown;
+    ``val_auc`` is the trial's best epoch's (``best_epoch``), the one its saved model holds."""
 
     def fmt(v: Any) -> str:
         if v is None or v == "":
@@ -35,7 +37,9 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         return str(v)
 
     head = "| " + " | ".join(TUNE_COLUMNS) + " |\n|" + "---|" * len(TUNE_COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(fmt(r[c]).replace("|", "/") for c in TUNE_COLUMNS) + " |\n" for r in rows)
+    return head + "".join(
+        "| " + " | ".join(fmt(r.get(c)).replace("|", "/") for c in TUNE_COLUMNS) + " |\n" for r in rows
+    )
 
 
 def results_csv(rows: list[dict[str, Any]]) -> str:

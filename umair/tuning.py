@@ -3,8 +3,10 @@
 :class:`TuneConfig` validates a search before anything runs (K experts 1–4, DCN-V2 depth
 L 0–4, optional lr / d grids); :func:`trial_settings` turns one point of the grid into
 the ``umair train`` settings of that trial (its own run dir, model and MLflow child run,
-trained on ``ts < validation_start`` and scored on ``[validation_start, split)``);
-:func:`best_train_config` turns the best trial into a ``umair train`` config.
+trained on ``ts < validation_start``, its epochs scored and chosen on
+``[validation_start, split)``; the test window ``ts >= split`` is never read);
+:func:`best_train_config` turns the best trial into a ``umair train`` config, refitted on
+the same training window with the same validation window unless ``refit_on_validation``.
 ``pipelines/tune.py`` runs the trials with Ray Tune.
 """
 
@@ -26,8 +28,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from umair import contracts, storage
 from umair.config import ConfigError, MlflowConfig, RayConfig, Settings, StorageConfig, parse_settings, read_yaml
 from umair.errors import FeatureError
-from umair.model.interactions import IsoTime, parse_time, training_window, window
-from umair.training.inputs import absolute, train_inputs_of
+from umair.model.interactions import IsoTime, parse_time
+from umair.training.inputs import absolute, train_inputs_of, validation_start
 from umair.training.settings import TrainConfig
 
 METRIC = "val_auc"
@@ -38,6 +40,9 @@ L_RANGE = (0, 4)  # DCN-V2 cross layers
 TRIAL_OWNED = {
     "epochs": "use tune's `epochs`",
     "test_end": "trials validate on [validation_start, split): use tune's `validation_start` (the split comes from the train config or world)",
+    "validation": "trials validate on [validation_start, split): use tune's `validation_start`",
+    "validation_fraction": "trials validate on [validation_start, split): use tune's `validation_start`",
+    "patience": "ASHA stops weak trials (tune's `scheduler`); every other trial trains tune's `epochs`",
     "num_workers": "use tune's `trial.num_workers`",
     "use_gpu": "use tune's `trial.use_gpu`",
     "cpus_per_worker": "use tune's `trial.cpus_per_worker`",
@@ -155,7 +160,14 @@ class TuneConfig(Settings):
     num_samples: int = Field(1, ge=1, description="repeats of the grid (trial seeds differ)")
     epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t)")
     validation_start: IsoTime | None = Field(
-        None, description="validate on [validation_start, split); None = the last 20 % of the training window's time"
+        None,
+        description="validate on [validation_start, split); None = the train config's validation / "
+        "validation_fraction, else the last 20 % of the training window's time",
+    )
+    refit_on_validation: bool = Field(
+        False,
+        description="best_train.yaml trains on ts < split (validation window included, best trial's epochs); "
+        "default: on ts < validation_start, its epoch chosen on the validation window",
     )
     scheduler: SchedulerConfig = SchedulerConfig()
     trial: TrialResources = TrialResources()
@@ -276,7 +288,7 @@ def trial_train_dict(
     params: dict[str, Any],
     *,
     epochs: int,
-    split: str,
+    split: str | None,
     test_end: str | None,
     resources: TrialResources,
     run_name: str,
@@ -284,8 +296,11 @@ def trial_train_dict(
     output: str,
     mlflow: MlflowConfig,
     seed: int | None = None,
+    validation: str | None = None,
 ) -> dict[str, Any]:
-    """The ``umair train`` settings of one point of the search space."""
+    """The ``umair train`` settings of one point of the search space: trained on ``ts <
+    validation``, scored every epoch on ``[validation, split)`` (``val_auc``), no early
+    stop but ASHA's; ``test_end`` = ``split`` leaves the test window empty."""
     model = _trial_model(base, params)
     out = _merge(
         base,
@@ -303,6 +318,9 @@ def trial_train_dict(
             "mlflow": mlflow.model_dump(),
             "variant": None,
             "eval_every_epoch": True,
+            "validation": validation,
+            "validation_fraction": None,
+            "patience": None,
         },
     )
     out["model"] = model  # replace, not merge: the experts list is the trial's own
@@ -328,7 +346,7 @@ def check_trials(cfg: TuneConfig, base: dict[str, Any]) -> int:
     from umair.model.settings import ModelConfig
 
     points = grid_points(cfg)
-    context = TrialContext(tune_dir(cfg), base, cfg.epochs, base.get("split"), None, cfg.trial, cfg.mlflow)
+    context = TrialContext(tune_dir(cfg), base, cfg.epochs, None, base.get("split"), cfg.trial, cfg.mlflow)
     for point in points:
         where = f"tune: grid point {json.dumps(point)}"
         tc = trial_settings(context, point, "check", where)
@@ -339,22 +357,21 @@ def check_trials(cfg: TuneConfig, base: dict[str, Any]) -> int:
 def validation_window(
     base: dict[str, Any], start: str | None, settings: storage.StorageSettings | None
 ) -> tuple[str, str]:
-    """(validation_start, split) for the trials, checked: ``start`` or, when None, the 80 %
-    time quantile of the training window; the trials' training window ``ts < start`` and
-    the validation window ``[start, split)`` must both hold interactions."""
+    """(validation_start, split) for the trials, checked: ``start``, else the train
+    config's ``validation`` / ``validation_fraction``, else the 80 % time quantile of the
+    training window; the trials' training window ``ts < start`` and the validation window
+    ``[start, split)`` must both hold interactions."""
     tc = parse_settings(base, TrainConfig, "train config")
     inputs = train_inputs_of(tc, settings)
     split = inputs.split
-    inter = contracts.read_table(inputs.interactions, "interactions", settings)
-    if start is None:
-        ts = training_window(inter, split, inputs.interactions).column("ts").cast("int64").to_numpy()
-        start = np.datetime64(int(np.quantile(ts, 0.8)), "us").astype("datetime64[s]").item().isoformat() + "+00:00"
-    if parse_time(start) >= parse_time(split):
+    if start is not None and parse_time(start) >= parse_time(split):
         raise ConfigError(f"tune: validation_start {start} must be before the split {split}")
-    training_window(inter, start, inputs.interactions)
-    if window(inter, start=start, end=split).num_rows == 0:
-        raise FeatureError(f"{inputs.interactions}: no interactions in the validation window [{start}, {split})")
-    return start, split
+    inter = contracts.read_table(inputs.interactions, "interactions", settings)
+    fraction = tc.validation_fraction if tc.validation_fraction is not None else 0.2
+    found = validation_start(inter, split, start or tc.validation, fraction, inputs.interactions)
+    if found is None:  # unreachable: a fraction is always given
+        raise FeatureError(f"{inputs.interactions}: no validation window")
+    return found, split
 
 
 def trial_key(params: dict[str, Any]) -> str:
@@ -374,8 +391,9 @@ def trial_settings(
         context.base,
         params,
         epochs=context.epochs,
-        split=context.validation_start,
+        split=context.split,
         test_end=context.split,
+        validation=context.validation_start,
         resources=context.trial,
         run_name=f"trial-{trial_id}",
         checkpoint_dir=trials_dir,
@@ -386,9 +404,15 @@ def trial_settings(
     return parse_settings(data, TrainConfig, where or f"trial {trial_id}")
 
 
-def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfig) -> dict[str, Any]:
+def best_train_config(
+    base: dict[str, Any], best: dict[str, Any], cfg: TuneConfig, validation_start: str | None = None
+) -> dict[str, Any]:
     """The best trial as settings ``umair train`` accepts unchanged: the base config with
-    the trial's K/mix, L (and lr/d), trained on the full training window (the world's split).
+    the trial's K/mix, L (and lr/d). By default it is refitted like the trial was: trained
+    on ``ts < validation_start`` with its epoch chosen on ``[validation_start, split)``
+    (None: the base's validation window, else its last 20 %), so the test window stays
+    unseen. ``cfg.refit_on_validation`` trains on the whole ``ts < split`` instead, for
+    the best trial's epoch count (no validation window left to choose one on).
     Its model, checkpoints and run name are the search's own (the model in ``best_model``
     beside ``best_config_out`` when that is set, else ``TUNE_DIR/best_model``; checkpoints in
     ``TUNE_DIR/best_checkpoints``), so training it overwrites no model of the base config."""
@@ -398,6 +422,15 @@ def best_train_config(base: dict[str, Any], best: dict[str, Any], cfg: TuneConfi
     out["model"] = _trial_model(base, params)
     out["epochs"] = cfg.epochs
     out["variant"] = None
+    if cfg.refit_on_validation:
+        out.update(validation=None, validation_fraction=None, patience=None)
+        if best.get("best_epoch") is not None:
+            out["epochs"] = int(best["best_epoch"]) + 1
+    elif validation_start is not None:
+        out.update(validation=validation_start, validation_fraction=None)
+    elif out.get("validation") is None and out.get("validation_fraction") is None:
+        out["validation_fraction"] = 0.2
+    out["eval_every_epoch"] = True
     if params["lr"] is not None:
         out["lr"] = float(params["lr"])
     out.setdefault("run_name", "train")

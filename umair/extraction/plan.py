@@ -35,23 +35,50 @@ def encoder_info(cfg: ExtractConfig, settings: storage.StorageSettings) -> dict:
 
 
 def text_info(cfg: ExtractConfig, settings: storage.StorageSettings) -> dict | None:
-    """Version and dim of the configured text encoder (from its manifest), or None."""
+    """The configured text encoder and e_TSEM settings, or None without ``text_model``:
+    ``version`` (the feature-set version: encoder version + text columns, mode and max
+    chars, :func:`umair.text.item_texts.text_feature_version`), ``dim``,
+    ``model_version``, ``path`` (``base`` resolved), ``columns``, ``mode`` and
+    ``max_chars``. A plain model directory gets its manifest here, once
+    (:mod:`umair.text.base_manifest`)."""
     if not cfg.text_model:
         return None
-    from umair.text.saved_encoder import read_manifest
+    from umair.text.base_manifest import resolve_text_model
+    from umair.text.item_texts import text_feature_version
 
-    manifest = read_manifest(cfg.text_model, settings)
-    return {"version": str(manifest["version"]), "dim": int(manifest["embedding_dim"])}
+    path, manifest = resolve_text_model(cfg.text_model, settings)
+    model_version = str(manifest["version"])
+    return {
+        "version": text_feature_version(model_version, cfg.text_columns, cfg.text_mode, cfg.text_max_chars),
+        "dim": int(manifest["embedding_dim"]),
+        "model_version": model_version,
+        "path": path,
+        "columns": list(cfg.text_columns),
+        "mode": cfg.text_mode,
+        "max_chars": cfg.text_max_chars,
+    }
 
 
 def select_rows(
     cfg: ExtractConfig, settings: storage.StorageSettings, done: np.ndarray
 ) -> tuple[pa.Table, dict[str, int]]:
-    """The catalogue rows to process: created on/after ``since`` and not committed yet."""
+    """The catalogue rows to process: created on/after ``since`` and not committed yet;
+    columns illust_id, image_uri and, with ``text_model``, the ``text_columns`` in their
+    order (each checked to be string or list<string>: a :class:`ContractError` names the
+    catalogue, the key ``text_columns`` and the column)."""
     catalogue = contracts.read_table(cfg.catalogue, "illustrations", settings)
-    columns = ["illust_id", "image_uri"] + (["tags"] if cfg.text_model else [])
+    columns = ["illust_id", "image_uri"]
+    if cfg.text_model:
+        from umair.text.item_texts import check_text_columns
+
+        check_text_columns(catalogue.schema, cfg.text_columns, cfg.catalogue)
+        columns += list(cfg.text_columns)
     selected = catalogue
     if cfg.since is not None:
+        if "created_at" not in catalogue.column_names:
+            raise contracts.ContractError(
+                cfg.catalogue, "created_at", "a timestamp column (the 'since' setting filters on it)", "no such column"
+            )
         selected = selected.filter(
             pc.greater_equal(selected.column("created_at"), pa.scalar(cfg.since, contracts.TIMESTAMP))
         )
@@ -79,7 +106,10 @@ def run_params(cfg: ExtractConfig, enc: dict, text: dict | None, run_id: str) ->
             "image_size": enc["image_size"],
             "text_model": cfg.text_model,
             "text_version": text["version"] if text else None,
+            "text_model_version": text["model_version"] if text else None,
             "text_mode": cfg.text_mode,
+            "text_columns": ",".join(cfg.text_columns),
+            "text_max_chars": cfg.text_max_chars,
             "since": cfg.since.isoformat() if cfg.since else None,
             "batch_size": cfg.batch_size,
             "decode_batch_size": cfg.decode_batch_size,

@@ -1,4 +1,11 @@
-"""Counts and rates of an extraction run, one console line per committed chunk."""
+"""Counts and rates of an extraction run, one console line per committed chunk.
+
+Every processed catalogue row becomes one feature row: ``rows_ok`` with every modality,
+``rows_partial`` with some NULL (no image, an image that failed, a NaN vector);
+``rows_by_modality`` counts feature rows per modality present (e_SEM ``sem``, e_STY
+``sty``, e_TSEM ``tsem``). ``rows_failed`` counts error rows (an image that could not be
+read or decoded, a non-finite vector; such a row is also a partial feature row), and
+``rows_no_image`` the rows whose ``image_uri`` is NULL (partial rows, no error row)."""
 
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ class Progress:
 
     def __init__(self, total: int):
         self.total, self.ok, self.failed, self.chunks = total, 0, 0, 0
+        self.partial, self.no_image = 0, 0
         self.reasons: Counter[str] = Counter()
+        self.modalities: Counter[str] = Counter()
         self.start = time.perf_counter()
         self.first_commit: tuple[float, int] | None = None  # (time, rows done) at the first commit
         self.last_commit = self.start
@@ -24,8 +33,11 @@ class Progress:
     def add(self, descriptors: list[dict]) -> None:
         for d in descriptors:
             self.ok += int(d["features_rows"])
+            self.partial += int(d.get("partial_rows", 0))
             self.failed += int(d["errors_rows"])
+            self.no_image += int(d.get("no_image", 0))
             self.reasons.update(json.loads(d["reasons"]))
+            self.modalities.update(json.loads(d.get("modality_rows", "{}")))
         self.chunks += 1
         self.last_commit = time.perf_counter()
         if self.first_commit is None:
@@ -33,7 +45,8 @@ class Progress:
 
     @property
     def done(self) -> int:
-        return self.ok + self.failed
+        """Catalogue rows processed: each is one feature row, complete or partial."""
+        return self.ok + self.partial
 
     def rate(self) -> float:
         return self.done / max(time.perf_counter() - self.start, 1e-9)
@@ -51,7 +64,10 @@ class Progress:
         return {
             **head,
             "rows_ok": self.ok,
+            "rows_partial": self.partial,
+            "rows_by_modality": dict(sorted(self.modalities.items())),
             "rows_failed": self.failed,
+            "rows_no_image": self.no_image,
             "failed_by_reason": dict(sorted(self.reasons.items())),
             "chunks": self.chunks,
             "images_per_s": round(self.done / pipeline_s, 2) if self.done else 0.0,
@@ -69,15 +85,19 @@ class Progress:
         steady_note = f" ({steady:.1f} since the first commit)" if steady is not None else ""
         return (
             f"{LOG} chunk {self.chunks}: committed {chunk_rows} rows; {self.done}/{self.total} done ({pct:.1f}%), "
-            f"{self.ok} ok, {self.failed} failed, {self.rate():.1f} images/s{steady_note}"
+            f"{self.ok} ok, {self.partial} missing a modality ({self.failed} errors, {self.no_image} without image), "
+            f"{self.rate():.1f} images/s{steady_note}"
         )
 
 
 def print_summary(summary: dict) -> None:
     """The end-of-run lines a person reads."""
     reasons = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items()) or "none"
+    per = ", ".join(f"{m} {n}" for m, n in summary["rows_by_modality"].items()) or "no vectors"
     print(
-        f"{LOG} done: {summary['rows_ok']} ok, {summary['rows_failed']} failed ({reasons}); "
+        f"{LOG} done: {summary['rows_ok'] + summary['rows_partial']} feature rows ({per}): "
+        f"{summary['rows_ok']} with every modality, {summary['rows_partial']} missing one; "
+        f"{summary['rows_failed']} errors ({reasons}), {summary['rows_no_image']} without image_uri; "
         f"{summary['to_process']} processed, {summary['already_done']} skipped as already extracted; "
         f"{summary['images_per_s']} images/s; wall {summary['wall_s']}s; {summary['chunks']} chunks committed",
         flush=True,
@@ -86,14 +106,17 @@ def print_summary(summary: dict) -> None:
 
 
 SUMMARY_METRICS = (
-    "catalogue_rows", "selected_rows", "already_done", "to_process", "rows_ok", "rows_failed", "chunks",
+    "catalogue_rows", "selected_rows", "already_done", "to_process", "rows_ok", "rows_partial", "rows_failed",
+    "rows_no_image", "chunks",
     "images_per_s", "steady_images_per_s", "first_commit_s", "pipeline_s", "wall_s",
 )  # fmt: skip
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """The MLflow metrics of a run's summary: its counts, rates and timings, and the error
-    rows per ``stage:reason`` as ``failed.<stage>.<reason>``."""
+    rows per ``stage:reason`` as ``failed.<stage>.<reason>``, the feature rows per modality
+    present as ``rows_with.<modality>``."""
     out = {k: float(summary[k]) for k in SUMMARY_METRICS if summary.get(k) is not None}
+    out.update({f"rows_with.{m}": float(n) for m, n in summary.get("rows_by_modality", {}).items()})
     out.update({f"failed.{r.replace(':', '.')}": float(n) for r, n in summary["failed_by_reason"].items()})
     return out

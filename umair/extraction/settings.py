@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.image.preprocess import MAX_PIXELS
+from umair.text.item_texts import TEXT_MAX_CHARS
 
 
 class EncoderSource(Settings):
@@ -44,9 +45,21 @@ class ExtractConfig(Settings):
     output: str = Field(..., description="item-features prefix: local directory or s3://bucket/prefix")
     encoder: EncoderSource = Field(default_factory=EncoderSource)
     text_model: str | None = Field(
-        None, description="fine-tuned text encoder directory (umair finetune-text); None = no e_TSEM"
+        None,
+        description="E^text for e_TSEM: a fine-tuned encoder directory (umair finetune-text), 'base' (the packaged "
+        "all-MiniLM-L6-v2) or a local Sentence-Transformers model directory; None = no e_TSEM",
     )
-    text_mode: Literal["dedup", "joined"] = "dedup"
+    text_columns: tuple[str, ...] = Field(
+        ("tags",),
+        description="illustrations columns whose text makes e_TSEM: string (title, description) or list<string> "
+        "(tags); see umair.text.item_texts",
+    )
+    text_mode: Literal["dedup", "joined"] = Field(
+        "dedup",
+        description="dedup: mean of the distinct pieces' vectors (each tag, each string value); "
+        "joined: one text per item, 'Title | tag1, tag2'",
+    )
+    text_max_chars: int = Field(TEXT_MAX_CHARS, ge=1, description="texts (pieces in dedup mode) are cut to this")
     text_batch_size: int = Field(256, ge=1, description="strings per text-encoder forward pass")
     text_concurrency: int = Field(1, ge=1, description="text-encoder actors")
     text_num_gpus: float = Field(0.0, ge=0, description="GPU share per text actor (0 = CPU)")
@@ -81,6 +94,19 @@ class ExtractConfig(Settings):
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-extract")
     storage: StorageConfig = StorageConfig()
+
+    @field_validator("text_columns")
+    @classmethod
+    def _distinct_text_columns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one column (e.g. [tags]); to skip e_TSEM set text_model: null")
+        blank = [c for c in value if not c.strip()]
+        repeated = sorted({c for c in value if value.count(c) > 1})
+        if blank or repeated:
+            raise ValueError(f"columns must be distinct, non-blank names; got {list(value)}")
+        if "image_uri" in value or "illust_id" in value:
+            raise ValueError(f"illust_id and image_uri are not text columns; got {list(value)}")
+        return value
 
     @model_validator(mode="after")
     def _gpu_decode_needs_gpus(self) -> ExtractConfig:

@@ -19,8 +19,11 @@ import pyarrow as pa
 from umair import modalities as registry
 from umair import storage
 from umair.config import StorageConfig
+from umair.extraction.text_stage import EmbedTags  # noqa: F401  (the e_TSEM stage, re-exported for the job)
 from umair.feature_store import part_uri
 from umair.storage import with_retries
+
+NO_IMAGE = "no_image"  # the catalogue's image_uri is NULL: no e_SEM / e_STY, and no error row
 
 
 class PermanentReadError(Exception):
@@ -145,8 +148,9 @@ def decode_rows(
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF (CPU tasks): read and decode each row; a failure marks its row only
     (``stage`` read/decode, ``reason``, ``error``; see :class:`PermanentReadError` and
-    :class:`umair.image.preprocess.DecodeError`). A missing ``image_uri`` (None, NaN) is
-    ``bad_uri``. Only storage failures every row would share (transient ones past
+    :class:`umair.image.preprocess.DecodeError`). A NULL ``image_uri`` (None, NaN: the item
+    has no image) is reason :data:`NO_IMAGE`, not an error (an empty string stays
+    ``bad_uri``). Only storage failures every row would share (transient ones past
     ``retry_s``, rejected credentials, full storage) raise, and stop the job.
 
     ``resize``: the encoder's resize mode (``decode_image``). ``decode="gpu"``: rows are
@@ -165,8 +169,9 @@ def decode_rows(
     stage, reason, error = (np.full(n, "", dtype=object) for _ in range(3))
     for i, raw in enumerate(batch["image_uri"]):
         if raw is None or (isinstance(raw, float) and np.isnan(raw)):
-            uri = ""
-        elif isinstance(raw, bytes):
+            stage[i], reason[i], error[i] = "read", NO_IMAGE, f"{NO_IMAGE}: the catalogue has no image_uri"
+            continue
+        if isinstance(raw, bytes):
             uri = raw.decode("utf-8", "replace")
         else:
             uri = str(raw)
@@ -227,8 +232,8 @@ def _load_exported(source: str, settings: storage.StorageSettings):
 
 
 class EncodeImages:
-    """Ray Data actor: the dual image encoder, loaded once; rows that failed upstream
-    pass through with zero vectors (the writer routes them to the errors table).
+    """Ray Data actor: the dual image encoder, loaded once; rows without a decoded image
+    pass through with zero vectors, which the writer stores as NULL e_SEM / e_STY.
 
     ``decode="cpu"``: batches carry decoded pixels (``image`` [B, S, S, 3] uint8).
     ``decode="gpu"``: batches carry file bytes (``data``) and a ``route`` per row
@@ -343,83 +348,58 @@ class EncodeImages:
         return out
 
 
-class _RememberingTextModel:
-    """Wraps a Sentence-Transformers model so every string is encoded once per actor
-    (dedup mode sends each batch's distinct tags; most were seen in earlier batches)."""
-
-    def __init__(self, model: Any, max_entries: int = 1_000_000):
-        self.model, self.max_entries = model, max_entries
-        self.memory: dict[str, np.ndarray] = {}
-
-    def get_embedding_dimension(self) -> int:
-        fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        return int(fn())
-
-    def encode(self, texts: list[str], batch_size: int = 32, normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
-        if missing:
-            vectors = self.model.encode(
-                missing,
-                batch_size=batch_size,
-                normalize_embeddings=normalize_embeddings,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            if len(self.memory) + len(missing) > self.max_entries:
-                self.memory.clear()
-            self.memory.update(zip(missing, np.asarray(vectors, np.float32), strict=True))
-        dim = self.get_embedding_dimension()
-        return np.stack([self.memory[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
-
-
-class EmbedTags:
-    """Ray Data actor: e_TSEM of each row from its tags (umair.text.tag_embeddings)."""
-
-    def __init__(self, path: str, mode: str, batch_size: int, use_gpu: bool, storage_config: StorageConfig):
-        from umair.text.saved_encoder import load_text_encoder
-
-        encoder = load_text_encoder(path, device="cuda" if use_gpu else "cpu", settings=storage_config.to_settings())
-        self.model, self.version = _RememberingTextModel(encoder.model), encoder.version
-        self.mode, self.batch_size = mode, batch_size
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from umair.text.tag_embeddings import embed_tags
-
-        tsem, _ = embed_tags(
-            batch.select(["illust_id", "tags"]), self.model, self.version, mode=self.mode, batch_size=self.batch_size
-        )
-        if not tsem.column("illust_id").equals(batch.column("illust_id")):
-            order = {i: r for r, i in enumerate(tsem.column("illust_id").to_pylist())}  # join by id
-            tsem = tsem.take(pa.array([order[i] for i in batch.column("illust_id").to_pylist()]))
-        return batch.drop_columns(["tags"]).append_column("tsem", tsem.column("tsem"))
+def _stack(values: np.ndarray, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors [n, d] float, given [n] bool): an object column of a numpy batch holds a
+    vector per row or None (no text for e_TSEM); None rows become zeros, ``given`` False."""
+    if values.dtype != object:
+        return values, np.ones(len(values), bool)
+    given = np.array([v is not None for v in values], bool)
+    width = dim if dim is not None else next((len(v) for v in values if v is not None), 0)
+    zero = np.zeros(width, np.float32)
+    rows = [v if v is not None else zero for v in values]
+    return (np.stack(rows) if rows else np.zeros((0, width), np.float32)), given
 
 
 def _vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
-    arr = np.stack(values) if values.dtype == object else values
+    arr, _ = _stack(values, dim)
     return pa.FixedSizeListArray.from_arrays(
         pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32()), dim
     )
 
 
-def mark_non_finite(batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
-    """Flag (in place of ``ok``) rows whose e_SEM / e_STY / e_TSEM hold NaN or infinity as error rows."""
-    bad = np.zeros(len(ok), bool)
-    for name in registry.names():
-        if name in batch and len(ok):
-            values = batch[name]
-            arr = np.stack(values) if values.dtype == object else values
-            bad |= ~np.isfinite(np.asarray(arr, np.float64).reshape(len(ok), -1)).all(axis=1)
-    bad &= ok
-    if not bad.any():
-        return batch
+def mark_non_finite(
+    batch: dict[str, np.ndarray], ok: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(batch, present): ``present[m]`` [n] bool per modality in the batch. e_SEM / e_STY
+    (image modalities) are present where the image was encoded (``ok``), e_TSEM wherever
+    the text encoder ran; a vector holding NaN or infinity is absent and its row gets an
+    error (stage ``encode``, reason ``non_finite``; appended to an earlier error of the row)."""
     out = dict(batch)
     out["stage"], out["reason"], out["error"] = (np.array(batch[k], dtype=object) for k in ("stage", "reason", "error"))
-    names = [m for m in registry.names() if m in batch]
-    out["stage"][bad], out["reason"][bad] = "encode", "non_finite"
-    out["error"][bad] = f"the encoder produced NaN or infinite values ({', '.join(names)})"
-    ok[bad] = False
-    out["ok"] = ok
-    return out
+    image = registry.of_encoder("image")
+    present, bad = {}, {}
+    for name in (m for m in registry.names() if m in batch):
+        values = batch[name]
+        if not len(ok):
+            present[name] = bad[name] = np.zeros(0, bool)
+            continue
+        arr, given = _stack(values)
+        finite = np.isfinite(np.asarray(arr, np.float64).reshape(len(ok), -1)).all(axis=1)
+        ran = (ok if name in image else np.ones(len(ok), bool)) & given
+        bad[name], present[name] = ran & ~finite, ran & finite
+    for r in np.flatnonzero(np.any(list(bad.values()), axis=0)) if bad else ():
+        note = f"the encoder produced NaN or infinite values ({', '.join(m for m in bad if bad[m][r])})"
+        if out["stage"][r]:
+            out["error"][r] = f"{out['error'][r]}; {note}"
+        else:
+            out["stage"][r], out["reason"][r], out["error"][r] = "encode", "non_finite", note
+    return out, present
+
+
+def _write_part(table: pa.Table, rel: str, output: str, settings, retry_s: float) -> dict[str, Any]:
+    uri, data = part_uri(output, rel), storage.parquet_bytes(table)
+    with_retries(lambda: storage.write_bytes(uri, data, settings), f"write {uri}", retry_s)
+    return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def write_parts(
@@ -430,27 +410,44 @@ def write_parts(
     storage_config: StorageConfig,
     retry_s: float,
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF (tasks): write a batch's good rows and error rows as temporary part
-    files; return one descriptor row for the driver to commit. A row whose vectors hold a
-    NaN or an infinity becomes an error row (stage ``encode``, reason ``non_finite``)."""
+    """Ray Data UDF (tasks): write a batch's rows as temporary part files; return one
+    descriptor row for the driver to commit.
+
+    Every row gets a feature row: ``features`` holds the rows with every modality;
+    ``partial`` (JSON list of parts) the rows missing some (no image, an image that could
+    not be read or decoded, a NaN / infinite vector: :func:`mark_non_finite`), one part per
+    set of modalities present, without the absent columns (readers fill them with NULL;
+    parquet cannot round-trip NULL fixed-size lists, apache/arrow#35692). ``errors`` holds
+    a row per failure, none for a NULL ``image_uri`` (reason :data:`NO_IMAGE`, counted in
+    ``no_image``). ``modality_rows`` (JSON): feature rows with each modality present."""
     settings = storage_config.to_settings()
     ok = batch["ok"].astype(bool)
-    batch = mark_non_finite(batch, ok)
-    part = uuid.uuid4().hex[:16]
-    desc: dict[str, Any] = {"features": "", "features_rows": 0, "errors": "", "errors_rows": 0, "reasons": "{}"}
-    desc.update(features_bytes=0, features_sha256="", errors_bytes=0, errors_sha256="")
-    if ok.any():
-        columns = {"illust_id": pa.array(batch["illust_id"][ok].astype(np.int64), pa.int64())}
-        for name in registry.names():
-            if name in batch:
-                columns[name] = _vectors(batch[name][ok], int(meta[f"umair.{name}.dim"]))
+    batch, present = mark_non_finite(batch, ok)
+    no_image = np.array([r == NO_IMAGE for r in batch["reason"]], bool)
+    part, names = uuid.uuid4().hex[:16], list(present)
+    desc: dict[str, Any] = {"no_image": int(no_image.sum()), "reasons": "{}"}
+    desc["modality_rows"] = json.dumps({m: int(p.sum()) for m, p in present.items()})
+    pattern = np.stack([present[m] for m in names], axis=1) if names else np.ones((len(ok), 0), bool)
+    complete, partial = pattern.all(axis=1), []
+    desc.update(features="", features_rows=0, features_bytes=0, features_sha256="")
+    for k, has in enumerate([np.ones(len(names), bool)] + list(np.unique(pattern[~complete], axis=0))):
+        rows = (pattern == has).all(axis=1)
+        if not rows.any():
+            continue
+        columns = {"illust_id": pa.array(batch["illust_id"][rows].astype(np.int64), pa.int64())}
+        for name in (n for n, h in zip(names, has) if h):
+            columns[name] = _vectors(batch[name][rows], int(meta[f"umair.{name}.dim"]))
         table = pa.table(columns).replace_schema_metadata(meta)
-        rel = f"_tmp/{run_id}/features/{part}.parquet"
-        uri, data = part_uri(output, rel), storage.parquet_bytes(table)
-        with_retries(lambda u=uri, b=data: storage.write_bytes(u, b, settings), f"write {uri}", retry_s)
-        desc.update(features_bytes=len(data), features_sha256=hashlib.sha256(data).hexdigest())
-        desc.update(features=rel, features_rows=int(ok.sum()))
-    bad = ~ok
+        entry = _write_part(
+            table, f"_tmp/{run_id}/features/{part}{f'-p{k}' if k else ''}.parquet", output, settings, retry_s
+        )
+        if k:
+            partial.append(entry)
+        else:
+            desc.update(features=entry["path"], **{f"features_{x}": entry[x] for x in ("rows", "bytes", "sha256")})
+    desc.update(partial=json.dumps(partial), partial_rows=sum(e["rows"] for e in partial))
+    bad = (batch["stage"] != "") & ~no_image
+    desc.update(errors="", errors_rows=0, errors_bytes=0, errors_sha256="")
     if bad.any():
         table = pa.table(
             {
@@ -464,9 +461,8 @@ def write_parts(
             {k: v for k, v in meta.items() if k.startswith("umair.encoder") or k.startswith("umair.extract")}
         )
         rel = f"_tmp/{run_id}/errors/{part}.parquet"
-        uri, data = part_uri(output, rel), storage.parquet_bytes(table)
-        with_retries(lambda u=uri, b=data: storage.write_bytes(u, b, settings), f"write {uri}", retry_s)
-        desc.update(errors_bytes=len(data), errors_sha256=hashlib.sha256(data).hexdigest())
+        entry = _write_part(table, rel, output, settings, retry_s)
+        desc.update(errors=entry["path"], **{f"errors_{x}": entry[x] for x in ("rows", "bytes", "sha256")})
         reasons = Counter(f"{s}:{r}" for s, r in zip(batch["stage"][bad], batch["reason"][bad]))
-        desc.update(errors=rel, errors_rows=int(bad.sum()), reasons=json.dumps(dict(reasons)))
+        desc["reasons"] = json.dumps(dict(reasons))
     return {k: np.array([v]) for k, v in desc.items()}

@@ -4,9 +4,12 @@ Paper symbols (section 2.1): a user ``u = (u^IL, u^O)`` (interest labels, profil
 illustration ``i = (i^IMG, i^L, i^O)`` (image, artist tags, other metadata). The model
 (:class:`umair.model.fusion.UmairFPS`) sees
 
-- ``v_user`` from the user id, the interest tags ``u^IL`` and the profile fields ``u^O``;
+- ``v_user`` from the user id, the interest tags ``u^IL`` (all padding when the users
+  table has no ``interest_tags``) and the profile fields ``u^O``;
 - ``F_emb(i^O)`` from the bucketised ``created_at``, ``width``, ``height``,
-  ``page_count``, optionally the illustration id, and categorical extras (``artist``...);
+  ``page_count`` (each only when the illustrations table has it: they are optional
+  columns of the contract), optionally the illustration id, and categorical extras
+  (``artist``...);
 - ``e_SEM``, ``e_STY``, ``e_TSEM`` from the item-features table (the extraction output).
 
 What lives here (no Ray):
@@ -113,6 +116,20 @@ def _extra_columns(table: pa.Table, reserved: Sequence[str], chosen: Sequence[st
     ]
 
 
+def _interest_tags(users: pa.Table) -> pa.Array:
+    """Every interest tag u^IL of ``users`` (flattened); empty when the column is absent."""
+    if "interest_tags" not in users.column_names:
+        return pa.array([], pa.string())
+    return pc.list_flatten(users.column("interest_tags")).combine_chunks()
+
+
+def _tag_lists(users: pa.Table) -> list[list[str] | None]:
+    """Each user's interest tags; all None (encoded as padding) when the column is absent."""
+    if "interest_tags" not in users.column_names:
+        return [None] * users.num_rows
+    return users.column("interest_tags").to_pylist()
+
+
 @dataclass(frozen=True, eq=False)
 class UserTable:
     """Users encoded once; row ``r`` is ``user_ids[r]`` (the users table's order).
@@ -138,17 +155,26 @@ class ItemTable:
     ``fields`` [R, M]: F_emb(i^O) indices in :attr:`FeatureSpace.item_fields` order (0 for
     an item the illustrations table does not describe); ``vectors``: ``sem`` / ``sty`` /
     ``tsem`` arrays [R, d] as stored (float16 or float32); ``metadata``: the file's
-    ``umair.*`` metadata (dims, encoder versions).
+    ``umair.*`` metadata (dims, encoder versions); ``present``: per modality a bool [R],
+    false where the item lacks it (its vector was NULL, e.g. no image: no e_SEM / e_STY;
+    its row of ``vectors`` then holds zeros). A modality not in ``present`` is present in
+    every row.
     """
 
     illust_ids: np.ndarray
     fields: np.ndarray
     vectors: dict[str, np.ndarray]
     metadata: dict[str, str]
+    present: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows(self, illust_ids: np.ndarray) -> np.ndarray:
         """Row of each id; -1 where the id has no item features."""
         return rows_of(self.illust_ids, illust_ids)
+
+    def presence(self, modality: str) -> np.ndarray:
+        """bool [R]: the rows that hold modality ``modality``."""
+        got = self.present.get(modality)
+        return np.ones(len(self.illust_ids), bool) if got is None else got
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,7 +246,9 @@ class FeatureSpace:
             for c in _extra_columns(users, USER_RESERVED, settings.user_profile, "users")
         }
         item_fields: dict[str, Encoder] = {
-            c: Buckets.fit(train_items.column(c), settings.buckets) for c in ITEM_NUMERIC
+            c: Buckets.fit(train_items.column(c), settings.buckets)
+            for c in ITEM_NUMERIC
+            if c in illustrations.column_names
         }
         if settings.item_id:
             item_fields["illust_id"] = Vocabulary.fit(item_col, settings.min_count)
@@ -230,7 +258,7 @@ class FeatureSpace:
             settings=settings,
             split=parse_time(split).isoformat(),
             user_id=Vocabulary.fit(uid_col, settings.min_count),
-            user_tags=Vocabulary.fit(pc.list_flatten(train_users.column("interest_tags")), settings.min_count),
+            user_tags=Vocabulary.fit(_interest_tags(train_users), settings.min_count),
             user_fields=user_fields,
             item_fields=item_fields,
             fitted_on={
@@ -270,7 +298,7 @@ class FeatureSpace:
         return UserTable(
             user_ids=users.column("user_id").to_numpy().astype(np.int64),
             uid=self.user_id.encode(users.column("user_id")),
-            tags=self.user_tags.encode_padded(users.column("interest_tags").to_pylist(), self.settings.max_user_tags),
+            tags=self.user_tags.encode_padded(_tag_lists(users), self.settings.max_user_tags),
             fields=np.stack(fields, axis=1) if fields else np.zeros((users.num_rows, 0), np.int64),
         )
 

@@ -375,12 +375,22 @@ class UmairFPS(nn.Module):
             raise ValueError(f"{name}: expected shape [B, {width}], got {list(x.shape)}")
         return self.modality_proj[name](x.to(self.user_proj.weight.dtype))
 
+    def _present(self, vectors: Mapping[str, Tensor], stack: Tensor) -> Tensor | None:
+        """[B, J] bool from ``vectors.present`` (:class:`umair.training.lookup.ItemVectors`;
+        F_emb(i^O) is always present), or None when every modality is present."""
+        masks = getattr(vectors, "present", None) or {}
+        if not any(m in masks for m in self.modality_names):
+            return None
+        ones = torch.ones(stack.shape[0], dtype=torch.bool, device=stack.device)
+        return torch.stack([masks[m].bool() if m in masks else ones for m in self.modality_names], dim=1)
+
     def explain(
         self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None
     ) -> FusionOutput:
         """Logits [B] plus the UMCM weights α [B, K, J] (J in :attr:`modality_names`
         order) and β [B, K] (K in ``cfg.expert_kinds`` order) of ids packed by
-        :meth:`pack_ids` and the item vectors ``vectors[m]`` [B, cfg.vectors[m]].
+        :meth:`pack_ids` and the item vectors ``vectors[m]`` [B, cfg.vectors[m]]; a
+        ``vectors.present[m]`` [B] bool marks rows lacking m (α_m = 0, :mod:`umair.model.umcm`).
         ``own`` [B] (training labels; only with ``cfg.user_history``, in train mode): the
         rows whose item is in the user's history, which then leaves it out
         (:meth:`UserHistory.leave_one_out`)."""
@@ -406,7 +416,7 @@ class UmairFPS(nn.Module):
             stack = torch.stack(e, dim=1)  # [B, J, d]
             if cfg.modality_norm == "l2":  # ‖e_j‖ = √d: α alone sets each modality's share of v_il
                 stack = F.normalize(stack, dim=-1) * cfg.d**0.5
-            v_il, alpha, beta = self.umcm(v_user, stack)
+            v_il, alpha, beta = self.umcm(v_user, stack, self._present(given, stack))
             x0 = torch.cat([raw, v_user, v_il], dim=-1)
         xl = self.cross(x0)
         if cfg.structure == "parallel" and cfg.cross_layers > 0:

@@ -16,6 +16,10 @@ The table is a buffer of the model (saved in its state dict, not trained), index
 the user-id vocabulary index, so scoring, ``recommend`` and ``explain`` read it with no
 new input. Cold-start users (index 0) and users without bookmarks have ``hist = 0``.
 
+Absent modalities: ``P_u`` of modality m holds only the bookmarks that have m (an item
+without an image adds nothing to hist_SEM / hist_STY; ``vectors.present`` of
+:class:`umair.training.lookup.ItemVectors`), so hist_m is the mean of present vectors.
+
 Leave-one-out in training: a positive training row's own item is part of its user's
 history, which a test row's item never is; :meth:`UserHistory.leave_one_out` gives the
 history without that item (``(n hist - x_i) / (n - 1)``), which the training step uses
@@ -44,20 +48,40 @@ class UserHistory(nn.Module):
         self.widths = dict(widths)
         self.register_buffer("mean", torch.zeros(n_users, sum(widths.values())))
         self.register_buffer("count", torch.zeros(n_users))
+        self.register_buffer("counts", torch.zeros(n_users, len(self.names)))  # bookmarks with each modality
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # a model saved before per-modality counts: every bookmark had every modality
+        if prefix + "count" in state_dict and prefix + "counts" not in state_dict:
+            state_dict[prefix + "counts"] = state_dict[prefix + "count"].unsqueeze(1).repeat(1, len(self.names))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _presence(self, vectors: Mapping[str, Tensor], n: int, device: torch.device) -> Tensor:
+        """[n, M] presence of each modality in ``vectors`` (its ``present`` masks; default all)."""
+        masks = getattr(vectors, "present", None) or {}
+        ones = torch.ones(n, dtype=torch.bool, device=device)
+        return torch.stack([masks[m].reshape(-1).bool().to(device) if m in masks else ones for m in self.names], 1)
 
     def fit(self, user_id: Tensor, labels: Tensor, vectors: Mapping[str, Tensor]) -> None:
         """Set the table from training rows: ``user_id`` [N] (vocabulary indices), ``labels``
-        [N] (1 = bookmarked) and ``vectors[m]`` [N, d_m]; only the positive rows count."""
+        [N] (1 = bookmarked) and ``vectors[m]`` [N, d_m] (with ``vectors.present[m]`` [N]
+        where some rows lack m); only the positive rows count, per modality those that have it."""
         pos = labels.reshape(-1) > 0.5
         uid = user_id.reshape(-1)[pos].long().to(self.mean.device)
         x = torch.cat([vectors[m][pos].float() for m in self.names], dim=1).to(self.mean.device)
+        has = self._presence(vectors, len(pos), self.mean.device)[pos.to(self.mean.device)]
+        width = torch.tensor([self.widths[m] for m in self.names], device=self.mean.device)
+        x = x * has.repeat_interleave(width, dim=1)  # absent vectors add nothing
         total = torch.zeros_like(self.mean).index_add_(0, uid, x)
         count = torch.zeros_like(self.count).index_add_(0, uid, torch.ones_like(uid, dtype=self.count.dtype))
+        counts = torch.zeros_like(self.counts).index_add_(0, uid, has.to(self.counts.dtype))
         total[0] = 0.0  # the unknown user never has a history
         count[0] = 0.0
+        counts[0] = 0.0
         with torch.no_grad():
-            self.mean.copy_(total / count.clamp(min=1).unsqueeze(1))
+            self.mean.copy_(total / counts.clamp(min=1).repeat_interleave(width, dim=1))
             self.count.copy_(count)
+            self.counts.copy_(counts)
 
     def forward(self, uid: Tensor) -> dict[str, Tensor]:
         """``hist_m`` [B, d_m] of the users ``uid`` [B] (vocabulary indices)."""
@@ -65,12 +89,14 @@ class UserHistory(nn.Module):
 
     def leave_one_out(self, uid: Tensor, vectors: Mapping[str, Tensor], own: Tensor) -> dict[str, Tensor]:
         """``hist_m`` [B, d_m] with the row's own item removed where ``own`` [B] is true
-        (a positive training row): ``(n hist - x) / (n - 1)``, 0 when it was the only one."""
+        (a positive training row) and the item has m: ``(n_m hist - x) / (n_m - 1)``, 0 when
+        it was the only one."""
         hist = self(uid)
-        n = self.count[uid].unsqueeze(1)
-        drop = own.reshape(-1, 1).to(hist[self.names[0]].dtype)
+        has = self._presence(vectors, len(uid), self.mean.device)
         out = {}
-        for m in self.names:
+        for j, m in enumerate(self.names):
+            n = self.counts[uid, j].unsqueeze(1)
+            drop = (own.reshape(-1) * has[:, j]).reshape(-1, 1).to(hist[m].dtype)
             x = vectors[m].to(hist[m].dtype)
             loo = (n * hist[m] - x) / (n - 1).clamp(min=1)
             loo = torch.where(n > 1, loo, torch.zeros_like(loo))

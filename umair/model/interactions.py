@@ -100,12 +100,28 @@ def rows_of(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(hit, order[pos], -1).astype(np.int64)
 
 
+ALWAYS = np.iinfo(np.int64).min
+"""``created_us`` of an item without a publication time: before any interaction."""
+
+
+def created_at_us(illustrations: pa.Table) -> np.ndarray:
+    """Each illustration's created_at as int64 microseconds since the epoch (UTC), [N];
+    :data:`ALWAYS` (available from the start) where the column is absent or NULL."""
+    if "created_at" not in illustrations.column_names:
+        return np.full(illustrations.num_rows, ALWAYS, dtype=np.int64)
+    col = illustrations.column("created_at").cast(pa.int64())
+    return pc.fill_null(col, ALWAYS).to_numpy().astype(np.int64)
+
+
 @dataclass(frozen=True)
 class ItemPool:
-    """Illustrations negatives may be drawn from, sorted by publication time."""
+    """Illustrations negatives may be drawn from, sorted by publication time.
+
+    An item without a ``created_at`` (column absent or NULL) is available from the start
+    (``created_us`` = :data:`ALWAYS`)."""
 
     illust_ids: np.ndarray  # sorted by created_us
-    created_us: np.ndarray  # int64 microseconds since the epoch (UTC)
+    created_us: np.ndarray  # int64 microseconds since the epoch (UTC); ALWAYS when unknown
     weights: np.ndarray  # sampling weight of each (uniform: ones)
 
     @classmethod
@@ -120,7 +136,7 @@ class ItemPool:
         ``illustrations``; popularity = bookmarks in ``train_positives``."""
         rows, _ = take_by_id(illustrations, "illust_id", np.asarray(candidate_ids, np.int64))
         ids = rows.column("illust_id").to_numpy().astype(np.int64)
-        created = rows.column("created_at").cast(pa.int64()).to_numpy()
+        created = created_at_us(rows)
         order = np.argsort(created, kind="stable")
         ids, created = ids[order], created[order]
         weights = np.ones(len(ids))

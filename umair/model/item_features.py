@@ -1,7 +1,11 @@
 """The item-features table (the extraction output) as the model reads it: ids, vector
 widths and ``umair.*`` metadata without reading the vectors (:class:`FeaturesInfo`),
 width checks against the model config, the vectors aligned to item rows and
-standardised with training-item statistics, and interactions mapped to rows."""
+standardised with training-item statistics, and interactions mapped to rows.
+
+A vector may be NULL: the item lacks that modality (no image: no e_SEM / e_STY). Such rows
+hold zeros after standardisation and ``present[m]`` is false (:class:`ItemTable`); the
+statistics are fitted over present rows only (:func:`vector_matrix`)."""
 
 from __future__ import annotations
 
@@ -41,6 +45,28 @@ class FeaturesInfo:
             for k, v in self.metadata.items()
             if k.endswith((".encoder", ".version", "encoder_version"))
         }
+
+
+def vector_matrix(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size-list column [R] as ``(x, present)``: ``x`` [R, d] (float16/32 as stored;
+    zeros where the vector is NULL) and ``present`` [R] bool."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    d = col.type.list_size
+    present = np.ones(len(col), bool) if not col.null_count else col.is_valid().to_numpy(zero_copy_only=False)
+    if present.all():
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), d), present
+    x = np.zeros((len(col), d), col.type.value_type.to_pandas_dtype())
+    x[present] = col.filter(col.is_valid()).flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    return x, present
+
+
+def modality_coverage(items: ItemTable, item_rows: np.ndarray | None = None) -> dict[str, int]:
+    """``{"items": n, m: items with modality m present, ...}`` over the distinct ``item_rows``
+    (default: every row of ``items``), for jobs to report how many items lack e.g. an image."""
+    rows = np.arange(len(items.illust_ids)) if item_rows is None else np.unique(np.asarray(item_rows, np.int64))
+    out = {"items": int(len(rows))}
+    out.update({m: int(items.presence(m)[rows].sum()) for m in items.vectors})
+    return out
 
 
 def ids_fingerprint(ids: np.ndarray) -> str:
@@ -116,38 +142,39 @@ def build_item_table(
             f"{source}: the item features changed since this run was prepared (rows or their order differ)"
         )
     vectors: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
     for m in modalities:
-        col = features.column(m).combine_chunks()
-        d = col.type.list_size
-        x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), d)
+        x, present[m] = vector_matrix(features.column(m))
+        d = x.shape[1]
         stats = space.vector_stats.get(m)
         if stats is not None and len(stats.mean) != d:
             raise FeatureError(
                 f"{source}: column '{m}' holds {d}-d vectors, but the feature space was fitted on {len(stats.mean)}-d ones"
             )
         vectors[m] = stats.apply(x) if stats is not None else x
-    return ItemTable(ids, space.encode_items(illustrations, ids), vectors, _umair_metadata(features.schema))
+        if not present[m].all():  # absent: zeros after standardisation too (masked by the model)
+            vectors[m][~present[m]] = 0
+    meta = _umair_metadata(features.schema)
+    return ItemTable(ids, space.encode_items(illustrations, ids), vectors, meta, present)
 
 
 def _stats_of_batches(
     batches: Iterable[pa.RecordBatch], modalities: Sequence[str], source: str, n_wanted: int
 ) -> dict[str, VectorStats]:
-    """Per-dimension mean / std of each modality over the rows of ``batches`` (float64 sums)."""
+    """Per-dimension mean / std of each modality over the rows of ``batches`` where it is
+    present (float64 sums)."""
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     n = 0
+    counts = dict.fromkeys(modalities, 0)
     for batch in batches:
         if batch.num_rows == 0:
             continue
         n += batch.num_rows
         for m in modalities:
-            col = batch.column(m)
-            x = (
-                col.flatten()
-                .to_numpy(zero_copy_only=False)
-                .reshape(batch.num_rows, col.type.list_size)
-                .astype(np.float64)
-            )
+            x, present = vector_matrix(batch.column(m))
+            x = x.astype(np.float64)
+            counts[m] += int(present.sum())
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():
                 row = int(np.argmax(~finite))
@@ -163,8 +190,13 @@ def _stats_of_batches(
         raise FeatureError(f"{source}: none of the {n_wanted} training-window illustrations has item features")
     stats = {}
     for m in modalities:
-        mean = sums[m] / n
-        std = np.sqrt(np.maximum(squares[m] / n - mean * mean, 0.0))
+        if counts[m] == 0:
+            raise FeatureError(
+                f"{source}: column '{m}' is NULL for all {n} training-window illustrations with item features "
+                f"(none has e_{m.upper()}); extract it or leave it out of model.vectors"
+            )
+        mean = sums[m] / counts[m]
+        std = np.sqrt(np.maximum(squares[m] / counts[m] - mean * mean, 0.0))
         std = np.where(std > 1e-6 * max(float(np.abs(mean).max()), 1.0), std, 1.0)
         stats[m] = VectorStats(mean.astype(np.float32), std.astype(np.float32))
     return stats

@@ -1,7 +1,8 @@
 """The settings of the UMAIR-FPS ranking model, without PyTorch.
 
 :class:`ModelConfig` (every knob of :class:`umair.model.fusion.UmairFPS`), the paper's
-Table-4 variants as changes of it, and :func:`dcn_v2_only`. Job settings, the CLI and
+Table-4 variants as changes of it, :func:`dcn_v2_only`, and :func:`model_variant`
+(either, by the name a job's ``variant`` setting holds). Job settings, the CLI and
 ``umair --help`` import this module only, so they start without loading torch.
 """
 
@@ -169,6 +170,23 @@ def dcn_v2_only(base: ModelConfig) -> ModelConfig:
     (deepctr's ``cross_parameterization='matrix'``). The Table-4 "w/o ALL" variant is the
     same model with ``base``'s cross form (the low-rank mixture by default)."""
     return table4_variant(base, "w/o ALL").model_copy(update={"cross_type": "full"})
+
+
+DCN_V2_ONLY = "dcn_v2_only"
+VARIANTS: tuple[str, ...] = (*TABLE4_VARIANTS, DCN_V2_ONLY)
+"""What a job's ``variant`` setting accepts: the Table-4 variants and ``dcn_v2_only``."""
+
+
+def model_variant(base: ModelConfig, name: str) -> ModelConfig:
+    """``variant`` ``name`` of :data:`VARIANTS` as a change of ``base``: a Table-4 variant
+    (:func:`table4_variant`) or ``dcn_v2_only`` (:func:`dcn_v2_only`: no e_SEM / e_STY /
+    e_TSEM, no UMCM, DCN-V2's full-rank cross). ``umair train``, ``umair ablate``'s
+    "DCN-V2-only (umair)" row and the benches build the baseline through this one name."""
+    if name == DCN_V2_ONLY:
+        return dcn_v2_only(base)
+    if name not in TABLE4_VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
+    return table4_variant(base, name)
 
 
 def table4_variants(base: ModelConfig) -> dict[str, ModelConfig]:

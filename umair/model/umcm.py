@@ -22,6 +22,14 @@ together with the weights it used, so a recommendation can be explained.
 - :class:`MeanUMCM` ("w/o UMCM"): ``α_j = 1/J``, the plain mean; no reweighting.
 - :class:`MoEUMCM`: K parallel experts (any mix of the above), gate
   ``β = softmax_k(<v_user, v_il^k>)``, ``v_il = Σ_k β_k v_il^k``.
+
+Absent modalities: every module takes an optional ``present`` [B, J] bool (False where the
+item lacks modality j, e.g. no image: no e_SEM / e_STY). Then ``α_j = 0`` for an absent j
+and the weights of the present ones are renormalised (the softmax runs over them only;
+MEAN averages them; a sigmoid SEN weight is zeroed; SEN's squeeze ignores absent
+e_j), so an absent modality's placeholder e_j never reaches ``v_il``. An item with no
+modality present gets ``α = 0`` and ``v_il = 0``. ``present=None`` (or all true) computes
+exactly what the unmasked module does, bit for bit.
 """
 
 from __future__ import annotations
@@ -50,6 +58,16 @@ class MoEOutput(NamedTuple):
     beta: Tensor
 
 
+def masked_softmax(scores: Tensor, present: Tensor | None) -> Tensor:
+    """``softmax_j`` of ``scores`` [B, J] over the present j only (0 for absent ones; all 0
+    for a row with none present), finite gradients everywhere."""
+    if present is None:
+        return torch.softmax(scores, dim=-1)
+    none = ~present.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~present, float("-inf")).masked_fill(none, 0.0)
+    return torch.softmax(scores, dim=-1) * present
+
+
 def _weighted_sum(alpha: Tensor, e: Tensor) -> Tensor:
     """``Σ_j α_j e_j``: ``alpha`` [B, J], ``e`` [B, J, d] -> [B, d]."""
     return torch.einsum("bj,bjd->bd", alpha, e)
@@ -73,10 +91,10 @@ class AttentionUMCM(nn.Module):
             with torch.no_grad():
                 self.query.weight.copy_(torch.eye(d) + 0.1 * torch.randn(d, d))
 
-    def forward(self, v_user: Tensor, e: Tensor) -> UMCMOutput:
-        """``v_user`` [B, d], ``e`` [B, J, d] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
+    def forward(self, v_user: Tensor, e: Tensor, present: Tensor | None = None) -> UMCMOutput:
+        """``v_user`` [B, d], ``e`` [B, J, d], ``present`` [B, J] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
         q = v_user if self.query is None else self.query(v_user)
-        alpha = torch.softmax(torch.einsum("bd,bjd->bj", q, e) / self.temperature, dim=-1)
+        alpha = masked_softmax(torch.einsum("bd,bjd->bj", q, e) / self.temperature, present)
         return UMCMOutput(_weighted_sum(alpha, e), alpha)
 
 
@@ -98,21 +116,32 @@ class SENetUMCM(nn.Module):
             raise ValueError(f"weights must be 'softmax' or 'sigmoid', got {weights!r}")
         self.weights = weights
 
-    def forward(self, v_user: Tensor, e: Tensor) -> UMCMOutput:
-        """``v_user`` [B, d] (unused), ``e`` [B, J, d] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
+    def forward(self, v_user: Tensor, e: Tensor, present: Tensor | None = None) -> UMCMOutput:
+        """``v_user`` [B, d] (unused), ``e`` [B, J, d], ``present`` [B, J] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
         z = e.mean(dim=-1)  # squeeze: [B, J]
+        if present is not None:
+            z = z * present  # an absent modality's placeholder says nothing
         s = self.fc2(torch.relu(self.fc1(z)))  # excitation scores: [B, J]
-        alpha = torch.softmax(s, dim=-1) if self.weights == "softmax" else torch.sigmoid(s)
+        if self.weights == "softmax":
+            alpha = masked_softmax(s, present)
+        else:
+            alpha = torch.sigmoid(s) if present is None else torch.sigmoid(s) * present
         return UMCMOutput(_weighted_sum(alpha, e), alpha)
 
 
 class MeanUMCM(nn.Module):
     """No reweighting: ``α_j = 1/J``, ``v_il`` is the mean of the modality vectors."""
 
-    def forward(self, v_user: Tensor, e: Tensor) -> UMCMOutput:
-        """``v_user`` [B, d] (unused), ``e`` [B, J, d] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
+    def forward(self, v_user: Tensor, e: Tensor, present: Tensor | None = None) -> UMCMOutput:
+        """``v_user`` [B, d] (unused), ``e`` [B, J, d], ``present`` [B, J] -> (``v_il`` [B, d], ``alpha`` [B, J])
+        (``α_j = 1 / #present``; rows with every modality present as without a mask)."""
         alpha = torch.full(e.shape[:2], 1.0 / e.shape[1], dtype=e.dtype, device=e.device)
-        return UMCMOutput(e.mean(dim=1), alpha)
+        if present is None:
+            return UMCMOutput(e.mean(dim=1), alpha)
+        full = present.all(dim=-1, keepdim=True)
+        share = present / present.sum(dim=-1, keepdim=True).clamp(min=1)
+        alpha = torch.where(full, alpha, share.to(e.dtype))
+        return UMCMOutput(torch.where(full, e.mean(dim=1), _weighted_sum(alpha, e)), alpha)
 
 
 def build_expert(
@@ -163,9 +192,10 @@ class MoEUMCM(nn.Module):
             for k in self.kinds
         )
 
-    def forward(self, v_user: Tensor, e: Tensor) -> MoEOutput:
-        """``v_user`` [B, d], ``e`` [B, J, d] -> (``v_il`` [B, d], ``alpha`` [B, K, J], ``beta`` [B, K])."""
-        outs = [expert(v_user, e) for expert in self.experts]
+    def forward(self, v_user: Tensor, e: Tensor, present: Tensor | None = None) -> MoEOutput:
+        """``v_user`` [B, d], ``e`` [B, J, d], ``present`` [B, J] bool (None: all) ->
+        (``v_il`` [B, d], ``alpha`` [B, K, J], ``beta`` [B, K]); see the module docstring."""
+        outs = [expert(v_user, e, present) for expert in self.experts]
         v_k = torch.stack([o.v_il for o in outs], dim=1)  # [B, K, d]
         alpha = torch.stack([o.alpha for o in outs], dim=1)  # [B, K, J]
         beta = torch.softmax(torch.einsum("bd,bkd->bk", v_user, v_k), dim=-1)

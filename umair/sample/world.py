@@ -110,6 +110,7 @@ class World:
     names: pa.Table
     root: str = ""
     manifest: dict = field(default_factory=dict)
+    checks: contracts.CheckReport | None = None  # what load_world's cross-table rules counted
 
 
 def _taste_counts(n: int, mix: dict[str, float]) -> list[str]:
@@ -399,9 +400,16 @@ class WorldError(UmairError, ValueError):
     """A world directory is incomplete or inconsistent."""
 
 
-def load_world(root: str, settings: storage.StorageSettings | None = None, check_images: bool = True) -> World:
+def load_world(
+    root: str,
+    settings: storage.StorageSettings | None = None,
+    check_images: bool = True,
+    checks: contracts.Checks | None = None,
+) -> World:
     """Read and validate a world: every table against its contract, the cross-table
-    rules, and (``check_images``) that every image the catalogue names is there."""
+    rules (``checks``: how to treat interactions before created_at; default warn), and
+    (``check_images``) that every image the catalogue names is there (a NULL image_uri,
+    an item without an image, is not checked)."""
     manifest_uri = storage.join(root, "world.json")
     if not storage.exists(manifest_uri, settings):
         raise WorldError(f"{root}: no world.json manifest; this is not a (complete) sample world")
@@ -411,18 +419,19 @@ def load_world(root: str, settings: storage.StorageSettings | None = None, check
             f"{manifest_uri}: expected format_version {FORMAT_VERSION}, found {manifest.get('format_version')}"
         )
     tables = {kind: contracts.read_table(storage.join(root, f), kind, settings) for kind, f in TABLE_FILES.items()}
-    contracts.check_interactions(
+    report = contracts.check_interactions(
         tables["interactions"],
         tables["users"],
         tables["illustrations"],
         storage.join(root, TABLE_FILES["interactions"]),
+        checks,
     )
     if check_images:
         present = set(storage.list_files(storage.join(root, "images"), settings))
         uris = tables["illustrations"].column("image_uri").to_pylist()
         if not storage.is_s3(root):
             present = {os.path.abspath(p) for p in present}
-        missing = [(i, u) for i, u in enumerate(uris) if u not in present]
+        missing = [(i, u) for i, u in enumerate(uris) if u is not None and u not in present]
         if missing:
             row, uri = missing[0]
             raise contracts.ContractError(
@@ -444,24 +453,33 @@ def load_world(root: str, settings: storage.StorageSettings | None = None, check
         names=storage.read_parquet(storage.join(root, "vocab", "names.parquet"), settings),
         root=root,
         manifest=manifest,
+        checks=report,
     )
 
 
+def _all_tags(illustrations: pa.Table) -> list[str]:
+    """Every tag of the catalogue (NULL lists skipped; none when there is no tags column)."""
+    if "tags" not in illustrations.column_names:
+        return []
+    return [t for tags in illustrations.column("tags").to_pylist() if tags for t in tags if t is not None]
+
+
 def summarize(world: World) -> dict:
-    """Counts a person checks first: sizes, windows, bookmark rates, planted tastes."""
+    """Counts a person checks first: sizes, windows, bookmark rates, planted tastes.
+    Tags outside the sample vocabulary (a world built from real tables) count as
+    ``tags_by_language["other"]``."""
     inter = world.interactions
     split = _utc(world.spec.split)
     ts = inter.column("ts").to_pylist()
     labels = inter.column("label").to_numpy()
     train = np.array([t < split for t in ts])
     tastes = world.truth_users.column("taste").to_pylist()
-    tags = [t for ts_ in world.illustrations.column("tags").to_pylist() for t in ts_]
+    tags = _all_tags(world.illustrations)
     langs = {lang: 0 for lang in vocab.LANGUAGES}
     for t in tags:
-        for lang, name in ((lg, vocab.CONCEPTS[vocab.concept_of(t)][lg]) for lg in vocab.LANGUAGES):
-            if name == t:
-                langs[lang] += 1
-                break
+        concept = vocab.concept_of(t)
+        lang = next((lg for lg in vocab.LANGUAGES if concept and vocab.CONCEPTS[concept][lg] == t), "other")
+        langs[lang] = langs.get(lang, 0) + 1
     return {
         "root": world.root,
         "seed": world.seed,

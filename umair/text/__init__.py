@@ -12,7 +12,11 @@
 - :mod:`umair.text.retrieval`: R@1 and MRR of anchor → positive retrieval.
 - :mod:`umair.text.saved_encoder`: the saved model directory with ``umair_manifest.json``;
   loading it back.
-- :mod:`umair.text.tag_embeddings`: e_TSEM per illustration from its tags.
+- :mod:`umair.text.base_manifest`: ``base`` (the packaged all-MiniLM-L6-v2) or a plain
+  Sentence-Transformers directory used as E^text, its manifest cached on first use.
+- :mod:`umair.text.item_texts`: the text of each illustration from its text columns
+  (string or list<string>), and the text feature-set version.
+- :mod:`umair.text.tag_embeddings`: e_TSEM per illustration from that text (NULL without text).
 
 Importing this package is cheap; the torch-heavy modules load on first use.
 """
@@ -44,6 +48,9 @@ _LAZY = {
     "add_cjk_tokens": "umair.text.cjk_tokens",
     "retrieval_metrics": "umair.text.retrieval",
     "embed_tags": "umair.text.tag_embeddings",
+    "embed_texts": "umair.text.tag_embeddings",
+    "resolve_text_model": "umair.text.base_manifest",
+    "text_feature_version": "umair.text.item_texts",
     "TagEmbeddingStats": "umair.text.tag_embeddings",
 }
 

@@ -2,7 +2,8 @@
 
 A saved encoder is a Sentence-Transformers model directory plus ``umair_manifest.json``
 (:data:`MANIFEST`: base model, added tokens, data hash, metrics, embedding dim, version
-string), local or on ``s3://``. :func:`publish_encoder_dir` copies the manifest last, so
+string), local or on ``s3://``. (A plain model directory gets its manifest in a cache
+instead: :mod:`umair.text.base_manifest`.) :func:`publish_encoder_dir` copies the manifest last, so
 its presence means the directory is complete; :func:`read_manifest` and
 :func:`load_text_encoder` refuse a directory without it.
 """
@@ -93,10 +94,14 @@ def read_manifest(path: str, settings: storage.StorageSettings | None = None) ->
 def load_text_encoder(
     path: str, device: str | None = None, settings: storage.StorageSettings | None = None
 ) -> TextEncoder:
-    """Load a saved encoder directory (local or s3://; s3 is copied to a temp dir)."""
+    """Load E^text: a saved encoder directory (local or s3://; s3 is copied to a temp
+    dir), ``base`` (the packaged all-MiniLM-L6-v2) or a local plain Sentence-Transformers
+    directory, whose manifest :mod:`umair.text.base_manifest` writes on first use."""
     from sentence_transformers import SentenceTransformer
 
-    manifest = read_manifest(path, settings)
+    from umair.text.base_manifest import resolve_text_model
+
+    path, manifest = resolve_text_model(path, settings)
     local = path
     tmp: str | None = None
     if storage.is_s3(path):

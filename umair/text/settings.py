@@ -33,7 +33,7 @@ class FinetuneConfig(Settings):
 
     base_model: str | None = Field(
         None,
-        description="local model directory or hub name; None = the offline all-MiniLM-L6-v2 package. "
+        description="local model directory or hub name; None or 'base' = the offline all-MiniLM-L6-v2 package. "
         f"Production: {PRODUCTION_BASE_MODEL!r} (multilingual; needs the hub or a local copy)",
     )
     output_dir: str = Field(..., description="where the fine-tuned model goes (local path or s3://)")
@@ -52,5 +52,5 @@ class FinetuneConfig(Settings):
     device: str | None = Field(None, description="torch device; None = CUDA when available, else CPU")
 
     def resolved_base_model(self) -> str:
-        """``base_model``, else the offline all-MiniLM-L6-v2 directory (:func:`default_base_model`)."""
-        return self.base_model or default_base_model()
+        """``base_model``; unset or ``base``: the offline all-MiniLM-L6-v2 directory (:func:`default_base_model`)."""
+        return default_base_model() if self.base_model in (None, "base") else self.base_model

@@ -30,7 +30,7 @@ from umair.model.item_features import (
     inspect_item_features,
     vector_stats_of,
 )
-from umair.model.settings import ModelConfig, table4_variant
+from umair.model.settings import ModelConfig, model_variant
 from umair.training.model_io import SavedModel
 from umair.training.settings import TrainConfig
 
@@ -135,7 +135,12 @@ def inspect_features(
 
 @dataclass
 class Prepared:
-    """Everything the workers need, checked on the driver before training."""
+    """Everything the workers need, checked on the driver before training.
+
+    Windows: ``train_rows`` ts < :attr:`train_end` (the validation start, else the
+    split), ``val_rows`` ``[validation, split)`` (None without a validation window),
+    ``test_rows`` ``[split, test_end)``; each table holds ``user_row``, ``item_row``,
+    ``label``."""
 
     inputs: Inputs
     space: FeatureSpace
@@ -145,6 +150,14 @@ class Prepared:
     train_rows: pa.Table  # user_row, item_row, label
     test_rows: pa.Table
     negatives: dict[str, Any]
+    val_rows: pa.Table | None = None
+    validation: str | None = None  # start of the validation window
+    check_report: contracts.CheckReport | None = None
+
+    @property
+    def train_end(self) -> str:
+        """The end (exclusive) of the training window: the validation start, else the split."""
+        return self.validation or self.inputs.split
 
     @property
     def modalities(self) -> list[str]:
@@ -155,27 +168,60 @@ def build_model_config(
     space: FeatureSpace, info: FeaturesInfo, overrides: dict[str, Any], variant: str | None
 ) -> ModelConfig:
     """Sizes from ``space``, vector widths from the features file, then the overrides and
-    the Table-4 ``variant``. ``overrides["vectors"]`` (optional) names the modalities the
+    the ``variant`` (Table-4 or ``dcn_v2_only``). ``overrides["vectors"]`` (optional) names the modalities the
     model reads, each with its width or None for the file's (default: every registered
     modality); a width that disagrees with the file is an error."""
     given = overrides.get("vectors")
     wanted: dict[str, int | None] = dict(given) if given is not None else dict.fromkeys(registry.names())
     rest = {k: v for k, v in overrides.items() if k != "vectors"}
     probe = ModelConfig(**space.model_sizes(), **rest, vectors={m: w or 1 for m, w in wanted.items()})
-    probe = table4_variant(probe, variant) if variant else probe
+    probe = model_variant(probe, variant) if variant else probe
     dims = check_dims(info, {m: wanted[m] for m in probe.vector_names})
     widths = {m: dims.get(m) or w or registry.get(m).default_dim for m, w in wanted.items()}
     base = ModelConfig(**space.model_sizes(), **rest, vectors=widths)
-    return table4_variant(base, variant) if variant else base
+    return model_variant(base, variant) if variant else base
 
 
-def read_inputs(inputs: Inputs, settings: storage.StorageSettings | None) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """illustrations, users, interactions, each checked against its contract and across."""
+def read_checked(
+    inputs: Inputs, settings: storage.StorageSettings | None, checks: contracts.Checks | None = None
+) -> tuple[pa.Table, pa.Table, pa.Table, contracts.CheckReport]:
+    """illustrations, users, interactions, each checked against its contract and across
+    (:func:`umair.contracts.check_interactions` under ``checks``), and the report of the
+    rules set to ``warn`` that rows broke (print its :meth:`~umair.contracts.CheckReport.lines`)."""
     ill = contracts.read_table(inputs.illustrations, "illustrations", settings)
     users = contracts.read_table(inputs.users, "users", settings)
     inter = contracts.read_table(inputs.interactions, "interactions", settings)
-    contracts.check_interactions(inter, users, ill, inputs.interactions)
-    return ill, users, inter
+    report = contracts.check_interactions(inter, users, ill, inputs.interactions, checks)
+    return ill, users, inter, report
+
+
+def read_inputs(
+    inputs: Inputs, settings: storage.StorageSettings | None, checks: contracts.Checks | None = None
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """:func:`read_checked` without the report (its warnings still go to the ``umair`` logger)."""
+    return read_checked(inputs, settings, checks)[:3]
+
+
+def validation_start(
+    inter: pa.Table, split: str, start: str | None, fraction: float | None, source: str = "<interactions>"
+) -> str | None:
+    """The validation window's start: ``start`` as given, or the (1 - ``fraction``)
+    quantile of the training window's ``ts`` (``ts < split``; the latest ``fraction`` of
+    its interactions); None when neither is given. The
+    training part ``ts < start`` and the window ``[start, split)`` must both hold rows."""
+    if start is None and fraction is None:
+        return None
+    if start is None:
+        ts = training_window(inter, split, source).column("ts").cast("int64").to_numpy()
+        micros = int(np.quantile(ts, 1.0 - float(fraction or 0.0)))
+        start = np.datetime64(micros, "us").astype("datetime64[s]").item().isoformat() + "+00:00"
+    start = parse_time(start).isoformat()
+    if parse_time(start) >= parse_time(split):
+        raise FeatureError(f"{source}: the validation window must start before the split {split}, got {start}")
+    training_window(inter, start, source)
+    if window(inter, start=start, end=split).num_rows == 0:
+        raise FeatureError(f"{source}: no interactions in the validation window [{start}, {split})")
+    return start
 
 
 def train_inputs_of(cfg: TrainConfig, settings: storage.StorageSettings | None) -> Inputs:
@@ -186,12 +232,16 @@ def train_inputs_of(cfg: TrainConfig, settings: storage.StorageSettings | None) 
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    """Read and check the inputs, fit the feature space, build the model config and the
-    interaction rows. Every :class:`FeatureError` is raised here, before training."""
+    """Read and check the inputs, cut the windows (training, validation, test), fit the
+    feature space, vector statistics and negatives' item pool on the training part, build
+    the model config and the interaction rows. Every :class:`FeatureError` is raised here,
+    before training."""
     settings = cfg.storage.to_settings()
     inputs = train_inputs_of(cfg, settings)
-    ill, users, inter = read_inputs(inputs, settings)
-    train = training_window(inter, inputs.split, inputs.interactions)
+    ill, users, inter, report = read_checked(inputs, settings, cfg.checks)
+    val_start = validation_start(inter, inputs.split, cfg.validation, cfg.validation_fraction, inputs.interactions)
+    train_end = val_start or inputs.split
+    train = training_window(inter, train_end, inputs.interactions)
     info, features = inspect_features(inputs, settings)
     if features is not None:
         inputs = inputs.pinned(info)
@@ -199,29 +249,43 @@ def prepare(cfg: TrainConfig) -> Prepared:
     pool = ItemPool.build(ill, info.illust_ids, cfg.negatives, train)
     train, neg_train = with_negatives(train, pool, cfg.negatives, inputs.interactions)
     require_both_labels(train, f"{inputs.interactions}: training window")
-    test_settings = cfg.negatives.model_copy(update={"seed": cfg.negatives.seed + 1})
-    test, neg_test = with_negatives(
-        window(inter, start=inputs.split, end=cfg.test_end), pool, test_settings, inputs.interactions
-    )
-    space = FeatureSpace.fit(ill, users, train, inputs.split, cfg.features)
+    windows = {"test": (inputs.split, cfg.test_end, 1)}
+    if val_start is not None:
+        windows["validation"] = (val_start, inputs.split, 2)
+    cut, negatives = {}, {"train": neg_train}
+    for name, (start, end, offset) in windows.items():
+        seeded = cfg.negatives.model_copy(update={"seed": cfg.negatives.seed + offset})
+        cut[name], negatives[name] = with_negatives(
+            window(inter, start=start, end=end), pool, seeded, inputs.interactions
+        )
+    if val_start is not None:
+        require_both_labels(
+            cut["validation"], f"{inputs.interactions}: validation window [{val_start}, {inputs.split})"
+        )
+    space = FeatureSpace.fit(ill, users, train, train_end, cfg.features)
     model_config = build_model_config(space, info, cfg.model, cfg.variant)
     user_ids = users.column("user_id").to_numpy()
-    train_rows, test_rows = (
-        attach_rows(rows, user_ids, info.illust_ids, inputs.item_features, f"{inputs.interactions} ({name} window)")
-        for rows, name in ((train, "training"), (test, "test"))
-    )
+
+    def rows(table: pa.Table, name: str) -> pa.Table:
+        return attach_rows(
+            table, user_ids, info.illust_ids, inputs.item_features, f"{inputs.interactions} ({name} window)"
+        )
+
     prepared = Prepared(
         inputs,
         space,
         model_config,
         info,
-        ids_fingerprint(users.column("user_id").to_numpy()),
-        train_rows,
-        test_rows,
-        {"train": neg_train, "test": neg_test},
+        ids_fingerprint(user_ids),
+        rows(train, "training"),
+        rows(cut["test"], "test"),
+        negatives,
+        rows(cut["validation"], "validation") if val_start is not None else None,
+        val_start,
+        report,
     )
     if cfg.features.standardize and prepared.modalities:
-        train_items = info.illust_ids[np.unique(train_rows.column("item_row").to_numpy())]
+        train_items = info.illust_ids[np.unique(prepared.train_rows.column("item_row").to_numpy())]
         if features is not None:
             stats = vector_stats_of(features, train_items, prepared.modalities, inputs.item_features)
         else:

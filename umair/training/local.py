@@ -3,6 +3,8 @@
 (:func:`umair.training.step.train_epoch`), with seeded per-epoch shuffles instead of Ray
 Data's. Used where starting Ray Train costs more than the training: the demo's ablation
 rows (``w/o STY``, DCN-V2-only), ``bench/style_effect.py`` and the slow style-effect test.
+With a validation window (``prepared.val_rows``) it follows ``umair train``'s protocol:
+``val_auc`` after every epoch, the best epoch's weights kept, ``patience`` early stop.
 
     prepared = prepare(TrainConfig(world=..., item_features=...))
     fitted = fit_local(prepared, prepared.model_config, LocalRecipe(epochs=8))
@@ -11,7 +13,7 @@ rows (``w/o STY``, DCN-V2-only), ``bench/style_effect.py`` and the slow style-ef
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,12 +21,14 @@ import numpy as np
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Prepared
 from umair.training.lookup import Lookup, fit_history, load_lookup
-from umair.training.step import StepSettings, train_epoch
+from umair.training.scoring import window_scores
+from umair.training.step import EpochSelection, StepSettings, train_epoch
 
 
 @dataclass(frozen=True)
 class LocalRecipe:
-    """Epochs, rows per step, Adam lr, L2 on the embeddings, seed, torch threads."""
+    """Epochs, rows per step, Adam lr, L2 on the embeddings, seed, torch threads, and
+    ``patience`` (epochs without a better ``val_auc`` before stopping; None: all epochs)."""
 
     epochs: int = 8
     batch_size: int = 32
@@ -32,15 +36,21 @@ class LocalRecipe:
     l2_emb: float = 1e-3
     seed: int = 0
     threads: int = 1
+    patience: int | None = None
 
 
 @dataclass
 class Fitted:
-    """A model trained by :func:`fit_local`, its lookup tables and per-epoch mean BCE."""
+    """A model trained by :func:`fit_local` (the best-``val_auc`` epoch's weights with a
+    validation window, else the last epoch's), its lookup tables, per-epoch mean BCE, and
+    per epoch ``{"epoch", "train_loss", "val_auc", "val_logloss", ...}`` in ``history``."""
 
     model: Any
     lookup: Lookup
     epoch_loss: list[float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    val_auc: float | None = None
 
 
 def rows_of_window(rows: Any) -> tuple[Any, Any, np.ndarray]:
@@ -61,7 +71,12 @@ def fit_local(
 ) -> Fitted:
     """Train :class:`UmairFPS` (``config``: the prepared one or a Table-4 / DCN-V2-only
     change of it) on ``prepared.train_rows``; its user history, if any, is fitted on the
-    same rows first. ``lookup``: reuse the tables of an earlier call (same ``prepared``)."""
+    same rows first. With ``prepared.val_rows`` every epoch is scored on the validation
+    window and the best one's weights are returned (early stop after ``recipe.patience``
+    epochs without improvement). ``lookup``: reuse the tables of an earlier call (same
+    ``prepared``)."""
+    import copy
+
     import torch
 
     from umair.model.fusion import UmairFPS
@@ -77,11 +92,27 @@ def fit_local(
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     gen = torch.Generator().manual_seed(recipe.seed)
     step = StepSettings(lr=recipe.lr, l2_emb=recipe.l2_emb)
-    losses = []
+    val = prepared.val_rows
+    val_cols = [val.column(c).to_numpy() for c in ("user_row", "item_row", "label")] if val is not None else None
+    selection = EpochSelection(recipe.patience if val is not None else None)
+    losses: list[float] = []
+    history: list[dict[str, float]] = []
+    best_state = None
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(u), generator=gen).split(recipe.batch_size)
         batches = ({"user_row": u[b], "item_row": i[b], "label": labels[b]} for b in order)
         sums = train_epoch(model, model, optimizer, batches, lookup, step, epoch, leave_one_out)
         losses.append(float(sums[0] / max(float(sums[1]), 1.0)))
+        metrics = {"epoch": float(epoch), "train_loss": losses[-1]}
+        if val_cols is not None:
+            metrics.update(window_scores(model, lookup, *val_cols, "val"))
+            if selection.update(epoch, metrics["val_auc"]):
+                best_state = copy.deepcopy(model.state_dict())
+        history.append(metrics)
+        if selection.stop:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return Fitted(model, lookup, losses)
+    best = selection.best_epoch if val_cols is not None else len(losses) - 1
+    return Fitted(model, lookup, losses, history, best, selection.best_auc if val_cols is not None else None)

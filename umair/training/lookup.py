@@ -13,6 +13,18 @@ from umair.model.item_features import build_item_table, ids_fingerprint
 from umair.training.inputs import Inputs, read_item_features
 
 
+class ItemVectors(dict):
+    """``vectors[m]`` [B, d_m] of a batch of items (a plain mapping, what
+    :class:`~umair.model.fusion.UmairFPS` reads), plus ``present[m]`` [B] bool for each
+    modality some item lacks (no image: no e_SEM / e_STY; its vector row holds zeros).
+    A modality without an entry in ``present`` is present in every row; UMCM gives an
+    absent modality α = 0."""
+
+    def __init__(self, vectors: dict[str, Any], present: dict[str, Any] | None = None):
+        super().__init__(vectors)
+        self.present: dict[str, Any] = dict(present or {})
+
+
 class Lookup:
     """The user and item tables as tensors on one device.
 
@@ -33,6 +45,8 @@ class Lookup:
         self.uid, self.tags, self.ufields = t(users.uid), t(users.tags), t(users.fields)
         self.ifields = t(items.fields)
         self.vectors = {m: t(items.vectors[m]) for m in modalities}
+        # masks only for modalities some item lacks: with every vector present nothing changes
+        self.present = {m: t(items.presence(m)) for m in modalities if not items.presence(m).all()}
         self._packed_for: int | None = None
         self._user_packed: Any = None
         self._item_packed: Any = None
@@ -78,9 +92,12 @@ class Lookup:
             raise RuntimeError("Lookup.packed: call pack_for(model) first")
         return torch.cat([self._user_packed[user_row], self._item_packed[item_row]], dim=1)
 
-    def item_vectors(self, item_row: Any) -> dict[str, Any]:
-        """``vectors[m]`` [B, d_m] of the items, for every modality loaded."""
-        return {m: v[item_row] for m, v in self.vectors.items()}
+    def item_vectors(self, item_row: Any) -> ItemVectors:
+        """``vectors[m]`` [B, d_m] of the items, for every modality loaded, with the
+        presence masks ``.present[m]`` [B] bool of the modalities some item lacks."""
+        return ItemVectors(
+            {m: v[item_row] for m, v in self.vectors.items()}, {m: p[item_row] for m, p in self.present.items()}
+        )
 
 
 def load_lookup(

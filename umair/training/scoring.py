@@ -4,14 +4,17 @@ mean modality attention per user segment)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from umair import storage
 from umair.errors import FeatureError
 from umair.metrics import mean_attention
-from umair.training.lookup import Lookup
+from umair.training.lookup import Lookup, load_lookup
+
+if TYPE_CHECKING:
+    from umair.training.inputs import Prepared
 
 
 @dataclass
@@ -56,6 +59,61 @@ def window_metrics(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> 
     }
 
 
+def window_scores(
+    model: Any,
+    lookup: Lookup,
+    user_rows: np.ndarray,
+    item_rows: np.ndarray,
+    labels: np.ndarray,
+    prefix: str,
+    batch_size: int = 4096,
+) -> dict[str, float]:
+    """:func:`window_metrics` of ``model`` on one window's rows (numpy ``user_row``,
+    ``item_row``, ``label``), keys ``<prefix>_auc``, ``<prefix>_logloss``, ``<prefix>_gauc``...
+    (``val`` for the validation window scored every epoch, ``test`` for the test window
+    scored once with the chosen weights). Empty rows give an empty dict."""
+    import torch
+
+    if len(labels) == 0:
+        return {}
+    device = lookup.uid.device
+    scores = score_rows(
+        model,
+        lookup,
+        torch.as_tensor(np.array(user_rows, np.int64), device=device),  # a copy: arrow's arrays are read-only
+        torch.as_tensor(np.array(item_rows, np.int64), device=device),
+        max(batch_size, 4096),
+    )
+    m = window_metrics(np.asarray(user_rows), np.asarray(labels), scores.probs)
+    return {f"{prefix}_{k}": float(v) for k, v in m.items()}
+
+
+def score_state(
+    prepared: Prepared, state_dict: dict[str, Any], batch_size: int, settings: storage.StorageSettings | None
+) -> dict[str, float]:
+    """``test_auc`` / ``test_logloss`` / ``test_gauc`` of the weights ``state_dict`` (the
+    chosen epoch's) on ``prepared.test_rows``, scored once on the CPU of this process;
+    empty when the test window is."""
+    from umair.model.fusion import UmairFPS
+
+    rows = prepared.test_rows
+    if rows.num_rows == 0:
+        return {}
+    lookup, _, _ = load_lookup(
+        prepared.space,
+        prepared.inputs,
+        prepared.modalities,
+        "cpu",
+        settings,
+        prepared.info.fingerprint,
+        prepared.users_fingerprint,
+    )
+    model = UmairFPS(prepared.model_config)
+    model.load_state_dict(state_dict)
+    u, i, y = (rows.column(c).to_numpy() for c in ("user_row", "item_row", "label"))
+    return window_scores(model, lookup, u, i, y, "test", batch_size)
+
+
 def segment_map(uri: str | None, column: str, settings: storage.StorageSettings | None) -> dict[int, str]:
     """user_id -> segment from a table with ``user_id`` and ``column`` (empty without one)."""
     if uri is None:
@@ -94,4 +152,29 @@ def segment_report(
             **m,
             "alpha": {k: v for k, v in alpha.get(name, {}).items() if k != "users"},
         }
+    return out
+
+
+def seen_before(ids: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Per row, True where ``ids[row]`` is in ``seen`` (the ids of the training window):
+    a warm user or item; False: cold (first seen after the training window)."""
+    return np.isin(np.asarray(ids), np.asarray(seen))
+
+
+def warm_cold_report(
+    users: np.ndarray, labels: np.ndarray, probs: np.ndarray, warm: dict[str, np.ndarray]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """AUC / logloss / GAUC of warm vs cold rows, per kind: ``warm["users"]`` is a row
+    mask of users seen in the training window, ``warm["items"]`` of items. Returns
+    ``{"users": {"warm": {...}, "cold": {...}}, "items": {...}}``; an empty side has
+    ``rows`` 0 and NaN metrics."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, mask in warm.items():
+        out[kind] = {}
+        for side, rows in (("warm", mask), ("cold", ~mask)):
+            out[kind][side] = {
+                "rows": int(rows.sum()),
+                "users": int(len(np.unique(users[rows]))),
+                **window_metrics(users[rows], labels[rows], probs[rows]),
+            }
     return out

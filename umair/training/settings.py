@@ -6,10 +6,11 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from umair import contracts
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.model.features import FeatureSettings
 from umair.model.interactions import IsoTime, NegativeSettings
-from umair.model.settings import TABLE4_VARIANTS, ModelConfig
+from umair.model.settings import VARIANTS, ModelConfig
 
 DERIVED = ("n_users", "n_tags", "user_fields", "item_fields")
 
@@ -30,7 +31,12 @@ ModelOverrides = Annotated[dict[str, Any], AfterValidator(check_model_overrides)
 
 
 class TrainConfig(Settings):
-    """Settings of ``umair train`` (see pipelines/configs/train.yaml)."""
+    """Settings of ``umair train`` (see pipelines/configs/train.yaml).
+
+    Windows: train on ``ts < validation`` (or ``< split`` without a validation window),
+    pick the epoch on ``[validation, split)``, report the test window ``[split, test_end)``
+    once with the chosen weights. The feature space, vector statistics, negatives' item
+    pool and user history are fitted on the training part only."""
 
     world: str | None = Field(None, description="a sample world: its tables and split are the defaults below")
     illustrations: str | None = None
@@ -42,13 +48,25 @@ class TrainConfig(Settings):
     )
     text_version: str | None = Field(None, description="... and its text encoder (umair.tsem.encoder)")
     split: IsoTime | None = Field(None, description="train on ts < split, test on ts >= split (default: the world's)")
-    test_end: IsoTime | None = Field(
-        None, description="end the test window here (ts < test_end); `umair tune` validates on [split, test_end)"
+    test_end: IsoTime | None = Field(None, description="end the test window here (ts < test_end)")
+    validation: IsoTime | None = Field(
+        None, description="start of the validation window: train on ts < validation, pick epochs on [validation, split)"
+    )
+    validation_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="or: validate on the latest fraction of the training window's interactions (by ts)",
+    )
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val_auc (None: run every epoch)"
     )
     model: ModelOverrides = Field(
         default_factory=dict, description="ModelConfig fields to override (d, emb_dim, experts...)"
     )
-    variant: str | None = Field(None, description="a Table-4 variant applied on top, e.g. 'w/o STY'")
+    variant: str | None = Field(
+        None, description="a Table-4 variant applied on top, e.g. 'w/o STY', or 'dcn_v2_only' (no modalities, no UMCM)"
+    )
     features: FeatureSettings = FeatureSettings()
     negatives: NegativeSettings = NegativeSettings()
     epochs: int = Field(1, ge=1)
@@ -61,7 +79,11 @@ class TrainConfig(Settings):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker holds")
     threads: int = Field(1, ge=1, description="torch threads per CPU worker")
-    eval_every_epoch: bool = Field(True, description="score the later window after every epoch (monitoring only)")
+    eval_every_epoch: bool = Field(
+        True,
+        description="score the validation window after every epoch and keep the best one; False: keep the last epoch",
+    )
+    checks: contracts.Checks = contracts.Checks()
     seed: int = 0
     run_name: str = "train"
     checkpoint_dir: str = "outputs/ray_results"
@@ -74,12 +96,23 @@ class TrainConfig(Settings):
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, v: str | None) -> str | None:
-        if v is not None and v not in TABLE4_VARIANTS:
-            raise ValueError(f"unknown Table-4 variant {v!r}; expected one of {list(TABLE4_VARIANTS)}")
+        if v is not None and v not in VARIANTS:
+            raise ValueError(f"unknown Table-4 variant {v!r}; expected one of {list(VARIANTS)}")
         return v
 
     @model_validator(mode="after")
     def _tables(self) -> TrainConfig:
         if self.world is None and None in (self.illustrations, self.users, self.interactions):
             raise ValueError("give 'world' or all of 'illustrations', 'users', 'interactions'")
+        if self.validation is not None and self.validation_fraction is not None:
+            raise ValueError("give 'validation' (a start time) or 'validation_fraction', not both")
+        if self.patience is not None and not self.has_validation:
+            raise ValueError("patience needs a validation window: set 'validation' or 'validation_fraction'")
+        if self.patience is not None and not self.eval_every_epoch:
+            raise ValueError("patience needs eval_every_epoch: true (the validation window scored every epoch)")
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        """True when a validation window is set (``validation`` or ``validation_fraction``)."""
+        return self.validation is not None or self.validation_fraction is not None

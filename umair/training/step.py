@@ -114,3 +114,49 @@ def train_epoch(
         sums += torch.tensor([value * len(logits), len(logits)], dtype=torch.float64)
     check_finite_weights(raw, epoch=epoch, step=step, lr=config.lr)
     return sums
+
+
+@dataclass
+class EpochSelection:
+    """Best-validation-AUC epoch selection with early stopping (``umair train``, each
+    ``umair tune`` trial, :func:`umair.training.local.fit_local`).
+
+    After every epoch :meth:`update` gets that epoch's ``val_auc``; the best epoch is
+    the one with the highest (the first on ties), and :attr:`stop` turns True once
+    ``patience`` epochs in a row brought no improvement (never with ``patience`` None)."""
+
+    patience: int | None = None
+    best_epoch: int | None = None
+    best_auc: float = float("-inf")
+    last_epoch: int | None = None
+
+    def update(self, epoch: int, val_auc: float) -> bool:
+        """Record epoch ``epoch``'s validation AUC; True when it is the new best."""
+        self.last_epoch = epoch
+        if np.isfinite(val_auc) and val_auc > self.best_auc:
+            self.best_epoch, self.best_auc = epoch, float(val_auc)
+            return True
+        return False
+
+    @property
+    def stop(self) -> bool:
+        """True when ``patience`` epochs have passed since the best one."""
+        if self.patience is None or self.last_epoch is None:
+            return False
+        since = self.last_epoch - (self.best_epoch if self.best_epoch is not None else -1)
+        return since >= self.patience
+
+    @classmethod
+    def replay(cls, history: list[dict[str, float]], patience: int | None, key: str = "val_auc") -> EpochSelection:
+        """The selection state after the epochs of ``history`` (a resumed run's checkpoint)."""
+        out = cls(patience)
+        for h in history:
+            if key in h:
+                out.update(int(h["epoch"]), float(h[key]))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """``best_epoch`` and ``best_val_auc`` so far, for the per-epoch report."""
+        if self.best_epoch is None:
+            return {}
+        return {"best_epoch": float(self.best_epoch), "best_val_auc": self.best_auc}

@@ -1,0 +1,320 @@
+"""Benchmark and worked example: a real catalogue (MovieLens + posters) through umair's jobs (issue #15).
+
+Reads ``../shared/data/movielens-posters`` in place (610 users, 9,742 movies, 100,836
+timestamped ratings, 3,683 user tags, a poster for 7,596 movies) and
+
+- ``convert``: writes umair's tables (the only hand-written step a new site needs; the
+  README's "Your own data" walks through it):
+
+  * ``illustrations.parquet``: ``illust_id`` = movieId, ``image_uri`` = the poster's
+    absolute path or NULL (2,146 movies have none), ``title``, ``tags`` = the genres
+    (list<string>: the image pretext's labels and part of the text), ``user_tags`` =
+    the distinct user tags given to the movie before the test window (list<string>),
+    ``created_at`` = 1 January of the year in the title (NULL when there is none);
+  * ``users.parquet``: ``user_id``, ``interest_tags`` = the user's own tags before the test window;
+  * ``interactions.parquet``: ``user_id``, ``illust_id``, ``ts``, ``label`` = rating >= 4;
+  * ``split.json``: by time over all ratings, the oldest 80 % train, the next 10 %
+    validation (epoch selection), the last 10 % test (reported only), chosen before any run.
+
+- ``run``: pretrain-image (posters, genre labels), extract (e_SEM, e_STY from the posters;
+  e_TSEM from title + genres + user tags with the shipped base text model), then per seed
+  ``train`` (full model and ``variant: dcn_v2_only``) and ``evaluate`` through the real
+  CLI with the configs in ``pipelines/configs/movielens/``; one JSON line per run in
+  ``OUT/results.jsonl``.
+- ``table``: the results as one table (mean ± std over seeds) beside item popularity.
+
+    .venv/bin/python bench/movielens.py convert
+    .venv/bin/python bench/movielens.py run --seeds 0 1 2
+    .venv/bin/python bench/movielens.py table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_line  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "movielens-posters"
+OUT = REPO / "outputs" / "movielens"
+CONFIGS = REPO / "pipelines" / "configs" / "movielens"
+YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.fromtimestamp(float(unix_s), UTC).isoformat()
+
+
+def time_split(ts: np.ndarray, train: float = 0.8, validation: float = 0.1) -> dict[str, str]:
+    """Boundaries by time over all ratings: ``[.., validation)`` train, ``[validation, split)``
+    validation, ``[split, ..)`` test (the oldest ``train`` share, the next ``validation``)."""
+    v, s = np.quantile(ts, [train, train + validation])
+    return {"validation": _iso(np.ceil(v)), "split": _iso(np.ceil(s))}
+
+
+def _distinct_lower(values: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for v in values:
+        key = v.strip().lower()
+        if key:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def convert(data: Path, out: Path) -> dict[str, Any]:
+    """Write the umair tables of the MovieLens-with-posters data to ``out`` (see the module doc)."""
+    out.mkdir(parents=True, exist_ok=True)
+    movies = pacsv.read_csv(data / "movies.csv", convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    ratings = pacsv.read_csv(data / "ratings.csv")
+    tags = pacsv.read_csv(data / "tags.csv", convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    ts = ratings.column("timestamp").to_numpy()
+    split = time_split(ts)
+    split_unix = datetime.fromisoformat(split["split"]).timestamp()
+
+    early = tags.filter(pc.less(tags.column("timestamp"), split_unix))
+    by_movie: dict[int, list[str]] = {}
+    by_user: dict[int, list[str]] = {}
+    for uid, mid, tag in zip(
+        early.column("userId").to_pylist(), early.column("movieId").to_pylist(), early.column("tag").to_pylist()
+    ):
+        by_movie.setdefault(mid, []).append(tag)
+        by_user.setdefault(uid, []).append(tag)
+
+    ids = movies.column("movieId").to_pylist()
+    titles = movies.column("title").to_pylist()
+    posters = data / "posters"
+    image_uri = [str(posters / f"{m}.jpg") if (posters / f"{m}.jpg").is_file() else None for m in ids]
+    genres = [[] if g == "(no genres listed)" else g.split("|") for g in movies.column("genres").to_pylist()]
+    created = []
+    for t in titles:
+        year = YEAR.search(t.strip())
+        created.append(datetime(int(year.group(1)), 1, 1, tzinfo=UTC) if year else None)
+    illustrations = pa.table(
+        {
+            "illust_id": pa.array(ids, pa.int64()),
+            "image_uri": pa.array(image_uri, pa.string()),
+            "title": pa.array(titles, pa.string()),
+            "tags": pa.array(genres, pa.list_(pa.string())),
+            "user_tags": pa.array([_distinct_lower(by_movie.get(m, [])) for m in ids], pa.list_(pa.string())),
+            "created_at": pa.array(created, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    user_ids = sorted(set(ratings.column("userId").to_pylist()))
+    users = pa.table(
+        {
+            "user_id": pa.array(user_ids, pa.int64()),
+            "interest_tags": pa.array([_distinct_lower(by_user.get(u, [])) for u in user_ids], pa.list_(pa.string())),
+        }
+    )
+    interactions = pa.table(
+        {
+            "user_id": ratings.column("userId").cast(pa.int64()),
+            "illust_id": ratings.column("movieId").cast(pa.int64()),
+            "ts": pa.array((ts * 1_000_000).astype("datetime64[us]"), pa.timestamp("us", tz="UTC")),
+            "label": pa.array((ratings.column("rating").to_numpy() >= 4.0).astype(np.int8), pa.int8()),
+        }
+    )
+    for name, table in (("illustrations", illustrations), ("users", users), ("interactions", interactions)):
+        pq.write_table(table, out / f"{name}.parquet")
+    summary = {
+        **split,
+        "movies": illustrations.num_rows,
+        "movies_without_poster": sum(u is None for u in image_uri),
+        "users": users.num_rows,
+        "ratings": interactions.num_rows,
+        "label_rate": round(float(np.mean(interactions.column("label").to_numpy())), 4),
+    }
+    (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def umair(*args: str) -> float:
+    """Run one ``umair`` CLI job from the repository root; its wall time in seconds."""
+    t0 = time.perf_counter()
+    cmd = [str(REPO / ".venv" / "bin" / "umair"), *args]
+    print("$ umair " + " ".join(args), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return time.perf_counter() - t0
+
+
+def _config_copy(src: Path, dst: Path, **updates: Any) -> Path:
+    """``src`` YAML with top-level keys replaced (the README's configs stay the source of truth)."""
+    import yaml
+
+    data = yaml.safe_load(src.read_text())
+    data.update(updates)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(yaml.safe_dump(data, sort_keys=False))
+    return dst
+
+
+def popularity(tables: Path, split: dict[str, str]) -> dict[str, Any]:
+    """Item popularity (log count of training-window ratings) scored on the test window,
+    overall and on warm / cold users and items, with the same metric code as ``umair evaluate``."""
+    from umair.training.scoring import warm_cold_report, window_metrics
+
+    inter = pq.read_table(tables / "interactions.parquet")
+    ts = inter.column("ts").cast(pa.int64()).to_numpy()
+    v_us = int(datetime.fromisoformat(split["validation"]).timestamp() * 1e6)
+    s_us = int(datetime.fromisoformat(split["split"]).timestamp() * 1e6)
+    users, items = inter.column("user_id").to_numpy(), inter.column("illust_id").to_numpy()
+    labels = inter.column("label").to_numpy().astype(np.float64)
+    train, test = ts < v_us, ts >= s_us
+    ids, counts = np.unique(items[train], return_counts=True)
+    count_of = dict(zip(ids.tolist(), counts.tolist()))
+    score = np.log1p(np.array([count_of.get(i, 0) for i in items[test]], np.float64))
+    prob = 0.05 + 0.9 * score / max(score.max(), 1.0)  # a monotone map into (0, 1): AUC is what counts
+    warm = {"users": np.isin(users[test], users[train]), "items": np.isin(items[test], items[train])}
+    out = window_metrics(users[test], labels[test], prob)
+    out["warm_cold"] = warm_cold_report(users[test], labels[test], prob, warm)
+    return out
+
+
+def run(out: Path, seeds: list[int], variants: list[str], skip_encoders: bool) -> None:
+    """The whole chain through the real CLI; one JSON line per (variant, seed) in OUT/results.jsonl."""
+    tables = out / "tables"
+    if not (tables / "split.json").is_file():
+        print(json.dumps(convert(DATA, tables), indent=2))
+    split = json.loads((tables / "split.json").read_text())
+    rel = str(tables.relative_to(REPO))
+    umair(
+        "validate",
+        *("--illustrations", f"{rel}/illustrations.parquet", "--users", f"{rel}/users.parquet"),
+        *("--interactions", f"{rel}/interactions.parquet"),
+    )
+    times: dict[str, float] = {}
+    if not skip_encoders:
+        times["pretrain-image"] = umair("pretrain-image", "--config", str(CONFIGS / "pretrain_image.yaml"))
+        times["extract"] = umair("extract", "--config", str(CONFIGS / "extract.yaml"))
+    results = out / "results.jsonl"
+    for seed in seeds:
+        for variant in variants:
+            name = f"{variant}-s{seed}"
+            model_dir = out / "runs" / name
+            cfg = _config_copy(
+                CONFIGS / "train.yaml",
+                out / "configs" / f"train-{name}.yaml",
+                variant=None if variant == "full" else variant,
+                seed=seed,
+                run_name=f"movielens-{name}",
+                output=str(model_dir.relative_to(REPO)),
+                validation=split["validation"],
+                split=split["split"],
+            )
+            t_train = umair("train", "--config", str(cfg))
+            ev = _config_copy(
+                CONFIGS / "evaluate.yaml",
+                out / "configs" / f"evaluate-{name}.yaml",
+                model=str(model_dir.relative_to(REPO)),
+                run_name=f"movielens-evaluate-{name}",
+            )
+            umair("evaluate", "--config", str(ev))
+            meta = json.loads((model_dir / "model.json").read_text())
+            report = json.loads((model_dir / "evaluation.json").read_text())
+            hist = meta["training"]["history"]
+            row = {
+                "variant": variant,
+                "seed": seed,
+                "best_epoch": meta["best_epoch"],
+                "val_auc": meta["val_auc"],
+                "val_logloss": meta["val_logloss"],
+                "test_auc": report["auc"],
+                "test_logloss": report["logloss"],
+                "test_gauc": report["gauc"],
+                "warm_cold": report.get("warm_cold"),
+                "modality_coverage": report.get("modality_coverage"),
+                "rows_per_s": float(np.mean([h["rows_per_s"] for h in hist])),
+                "train_s": round(t_train, 1),
+                **{f"{k}_s": round(v, 1) for k, v in times.items()},
+            }
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    table(out)
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def table(out: Path) -> None:
+    """Mean ± std over seeds per variant, beside item popularity (Markdown)."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    split = json.loads((out / "tables" / "split.json").read_text())
+    pop = popularity(out / "tables", split)
+
+    def side(r: dict, kind: str, which: str) -> float | None:
+        return ((r.get("warm_cold") or {}).get(kind) or {}).get(which, {}).get("auc")
+
+    cols = ["model", "seeds", "val AUC", "test AUC", "test logloss", "warm users", "cold users"]
+    cols += ["warm items", "cold items", "rows/s"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == variant]
+        cells = [variant, str(len(rs)), _cell([r["val_auc"] for r in rs]), _cell([r["test_auc"] for r in rs])]
+        cells.append(_cell([r["test_logloss"] for r in rs]))
+        cells += [_cell([side(r, k, w) for r in rs]) for k, w in (("users", "warm"), ("users", "cold"))]
+        cells += [_cell([side(r, k, w) for r in rs]) for k, w in (("items", "warm"), ("items", "cold"))]
+        cells.append(f"{np.mean([r['rows_per_s'] for r in rs]):.0f}")
+        print("| " + " | ".join(cells) + " |")
+    wc = pop["warm_cold"]
+    cells = ["item popularity", "–", "–", f"{pop['auc']:.4f}", "–"]
+    cells += [f"{wc[k][w]['auc']:.4f}" for k in ("users", "items") for w in ("warm", "cold")]
+    print("| " + " | ".join([*cells, "–"]) + " |")
+    test_rows = wc["items"]["warm"]["rows"] + wc["items"]["cold"]["rows"]
+    print(
+        f"\ntest rows {test_rows}: cold items {wc['items']['cold']['rows'] / test_rows:.1%}, "
+        f"cold users {wc['users']['cold']['rows'] / test_rows:.1%}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="write umair's tables from the MovieLens-with-posters files")
+    c.add_argument("--data", type=Path, default=DATA)
+    c.add_argument("--out", type=Path, default=OUT / "tables")
+    r = sub.add_parser("run", help="pretrain-image, extract, then train + evaluate per variant and seed")
+    r.add_argument("--out", type=Path, default=OUT)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--variants", nargs="+", default=["full", "dcn_v2_only"])
+    r.add_argument("--skip-encoders", action="store_true", help="reuse the encoder and features already there")
+    t = sub.add_parser("table", help="print the results table")
+    t.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    print(machine_line())
+    if args.cmd == "convert":
+        t0 = time.perf_counter()
+        summary = convert(args.data, args.out)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s")
+    elif args.cmd == "run":
+        run(args.out, args.seeds, args.variants, args.skip_encoders)
+    else:
+        table(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
