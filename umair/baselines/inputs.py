@@ -10,6 +10,9 @@ user_id        [N] int64       user-id index (0 = out of vocabulary)
 user_tags      [N, T] int64    u^IL interest-tag indices, 0-padded
 user_fields    [N, P] int64    u^O profile-field indices
 item_fields    [N, M] int64    i^O metadata indices (buckets, ids, categoricals)
+user_bags[b]   [N, L] int64    each user bag field (list<string> column), 0-padded
+item_bags[b]   [N, L] int64    each item bag field (genres, cast...), 0-padded; only
+                               UmairFPS reads the bags
 vectors[m]     [N, d_m] f32    each modality (e_SEM, e_STY, e_TSEM...), standardised like training
 labels         [N] float32     1 = bookmarked
 users          [N] int64       the raw user ids (GAUC, per-segment metrics)
@@ -43,6 +46,8 @@ class RowInputs:
     vectors: dict[str, Tensor] = field(default_factory=dict)
     user_field_names: tuple[str, ...] = ()
     item_field_names: tuple[str, ...] = ()
+    user_bags: dict[str, Tensor] = field(default_factory=dict)
+    item_bags: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -52,6 +57,8 @@ class RowInputs:
             "user_fields": self.user_fields,
             "item_fields": self.item_fields,
             **self.vectors,
+            **{f"user_bags[{b!r}]": t for b, t in self.user_bags.items()},
+            **{f"item_bags[{b!r}]": t for b, t in self.item_bags.items()},
         }
         for name, t in shapes.items():
             if t.shape[0] != n:
@@ -115,4 +122,6 @@ class RowInputs:
             vectors={m: torch.as_tensor(v).float().contiguous() for m, v in vectors.items()},
             user_field_names=tuple(user_field_names),
             item_field_names=tuple(item_field_names),
+            user_bags={b: torch.as_tensor(t).long().contiguous() for b, t in kwargs.get("user_bags", {}).items()},
+            item_bags={b: torch.as_tensor(t).long().contiguous() for b, t in kwargs.get("item_bags", {}).items()},
         )

@@ -72,7 +72,13 @@ class FusionRanker(Ranker):
         module: UmairFPS = self.module  # type: ignore[assignment]
         with torch.no_grad():
             packed = module.pack_ids(
-                rows.user_id, rows.user_tags, rows.user_fields, rows.item_fields, drop_tag_padding=True
+                rows.user_id,
+                rows.user_tags,
+                rows.user_fields,
+                rows.item_fields,
+                drop_tag_padding=True,
+                user_bags=rows.user_bags,
+                item_bags=rows.item_bags,
             )
         return {"packed": packed, "vectors": {m: rows.vectors[m] for m in used}}
 

@@ -188,7 +188,11 @@ def decode_rows(
             ok[i] = True
         except DecodeError as err:
             stage[i], reason[i], error[i] = "decode", err.reason, str(err)
-    out = {k: v for k, v in batch.items() if k not in ("created_at", "tags")}
+    # Only what later stages read: the text columns are done with (e_TSEM is in the batch),
+    # and every column keeps one type across blocks (a block whose image_uri values are all
+    # NULL would otherwise not unify with the others in Ray Data).
+    out = {k: batch[k] for k in ("illust_id", *registry.names()) if k in batch}
+    out["image_uri"] = np.array([u if isinstance(u, str) else "" for u in batch["image_uri"]], dtype=object)
     out.update(ok=ok, stage=stage, reason=reason, error=error)
     if gpu:
         out.update(data=data_col, route=route)

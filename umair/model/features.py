@@ -73,6 +73,17 @@ class FeatureSettings(Settings):
     standardize: bool = Field(
         True, description="z-score e_SEM / e_STY / e_TSEM per dimension with statistics of the training window's items"
     )
+    item_bags: tuple[str, ...] | None = Field(
+        None,
+        description="list<string> illustration columns (genres, cast, keywords) embedded as bags of ids, each one "
+        "mean-pooled k-wide field of F_emb(i^O); None = every extra list<string> column but tags, [] = none",
+    )
+    user_bags: tuple[str, ...] | None = Field(
+        None,
+        description="list<string> users columns embedded as bags (one mean-pooled field of u^O each); "
+        "None = every extra list<string> column but interest_tags, [] = none",
+    )
+    max_bag: int = Field(16, ge=1, description="L: ids kept per bag (the first L known ones, in list order)")
 
 
 # --------------------------------------------------------------------------- windows
@@ -116,6 +127,52 @@ def _extra_columns(table: pa.Table, reserved: Sequence[str], chosen: Sequence[st
     ]
 
 
+def _is_string_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+    )
+
+
+def _bag_columns(table: pa.Table, reserved: str, chosen: Sequence[str] | None, key: str, what: str) -> list[str]:
+    """The list<string> columns to embed as bags: ``chosen`` (each checked to exist and be
+    list<string>) or every list<string> column but ``reserved``."""
+    if chosen is None:
+        return [c for c in table.column_names if c != reserved and _is_string_list(table.schema.field(c).type)]
+    for c in chosen:
+        if c not in table.column_names:
+            raise FeatureError(
+                f"features.{key}: column {c!r} not found in {what} (columns: {', '.join(table.column_names)})"
+            )
+        t = table.schema.field(c).type
+        if not _is_string_list(t):
+            raise FeatureError(f"features.{key}: column {c!r} of {what} is {t}, expected list<string>")
+    return list(chosen)
+
+
+def _fit_bags(table: pa.Table, columns: Sequence[str], settings: FeatureSettings) -> dict[str, Vocabulary]:
+    """A vocabulary per bag column over every value of its lists (``min_count`` applies)."""
+    return {c: Vocabulary.fit(pc.list_flatten(table.column(c)).combine_chunks(), settings.min_count) for c in columns}
+
+
+def _encode_bags(
+    bags: Mapping[str, Vocabulary], table: pa.Table, n: int, max_bag: int, rows: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Each bag column of ``table`` as [n, max_bag] ids, 0-padded (unknown values dropped);
+    ``rows``: the output rows ``table``'s rows fill (the rest stay padding). A column the
+    table lacks is all padding."""
+    out = {}
+    for c, vocab in bags.items():
+        got = np.zeros((n, max_bag), np.int64)
+        if c in table.column_names:
+            enc = vocab.encode_padded(table.column(c).to_pylist(), max_bag)
+            if rows is None:
+                got[:] = enc
+            else:
+                got[rows] = enc
+        out[c] = got
+    return out
+
+
 def _interest_tags(users: pa.Table) -> pa.Array:
     """Every interest tag u^IL of ``users`` (flattened); empty when the column is absent."""
     if "interest_tags" not in users.column_names:
@@ -135,13 +192,15 @@ class UserTable:
     """Users encoded once; row ``r`` is ``user_ids[r]`` (the users table's order).
 
     ``uid`` [N] (user-id index), ``tags`` [N, T] (u^IL indices, 0-padded), ``fields``
-    [N, P] (u^O indices in :attr:`FeatureSpace.user_fields` order).
+    [N, P] (u^O indices in :attr:`FeatureSpace.user_fields` order), ``bags[name]`` [N, L]
+    (each user bag's ids, 0-padded, in :attr:`FeatureSpace.user_bags` order).
     """
 
     user_ids: np.ndarray
     uid: np.ndarray
     tags: np.ndarray
     fields: np.ndarray
+    bags: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows(self, user_ids: np.ndarray) -> np.ndarray:
         """Row of each id; -1 where the id is not in the table."""
@@ -158,7 +217,8 @@ class ItemTable:
     ``umair.*`` metadata (dims, encoder versions); ``present``: per modality a bool [R],
     false where the item lacks it (its vector was NULL, e.g. no image: no e_SEM / e_STY;
     its row of ``vectors`` then holds zeros). A modality not in ``present`` is present in
-    every row.
+    every row. ``bags[name]`` [R, L]: each item bag's ids (genres...), 0-padded, in
+    :attr:`FeatureSpace.item_bags` order (:meth:`FeatureSpace.encode_item_bags`).
     """
 
     illust_ids: np.ndarray
@@ -166,6 +226,7 @@ class ItemTable:
     vectors: dict[str, np.ndarray]
     metadata: dict[str, str]
     present: dict[str, np.ndarray] = field(default_factory=dict)
+    bags: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows(self, illust_ids: np.ndarray) -> np.ndarray:
         """Row of each id; -1 where the id has no item features."""
@@ -203,7 +264,9 @@ class FeatureSpace:
     Fitted by :meth:`fit` on the training window only; saved as JSON with the model
     (:meth:`to_dict` / :meth:`from_dict`, :meth:`save` / :meth:`load`). Index 0 of every
     field is the OOV / missing slot. Field order here is the column order of
-    ``user_fields`` / ``item_fields`` tensors and of :class:`ModelConfig`'s dicts.
+    ``user_fields`` / ``item_fields`` tensors and of :class:`ModelConfig`'s dicts;
+    ``user_bags`` / ``item_bags``: a vocabulary per bag column (list<string>; index 0 =
+    padding / unknown), likewise in :class:`ModelConfig` order.
     """
 
     settings: FeatureSettings
@@ -214,6 +277,8 @@ class FeatureSpace:
     item_fields: dict[str, Encoder]
     fitted_on: dict[str, int] = field(default_factory=dict)
     vector_stats: dict[str, VectorStats] = field(default_factory=dict)
+    user_bags: dict[str, Vocabulary] = field(default_factory=dict)
+    item_bags: dict[str, Vocabulary] = field(default_factory=dict)
 
     # ---- fitting
 
@@ -254,6 +319,8 @@ class FeatureSpace:
             item_fields["illust_id"] = Vocabulary.fit(item_col, settings.min_count)
         for c in _extra_columns(illustrations, ITEM_RESERVED, settings.item_categoricals, "illustrations"):
             item_fields[c] = _fit_field(train_items.column(c), settings)
+        item_bag_cols = _bag_columns(illustrations, "tags", settings.item_bags, "item_bags", "illustrations")
+        user_bag_cols = _bag_columns(users, "interest_tags", settings.user_bags, "user_bags", "users")
         return cls(
             settings=settings,
             split=parse_time(split).isoformat(),
@@ -266,6 +333,8 @@ class FeatureSpace:
                 "users": train_users.num_rows,
                 "illustrations": train_items.num_rows,
             },
+            user_bags=_fit_bags(train_users, user_bag_cols, settings),
+            item_bags=_fit_bags(train_items, item_bag_cols, settings),
         )
 
     # ---- sizes for ModelConfig
@@ -283,6 +352,9 @@ class FeatureSpace:
             "n_tags": len(self.user_tags),
             "user_fields": self.user_field_sizes(),
             "item_fields": self.item_field_sizes(),
+            "user_bags": {name: len(v) for name, v in self.user_bags.items()},
+            "item_bags": {name: len(v) for name, v in self.item_bags.items()},
+            "max_bag": self.settings.max_bag,
         }
 
     # ---- encoding
@@ -300,6 +372,7 @@ class FeatureSpace:
             uid=self.user_id.encode(users.column("user_id")),
             tags=self.user_tags.encode_padded(_tag_lists(users), self.settings.max_user_tags),
             fields=np.stack(fields, axis=1) if fields else np.zeros((users.num_rows, 0), np.int64),
+            bags=_encode_bags(self.user_bags, users, users.num_rows, self.settings.max_bag),
         )
 
     def encode_items(self, illustrations: pa.Table, illust_ids: np.ndarray) -> np.ndarray:
@@ -317,6 +390,13 @@ class FeatureSpace:
                 out[found, j] = enc.encode(rows.column(name))
         return out
 
+    def encode_item_bags(self, illustrations: pa.Table, illust_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Each item bag's ids [len(illust_ids), L] for the given ids, in their order
+        (0-padded; all padding for an id the illustrations table does not hold)."""
+        illust_ids = np.asarray(illust_ids, dtype=np.int64)
+        rows, found = take_by_id(illustrations, "illust_id", illust_ids)
+        return _encode_bags(self.item_bags, rows, len(illust_ids), self.settings.max_bag, np.flatnonzero(found))
+
     # ---- persistence
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,6 +410,8 @@ class FeatureSpace:
             "item_fields": {k: v.to_dict() for k, v in self.item_fields.items()},
             "fitted_on": dict(self.fitted_on),
             "vector_stats": {k: v.to_dict() for k, v in self.vector_stats.items()},
+            "user_bags": {k: v.to_dict() for k, v in self.user_bags.items()},
+            "item_bags": {k: v.to_dict() for k, v in self.item_bags.items()},
         }
 
     @classmethod
@@ -345,6 +427,8 @@ class FeatureSpace:
             item_fields={k: _encoder_from_dict(v) for k, v in data["item_fields"].items()},
             fitted_on=dict(data.get("fitted_on", {})),
             vector_stats={k: VectorStats.from_dict(v) for k, v in data.get("vector_stats", {}).items()},
+            user_bags={k: Vocabulary.from_dict(v) for k, v in data.get("user_bags", {}).items()},
+            item_bags={k: Vocabulary.from_dict(v) for k, v in data.get("item_bags", {}).items()},
         )
 
     def with_vector_stats(self, stats: Mapping[str, VectorStats]) -> FeatureSpace:

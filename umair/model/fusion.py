@@ -9,8 +9,9 @@ No layer depends on batch statistics, so batch size 1 works in train and eval mo
 
 Layout for speed (the function computed is the one of :class:`UmairFPS`): every id table
 is a block of rows of one ``embeddings`` table (``user_emb``, ``tag_emb``,
-``user_field_embs``, ``item_field_embs`` are views of it) read by one weighted
-``embedding_bag`` per step (:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack
+``user_field_embs``, ``user_bag_embs``, ``item_field_embs``, ``item_bag_embs`` are views of
+it) read by one weighted ``embedding_bag`` per step (:mod:`umair.model.packing`;
+:meth:`UmairFPS.pack_ids` turns the ids into rows of it; pack
 a whole window, or each table once, and call the model on the packed ids), and the deep MLP, each
 cross layer (either form) and the output layer keep their weights and biases in one flat
 parameter each, so Adam updates a handful of tensors per step (5 for the default 2-layer
@@ -21,7 +22,7 @@ output layer like ``nn.Linear``, cross layers as in :mod:`umair.model.crossnet`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from umair.model.crossnet import CrossNet
 from umair.model.history import UserHistory, history_widths
+from umair.model.packing import PackLayout, compact_tags  # noqa: F401  (compact_tags re-exported)
 from umair.model.settings import META, ModelConfig
 from umair.model.umcm import MoEUMCM
 
@@ -118,12 +120,17 @@ class UmairFPS(nn.Module):
     With ``k`` = ``emb_dim`` (8 like the paper), ``d`` the common width, ``E_*`` the id
     embedding tables (width ``k``) and ``[a; b]`` concatenation::
 
-        raw      = [E_uid(u); mean_{t ∈ u^IL} E_tag(t); E_f(u^O_f)...; E_f(i^O_f)...]   [B, (2 + P + M) k]
-        v_user   = W_u [E_uid(u); mean_t E_tag(t); E_f(u^O_f)...] + b_u                  [B, d]
-        e_j      = W_j x_j + b_j   for x_j in (e_TSEM, e_SEM, e_STY, [E_f(i^O_f)...])     [B, J, d]
+        raw      = [u_raw; E_f(i^O_f)...; mean_{g ∈ i_b} E_b(g)...]                       [B, (2 + P + U + M + I) k]
+        u_raw    = [E_uid(u); mean_{t ∈ u^IL} E_tag(t); E_f(u^O_f)...; mean_{g ∈ u_b} E_b(g)...]
+        v_user   = W_u u_raw + b_u                                                       [B, d]
+        e_j      = W_j x_j + b_j   for x_j in (e_TSEM, e_SEM, e_STY, F_emb(i^O))          [B, J, d]
+        F_emb(i^O) = [E_f(i^O_f)...; mean_{g ∈ i_b} E_b(g)...]                            [B, (M + I) k]
 
-    the enabled modalities in that order (:attr:`modality_names`; the last one is
-    ``F_emb(i^O)``, present when there are item fields). ``cfg.user_history`` adds
+    with P profile fields, U user bags, M item fields and I item bags (a bag field ``b``:
+    a list<string> column such as genres, its ids mean-pooled over the non-padding ones, an
+    empty bag the zero vector; ``cfg.user_bags`` / ``cfg.item_bags``). The enabled
+    modalities come in that order (:attr:`modality_names`; the last one is ``F_emb(i^O)``,
+    present when there are item fields or item bags). ``cfg.user_history`` adds
     ``Σ_m W_m hist_m(u)`` to ``v_user`` (mean vectors of the user's training bookmarks,
     :mod:`umair.model.history`); ``cfg.modality_norm = "l2"`` rescales every ``e_j`` to
     norm ``√d``, so only α sets a modality's share of ``v_il``. UMCM (:mod:`umair.model.umcm`),
@@ -158,8 +165,9 @@ class UmairFPS(nn.Module):
 
     Inputs (one batch of B user-item pairs; every id is a vocabulary index, 0 =
     out-of-vocabulary / padding, see :mod:`umair.model.vocab`). The ids go through
-    :meth:`pack_ids` into one matrix ``packed`` [B, 1 + T + P + M] that :meth:`forward`
-    and :meth:`explain` read, with the item vectors as a mapping ``vectors``:
+    :meth:`pack_ids` into one matrix ``packed`` [B, 1 + T + P + U·L + M + I·L] (L =
+    ``cfg.max_bag``) that :meth:`forward` and :meth:`explain` read, with the item vectors as a
+    mapping ``vectors``:
 
     =============  ==============  ====================================================
     name           shape, dtype    meaning
@@ -171,6 +179,9 @@ class UmairFPS(nn.Module):
     item_fields    [B, M] int64    item metadata i^O (bucketised created_at, size, page
                                    count, artist, optionally the illustration id itself),
                                    columns in ``item_fields`` order
+    user_bags[b]   [B, L] int64    each user bag (``cfg.user_bags``), 0-padded, L <= ``cfg.max_bag``;
+                                   mean-pooled like the tags
+    item_bags[b]   [B, L] int64    each item bag (``cfg.item_bags``: genres, cast...), likewise
     vectors[m]     [B, d_m] float  each modality m of ``cfg.vectors`` (e_SEM ``sem``,
                                    e_STY ``sty``, e_TSEM ``tsem``, any registered one)
     =============  ==============  ====================================================
@@ -211,28 +222,27 @@ class UmairFPS(nn.Module):
         super().__init__()
         self.cfg = cfg
         k, d = cfg.emb_dim, cfg.d
-        # Every id table (user id, tags, each profile field, each item field) is one block of
-        # rows of a single [Σ vocab, k] table: one lookup, one L2 norm and one Adam update per
-        # step instead of one per table. ``user_emb`` etc. are views of the blocks.
-        sizes = [cfg.n_users, cfg.n_tags, *cfg.user_fields.values(), *cfg.item_fields.values()]
-        starts = [0]
-        for n in sizes[:-1]:
-            starts.append(starts[-1] + n)
-        self.embeddings = nn.Embedding(sum(sizes), k, padding_idx=starts[1], _weight=torch.empty(sum(sizes), k))
+        # Every id table (user id, tags, each profile field / user bag, each item field / item
+        # bag) is one block of rows of a single [Σ vocab, k] table: one lookup, one L2 norm and
+        # one Adam update per step instead of one per table. ``user_emb`` etc. are views of the
+        # blocks; the column layout of packed ids is :class:`umair.model.packing.PackLayout`'s.
+        self.layout = layout = PackLayout(cfg)
+        starts, sizes, n = layout.starts, layout.sizes, layout.total_rows
+        self.embeddings = nn.Embedding(n, k, padding_idx=starts[1], _weight=torch.empty(n, k))
         with torch.no_grad():
             nn.init.normal_(self.embeddings.weight, std=0.1)
             self.embeddings.weight[starts[1]].zero_()  # tag padding (tag id 0)
-        self._tag_pad = starts[1]
+            for row in layout.bag_blocks():  # bag padding (id 0 of every bag field)
+                self.embeddings.weight[row].zero_()
         views = [_TableView(self, a, n) for a, n in zip(starts, sizes, strict=True)]
-        n_uf = len(cfg.user_fields)
+        p, u, m = len(cfg.user_fields), len(cfg.user_bags), len(cfg.item_fields)
         self.user_emb, self.tag_emb = views[0], views[1]
-        self.user_field_embs: tuple[_TableView, ...] = tuple(views[2 : 2 + n_uf])
-        self.item_field_embs: tuple[_TableView, ...] = tuple(views[2 + n_uf :])
-        # per packed id column: the first row of its table and its vocabulary size
-        self._table_starts, self._table_sizes = starts, sizes
-        self._bag_starts: dict[tuple, object] = {}  # per-shape index tensors (bag starts, column bounds)
-        user_width = (2 + len(cfg.user_fields)) * k
-        item_width = len(cfg.item_fields) * k
+        self.user_field_embs: tuple[_TableView, ...] = tuple(views[2 : 2 + p])
+        self.user_bag_embs: tuple[_TableView, ...] = tuple(views[2 + p : 2 + p + u])
+        self.item_field_embs: tuple[_TableView, ...] = tuple(views[2 + p + u : 2 + p + u + m])
+        self.item_bag_embs: tuple[_TableView, ...] = tuple(views[2 + p + u + m :])
+        user_width = (2 + p + u) * k
+        item_width = (m + len(cfg.item_bags)) * k
         self.modality_names: tuple[str, ...] = cfg.modalities
         width = user_width + item_width
         if cfg.multimodal:
@@ -261,16 +271,6 @@ class UmairFPS(nn.Module):
         parallel = cfg.structure == "parallel" and cfg.cross_layers > 0
         self.head = _FlatLinear(deep_out + (width if parallel else 0), 1)
 
-    @staticmethod
-    def _check_fields(n: int, ids: Tensor | None, what: str, batch: int, like: Tensor) -> Tensor:
-        if ids is None:
-            if n:
-                raise ValueError(f"{what}: the config names {n} fields but no tensor was given")
-            return like.new_zeros(batch, 0)
-        if ids.dim() != 2 or ids.shape[1] != n:
-            raise ValueError(f"{what}: expected shape [B, {n}], got {list(ids.shape)}")
-        return ids
-
     def pack_ids(
         self,
         user_id: Tensor,
@@ -278,95 +278,38 @@ class UmairFPS(nn.Module):
         user_fields: Tensor | None = None,
         item_fields: Tensor | None = None,
         drop_tag_padding: bool = False,
+        user_bags: Mapping[str, Tensor] | None = None,
+        item_bags: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """The id inputs as one int64 matrix [B, 1 + T + P + M] of rows of the fused table
-        ``embeddings`` (columns: user id, the T tags, profile fields, item fields; each id
-        shifted to its table's block). Raises IndexError for an id outside its vocabulary,
-        like a per-table ``nn.Embedding`` lookup. :meth:`forward` reads it; pack a whole
-        window (or each user and item table) once to skip this per step.
+        """The id inputs as one int64 matrix [B, 1 + T + P + U·L + M + I·L] of rows of the
+        fused table ``embeddings`` (columns: user id, the T tags, profile fields, user bags,
+        item fields, item bags; each id shifted to its table's block; layout:
+        :mod:`umair.model.packing`). ``user_bags[name]`` / ``item_bags[name]`` [B, L_b]
+        (L_b <= L = ``cfg.max_bag``, 0-padded; padded to L here), one per bag of
+        ``cfg.user_bags`` / ``cfg.item_bags``. Raises IndexError for an id outside its
+        vocabulary, like a per-table ``nn.Embedding`` lookup, and ValueError for a missing
+        field or bag. :meth:`forward` reads it; pack a whole window (or each user and item
+        table) once to skip this per step.
 
         ``drop_tag_padding``: every row's tags are moved ahead of its padding (order kept)
         and the tag columns that are then padding in every row are dropped (T becomes the
         most tags any row has, at least 1). The masked mean is the same (padding has weight
         0), but each step reads fewer ids: users hold ~1–3 of T = 16 tags in the sample
         world. It costs a host sync, so use it on a whole window, not per step."""
-        cfg = self.cfg
-        b = user_id.shape[0]
-        user_tags = user_tags.reshape(b, -1)
-        if drop_tag_padding and user_tags.shape[1] > 1 and b:
-            user_tags = compact_tags(user_tags)
-        uf = self._check_fields(len(cfg.user_fields), user_fields, "user_fields", b, user_id)
-        itf = self._check_fields(len(cfg.item_fields), item_fields, "item_fields", b, user_id)
-        ids = torch.cat([user_id.reshape(b, 1), user_tags, uf, itf], dim=1).long()
-        starts, sizes = self._column_bounds(user_tags.shape[1], ids.device)
-        if ids.numel():
-            outside = (ids < 0) | (ids >= sizes)
-            if ids.device.type == "cpu":
-                if bool(outside.any()):
-                    row, col = outside.nonzero()[0].tolist()
-                    raise IndexError(
-                        f"id {int(ids[row, col])} of input column {col} is outside its vocabulary of {int(sizes[0, col])}"
-                    )
-            else:  # no host sync on an accelerator
-                torch._assert_async(~outside.any(), "UmairFPS.pack_ids: an id is outside its vocabulary")
-        return ids + starts
-
-    def _column_bounds(self, n_tags: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Per packed column: the first row of its table and its vocabulary size, [1, C] each."""
-        key = ("bounds", n_tags, str(device))
-        got = self._bag_starts.get(key)
-        if got is None:
-            s, n = self._table_starts, self._table_sizes
-            cols = [0] + [1] * n_tags + list(range(2, len(s)))
-            got = (
-                torch.tensor([[s[c] for c in cols]], device=device),
-                torch.tensor([[n[c] for c in cols]], device=device),
-            )
-            self._cache_put(key, got)
-        return got
-
-    def _cache_put(self, key: tuple, value: object) -> None:
-        if len(self._bag_starts) > 16:
-            self._bag_starts.clear()
-        self._bag_starts[key] = value
-
-    def _bag_index(self, b: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """For ``packed.view(-1)`` of a [b, width] batch: the start of every bag (per row
-        the user id, the T = width - 1 - P - M tags, then one bag per field), the bag of
-        every id, and a [b, width] matrix of ones (the weights of single-id bags)."""
-        key = ("bags", b, width, str(device))
-        got = self._bag_starts.get(key)
-        if got is None:
-            n_tags = width - 1 - (len(self._table_sizes) - 2)
-            n_bags = width - n_tags + 1  # user id, tags, P + M fields
-            per_row = torch.tensor([0, 1] + list(range(1 + n_tags, width)), device=device)
-            starts = (torch.arange(b, device=device).unsqueeze(1) * width + per_row).reshape(-1)
-            col_bag = torch.tensor([0] + [1] * n_tags + list(range(2, n_bags)), device=device)
-            bag_of = (torch.arange(b, device=device).unsqueeze(1) * n_bags + col_bag).reshape(-1)
-            got = (starts, bag_of, torch.ones(b, width, device=device))
-            self._cache_put(key, got)
-        return got  # type: ignore[return-value]
+        return self.layout.pack(user_id, user_tags, user_fields, item_fields, drop_tag_padding, user_bags, item_bags)
 
     def embed_packed(self, packed: Tensor) -> Tensor:
-        """The raw features [B, (2 + P + M) k] of packed ids (:meth:`pack_ids`): user id,
-        mean of the non-padding tag embeddings (all padding -> zero vector), profile
-        fields, item fields, in that order.
+        """The raw features [B, (2 + P + U + M + I) k] of packed ids (:meth:`pack_ids`): user
+        id, mean of the non-padding tag embeddings (all padding -> zero vector), profile
+        fields, the mean of each user bag's non-padding ids (likewise), item fields, each
+        item bag's mean, in that order.
 
-        One weighted ``embedding_bag`` (sum) does every lookup: each field bag holds one id
-        of weight 1, the tag bag the T tags, each of weight 1/(number of non-padding tags)
-        and padding of weight 0 — the masked mean. Its backward is :class:`_BagSum`'s
-        (an ``index_add_``), several times cheaper on CPU than the sort-based dense
-        ``embedding_bag`` backward."""
-        b, width = packed.shape
-        n_tags = width - 1 - (len(self._table_sizes) - 2)
-        offsets, bag_of, ones = self._bag_index(b, width, packed.device)
-        weights = ones.to(self.embeddings.weight.dtype)
-        if n_tags:
-            real = packed[:, 1 : 1 + n_tags] != self._tag_pad
-            share = real / real.sum(dim=1, keepdim=True).clamp(min=1)
-            weights = torch.cat([weights[:, :1], share.to(weights.dtype), weights[:, 1 + n_tags :]], dim=1)
-        out = _BagSum.apply(self.embeddings.weight, packed.reshape(-1), offsets, weights.reshape(-1), bag_of)
-        return out.view(b, -1)
+        One weighted ``embedding_bag`` (sum) does every lookup (:meth:`PackLayout.embed`):
+        each field bag holds one id of weight 1, the tag bag and each bag field their ids,
+        each of weight 1/(number of non-padding ids) and padding of weight 0 — the masked
+        mean. Its backward is an ``index_add_``, several times cheaper on CPU than the
+        sort-based dense ``embedding_bag`` backward."""
+        return self.layout.embed(self.embeddings.weight, packed)
 
     def _modality(self, name: str, x: Tensor | None, width: int) -> Tensor:
         if x is None:
@@ -395,11 +338,11 @@ class UmairFPS(nn.Module):
         rows whose item is in the user's history, which then leaves it out
         (:meth:`UserHistory.leave_one_out`)."""
         cfg = self.cfg
-        raw = self.embed_packed(packed)  # [B, (2 + P + M) k] = [user id, tags, profile | item fields]
+        raw = self.embed_packed(packed)  # [B, (2 + P + U + M + I) k] = [user id, tags, profile, bags | item]
         alpha = beta = None
         x0 = raw
         if cfg.multimodal:
-            split = (2 + len(cfg.user_fields)) * cfg.emb_dim
+            split = (2 + len(cfg.user_fields) + len(cfg.user_bags)) * cfg.emb_dim
             user_raw, item_raw = raw[:, :split], raw[:, split:]
             v_user = self.user_proj(user_raw)
             given = vectors or {}
@@ -426,21 +369,9 @@ class UmairFPS(nn.Module):
         return FusionOutput(self.head(h).squeeze(-1), alpha, beta)
 
     def forward(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None) -> Tensor:
-        """Logits [B] of ids packed by :meth:`pack_ids` [B, 1 + T + P + M] and the item
+        """Logits [B] of ids packed by :meth:`pack_ids` [B, 1 + T + P + U·L + M + I·L] and the item
         vectors (apply a sigmoid for bookmark probabilities); ``own`` as in :meth:`explain`."""
         return self.explain(packed, vectors, own).logits
-
-
-def compact_tags(user_tags: Tensor, keep: int | None = None) -> Tensor:
-    """[N, T] tag ids (0 = padding) → [N, keep]: each row's tags moved ahead of its padding
-    (order kept), then only the first ``keep`` columns (default: the most tags any row
-    has, at least 1). A masked mean over the result equals the one over the input when
-    ``keep`` is at least that maximum."""
-    pad = user_tags == 0
-    order = torch.argsort(pad.to(torch.int8), dim=1, stable=True)
-    if keep is None:
-        keep = max(int((~pad).sum(dim=1).max()), 1) if len(user_tags) else 1
-    return user_tags.gather(1, order[:, :keep])
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -460,25 +391,6 @@ def l2_embedding_penalty(model: nn.Module) -> Tensor:
         w = tables[0].reshape(-1)
         return torch.dot(w, w)
     return torch.stack([w.pow(2).sum() for w in tables]).sum()
-
-
-class _BagSum(torch.autograd.Function):
-    """``embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=w)`` with
-    gradient ``∂weight[ids[i]] += w[i] · ∂out[bag_of[i]]`` (an ``index_add_``; the weights
-    are constants). The same function and gradient as the built-in, whose dense CPU
-    backward sorts the ids every step."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: Tensor, ids: Tensor, offsets: Tensor, w: Tensor, bag_of: Tensor) -> Tensor:
-        ctx.save_for_backward(ids, w, bag_of)
-        ctx.rows = weight.shape[0]
-        return F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=w)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        ids, w, bag_of = ctx.saved_tensors
-        per_id = grad.index_select(0, bag_of) * w.unsqueeze(1)
-        return grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids, per_id), None, None, None, None
 
 
 class _TableView:

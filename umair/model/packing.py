@@ -79,14 +79,14 @@ class PackLayout:
         """Per pooled bag, in raw-feature order: (first column, width, table, mean-pooled)."""
         out = [(0, 1, 0, False), (1, n_tags, 1, True)]
         col = 1 + n_tags
-        for tables, width in (
-            (self._user_field_tables, 1),
-            (self._user_bag_tables, self.bag_len),
-            (self._item_field_tables, 1),
-            (self._item_bag_tables, self.bag_len),
+        for tables, width, mean in (
+            (self._user_field_tables, 1, False),
+            (self._user_bag_tables, self.bag_len, True),
+            (self._item_field_tables, 1, False),
+            (self._item_bag_tables, self.bag_len, True),
         ):
             for t in tables:
-                out.append((col, width, t, width > 1 or t in self._user_bag_tables + self._item_bag_tables))
+                out.append((col, width, t, mean))
                 col += width
         return out
 
@@ -138,7 +138,7 @@ class PackLayout:
         return ids
 
     def _check_bags(
-        self, names: Mapping[str, int], bags: Mapping[str, Tensor] | None, what: str, batch: int, like: Tensor
+        self, names: Mapping[str, int], bags: Mapping[str, Tensor] | None, what: str, batch: int
     ) -> list[Tensor]:
         """Each configured bag [B, L_b] (L_b <= L) right-padded with 0 to [B, L]."""
         bags = bags or {}
@@ -176,8 +176,8 @@ class PackLayout:
             user_tags = compact_tags(user_tags)
         uf = self._check_fields(len(cfg.user_fields), user_fields, "user_fields", b, user_id)
         itf = self._check_fields(len(cfg.item_fields), item_fields, "item_fields", b, user_id)
-        ub = self._check_bags(cfg.user_bags, user_bags, "user_bags", b, user_id)
-        ib = self._check_bags(cfg.item_bags, item_bags, "item_bags", b, user_id)
+        ub = self._check_bags(cfg.user_bags, user_bags, "user_bags", b)
+        ib = self._check_bags(cfg.item_bags, item_bags, "item_bags", b)
         ids = torch.cat([user_id.reshape(b, 1), user_tags, uf, *ub, itf, *ib], dim=1).long()
         starts, sizes = self.bounds(user_tags.shape[1], ids.device)
         if ids.numel():

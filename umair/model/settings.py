@@ -39,6 +39,15 @@ class ModelConfig(BaseModel):
     item_fields: dict[str, int] = Field(
         default_factory=dict, description="item metadata field -> vocabulary size; column order of item_fields"
     )
+    user_bags: dict[str, int] = Field(
+        default_factory=dict,
+        description="user bag field (a list<string> column, mean-pooled ids) -> vocabulary size; part of v_user's input",
+    )
+    item_bags: dict[str, int] = Field(
+        default_factory=dict,
+        description="item bag field (genres, cast, keywords: mean-pooled ids) -> vocabulary size; part of F_emb(i^O)",
+    )
+    max_bag: int = Field(16, ge=1, description="L: id columns of every bag field in packed ids (features.max_bag)")
     vectors: dict[str, int] = Field(
         default_factory=registry.default_dims,
         description="vector modalities the model reads (umair.modalities names) -> width; "
@@ -83,7 +92,7 @@ class ModelConfig(BaseModel):
     def _check(self) -> ModelConfig:
         if self.umcm == "moe" and not self.experts:
             raise ValueError("umcm='moe' needs at least one entry in experts")
-        for name, size in {**self.user_fields, **self.item_fields}.items():
+        for name, size in {**self.user_fields, **self.item_fields, **self.user_bags, **self.item_bags}.items():
             if size < 1:
                 raise ValueError(f"vocabulary size of field {name!r} must be >= 1, got {size}")
         unknown = [m for m in self.vectors if m not in registry.names()]
@@ -111,7 +120,7 @@ class ModelConfig(BaseModel):
         """Names of the J stacked modalities, in order (empty when not multimodal)."""
         if not self.multimodal:
             return ()
-        return self.vector_names + ((META,) if self.item_fields else ())
+        return self.vector_names + ((META,) if self.item_fields or self.item_bags else ())
 
     @property
     def expert_kinds(self) -> tuple[ExpertKind, ...]:

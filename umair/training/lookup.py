@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,12 @@ class Lookup:
     """The user and item tables as tensors on one device.
 
     The model reads ids packed into rows of its fused embedding table
-    (:meth:`UmairFPS.pack_ids`): :meth:`pack_for` packs every user's ids ([U, 1 + T + P],
-    tag padding dropped) and every item's fields ([I, M]) once, so a training or scoring
-    step only gathers two row blocks (:meth:`packed`) and the item vectors
-    (:meth:`item_vectors`). :meth:`ids` gives the unpacked id tensors of some rows (the
-    comparison models of ``umair ablate`` read those)."""
+    (:meth:`UmairFPS.pack_ids`): :meth:`pack_for` packs every user's ids ([U, 1 + T + P +
+    U_b·L]: id, tags with their padding dropped, profile fields, user bags) and every item's
+    ([I, M + I_b·L]: fields, item bags such as genres) once, so a training or scoring step
+    only gathers two row blocks (:meth:`packed`) and the item vectors (:meth:`item_vectors`).
+    :meth:`ids` gives the unpacked id tensors of some rows (the comparison models of
+    ``umair ablate`` read those)."""
 
     def __init__(self, users: UserTable, items: ItemTable, modalities: list[str], device: Any):
         import torch
@@ -44,6 +46,8 @@ class Lookup:
         self.device = torch.device(device) if isinstance(device, str) else device
         self.uid, self.tags, self.ufields = t(users.uid), t(users.tags), t(users.fields)
         self.ifields = t(items.fields)
+        self.ubags = {name: t(a) for name, a in users.bags.items()}  # [U, L] each
+        self.ibags = {name: t(a) for name, a in items.bags.items()}  # [I, L] each
         self.vectors = {m: t(items.vectors[m]) for m in modalities}
         # masks only for modalities some item lacks: with every vector present nothing changes
         self.present = {m: t(items.presence(m)) for m in modalities if not items.presence(m).all()}
@@ -52,12 +56,16 @@ class Lookup:
         self._item_packed: Any = None
 
     def ids(self, user_row: Any, item_row: Any) -> dict[str, Any]:
-        """``user_id`` [B], ``user_tags`` [B, T], ``user_fields`` [B, P], ``item_fields`` [B, M] of the rows."""
+        """``user_id`` [B], ``user_tags`` [B, T], ``user_fields`` [B, P], ``item_fields`` [B, M],
+        ``user_bags[name]`` / ``item_bags[name]`` [B, L] of the rows (the keywords of
+        :meth:`UmairFPS.pack_ids`)."""
         return {
             "user_id": self.uid[user_row],
             "user_tags": self.tags[user_row],
             "user_fields": self.ufields[user_row],
             "item_fields": self.ifields[item_row],
+            "user_bags": {name: b[user_row] for name, b in self.ubags.items()},
+            "item_bags": {name: b[item_row] for name, b in self.ibags.items()},
         }
 
     def pack_for(self, model: Any) -> None:
@@ -67,25 +75,42 @@ class Lookup:
         if self._packed_for == id(model):
             return
         n_users, n_items, m = len(self.uid), len(self.ifields), self.ifields.shape[1]
+        cfg = model.cfg
+        for side, names, got in (("user", cfg.user_bags, self.ubags), ("item", cfg.item_bags, self.ibags)):
+            missing = [name for name in names if name not in got]
+            if missing:
+                raise FeatureError(
+                    f"the model embeds {side} bag(s) {missing} but the {side} table carries only {list(got)}; "
+                    f"encode the table with the model's feature space"
+                )
+
+        def zeros(n: int, width: int) -> torch.Tensor:
+            return torch.zeros(n, width, dtype=torch.long, device=self.device)
+
+        cols = model.layout.item_columns  # M + item bags · L: the item part of a packed row
         with torch.no_grad():
             up = model.pack_ids(
                 self.uid,
                 self.tags,
                 self.ufields,
-                torch.zeros(n_users, m, dtype=torch.long, device=self.device),
+                zeros(n_users, m),
                 drop_tag_padding=n_users > 0,
+                user_bags={name: self.ubags[name] for name in cfg.user_bags},
+                item_bags={name: zeros(n_users, 1) for name in cfg.item_bags},
             )
             ip = model.pack_ids(
-                torch.zeros(n_items, dtype=torch.long, device=self.device),
-                torch.zeros(n_items, 1, dtype=torch.long, device=self.device),
-                torch.zeros(n_items, self.ufields.shape[1], dtype=torch.long, device=self.device),
+                zeros(n_items, 1).view(-1),
+                zeros(n_items, 1),
+                zeros(n_items, self.ufields.shape[1]),
                 self.ifields,
+                user_bags={name: zeros(n_items, 1) for name in cfg.user_bags},
+                item_bags={name: self.ibags[name] for name in cfg.item_bags},
             )
-        self._user_packed, self._item_packed = up[:, : up.shape[1] - m], ip[:, ip.shape[1] - m :]
+        self._user_packed, self._item_packed = up[:, : up.shape[1] - cols], ip[:, ip.shape[1] - cols :]
         self._packed_for = id(model)
 
     def packed(self, user_row: Any, item_row: Any) -> Any:
-        """The packed ids [B, 1 + T + P + M] of the rows (after :meth:`pack_for`)."""
+        """The packed ids [B, 1 + T + P + U_b·L + M + I_b·L] of the rows (after :meth:`pack_for`)."""
         import torch
 
         if self._user_packed is None:
@@ -117,6 +142,8 @@ def load_lookup(
     features = read_item_features(inputs, settings, columns=["illust_id", *modalities])
     user_table = space.encode_users(users)
     item_table = build_item_table(features, ill, space, modalities, features_fingerprint, inputs.item_features)
+    if space.item_bags and not item_table.bags:  # the item bags (genres...) in item-row order
+        item_table = replace(item_table, bags=space.encode_item_bags(ill, item_table.illust_ids))
     return Lookup(user_table, item_table, modalities, device), user_table, item_table
 
 

@@ -12,7 +12,7 @@ from umair.model.features import FeatureSettings
 from umair.model.interactions import IsoTime, NegativeSettings
 from umair.model.settings import VARIANTS, ModelConfig
 
-DERIVED = ("n_users", "n_tags", "user_fields", "item_fields")
+DERIVED = ("n_users", "n_tags", "user_fields", "item_fields", "user_bags", "item_bags", "max_bag")
 
 
 def check_model_overrides(v: dict[str, Any]) -> dict[str, Any]:
