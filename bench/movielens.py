@@ -154,12 +154,14 @@ def umair(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def _config_copy(src: Path, dst: Path, **updates: Any) -> Path:
-    """``src`` YAML with top-level keys replaced (the README's configs stay the source of truth)."""
+def _config_copy(src: Path, dst: Path, sets: list[str] | None = None, **updates: Any) -> Path:
+    """``src`` YAML with top-level keys replaced, then ``sets`` applied (the README's configs
+    stay the source of truth)."""
     import yaml
 
     data = yaml.safe_load(src.read_text())
     data.update(updates)
+    _apply(data, sets or [])
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(yaml.safe_dump(data, sort_keys=False))
     return dst
@@ -187,7 +189,19 @@ def popularity(tables: Path, split: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def run(out: Path, seeds: list[int], variants: list[str], skip_encoders: bool) -> None:
+def _apply(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """``KEY=JSON`` overrides with dotted keys (``features.item_bags=["tags"]``)."""
+    for item in sets:
+        key, _, raw = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = data
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = json.loads(raw)
+    return data
+
+
+def run(out: Path, seeds: list[int], variants: list[str], skip_encoders: bool, name: str = "", sets=()) -> None:
     """The whole chain through the real CLI; one JSON line per (variant, seed) in OUT/results.jsonl."""
     tables = out / "tables"
     if not (tables / "split.json").is_file():
@@ -206,14 +220,16 @@ def run(out: Path, seeds: list[int], variants: list[str], skip_encoders: bool) -
     results = out / "results.jsonl"
     for seed in seeds:
         for variant in variants:
-            name = f"{variant}-s{seed}"
-            model_dir = out / "runs" / name
+            label = f"{name}{variant}"
+            run_id = f"{label}-s{seed}"
+            model_dir = out / "runs" / run_id
             cfg = _config_copy(
                 CONFIGS / "train.yaml",
-                out / "configs" / f"train-{name}.yaml",
+                out / "configs" / f"train-{run_id}.yaml",
+                sets=list(sets),
                 variant=None if variant == "full" else variant,
                 seed=seed,
-                run_name=f"movielens-{name}",
+                run_name=f"movielens-{run_id}",
                 output=str(model_dir.relative_to(REPO)),
                 validation=split["validation"],
                 split=split["split"],
@@ -221,17 +237,18 @@ def run(out: Path, seeds: list[int], variants: list[str], skip_encoders: bool) -
             t_train = umair("train", "--config", str(cfg))
             ev = _config_copy(
                 CONFIGS / "evaluate.yaml",
-                out / "configs" / f"evaluate-{name}.yaml",
+                out / "configs" / f"evaluate-{run_id}.yaml",
                 model=str(model_dir.relative_to(REPO)),
-                run_name=f"movielens-evaluate-{name}",
+                run_name=f"movielens-evaluate-{run_id}",
             )
             umair("evaluate", "--config", str(ev))
             meta = json.loads((model_dir / "model.json").read_text())
             report = json.loads((model_dir / "evaluation.json").read_text())
             hist = meta["training"]["history"]
             row = {
-                "variant": variant,
+                "variant": label,
                 "seed": seed,
+                "overrides": list(sets),
                 "best_epoch": meta["best_epoch"],
                 "val_auc": meta["val_auc"],
                 "val_logloss": meta["val_logloss"],
@@ -300,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--variants", nargs="+", default=["full", "dcn_v2_only"])
     r.add_argument("--skip-encoders", action="store_true", help="reuse the encoder and features already there")
+    r.add_argument("--name", default="", help="prefix of the variants' names in the table (an experiment)")
+    r.add_argument("--set", dest="sets", action="append", default=[], help="train override KEY=JSON (dotted keys)")
     t = sub.add_parser("table", help="print the results table")
     t.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -310,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s")
     elif args.cmd == "run":
-        run(args.out, args.seeds, args.variants, args.skip_encoders)
+        run(args.out, args.seeds, args.variants, args.skip_encoders, args.name, args.sets)
     else:
         table(args.out)
     return 0
