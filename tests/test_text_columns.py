@@ -147,10 +147,12 @@ def test_extraction_stage_embeds_the_configured_columns_with_the_base_model(tmp_
     assert todo.column_names == ["illust_id", "image_uri", "title", "genres"] and counts["to_process"] == 3
     stage = EmbedTags("base", "joined", 8, False, cfg.storage)  # columns: those select_rows chose, in order
     out = stage(todo)
-    assert out.column_names == ["illust_id", "image_uri", "tsem"]
+    assert out.column_names == ["illust_id", "image_uri", "tsem", "tsem_given"]
     vecs = out.column("tsem").to_pylist()
     np.testing.assert_allclose(vecs[0], _encode(minilm, "Toy Story (1995) | Adventure, Animation"), atol=1e-5)
-    assert vecs[2] is None  # id 3: no title, no genres
+    # id 3 (no title, no genres): absent, as a zero row with given False (Ray Data cannot mix NULL rows and tensors)
+    assert out.column("tsem_given").to_pylist() == [True, True, False]
+    assert not any(vecs[2])
 
 
 # --------------------------------------------------------------------------- versions
@@ -309,8 +311,10 @@ def test_extract_with_the_base_model_and_title_plus_genres(tmp_path, ray_local, 
             "text_model": "base",
             "text_columns": ["title", "genres"],
             "text_mode": "joined",
-            "batch_size": 4,
-            "decode_batch_size": 4,
+            "batch_size": 2,
+            # blocks of 2 rows: [1, 2] all with text, [3, 4] with a NULL e_TSEM; the writer
+            # batches both together (they must unify: absent vectors travel as zeros + a mask)
+            "decode_batch_size": 2,
             "chunk_rows": 8,
             "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "text-columns"},
         },

@@ -191,7 +191,8 @@ def decode_rows(
     # Only what later stages read: the text columns are done with (e_TSEM is in the batch),
     # and every column keeps one type across blocks (a block whose image_uri values are all
     # NULL would otherwise not unify with the others in Ray Data).
-    out = {k: batch[k] for k in ("illust_id", *registry.names()) if k in batch}
+    keep = ("illust_id", *registry.names(), *(f"{m}_given" for m in registry.names()))
+    out = {k: batch[k] for k in keep if k in batch}
     out["image_uri"] = np.array([u if isinstance(u, str) else "" for u in batch["image_uri"]], dtype=object)
     out.update(ok=ok, stage=stage, reason=reason, error=error)
     if gpu:
@@ -388,6 +389,8 @@ def mark_non_finite(
             present[name] = bad[name] = np.zeros(0, bool)
             continue
         arr, given = _stack(values)
+        if f"{name}_given" in batch:  # absent vectors arrive as zeros beside a mask (text_stage.dense_vectors)
+            given = given & np.asarray(batch[f"{name}_given"], bool)
         finite = np.isfinite(np.asarray(arr, np.float64).reshape(len(ok), -1)).all(axis=1)
         ran = (ok if name in image else np.ones(len(ok), bool)) & given
         bad[name], present[name] = ran & ~finite, ran & finite

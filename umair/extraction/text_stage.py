@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from umair.config import StorageConfig
 
@@ -90,4 +91,22 @@ class EmbedTags:
         if not tsem.column("illust_id").equals(batch.column("illust_id")):
             order = {i: r for r, i in enumerate(tsem.column("illust_id").to_pylist())}  # join by id
             tsem = tsem.take(pa.array([order[i] for i in batch.column("illust_id").to_pylist()]))
-        return batch.drop_columns(columns).append_column("tsem", tsem.column("tsem"))
+        dense, given = dense_vectors(tsem.column("tsem"))
+        return batch.drop_columns(columns).append_column("tsem", dense).append_column(GIVEN.format("tsem"), given)
+
+
+GIVEN = "{}_given"  # a bool column beside a vector column that may be absent in some rows
+
+
+def dense_vectors(column: pa.ChunkedArray | pa.Array) -> tuple[pa.FixedSizeListArray, pa.BooleanArray]:
+    """(vectors with NULL rows as zeros, given [n] bool). Ray Data turns a fixed-size list
+    column holding NULLs into Python objects and one without into a tensor, and blocks of
+    both kinds do not unify; so absent vectors travel as zeros with a ``<m>_given`` mask
+    (``write_parts`` stores only the given ones)."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = col.type.list_size
+    given = pc.invert(col.is_null()).to_numpy(zero_copy_only=False).astype(bool)
+    dense = np.zeros((len(col), dim), np.float32)
+    if given.any():
+        dense[given] = col.filter(pa.array(given)).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1), pa.float32()), dim), pa.array(given)
