@@ -1223,6 +1223,11 @@ def test_nightly_extraction_submitted_to_a_real_ray_head(s3_server, tmp_path):
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=ray_env, capture_output=True, text=True, timeout=480, cwd=tmp_path)
         log = done.stdout + done.stderr
+        if done.returncode and "submitted successfully" not in log and "ConnectionError" in log:
+            # the dashboard dropped the POST before creating a job (seen once on a loaded 2-core
+            # machine): submit once more, as the CronJob's next run would
+            done = subprocess.run(cmd, env=ray_env, capture_output=True, text=True, timeout=480, cwd=tmp_path)
+            log = done.stdout + done.stderr
         assert done.returncode == 0, f"ray job submit failed ({time.perf_counter() - t0:.0f}s):\n{log[-6000:]}"
         assert "[extract] done" in log and "succeeded" in log, log[-3000:]
         print(
