@@ -353,20 +353,8 @@ class EncodeImages:
         return out
 
 
-def _stack(values: np.ndarray, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors [n, d] float, given [n] bool): an object column of a numpy batch holds a
-    vector per row or None (no text for e_TSEM); None rows become zeros, ``given`` False."""
-    if values.dtype != object:
-        return values, np.ones(len(values), bool)
-    given = np.array([v is not None for v in values], bool)
-    width = dim if dim is not None else next((len(v) for v in values if v is not None), 0)
-    zero = np.zeros(width, np.float32)
-    rows = [v if v is not None else zero for v in values]
-    return (np.stack(rows) if rows else np.zeros((0, width), np.float32)), given
-
-
 def _vectors(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
-    arr, _ = _stack(values, dim)
+    arr = np.stack(values) if values.dtype == object else values
     return pa.FixedSizeListArray.from_arrays(
         pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32()), dim
     )
@@ -388,9 +376,9 @@ def mark_non_finite(
         if not len(ok):
             present[name] = bad[name] = np.zeros(0, bool)
             continue
-        arr, given = _stack(values)
-        if f"{name}_given" in batch:  # absent vectors arrive as zeros beside a mask (text_stage.dense_vectors)
-            given = given & np.asarray(batch[f"{name}_given"], bool)
+        arr = np.stack(values) if values.dtype == object else values
+        # an absent vector (no text for e_TSEM) arrives as zeros beside a mask: text_stage.dense_vectors
+        given = np.asarray(batch.get(f"{name}_given", np.ones(len(ok), bool)), bool)
         finite = np.isfinite(np.asarray(arr, np.float64).reshape(len(ok), -1)).all(axis=1)
         ran = (ok if name in image else np.ones(len(ok), bool)) & given
         bad[name], present[name] = ran & ~finite, ran & finite
