@@ -1,7 +1,10 @@
 """The ``umair`` command line: one subcommand per job.
 
 Jobs take ``--config FILE.yaml`` (validated settings) and a few flags that override
-keys of that file. ``umair JOB --help`` describes each.
+keys of that file. ``umair JOB --help`` describes each. A Ray job (and the demo) prints
+its own lines and progress; what Ray, PyTorch, Hugging Face and MLflow write goes to a
+log file of the run whose path it prints (:func:`umair.console.job_log`); ``-v`` keeps
+it all on the console.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 import time
 
 from umair import config as cfg
+from umair import console
 from umair.errors import UmairError, find_cause
 
 # Ray jobs: each module defines register(subparsers) adding its subcommand.
@@ -28,6 +32,7 @@ JOB_MODULES = [
     "pipelines.recommend",
     "pipelines.similar",
     "pipelines.explain",
+    "pipelines.report",
 ]
 
 
@@ -154,13 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(p)
     p.set_defaults(func=cmd_validate)
 
+    built_in = set(sub.choices)
     for module in JOB_MODULES:
         importlib.import_module(module).register(sub)
 
     p = sub.add_parser("demo", help="the main job end to end on the embedded sample world")
     p.add_argument("--config", default="pipelines/configs/demo.yaml", help="demo settings YAML")
     p.set_defaults(func=cmd_demo)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    for name, job in sub.choices.items():
+        if name not in built_in:  # the Ray jobs and the demo: their library chatter goes to a log file
+            job.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+            job.set_defaults(job_log=True)
     return parser
+
+
+VERBOSE_HELP = "show Ray, PyTorch, Hugging Face and MLflow messages here instead of in the run's log file"
+
+
+def _shutdown_ray_started_here(ray_was_running: bool) -> None:
+    """Stop the local Ray this command started (its last messages then land in the run's
+    log, not on the console at exit); a Ray that was already running is left alone."""
+    ray = sys.modules.get("ray")
+    if ray is not None and not ray_was_running and ray.is_initialized():
+        ray.shutdown()
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if not getattr(args, "job_log", False):
+            return args.func(args)
+        ray_was_running = _ray_running()
+        with console.job_log(args.job, verbose=args.verbose):
+            try:
+                return args.func(args)
+            finally:
+                _shutdown_ray_started_here(ray_was_running)
     except Exception as err:
         cause = find_cause(err, UmairError)
         if cause is not None:

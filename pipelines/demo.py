@@ -6,7 +6,12 @@ code a cluster runs, in Ray's local mode. After ``train`` and ``evaluate`` it cl
 the planted-taste table (:mod:`umair.training.planted`): AUC and ᾱ per planted taste of
 the trained model beside its ``w/o STY`` and DCN-V2-only ablations (trained in this
 process on the same inputs with the same recipe), one line per planted effect saying
-whether it was recovered, written to ``<train output>/../planted.{md,json}``.
+whether it was recovered, written to ``<train output>/../planted.{md,json}``. After
+``extract`` it draws the neighbour sheets of one illustration by style and by semantic
+(the paper's Fig. 5, ``umair similar``) under ``<root>/similar/``. It ends by writing
+``<root>/demo.json`` (each stage's YAML and time, the world's summary) and the run's
+self-contained HTML page ``<root>/report.html`` (``umair report``), and prints its path;
+``<root>`` is ``clean_dir``, else the directory holding the world.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import shutil
 import time
 from typing import Any
 
+import yaml
+
+from pipelines.report import ReportConfig
+from pipelines.report import run as write_report
+from umair import storage as st
 from umair.config import DemoConfig, load_config
 from umair.sample.world import load_world, summarize, write_world
 
@@ -47,6 +57,8 @@ def run_demo(settings: DemoConfig) -> int:
         module, cls = STAGES[name]
         stage_settings[name] = load_config(path, getattr(importlib.import_module(module), cls))
     storage = settings.storage.to_settings()
+    root = settings.clean_dir or st.parent(settings.world.out)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     total = time.perf_counter()
     if settings.clean_dir and os.path.isdir(settings.clean_dir):
         print(f"removing the previous demo outputs in {settings.clean_dir}")
@@ -60,7 +72,8 @@ def run_demo(settings: DemoConfig) -> int:
     t = _stage("validate against the data contracts")
     world = load_world(w.out, storage)
     print(f"all tables valid, every image present ({time.perf_counter() - t:.1f}s)")
-    for k, v in summarize(world).items():
+    world_summary = summarize(world)
+    for k, v in world_summary.items():
         print(f"  {k:<22} {v}")
 
     timings = {}
@@ -75,8 +88,55 @@ def run_demo(settings: DemoConfig) -> int:
         planted_section(stage_settings["train"], stage_settings["evaluate"], storage)
         timings["planted"] = round(time.perf_counter() - t, 1)
 
+    if "extract" in stage_settings:
+        t = _stage("neighbour sheets: one illustration by style and by semantic (paper Fig. 5)")
+        neighbour_sheets(stage_settings["extract"].output, w.out, root, settings.storage)
+        timings["similar"] = round(time.perf_counter() - t, 1)
+
+    t = _stage("report")
+    record = {
+        "format": "umair-demo-run/1",
+        "started_at": started,
+        "wall_s": round(time.perf_counter() - total, 1),
+        "demo_yaml": yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False),
+        "stages": {
+            name: {"config": path, "yaml": _text(path), "seconds": timings.get(name)}
+            for name, path in settings.stages.items()
+        },
+        "steps_s": timings,
+        "world": world_summary,
+    }
+    st.write_bytes(st.join(root, "demo.json"), json.dumps(record, indent=2, default=str).encode(), storage)
+    result = write_report(ReportConfig(run_dir=root, storage=settings.storage))
+    timings["report"] = round(time.perf_counter() - t, 1)
     print(f"\ndemo finished in {time.perf_counter() - total:.1f}s {timings if timings else ''}")
+    print(f"report: {result.out} (open it in a browser)")
     return 0
+
+
+def _text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def neighbour_sheets(features: str, world: str, root: str, storage: Any) -> list[str]:
+    """Contact sheets of the first illustration's nearest neighbours by style (e_STY) and by
+    semantic (e_SEM): ``<root>/similar/<id>-style.png`` and ``<id>-semantic.png``."""
+    from pipelines.similar import SimilarConfig
+    from pipelines.similar import run as similar
+    from umair import contracts
+
+    ids = contracts.read_table(st.join(world, "illustrations.parquet"), "illustrations", storage.to_settings())
+    query = int(min(ids.column("illust_id").to_pylist()))
+    outs = []
+    for by in ("style", "semantic"):
+        out = st.join(root, "similar", f"{query}-{by}.png")
+        similar(SimilarConfig(item_features=features, world=world, by=by, k=8, out=out, storage=storage), query)
+        outs.append(out)
+    return outs
 
 
 def planted_section(train_cfg: Any, eval_cfg: Any, settings: Any) -> dict[str, Any]:

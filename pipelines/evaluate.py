@@ -20,8 +20,10 @@ given; an earlier one is refused), and reports
   ``train_end`` its ``model.json`` records: the validation start, else the split).
 
 The report is printed, written as JSON (``MODEL/evaluation.json`` by default) and logged
-to MLflow (its own run, tagged with the training run's id); the per-row predictions go
-beside it as ``predictions.parquet``: user_id, illust_id, ts, label, prob, user_warm,
+to MLflow (its own run, tagged with the training run's id) with two pictures beside it
+(:mod:`umair.plots_runs`): ``alpha_by_segment.png`` (mean ᾱ per modality per segment) and
+``training_curves.png`` (loss and AUC per epoch from the model's saved history); the
+per-row predictions go beside it as ``predictions.parquet``: user_id, illust_id, ts, label, prob, user_warm,
 item_warm and ``alpha_<modality>`` (ᾱ_j of that row) per modality. Scoring runs in this process
 in batches: the test window of one evaluation fits in memory.
 """
@@ -110,7 +112,27 @@ def _print(report: dict[str, Any]) -> None:
         print(f"  ᾱ spread {name:<12} std over users: {std}{top}")
 
 
-def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
+def _pictures(
+    report: dict[str, Any], meta: dict[str, Any], out_dir: str, settings: storage.StorageSettings | None
+) -> dict[str, bytes]:
+    """``alpha_by_segment.png`` (mean ᾱ per modality per segment; a model with UMCM) and
+    ``training_curves.png`` (the model's saved per-epoch history) in ``out_dir``; name -> PNG."""
+    from umair.plots_runs import alpha_by_segment, training_curves
+
+    pictures: dict[str, bytes] = {}
+    if any(s.get("alpha") for s in report["segments"].values()):
+        name = "alpha_by_segment.png"
+        title = f"mean modality attention ᾱ per user segment: {report['variant']}, test window from {report['window']['start']}"
+        pictures[name] = alpha_by_segment(report["segments"], storage.join(out_dir, name), settings, title=title)
+    history = (meta.get("training") or {}).get("history")
+    if history:
+        name = "training_curves.png"
+        title = f"{report['model']} ({report['variant']}): selected on {meta.get('selected_on', 'val_auc')}"
+        pictures[name] = training_curves(history, storage.join(out_dir, name), settings, meta.get("best_epoch"), title)
+    return pictures
+
+
+def _log(cfg: EvaluateConfig, report: dict[str, Any], pictures: dict[str, bytes] | None = None) -> str:
     import mlflow
 
     ensure_experiment(cfg.mlflow)
@@ -149,7 +171,10 @@ def _log(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
         path = os.path.join(d, "evaluation.json")
         with open(path, "w") as f:
             json.dump(report, f, indent=2, default=str)
-        client.log_artifact(rid, path)
+        for name, data in (pictures or {}).items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+        client.log_artifacts(rid, d)
     client.set_terminated(rid, "FINISHED")
     return rid
 
@@ -235,7 +260,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     report["output"] = out
     report["predictions"] = storage.join(storage.parent(out), "predictions.parquet")
     storage.write_parquet(_predictions(test, labels, scores, modalities, warm), report["predictions"], settings)
-    report["mlflow_run_id"] = _log(cfg, report)
+    pictures = _pictures(report, saved.meta, storage.parent(out), settings)
+    report["pictures"] = [storage.join(storage.parent(out), name) for name in pictures]
+    report["mlflow_run_id"] = _log(cfg, report, pictures)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     storage.write_bytes(out, json.dumps(report, indent=2, default=str).encode(), settings)
     return report

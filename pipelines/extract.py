@@ -18,7 +18,8 @@ Transient storage failures (endpoint down, 5xx) are retried for ``io_retry_s``; 
 that the job stops with a message naming the object, and a rerun resumes.
 
 Output layout and the commit protocol that makes a killed run resumable without
-duplicates or holes: :mod:`umair.feature_store`. The stages themselves (Ray-free
+duplicates or holes: :mod:`umair.feature_store`; a run's chunk manifests are folded into
+one when it ends (:mod:`umair.commit_log`). The stages themselves (Ray-free
 callables): :mod:`umair.extraction.stages`.
 """
 
@@ -43,6 +44,7 @@ from umair.extraction.stages import EmbedTags, EncodeImages, decode_rows, write_
 from umair.feature_store import (
     chunk_manifest,
     commit_chunk,
+    compact,
     done_ids,
     list_manifests,
     new_run_id,
@@ -248,6 +250,8 @@ def _run_holding(
     versions = {"image": enc["version"], **({"text": text["version"]} if text else {})}
     stale_runs = _close_dead_runs(cfg, client, settings)
     recovered = {**recover(cfg.output, settings, cfg.io_retry_s), "stale_runs_closed": stale_runs}
+    recovered.update(compact(cfg.output, settings, cfg.io_retry_s))  # runs that stopped before compacting
+    t_plan = time.perf_counter()
     same_set = [
         m
         for m in list_manifests(cfg.output, settings, cfg.io_retry_s)
@@ -255,6 +259,7 @@ def _run_holding(
     ]
     done = done_ids(cfg.output, same_set, settings, cfg.catalogue if cfg.retry_failed else None)
     todo, counts = select_rows(cfg, settings, done)
+    counts["plan_ms"] = int(1000 * (time.perf_counter() - t_plan))  # skip list + catalogue selection
 
     mlflow_run = client.create_run(ensure_experiment(cfg.mlflow), run_name=f"extract-{run_id}")
     mlflow_id = mlflow_run.info.run_id
@@ -297,18 +302,8 @@ def _run_holding(
                 ds = build_pipeline(todo, cfg, enc, text, run_id, meta["metadata"])
                 stream_and_commit(ds, cfg, run_id, meta, progress, settings, after_commit, lease)
         except BaseException as err:
-            write_json(
-                marker,
-                {
-                    "run_id": run_id,
-                    "status": "failed",
-                    "mlflow_run_id": mlflow_id,
-                    "error": root_cause(err),
-                    "ended_at": utc_now(),
-                },
-                settings,
-                cfg.io_retry_s,
-            )
+            failed = {"run_id": run_id, "status": "failed", "mlflow_run_id": mlflow_id, "ended_at": utc_now()}
+            write_json(marker, {**failed, "error": root_cause(err)}, settings, cfg.io_retry_s)
             if isinstance(err, Exception):
                 raise ExtractError(
                     f"extraction run {run_id} stopped after {progress.chunks} committed chunks "
@@ -319,9 +314,12 @@ def _run_holding(
         pipeline_s = time.perf_counter() - progress.start
         tmp = part_uri(cfg.output, f"_tmp/{run_id}")
         with_retries(lambda: storage.delete_dir(tmp, settings), f"delete {tmp}", cfg.io_retry_s)
+        lease.check()  # fold this run's chunk manifests into one (umair.commit_log), still the only writer
+        compaction = compact(cfg.output, settings, cfg.io_retry_s)
         head = {"run_id": run_id, "output": cfg.output, "encoder_version": enc["version"]}
         head["text_version"] = text["version"] if text else None
         summary = progress.summary({**head, **counts}, pipeline_s, time.perf_counter() - t0, recovered, mlflow_id)
+        summary["compaction"] = compaction
         now_ms = int(time.time() * 1000)
         metrics = [mlflow.entities.Metric(k, v, now_ms, 0) for k, v in summary_metrics(summary).items()]
         client.log_batch(mlflow_id, metrics=metrics)

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import Field
 
 from umair.config import MlflowConfig, Settings, StorageConfig
+from umair.console import say
 from umair.text.pairs import PairSource, build_pairs, write_pairs
 from umair.text.settings import FinetuneConfig
 
@@ -81,14 +82,18 @@ def run(cfg: FinetuneTextConfig) -> dict:
 
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
+    pairs_note = f", the pairs to {cfg.pairs_out}" if cfg.pairs_out else ""
+    say(
+        f"[finetune-text] reads {', '.join(f'{s.uri} ({s.kind})' for s in cfg.sources)}; writes the encoder to "
+        f"{cfg.finetune.output_dir}{pairs_note}, MLflow experiment {cfg.mlflow.experiment} ({cfg.mlflow.resolved_uri()})"
+    )
     built = build_pairs([PairSource(s.uri, s.kind) for s in cfg.sources], strict=cfg.strict, settings=settings)
     for bad in built.bad_rows[:20]:
-        print(f"[finetune-text] skipped {bad.file}:{bad.line}: {bad.reason}", flush=True)
+        say(f"[finetune-text] skipped {bad.file}:{bad.line}: {bad.reason}")
     if len(built.bad_rows) > 20:
-        print(f"[finetune-text] ... and {len(built.bad_rows) - 20} more bad rows", flush=True)
-    print(
-        f"[finetune-text] {built.table.num_rows} pairs from {len(cfg.sources)} source(s); {len(built.bad_rows)} bad rows skipped",
-        flush=True,
+        say(f"[finetune-text] ... and {len(built.bad_rows) - 20} more bad rows")
+    say(
+        f"[finetune-text] {built.table.num_rows} pairs from {len(cfg.sources)} source(s); {len(built.bad_rows)} bad rows skipped"
     )
     if cfg.pairs_out:
         write_pairs(built.table, cfg.pairs_out, settings)
@@ -109,7 +114,7 @@ def run(cfg: FinetuneTextConfig) -> dict:
         "bad_rows": len(built.bad_rows),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    print("[finetune-text] done: " + json.dumps(summary, ensure_ascii=False), flush=True)
+    say("[finetune-text] done: " + json.dumps(summary, ensure_ascii=False))
     return summary
 
 

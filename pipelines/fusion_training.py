@@ -11,10 +11,16 @@ the job here with a :class:`~umair.errors.FeatureError`. With a validation windo
 (``validation`` / ``validation_fraction``) the training part is ``ts < validation``, and
 everything above is fitted on it alone.
 
-Each worker loads the users and the item-features table once (the vectors as tensors,
-on the GPU when there is one) and gathers rows by index per batch; the narrow
-interaction rows stream through Ray Data (``random_shuffle``) into
-``iter_torch_batches``. Loss: BCE on the logit + ``l2_emb`` · Σ‖embedding tables‖²
+The driver reads and encodes the users and the item-features table once
+(:func:`~umair.training.lookup.shared_tables`: e_SEM / e_STY / e_TSEM standardised, kept
+as float16) and puts them in the Ray object store: every worker of a node maps the same
+read-only buffers without a copy (a GPU worker makes one device copy) and gathers rows
+by index per batch, converting vectors to float32 per batch. The narrow interaction
+rows stream through Ray Data (``random_shuffle``) into ``iter_torch_batches``. Each
+worker's memory (peak RSS, USS, PSS, where its item tables live) is logged per epoch as
+``mem.w<rank>.*`` (:mod:`umair.training.memory`).
+
+Loss: BCE on the logit + ``l2_emb`` · Σ‖embedding tables‖²
 (paper: Adam, lr 1e-3, L2 1e-3, one epoch). After every epoch rank 0 scores the
 validation window (``val_auc``, ``val_logloss``, ``val_gauc``, logged to MLflow per epoch
 with ``train_loss``) and checkpoints; Ray keeps the best-``val_auc`` checkpoint and the
@@ -57,15 +63,16 @@ from pipelines.runtime import (
     resumable_mlflow_run,
     run_dir_of,
 )
+from pipelines.serving import publish_trained_model
 from umair import storage
-from umair.config import StorageConfig
-from umair.model.features import FeatureSpace
 from umair.model.item_features import modality_coverage
 from umair.model.settings import ModelConfig
-from umair.training.inputs import Inputs, Prepared, prepare
-from umair.training.lookup import fit_history, history_rows, load_lookup
+from umair.training.inputs import Prepared, prepare
+from umair.training.lookup import Lookup, SharedTables, fit_history, shared_tables
+from umair.training.memory import worker_report
 from umair.training.model_io import META, SPACE, WEIGHTS, save_model, training_meta
-from umair.training.scoring import score_state, window_scores
+from umair.training.run_params import run_params
+from umair.training.scoring import window_scores
 from umair.training.settings import TrainConfig
 from umair.training.step import EpochSelection, StepSettings, train_epoch
 
@@ -74,15 +81,12 @@ TAG = "[train]"
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What every Ray Train worker of one run needs (pickled into ``train_loop_config``)."""
+    """What every Ray Train worker of one run needs (pickled into ``train_loop_config``);
+    the tables themselves travel through the object store (``tables``)."""
 
-    inputs: Inputs
-    space: FeatureSpace
+    tables: Any  # ray.ObjectRef of the run's SharedTables: put once by the driver
     model: ModelConfig
     modalities: list[str]
-    features_fingerprint: str
-    users_fingerprint: str
-    storage: StorageConfig
     step: StepSettings
     epochs: int
     batch_size: int
@@ -93,7 +97,6 @@ class WorkerSettings:
     patience: int | None
     run_id: str
     tracking_uri: str
-    history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # bookmarked training rows (user history)
 
 
 def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[dict[str, float]]]:
@@ -127,7 +130,11 @@ def _log_epoch(client: Any, run_id: str, metrics: dict[str, float]) -> None:
     import mlflow
 
     epoch = int(metrics["epoch"])
-    print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+    shown = {k: v for k, v in metrics.items() if k != "epoch" and not k.startswith("mem.")}
+    print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+    workers = sorted({k.split(".")[1] for k in metrics if k.startswith("mem.")})
+    if workers:
+        print(f"{TAG} memory: " + "; ".join(_memory_line(w, metrics) for w in workers), flush=True)
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
@@ -139,10 +146,31 @@ def _log_epoch(client: Any, run_id: str, metrics: dict[str, float]) -> None:
     )
 
 
+def _memory_line(worker: str, metrics: dict[str, float]) -> str:
+    get = lambda k: metrics.get(f"mem.{worker}.{k}", float("nan"))  # noqa: E731
+    where = f"items {get('items_shared_mb'):.0f} MiB shared / {get('items_private_mb'):.0f} MiB private"
+    if f"mem.{worker}.items_device_mb" in metrics:
+        where = f"items {get('items_device_mb'):.0f} MiB on the device"
+    return f"{worker} peak RSS {get('peak_rss_mb'):.0f} MiB, USS {get('uss_mb'):.0f} MiB, {where}"
+
+
+def _gather_memory(lookup: Lookup, rank: int, world: int) -> dict[str, float]:
+    """Every worker's :func:`worker_report` (on rank 0, as ``mem.w<rank>.<name>``; empty elsewhere)."""
+    import torch.distributed as dist
+
+    mine = worker_report(lookup.item_tensors())
+    every: list[Any] = [None] * world
+    if world > 1:
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    return {f"mem.w{r}.{k}": float(v) for r, m in enumerate(every) for k, v in m.items()} if rank == 0 else {}
+
+
 def train_loop(config: dict[str, WorkerSettings]) -> None:
-    """Runs on every Ray Train worker: load the lookup tables once, train, and report
-    every epoch (rank 0 logs to MLflow and saves the checkpoint). ``config["settings"]``
-    holds everything the worker needs, typed."""
+    """Runs on every Ray Train worker: map the shared tables (one read-only copy per node
+    in the object store), train, and report every epoch (rank 0 logs to MLflow and saves
+    the checkpoint). ``config["settings"]`` holds everything the worker needs, typed."""
     import mlflow
     import ray
     import ray.train
@@ -159,20 +187,13 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    lookup, _, items = load_lookup(
-        ws.space,
-        ws.inputs,
-        ws.modalities,
-        device,
-        ws.storage.to_settings(),
-        ws.features_fingerprint,
-        ws.users_fingerprint,
-    )
+    shared: SharedTables = ray.get(ws.tables)  # zero-copy: read-only views of the node's object store
+    lookup = shared.lookup(ws.modalities, device)
     if rank == 0 and ws.modalities:
-        print(f"[train] items with each modality (all / present): {modality_coverage(items)}", flush=True)
+        print(f"[train] items with each modality (all / present): {modality_coverage(shared.items)}", flush=True)
     raw = UmairFPS(ws.model).to(device)
-    if ws.history is not None:  # the same table on every worker (a checkpoint restores it too)
-        fit_history(raw, lookup, *ws.history)
+    if shared.history is not None:  # the same table on every worker (a checkpoint restores it too)
+        fit_history(raw, lookup, *shared.history)
     optimizer = torch.optim.Adam(raw.parameters(), lr=ws.step.lr)  # built on the device: resumed state lands there too
     start_epoch, starts, history = _restore(raw, optimizer, rank)
     starts.append(start_epoch)
@@ -198,6 +219,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             "train_rows": float(sums[1]),
             "rows_per_s": float(sums[1]) / (time.perf_counter() - t0),
             "l2_penalty": penalty,
+            **_gather_memory(lookup, rank, world),
         }
         name = f"checkpoint_epoch_{epoch:04d}"
         # The worker group's placement group, for `umair tune`: when Tune stops a trial early
@@ -270,36 +292,6 @@ def _run_fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
     )
 
 
-def _params(cfg: TrainConfig, prepared: Prepared) -> dict[str, Any]:
-    mc = prepared.model_config
-    params: dict[str, Any] = {
-        **prepared.inputs.to_dict(),
-        "variant": cfg.variant or "full",
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "l2_emb": cfg.l2_emb,
-        "num_workers": cfg.num_workers,
-        "use_gpu": cfg.use_gpu,
-        "seed": cfg.seed,
-        "emb_dim": mc.emb_dim,
-        "d": mc.d,
-        "umcm": mc.umcm,
-        "experts": ",".join(mc.experts),
-        "cross_layers": mc.cross_layers,
-        "modalities": ",".join(mc.modalities) or "none",
-        "train_rows": prepared.train_rows.num_rows,
-        "test_rows": prepared.test_rows.num_rows,
-        "validation": prepared.validation or "none",
-        "val_rows": prepared.val_rows.num_rows if prepared.val_rows is not None else 0,
-        "patience": cfg.patience if cfg.patience is not None else "none",
-        "features_fingerprint": prepared.info.fingerprint,
-        "negatives": json.dumps(prepared.negatives["train"], sort_keys=True),
-    }
-    params.update({f"encoder.{k}": v for k, v in prepared.info.encoder_versions().items()})
-    return params
-
-
 def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
     import mlflow
 
@@ -345,6 +337,20 @@ def _chosen_state(result: Any, validate: bool) -> tuple[dict[str, Any], dict[str
     return latest, load(result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint)
 
 
+def _score_test(prepared: Prepared, state: dict[str, Any], shared: SharedTables, batch_size: int) -> dict[str, float]:
+    """``test_auc`` / ``test_logloss`` / ``test_gauc`` of the weights ``state`` (the chosen
+    epoch's) on the test window, scored once on this process's CPU over the shared tables."""
+    from umair.model.fusion import UmairFPS
+
+    rows = prepared.test_rows
+    if rows.num_rows == 0:
+        return {}
+    model = UmairFPS(prepared.model_config)
+    model.load_state_dict(state)
+    u, i, y = (rows.column(c).to_numpy() for c in ("user_row", "item_row", "label"))
+    return window_scores(model, shared.lookup(prepared.modalities, "cpu"), u, i, y, "test", batch_size)
+
+
 def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train with Ray Train, save the best-validation model to ``cfg.output``, score the
     test window once with it; return a summary (also in MLflow).
@@ -353,6 +359,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
     search); ``callbacks`` are Ray Train callbacks (e.g. Tune's ``TuneReportCallback``,
     which reports every epoch's ``val_auc`` to ASHA)."""
     import mlflow
+    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -379,20 +386,19 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
     ensure_experiment(cfg.mlflow)
     run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, parent_run_id, settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
-    _log_params(client, run_id, _params(cfg, prepared))
+    _log_params(client, run_id, run_params(cfg, prepared))
 
     with ended_run(client, run_id):  # FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM
         init_ray(cfg.ray)
+        t_tables = time.perf_counter()
+        tables = ray.put(shared_tables(prepared, settings))  # one copy per node, mapped by its workers
+        print(f"{TAG} shared tables in the object store in {time.perf_counter() - t_tables:.1f}s", flush=True)
         datasets = _datasets(prepared, cfg)
         validate = "val" in datasets
         worker = WorkerSettings(
-            inputs=prepared.inputs,
-            space=prepared.space,
+            tables=tables,
             model=mc,
             modalities=prepared.modalities,
-            features_fingerprint=prepared.info.fingerprint,
-            users_fingerprint=prepared.users_fingerprint,
-            storage=cfg.storage,
             step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb),
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
@@ -403,7 +409,6 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
             patience=cfg.patience if validate else None,
             run_id=run_id,
             tracking_uri=cfg.mlflow.resolved_uri(),
-            history=history_rows(prepared.train_rows) if mc.multimodal and mc.user_history else None,
         )
         # With a validation window Ray keeps the best checkpoint by val_auc and, always, the latest.
         kept = (
@@ -434,7 +439,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
         history, starts = list(state["history"]), list(state["starts"])
         best_epoch = int(chosen["epoch"])
         best = next((h for h in history if int(h["epoch"]) == best_epoch), {})
-        test = score_state(prepared, chosen["model"], cfg.batch_size, settings)
+        test = _score_test(prepared, chosen["model"], ray.get(tables), cfg.batch_size)
         if test:
             print(
                 f"{TAG} test window, epoch {best_epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in test.items()),
@@ -453,6 +458,11 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
                 with open(os.path.join(tmp, name), "rb") as f:
                     storage.write_bytes(storage.join(cfg.output, name), f.read(), settings)
             client.log_artifacts(run_id, tmp, "model")
+            registered = publish_trained_model(
+                client, run_id, tmp, cfg, prepared.inputs, history, best_epoch, settings, parent_run_id
+            )
+    if registered:
+        print(f"{TAG} registered: {registered}", flush=True)
     summary = {
         "model": cfg.output,
         "variant": cfg.variant or "full",
@@ -475,6 +485,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
         "encoder_versions": prepared.info.encoder_versions(),
         "run_dir": run_dir,
         "mlflow_run_id": run_id,
+        "registered_model": registered,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)

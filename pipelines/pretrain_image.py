@@ -24,20 +24,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from pipelines.runtime import claim_run_dir, ended_run, init_ray, resumable_mlflow_run, run_dir_of
+from pipelines.runtime import (
+    TrainReporter,
+    claim_run_dir,
+    ended_run,
+    ingest_options,
+    init_ray,
+    resumable_mlflow_run,
+    run_dir_of,
+    train_console,
+)
 from umair import contracts, storage
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
+from umair.console import say
 from umair.image.spec import EncoderSpec
 from umair.image.tags import multi_hot, split_ids, tag_vocabulary
 
@@ -76,6 +87,7 @@ class PretrainWorker:
     vocabulary: tuple[str, ...]
     run_id: str
     tracking_uri: str
+    console: TrainReporter  # rank 0's lines and step counts, shown by the driver
 
 
 class DecodeRows:
@@ -98,6 +110,14 @@ class DecodeRows:
             except (DecodeError, storage.StorageError):
                 pass
         return {"image": images, "labels": np.stack(batch["labels"]).astype(np.float32), "ok": ok}
+
+
+def _nchw(images: Any) -> Any:
+    """uint8 NHWC images as float NCHW in [0, 1], contiguous: a channels-last input gives 1x1
+    convolutions channels-last weight gradients, which DDP's contiguous buckets do not match."""
+    import torch
+
+    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
 def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -129,6 +149,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
         torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    show = w.console if rank == 0 else w.console.muted()
     model = DualEncoder(c.encoder, n_tags=len(w.vocabulary))
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     start_epoch = 0
@@ -139,11 +160,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
-        if rank == 0:
-            print(
-                f"[pretrain-image] resuming from the checkpoint of epoch {start_epoch - 1}; next epoch {start_epoch}",
-                flush=True,
-            )
+        show.say(f"[pretrain-image] resuming from the checkpoint of epoch {start_epoch - 1}; next epoch {start_epoch}")
     elif c.init:
         load_init(model, c.init, list(w.vocabulary), c.storage.to_settings())
     frozen = early_modules(model, c.freeze_upto)
@@ -169,15 +186,15 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
                 ok = batch["ok"].bool()
                 val_failed += int((~ok).sum())
                 if ok.any():
-                    x = batch["image"][ok].permute(0, 3, 1, 2).float().div_(255)
+                    x = _nchw(batch["image"][ok])
                     scores.append(torch.sigmoid(model(x).logits).cpu().numpy())
                     labels.append(batch["labels"][ok].cpu().numpy())
         return _metrics(np.concatenate(scores), np.concatenate(labels)), val_failed
 
     if c.init and start_epoch == 0:  # the pretrained start's own score, before any step
         init_metrics, _ = evaluate()
+        show.say(f"[pretrain-image] init {c.init}: val_mAP={init_metrics['mAP']:.4g}")
         if rank == 0:
-            print(f"[pretrain-image] init {c.init}: val_mAP={init_metrics['mAP']:.4g}", flush=True)
             client.log_metric(w.run_id, "init_val_mAP", init_metrics["mAP"], step=0)
 
     for epoch in range(start_epoch, c.epochs):
@@ -187,12 +204,14 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
             m.eval()  # BatchNorm statistics stay as they were
         t0 = time.perf_counter()
         loss_sum = seen = failed = 0.0
+        show.begin_epoch(epoch, c.epochs)
         for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device):
+            show.step()
             ok = batch["ok"].bool()
             failed += float((~ok).sum())
             if not ok.any():
                 continue
-            x = batch["image"][ok].permute(0, 3, 1, 2).float().div_(255)
+            x = _nchw(batch["image"][ok])
             flip = torch.rand(x.shape[0], device=x.device) < 0.5  # augmentation: horizontal flips
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             y = batch["labels"][ok]
@@ -203,7 +222,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
                 for p in m.parameters():
                     p.grad = None  # AdamW skips parameters without a gradient (no decay either)
             optimizer.step()
-            loss_sum += float(loss) * x.shape[0]
+            loss_sum += float(loss.detach()) * x.shape[0]
             seen += x.shape[0]
         loss_sum, seen, failed = allreduce([loss_sum, seen, failed])
         train_s = time.perf_counter() - t0
@@ -217,12 +236,10 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
             "images_per_s": seen / train_s,
             **{f"val_{k}": v for k, v in val_metrics.items()},
         }
+        show.say(
+            f"[pretrain-image] epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
+        )
         if rank == 0:
-            print(
-                f"[pretrain-image] epoch {epoch}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
-                flush=True,
-            )
             client.log_batch(
                 w.run_id,
                 metrics=[
@@ -253,7 +270,7 @@ def prepare_data(cfg: PretrainImageConfig) -> tuple[pa.Table, list[str], np.ndar
     with_image = pc.invert(pc.is_null(table.column("image_uri")))
     skipped = table.num_rows - pc.sum(with_image).as_py()
     if skipped:
-        print(f"[pretrain-image] {skipped} illustration(s) without an image_uri are left out of the pretext task")
+        say(f"[pretrain-image] {skipped} illustration(s) without an image_uri are left out of the pretext task")
     table = table.filter(with_image)
     tags = [t or [] for t in table.column(col).to_pylist()]
     is_val = split_ids(table.column("illust_id").to_numpy(), cfg.val_fraction, cfg.seed)
@@ -308,12 +325,17 @@ def check_init(cfg: PretrainImageConfig, vocab: list[str]) -> dict | None:
 
     record = load_init(DualEncoder(cfg.encoder, n_tags=len(vocab)), cfg.init, vocab, cfg.storage.to_settings())
     if cfg.init.startswith("torchvision:IMAGENET") and cfg.encoder.normalize != "imagenet":
-        print(
+        say(
             f"[pretrain-image] note: {cfg.init} was trained on ImageNet-normalised inputs, "
-            f"but encoder.normalize is {cfg.encoder.normalize}",
-            flush=True,
+            f"but encoder.normalize is {cfg.encoder.normalize}"
         )
     return record
+
+
+def steps_per_epoch(train_rows: int, cfg: PretrainImageConfig) -> int:
+    """Batches per epoch of each worker (equal shares of the training split, ``batch_size / N`` each)."""
+    per_worker_batch = max(1, cfg.batch_size // cfg.num_workers)
+    return max(1, math.ceil((train_rows // cfg.num_workers) / per_worker_batch))
 
 
 def frequency_baseline(labels: np.ndarray, is_val: np.ndarray) -> dict[str, float]:
@@ -335,22 +357,26 @@ def run(cfg: PretrainImageConfig) -> dict:
 
     t_start = time.perf_counter()
     settings = cfg.storage.to_settings()
+    run_dir = run_dir_of(cfg.checkpoint_dir, cfg.run_name)
+    say(
+        f"[pretrain-image] reads {cfg.catalogue}; writes the encoder to {cfg.output}, checkpoints to {run_dir}, "
+        f"MLflow experiment {cfg.mlflow.experiment} ({cfg.mlflow.resolved_uri()}); "
+        f"{cfg.epochs} epochs on {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s)"
+    )
     data, vocab, is_val = prepare_data(cfg)
     cfg = cfg.model_copy(update={"encoder": dataset_statistics(data, is_val, cfg)})
     init_record = check_init(cfg, vocab)
     labels = np.stack(data.column("labels").to_numpy(zero_copy_only=False))
     baseline = frequency_baseline(labels, is_val)
-    print(
+    say(
         f"[pretrain-image] {data.num_rows} illustrations ({int(is_val.sum())} validation), {len(vocab)} tags; "
-        f"tag-frequency baseline mAP={baseline['mAP']:.4f}",
-        flush=True,
+        f"tag-frequency baseline mAP={baseline['mAP']:.4f}"
     )
 
     vocab_hash = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
     data_version = hashlib.sha256(
         data.column("illust_id").to_numpy().tobytes() + "\n".join(vocab).encode()
     ).hexdigest()[:16]
-    run_dir = run_dir_of(cfg.checkpoint_dir, cfg.run_name)
     claim_run_dir(run_dir, data_version, "pretrain-image", settings)  # resuming on other data would mix them
     run_id = resumable_mlflow_run(cfg.mlflow, run_dir, cfg.run_name, settings=settings)
     client = mlflow.MlflowClient(cfg.mlflow.resolved_uri())
@@ -394,20 +420,24 @@ def run(cfg: PretrainImageConfig) -> dict:
             .map_batches(decode, **common)
         )
         val_ds = ray.data.from_arrow(data.filter(pa.array(is_val))).map_batches(decode, **common)
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"settings": PretrainWorker(cfg, tuple(vocab), run_id, cfg.mlflow.resolved_uri())},
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-            datasets={"train": train_ds, "val": val_ds},
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(
-                name=cfg.run_name,
-                storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-            ),
-        )
-        result = trainer.fit()
+        steps = steps_per_epoch(int((~is_val).sum()), cfg)
+        with train_console("[pretrain-image]", steps) as reporter:  # rank 0's lines, printed here once
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={
+                    "settings": PretrainWorker(cfg, tuple(vocab), run_id, cfg.mlflow.resolved_uri(), reporter)
+                },
+                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+                datasets={"train": train_ds, "val": val_ds},
+                dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
+                run_config=RunConfig(
+                    name=cfg.run_name,
+                    storage_path=os.path.dirname(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                ),
+            )
+            result = trainer.fit()
         import torch
 
         with result.checkpoint.as_directory() as d:

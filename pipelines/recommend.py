@@ -27,7 +27,8 @@ Then Recall@K and NDCG@K (:mod:`umair.ranking`) on the test window ``[T, end)``:
 relevant = the user's bookmarks there; users with none are skipped and counted; the same
 for a popularity ranking (training-window bookmark counts, same eligibility and
 exclusions). Printed, written to ``OUTPUT/metrics.json`` and logged to MLflow (params,
-metrics, a sample of the top-K lists as artifact).
+metrics, a sample of the top-K lists as artifact), with ``OUTPUT/topk_strips.png``: a few
+users' lists as image strips (:func:`umair.plots_runs.topk_strips`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class RecommendConfig(Settings):
     score_batch: int = Field(8192, ge=1, description="(user, candidate) pairs per forward pass")
     output: str = "outputs/demo/recommendations"
     sample_users: int = Field(20, ge=0, description="users whose lists go to MLflow as an artifact")
+    picture_users: int = Field(
+        4, ge=0, description="users whose lists are drawn as image strips (OUTPUT/topk_strips.png); 0 = none"
+    )
+    picture_k: int = Field(8, ge=1, description="items per user in topk_strips.png")
     run_name: str = "recommend"
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(tracking_uri="sqlite:///outputs/mlflow.db", experiment="umair-train")
@@ -184,7 +189,44 @@ def _run_dirs(runs: str, settings: storage.StorageSettings | None) -> list[str]:
 # --------------------------------------------------------------------------- the driver
 
 
-def _mlflow_log(cfg: RecommendConfig, summary: dict[str, Any], sample: pa.Table, params: dict[str, Any]) -> str:
+def _strips(
+    cfg: RecommendConfig, inputs: Inputs, segments_uri: str | None, topk: pa.Table, settings: Any
+) -> bytes | None:
+    """``OUTPUT/topk_strips.png``: the lists of ``picture_users`` users (one per planted
+    taste in turn, on a sample world) as image strips with each item's true style / content."""
+    from umair.plots_runs import pick_users, strips_from_topk, topk_strips
+    from umair.training.scoring import segment_map
+
+    if not cfg.picture_users or topk.num_rows == 0:
+        return None
+    tastes = segment_map(segments_uri, "taste", settings) if segments_uri else {}
+    users = pick_users(np.unique(topk.column("user_id").to_numpy()).tolist(), tastes, cfg.picture_users)
+    shown = topk.filter(pa.array(np.isin(topk.column("user_id").to_numpy(), users)))
+    wanted = set(shown.column("illust_id").to_pylist())
+    cat = contracts.read_table(inputs.illustrations, "illustrations", settings)
+    images = {
+        int(i): u
+        for i, u in zip(cat.column("illust_id").to_pylist(), cat.column("image_uri").to_pylist())
+        if int(i) in wanted
+    }
+    labels: dict[int, dict[str, str]] = {}
+    truth = storage.join(cfg.world, "truth", "items.parquet") if cfg.world else None
+    if truth and storage.exists(truth, settings):
+        t = storage.read_parquet(truth, settings)
+        cols = [c for c in ("style_name", "content_name") if c in t.column_names]
+        values = {c: t.column(c).to_pylist() for c in cols}
+        for r, i in enumerate(t.column("illust_id").to_pylist()):
+            if int(i) in wanted:
+                labels[int(i)] = {c.removesuffix("_name"): str(values[c][r]) for c in cols}
+    notes = {u: f"{tastes[u]}-driven" for u in users if u in tastes}
+    strips = strips_from_topk(shown, users, images, cfg.picture_k, labels, notes)
+    title = f"top-{min(cfg.k, cfg.picture_k)} of {len(strips)} users as of {inputs.split} (score: ŷ · exposure^γ, γ={cfg.exposure_power:g})"
+    return topk_strips(strips, storage.join(cfg.output, "topk_strips.png"), settings, title=title)
+
+
+def _mlflow_log(
+    cfg: RecommendConfig, summary: dict[str, Any], sample: pa.Table, params: dict[str, Any], strips: bytes | None
+) -> str:
     import mlflow
 
     ensure_experiment(cfg.mlflow)
@@ -218,6 +260,9 @@ def _mlflow_log(cfg: RecommendConfig, summary: dict[str, Any], sample: pa.Table,
         with open(os.path.join(d, "recommend_summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
         sample.to_pandas().to_csv(os.path.join(d, "topk_sample.csv"), index=False)
+        if strips is not None:
+            with open(os.path.join(d, "topk_strips.png"), "wb") as f:
+                f.write(strips)
         client.log_artifacts(rid, d)
     client.set_terminated(rid, "FINISHED")
     return rid
@@ -230,7 +275,7 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = cfg.storage.to_settings()
     saved = load_model(cfg.model, settings)
-    inputs, _ = eval_inputs_of(cfg, saved, settings)
+    inputs, segments_uri = eval_inputs_of(cfg, saved, settings)
     users = contracts.read_table(inputs.users, "users", settings)
     all_ids = users.column("user_id").to_numpy().astype(np.int64)
     if cfg.user_ids is not None:
@@ -342,7 +387,9 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
         "run_id": run_id,
         **{f"candidates.{k}": v for k, v in cfg.candidates.model_dump(mode="json").items()},
     }
-    summary["mlflow_run_id"] = _mlflow_log(cfg, summary, sample, params)
+    strips = _strips(cfg, inputs, segments_uri, topk, settings)
+    summary["pictures"] = [storage.join(cfg.output, "topk_strips.png")] if strips is not None else []
+    summary["mlflow_run_id"] = _mlflow_log(cfg, summary, sample, params, strips)
     storage.write_bytes(
         storage.join(cfg.output, "metrics.json"), json.dumps(summary, indent=2, default=str).encode(), settings
     )

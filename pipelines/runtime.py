@@ -1,5 +1,6 @@
-"""What every Ray job shares: starting or joining Ray, MLflow experiments and runs that
-survive a driver restart, and run-directory guards."""
+"""What every Ray job shares: starting or joining Ray, Ray Train's data options, the
+console of a Ray Train run (progress sent from rank 0, shown by the driver), MLflow
+experiments and runs that survive a driver restart, and run-directory guards."""
 
 from __future__ import annotations
 
@@ -8,20 +9,29 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
-from umair import storage
+from umair import console, storage
 from umair.config import ConfigError, MlflowConfig, RayConfig
 from umair.errors import root_cause
 
 
 def init_ray(cfg: RayConfig) -> None:
+    """Join the cluster at ``cfg.address`` / ``$RAY_ADDRESS``, or start a local Ray of
+    ``cfg.num_cpus`` CPUs. Worker output is forwarded to this process (stdout to stdout,
+    stderr to stderr: :func:`umair.console.job_log` puts the latter in the run's log).
+    Ray Data's own progress bars stay off: they would draw from many processes at once;
+    the jobs show their progress with :func:`umair.console.progress`."""
     import ray
 
     if ray.is_initialized():
         return
+    if not console.is_terminal(sys.stderr):  # a log file or a pipe: no colour codes around worker prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -30,6 +40,138 @@ def init_ray(cfg: RayConfig) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def ingest_options() -> Any:
+    """Ray Data ``ExecutionOptions`` for a Ray Train run's datasets (``DataConfig(...,
+    execution_options=ingest_options())``): Ray Train's default ingest options (this
+    process's DataContext resource limits, order and verbosity) without the deprecated
+    ``exclude_resources``, which Ray Train's own default sets and so warns on every run."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+    )
+
+
+class _ProgressRelay:
+    """Ray actor: the console events of one Ray Train run, held until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def put(self, *events: tuple) -> None:
+        self.events.extend(events)
+
+    def take(self) -> list[tuple]:
+        out, self.events = self.events, []
+        return out
+
+
+class TrainReporter:
+    """A Ray Train worker's console (made by :func:`train_console`, passed to the workers in
+    their settings): rank 0 calls :meth:`begin_epoch`, :meth:`step` per batch and
+    :meth:`say`; the driver shows a step bar per epoch and the lines, once, without Ray's
+    ``(RayTrainWorker pid=...)`` prefix. The other ranks use ``TrainReporter()``, which
+    shows nothing; with no relay (a run without :func:`train_console`) :meth:`say` prints."""
+
+    SEND_EVERY_S = 0.5  # step counts are batched: one actor call per half second at most
+
+    def __init__(self, relay: Any = None, steps_per_epoch: int | None = None, *, quiet: bool = False):
+        self.relay, self.steps_per_epoch, self.quiet = relay, steps_per_epoch, quiet
+        self._steps, self._sent = 0, 0.0
+
+    def __getstate__(self) -> dict:
+        return {"relay": self.relay, "steps_per_epoch": self.steps_per_epoch, "quiet": self.quiet}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["relay"], state["steps_per_epoch"], quiet=state["quiet"])
+
+    def muted(self) -> TrainReporter:
+        """The reporter of a rank other than 0: shows nothing."""
+        return TrainReporter(quiet=True)
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Epoch ``epoch`` (0-based) of ``epochs`` starts: the driver opens its step bar."""
+        if self.relay is not None and not self.quiet:
+            self._flush(("begin", epoch, epochs, self.steps_per_epoch))
+
+    def step(self, n: int = 1) -> None:
+        """``n`` more batches of this epoch are done."""
+        if self.relay is None or self.quiet:
+            return
+        self._steps += n
+        if time.monotonic() - self._sent >= self.SEND_EVERY_S:
+            self._flush()
+
+    def say(self, line: str) -> None:
+        """One job line (closes the epoch's bar); delivered before this returns."""
+        if self.quiet:
+            return
+        if self.relay is None:
+            print(line, flush=True)
+            return
+        import ray
+
+        ray.get(self._flush(("line", line)))
+
+    def _flush(self, *events: tuple) -> Any:
+        pending = (("step", self._steps),) if self._steps else ()
+        self._steps, self._sent = 0, time.monotonic()
+        return self.relay.put.remote(*pending, *events)
+
+
+@contextlib.contextmanager
+def train_console(tag: str, steps_per_epoch: int | None = None) -> Iterator[TrainReporter]:
+    """The driver's side of :class:`TrainReporter`: while the block runs (``trainer.fit()``),
+    a thread takes rank 0's events twice a second and shows them with
+    :func:`umair.console.progress` (a bar of ``steps_per_epoch`` steps per epoch, labelled
+    ``tag``) and :func:`umair.console.say`. Yields the reporter to pass to the workers."""
+    import ray
+
+    relay = ray.remote(num_cpus=0)(_ProgressRelay).remote()
+    bar: list[Any] = []
+
+    def close_bar() -> None:
+        while bar:
+            bar.pop().close()
+
+    def show(events: list[tuple]) -> None:
+        for kind, *rest in events:
+            if kind == "begin":
+                close_bar()
+                epoch, _epochs, steps = rest
+                bar.append(console.progress(total=steps, desc=f"{tag} epoch {epoch}", unit="step"))
+            elif kind == "step" and bar:
+                bar[0].update(rest[0])
+            elif kind == "line":
+                close_bar()
+                console.say(rest[0])
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            try:
+                show(ray.get(relay.take.remote()))
+            except Exception:  # Ray is shutting down: the driver reports the run's outcome
+                return
+
+    thread = threading.Thread(target=poll, name=f"{tag} console", daemon=True)
+    thread.start()
+    try:
+        yield TrainReporter(relay, steps_per_epoch)
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            show(ray.get(relay.take.remote(), timeout=10))
+        close_bar()
+        with contextlib.suppress(Exception):
+            ray.kill(relay)
 
 
 def resumable_mlflow_run(

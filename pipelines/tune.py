@@ -13,7 +13,8 @@ MLflow: one parent run for the search and a child run per trial (params, per-epo
 metrics, status FINISHED / KILLED when ASHA stopped it / FAILED with the error). At the
 end the parent gets ``results.csv``, ``results.md``, a K × L heat map of validation AUC
 (``heatmap_val_auc.png``) and ``best_train.yaml``; the best finished trial's model is
-registered in the model registry with its config.
+registered in the model registry as an MLflow pyfunc model (:mod:`pipelines.serving`)
+with its config.
 
 A rerun with the same ``name`` and ``storage_path`` restores the search
 (``Tuner.restore``): finished trials are kept, unfinished ones continue from their last
@@ -234,37 +235,38 @@ def finalize_model(
     fit(cfg, parent_run_id=context.parent_run_id)
 
 
-def _register(client: Any, name: str, row: dict[str, Any], best_yaml: str, best_yaml_path: str) -> Any:
-    """Register the best trial's ``model/`` artifacts as a version of ``name``, after adding
-    ``best_yaml_path`` (best_train.yaml) to them: the version holds the model files and the
-    ``umair train`` config together. A run already registered under ``name`` keeps its
-    version (rerunning a finished search registers nothing new)."""
-    import mlflow
+def _register(
+    client: Any,
+    name: str,
+    row: dict[str, Any],
+    best_yaml: str,
+    best_yaml_path: str,
+    settings: storage.StorageSettings | None = None,
+) -> Any:
+    """Register the best trial's pyfunc model (its run's ``pyfunc/`` artifact, built from the
+    run's ``model/`` files when missing: :func:`pipelines.serving.ensure_pyfunc`) as a version
+    of ``name``, after adding ``best_yaml_path`` (best_train.yaml) to it: the version holds
+    the model and its ``umair train`` config together. Tags: the encoder versions
+    (:func:`~pipelines.serving.version_tags`) and the trial's val_auc, experts, K, L. A run
+    already registered under ``name`` keeps its version (rerunning a finished search
+    registers nothing new)."""
+    from pipelines.serving import PYFUNC, ensure_pyfunc, register_pyfunc, version_tags
 
-    try:
-        client.create_registered_model(name, description="UMAIR-FPS fusion model (best trial of `umair tune`)")
-    except mlflow.exceptions.MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
-            raise
-    run = client.get_run(row["mlflow_run_id"])
-    same = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
+    run_id = row["mlflow_run_id"]
+    same = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if same:  # a rerun of a finished search: its best model is already a version
         return max(same, key=lambda v: int(v.version))
-    client.log_artifact(run.info.run_id, best_yaml_path, "model")
+    meta = ensure_pyfunc(client, run_id, settings)
+    client.log_artifact(run_id, best_yaml_path, PYFUNC)
     tags = {
+        **version_tags(meta),
         "val_auc": f"{row['val_auc']:.6f}",
         "experts": row["experts"],
         "K": str(row["K"]),
         "cross_layers": str(row["cross_layers"]),
         "trial_id": row["trial_id"],
     }
-    return client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/model",
-        run_id=run.info.run_id,
-        tags=tags,
-        description="umair train config of this model:\n\n" + best_yaml,
-    )
+    return register_pyfunc(client, name, run_id, tags, "umair train config of this model:\n\n" + best_yaml)
 
 
 def run(cfg: TuneConfig) -> dict[str, Any]:
@@ -440,9 +442,10 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
                 )
                 client.log_metric(parent, "best_val_auc", float(best["val_auc"]))
                 if cfg.register_model:
-                    version = _register(client, cfg.register_model, best, best_yaml, str(Path(tmp) / "best_train.yaml"))
+                    yaml_path = str(Path(tmp) / "best_train.yaml")
+                    version = _register(client, cfg.register_model, best, best_yaml, yaml_path, settings)
                     summary.update({"registered_model": cfg.register_model, "model_version": str(version.version)})
-            for name in ("results.md", "results.csv"):
+            for name in ("results.md", "results.csv", "heatmap_val_auc.png"):
                 storage.write_bytes(storage.join(root, name), (Path(tmp) / name).read_bytes(), settings)
             client.log_artifacts(parent, tmp)
         for k in ("finished", "stopped", "failed"):

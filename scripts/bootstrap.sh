@@ -8,6 +8,25 @@ if [ ! -x .venv/bin/python ]; then
   echo "[bootstrap] creating .venv with $PY"
   "$PY" -m venv .venv
 fi
+# Debian's chromium: the headless browser tests/test_report.py opens the HTML report in
+# (driven by Playwright on this executable; Playwright never downloads a browser here).
+# Idempotent; root installs it with apt, anyone else is told how. UMAIR_NO_BROWSER=1 skips
+# the install (for a demo-only machine); the browser test then fails, it does not skip.
+if ! command -v chromium >/dev/null 2>&1 && [ "${UMAIR_NO_BROWSER:-0}" != "1" ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "[bootstrap] ERROR: chromium is missing; install it as root:" \
+      "apt-get update && apt-get install -y --no-install-recommends chromium fonts-dejavu-core" >&2
+    exit 1
+  fi
+  echo "[bootstrap] installing Debian's chromium (headless browser for tests/test_report.py)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get -o DPkg::Lock::Timeout=300 update -q \
+    && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends chromium fonts-dejavu-core; }; then
+    echo "[bootstrap] ERROR: apt-get could not install chromium (network or apt lock?); see above" >&2
+    exit 1
+  fi
+  command -v chromium >/dev/null 2>&1 || { echo "[bootstrap] ERROR: chromium still not on PATH" >&2; exit 1; }
+fi
 want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
 if [ "$(cat .venv/.install-stamp 2>/dev/null || true)" != "$want" ]; then
   echo "[bootstrap] installing umair and its pinned dependencies (first time: ~2-3 min)"

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_LIBRARY = ("pipelines", "ray", "mlflow")
-SHARED = {"pipelines.runtime", "pipelines.fusion_training"}  # Ray code used by more than one job
+SHARED = {"pipelines.runtime", "pipelines.fusion_training", "pipelines.serving"}  # Ray code used by more than one job
 DISPATCHERS = {"pipelines.cli", "pipelines.demo"}
 
 

@@ -408,6 +408,23 @@ def test_a_second_run_with_the_same_encoder_processes_nothing(first_run, catalog
     assert _ids(read_features(cfg.output, settings=s3_server.settings)) == sorted(catalogue.good | set(catalogue.bad))
 
 
+def test_a_finished_run_leaves_one_folded_manifest_and_a_rerun_after_it_processes_nothing(
+    first_run, catalogue, s3_server
+):
+    cfg, first = first_run
+    assert first["compaction"]["runs_compacted"] == 1 and first["compaction"]["manifests_removed"] == first["chunks"]
+    names = [u.rsplit("/", 1)[1] for u in storage.list_files(storage.join(cfg.output, "_commits"), s3_server.settings)]
+    assert names == [f"{first['run_id']}.json"]  # one manifest for the run, whatever its chunks
+    (manifest,) = list_manifests(cfg.output, s3_server.settings)
+    assert manifest["compacted"] and manifest["seqs"] == list(range(first["chunks"]))
+    assert manifest["rows_ok"] == first["rows_ok"] and manifest["index"]["rows"] == catalogue.table.num_rows + len(
+        catalogue.bad
+    )  # one row per feature row, one per error row
+    again = run(cfg)
+    assert again["to_process"] == 0 and again["already_done"] == catalogue.table.num_rows
+    assert _ids(read_features(cfg.output, settings=s3_server.settings)) == sorted(catalogue.good | set(catalogue.bad))
+
+
 def test_since_takes_only_new_rows_and_retry_failed_retries_errors(first_run, catalogue, s3_server, world):
     cfg, _ = first_run
     ill = world.illustrations

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -421,8 +422,8 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
                 "train_config": str(tmp_path / "train.yaml"),
                 # lr 1e30 is a valid setting whose training diverges: Adam moves every weight by ~lr
                 # on the first step, the second batch's loss is NaN and the divergence guard raises
-                # on the Ray Train worker, so those three trials fail inside their training loop.
-                "search": {"experts": ["att", "att,sen", "sen"], "cross_layers": [1], "lr": [0.003, 1.0e30]},
+                # on the Ray Train worker, so those two trials fail inside their training loop.
+                "search": {"experts": ["att", "sen"], "cross_layers": [1], "lr": [0.003, 1.0e30]},
                 "epochs": 2,
                 "max_concurrent_trials": 2,
                 "name": "t-search",
@@ -445,7 +446,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
         while time.time() < deadline and first.poll() is None:
             states = _trial_states(tune_dir)
             done_before = {t for t, s in states.items() if s == "TERMINATED"}
-            if done_before and len(done_before) + sum(s == "ERROR" for s in states.values()) < 6:
+            if done_before and len(done_before) + sum(s == "ERROR" for s in states.values()) < 4:
                 break
             time.sleep(0.5)
         assert first.poll() is None, (
@@ -476,7 +477,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     by_trial = {c.data.tags["umair.trial_id"]: c for c in children}
-    assert len(children) == len(by_trial) == 6, "one child run per trial, none duplicated by the restore"
+    assert len(children) == len(by_trial) == 4, "one child run per trial, none duplicated by the restore"
 
     # Trials Tune had finished before the kill were not run again.
     for trial_id in done_before:
@@ -484,7 +485,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
         assert len(attempts) == 1, f"trial {trial_id} finished before the kill but ran again"
 
     failed = [c for c in children if json.loads(c.data.params["trial_params"])["lr"] == 1.0e30]
-    assert len(failed) == 3
+    assert len(failed) == 2
     for c in failed:
         error = c.data.tags["umair.error"]
         assert c.info.status == "FAILED", (c.info.status, error)
@@ -499,7 +500,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
     # The best finished trial is registered, with its config, and its model is in its run.
     with open(tune_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["status"] for r in rows} >= {"FINISHED", "FAILED"} and len(rows) == 6
+    assert {r["status"] for r in rows} >= {"FINISHED", "FAILED"} and len(rows) == 4
     assert all(r["error"].startswith("TrainingDiverged: training diverged") for r in rows if r["status"] == "FAILED")
     best = max((r for r in rows if r["status"] == "FINISHED"), key=lambda r: float(r["val_auc"]))
     versions = client.search_model_versions("name='umair-fps-test'")
@@ -527,14 +528,25 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
             tracking_uri=mlflow_server.url,
         )
     )
-    assert {"model.pt", "model.json", "feature_space.json", "best_train.yaml"} <= {f.name for f in got.iterdir()}
+    # an MLflow pyfunc model (pipelines/serving.py): the model files are its artifacts
+    assert {"MLmodel", "best_train.yaml"} <= {f.name for f in got.iterdir()}
+    assert {"model.pt", "model.json", "feature_space.json"} <= {f.name for f in (got / "artifacts" / "model").iterdir()}
     assert (got / "best_train.yaml").read_text() == (tune_dir / "best_train.yaml").read_text()
-    saved = load_model(str(got))
+    saved = load_model(str(got / "artifacts" / "model"))
     assert (
         list(saved.config.experts) == best_cfg.model["experts"]
         and saved.config.cross_layers == best_cfg.model["cross_layers"]
     )
     assert saved.meta["mlflow_run_id"] == best["mlflow_run_id"]
+    assert versions[0].tags["encoder_version"] == saved.meta["encoder_versions"]["encoder.version"]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/umair-fps-test/{versions[0].version}")
+    tables = got / "artifacts" / "tables"
+    ids = {
+        f: int(pd.read_parquet(tables / f"{t}.parquet")[f].iloc[0])
+        for f, t in (("user_id", "users"), ("illust_id", "item_features"))
+    }
+    scored = pyfunc.predict(pd.DataFrame({k: [v] for k, v in ids.items()}))
+    assert scored["status"].tolist() == ["ok"] and 0.0 < float(scored["prob"].iloc[0]) < 1.0
 
     # Running the finished search again (a nightly schedule does) restores it, re-runs no
     # trial and registers nothing new: the best model keeps its version.
@@ -545,7 +557,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
     assert f"models:/umair-fps-test/{versions[0].version}" in third.stdout
     assert len(client.search_model_versions("name='umair-fps-test'")) == 1
     again = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(again) == 6
+    assert len(again) == 4
     assert {
         c.data.tags["umair.trial_id"]: len(client.get_metric_history(c.info.run_id, "trial_attempt")) for c in again
     } == attempts, "no trial started again"

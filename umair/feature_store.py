@@ -7,6 +7,7 @@ Output layout (``OUTPUT`` a local directory or an ``s3://`` prefix)::
     OUTPUT/features/<version-key>/<run>-<part>.parquet      committed feature parts
     OUTPUT/errors/<version-key>/<run>-<part>.parquet        committed error parts
     OUTPUT/_commits/<run>-<seq>.json                        one manifest per chunk
+    OUTPUT/_commits/<run>.json, _index/<run>-*.parquet      a finished run's chunks, folded
     OUTPUT/_runs/<run>.json                                 run status + MLflow run id
     OUTPUT/_lease.json                                      the writer holding the output
 
@@ -30,6 +31,11 @@ Readers verify each file's size and SHA-256 against its manifest (a file changed
 place is an error naming it), and refuse ids committed by more than one manifest, naming
 them (:func:`repair`, ``umair extract --repair``, drops the later copies).
 
+After a run, its chunk manifests are folded into one manifest per run with an index of
+its ids (:mod:`umair.commit_log`: :func:`~umair.commit_log.compact`), so listing and the
+skip list cost one manifest and one index file per run; readers never count a folded
+chunk twice.
+
 So a run killed at any point and rerun ends with every illustration exactly once: rows
 of committed chunks are skipped (same encoder and text versions), rows of uncommitted
 ones are processed again, and nothing outside a committed manifest is ever read.
@@ -52,7 +58,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import numpy as np
@@ -61,23 +67,22 @@ import pyarrow.parquet as pq
 
 from umair import contracts, storage
 from umair import modalities as registry
+from umair.commit_log import (  # noqa: F401  (COMMIT_FORMAT, read_json, compact: used through this module)
+    COMMIT_FORMAT,
+    KINDS,
+    commit_uri,
+    compact,
+    index_of,
+    list_manifests,
+    manifest_name,
+    manifest_uri,
+    part_uri,
+    read_json,
+    utc_now,
+    write_json,
+)
 from umair.errors import FeatureError, JobFailed
 from umair.storage import move, with_retries
-
-COMMIT_FORMAT = "umair-extract-commit/1"
-
-
-def part_uri(output: str, rel: str) -> str:
-    return storage.join(output, *rel.split("/"))
-
-
-def write_json(uri: str, data: dict, settings: storage.StorageSettings, retry_s: float) -> None:
-    body = json.dumps(data, indent=1, sort_keys=True).encode()
-    with_retries(lambda: storage.write_bytes(uri, body, settings), f"write {uri}", retry_s)
-
-
-def read_json(uri: str, settings: storage.StorageSettings, retry_s: float) -> dict:
-    return json.loads(with_retries(lambda: storage.read_bytes(uri, settings), f"read {uri}", retry_s))
 
 
 def version_key(versions: Mapping[str, str]) -> str:
@@ -93,13 +98,9 @@ def feature_set_versions(encoder_version: str | None, text_version: str | None) 
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _commit_uri(output: str, run_id: str, seq: int) -> str:
-    return part_uri(output, f"_commits/{run_id}-{seq:06d}.json")
-
-
 def begin_commit(output: str, manifest: dict, settings: storage.StorageSettings, retry_s: float) -> str:
     """Protocol step 2: the ``pending`` manifest, naming every move. Returns its URI."""
-    uri = _commit_uri(output, manifest["run_id"], manifest["seq"])
+    uri = commit_uri(output, manifest["run_id"], manifest["seq"])
     write_json(uri, {**manifest, "status": "pending"}, settings, retry_s)
     return uri
 
@@ -121,7 +122,7 @@ def apply_moves(output: str, manifest: dict, settings: storage.StorageSettings, 
 def finish_commit(output: str, manifest: dict, settings: storage.StorageSettings, retry_s: float) -> None:
     """Protocol step 4: the manifest says ``committed``; the chunk is now visible."""
     done = {**manifest, "status": "committed", "committed_at": utc_now()}
-    write_json(_commit_uri(output, manifest["run_id"], manifest["seq"]), done, settings, retry_s)
+    write_json(commit_uri(output, manifest["run_id"], manifest["seq"]), done, settings, retry_s)
 
 
 def commit_chunk(output: str, manifest: dict, settings: storage.StorageSettings, retry_s: float) -> None:
@@ -129,21 +130,6 @@ def commit_chunk(output: str, manifest: dict, settings: storage.StorageSettings,
     begin_commit(output, manifest, settings, retry_s)
     apply_moves(output, manifest, settings, retry_s)
     finish_commit(output, manifest, settings, retry_s)
-
-
-def list_manifests(output: str, settings: storage.StorageSettings | None = None, retry_s: float = 30.0) -> list[dict]:
-    """Every commit manifest under ``output`` (pending and committed), oldest first."""
-    settings = settings or storage.StorageSettings()
-    uris = with_retries(
-        lambda: storage.list_files(part_uri(output, "_commits"), settings), f"list {output}/_commits", retry_s
-    )
-    out = []
-    for uri in uris:
-        if uri.endswith(".json"):
-            manifest = read_json(uri, settings, retry_s)
-            if manifest.get("format") == COMMIT_FORMAT:
-                out.append(manifest)
-    return sorted(out, key=lambda m: (m["run_id"], m["seq"]))
 
 
 def recover(output: str, settings: storage.StorageSettings, retry_s: float) -> dict[str, int]:
@@ -164,7 +150,7 @@ def recover(output: str, settings: storage.StorageSettings, retry_s: float) -> d
                     fs, path = storage.resolve(dst, settings)
                     with storage.storage_errors(dst, "delete", settings):
                         fs.delete_file(path)
-            uri = _commit_uri(output, manifest["run_id"], manifest["seq"])
+            uri = commit_uri(output, manifest["run_id"], manifest["seq"])
             fs, path = storage.resolve(uri, settings)
             with storage.storage_errors(uri, "delete", settings):
                 fs.delete_file(path)
@@ -176,7 +162,7 @@ def recover(output: str, settings: storage.StorageSettings, retry_s: float) -> d
     return counts
 
 
-def _select(manifests: Iterable[dict], versions: Mapping[str, str] | None) -> list[dict]:
+def _select(manifests: list[dict], versions: Mapping[str, str] | None) -> list[dict]:
     """The committed manifests of the one feature set whose encoder versions include
     ``versions`` (``{"image": ..., "text": ...}``; empty or None: any, if only one set)."""
     wanted = dict(versions or {})
@@ -214,11 +200,6 @@ def read_part(output: str, manifest: dict, entry: dict, settings: storage.Storag
     return pq.read_table(pa.BufferReader(data))
 
 
-def manifest_uri(output: str, manifest: dict) -> str:
-    """Where a commit manifest lives."""
-    return _commit_uri(output, manifest["run_id"], manifest["seq"])
-
-
 def superseded(parts: list[tuple[bool, np.ndarray]]) -> list[np.ndarray]:
     """Per part (``(partial, ids)`` in commit order), the rows a later committed copy of the
     same id replaces: only rows of partial parts are replaced (a retried item)."""
@@ -233,13 +214,21 @@ def superseded(parts: list[tuple[bool, np.ndarray]]) -> list[np.ndarray]:
 
 
 def duplicate_ids(manifests: list[dict], ids_of: dict[tuple[str, int], np.ndarray]) -> dict[int, list[str]]:
-    """illust_id -> the manifests (``run-seq``) whose feature parts hold it, for ids held more than once."""
+    """illust_id -> the manifests (``run-seq``, or ``run`` for a folded one) whose feature
+    parts hold it, for ids held more than once (columnar: no per-id Python objects unless
+    an id is duplicated)."""
+    per = [np.unique(np.asarray(ids_of[(m["run_id"], m["seq"])], np.int64)) for m in manifests]
+    ids = np.concatenate(per) if per else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(per)), [len(p) for p in per])
+    order = np.argsort(ids, kind="stable")
+    ids, owner = ids[order], owner[order]
+    twice = np.zeros(len(ids), bool)
+    twice[1:] = ids[1:] == ids[:-1]
+    twice[:-1] |= twice[1:]
     seen: dict[int, list[str]] = {}
-    for m in manifests:
-        name = f"{m['run_id']}-{m['seq']:06d}"
-        for i in np.unique(ids_of[(m["run_id"], m["seq"])]).tolist():
-            seen.setdefault(int(i), []).append(name)
-    return {i: names for i, names in seen.items() if len(names) > 1}
+    for i, o in zip(ids[twice].tolist(), owner[twice].tolist()):
+        seen.setdefault(int(i), []).append(manifest_name(manifests[o]))
+    return seen
 
 
 def _empty_features(manifest: dict) -> pa.Table:
@@ -302,9 +291,10 @@ def read_errors(
     )
     errors = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
     ids = errors.column("illust_id").to_numpy()
-    last = {int(i): r for r, i in enumerate(ids)}  # later manifests win
-    with_features = set(committed_ids(output, chosen, settings, kinds=("features",), partial=False).tolist())
-    keep = sorted(r for i, r in last.items() if i not in with_features)
+    uniq, from_end = np.unique(ids[::-1], return_index=True)  # later manifests win
+    last = len(ids) - 1 - from_end
+    with_features = committed_ids(output, chosen, settings, kinds=("features",), partial=False)
+    keep = np.sort(last[~np.isin(uniq, with_features)])
     return contracts.validate(errors.take(pa.array(keep, pa.int64())), "extraction_errors", part_uri(output, "errors"))
 
 
@@ -315,17 +305,20 @@ def committed_ids(
     kinds: tuple[str, ...] = ("features", "errors"),
     partial: bool | None = None,
 ) -> np.ndarray:
-    """The illust_ids of the ``kinds`` parts of ``manifests``; ``partial`` False / True:
-    only complete / only partial feature parts (None: both)."""
-    rels = [
-        f["path"]
-        for m in manifests
-        for kind in kinds
-        for f in m[kind]
-        if kind != "features" or partial is None or bool(f.get("partial")) == partial
-    ]
-    tables = _read_files(output, rels, settings, columns=["illust_id"])
-    return np.concatenate([t.column("illust_id").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+    """The illust_ids (int64 array) of the ``kinds`` parts of ``manifests``; ``partial``
+    False / True: only complete / only partial feature parts (None: both). A folded
+    manifest's ids come from its one index file, a chunk's from its parts' ``illust_id``
+    columns."""
+    codes = [KINDS["errors"]] if "errors" in kinds else []
+    if "features" in kinds:
+        codes += (
+            [KINDS["features"], KINDS["partial"]] if partial is None else [KINDS["partial" if partial else "features"]]
+        )
+    out = []
+    for m in manifests:
+        index = index_of(output, m, settings, kinds)
+        out.append(index.column("illust_id").to_numpy()[np.isin(index.column("kind").to_numpy(), codes)])
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
 def done_ids(
@@ -345,10 +338,6 @@ def done_ids(
     uris = storage.read_parquet(retry_catalogue, settings, columns=["illust_id", "image_uri"])
     no_image = uris.filter(uris.column("image_uri").is_null()).column("illust_id").to_numpy()
     return np.unique(np.concatenate([complete, partial[np.isin(partial, no_image)]]))
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_run_id() -> str:
@@ -470,6 +459,7 @@ def repair(output: str, settings: storage.StorageSettings | None = None, retry_s
             if not stale:
                 continue
             fixed = {**m, "features": entries, "repaired_at": utc_now()}
+            fixed.pop("index", None)  # its ids changed: read them from the parts (compact re-indexes)
             fixed["rows_ok"] = sum(e["rows"] for e in entries if not e.get("partial"))
             fixed["rows_partial"] = sum(e["rows"] for e in entries if e.get("partial"))
             write_json(manifest_uri(output, m), fixed, settings, retry_s)

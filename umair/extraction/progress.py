@@ -1,4 +1,5 @@
-"""Counts and rates of an extraction run, one console line per committed chunk.
+"""Counts and rates of an extraction run: a progress bar of the rows streamed so far
+(:func:`umair.console.progress`) and one console line per committed chunk.
 
 Every processed catalogue row becomes one feature row: ``rows_ok`` with every modality,
 ``rows_partial`` with some NULL (no image, an image that failed, a NaN vector);
@@ -12,14 +13,19 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from typing import Any
+
+from umair.console import progress, say
 
 LOG = "[extract]"
 
 
 class Progress:
-    """Counts of a run so far; prints one line per commit. ``rate`` counts from the
-    pipeline's start (actor start-up and model loads included); ``steady_rate`` from the
-    first commit on, once the pipeline is full."""
+    """Counts of a run so far; one line per commit (:meth:`line`), and a bar of the rows
+    the pipeline has delivered (:meth:`advance`, committed or not yet), opened at the first
+    and closed by :meth:`summary` or :meth:`close`. ``rate`` counts from the pipeline's
+    start (actor start-up and model loads included); ``steady_rate`` from the first commit
+    on, once the pipeline is full."""
 
     def __init__(self, total: int):
         self.total, self.ok, self.failed, self.chunks = total, 0, 0, 0
@@ -29,6 +35,19 @@ class Progress:
         self.start = time.perf_counter()
         self.first_commit: tuple[float, int] | None = None  # (time, rows done) at the first commit
         self.last_commit = self.start
+        self.bar: Any = None
+
+    def advance(self, rows: int) -> None:
+        """``rows`` more catalogue rows came out of the pipeline (not committed yet)."""
+        if self.bar is None:
+            self.bar = progress(total=self.total, desc=f"{LOG} rows", unit="row")
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        """Remove the bar (the run ended or failed)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def add(self, descriptors: list[dict]) -> None:
         for d in descriptors:
@@ -59,7 +78,8 @@ class Progress:
 
     def summary(self, head: dict, pipeline_s: float, wall_s: float, recovered: dict, mlflow_run_id: str) -> dict:
         """The run's summary: ``head`` (run id, output, versions, catalogue counts), then the
-        outcome, the rates, timings, recovery counts and the MLflow run id."""
+        outcome, the rates, timings, recovery counts and the MLflow run id. Closes the bar."""
+        self.close()
         steady = self.steady_rate()
         return {
             **head,
@@ -94,15 +114,14 @@ def print_summary(summary: dict) -> None:
     """The end-of-run lines a person reads."""
     reasons = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items()) or "none"
     per = ", ".join(f"{m} {n}" for m, n in summary["rows_by_modality"].items()) or "no vectors"
-    print(
+    say(
         f"{LOG} done: {summary['rows_ok'] + summary['rows_partial']} feature rows ({per}): "
         f"{summary['rows_ok']} with every modality, {summary['rows_partial']} missing one; "
         f"{summary['rows_failed']} errors ({reasons}), {summary['rows_no_image']} without image_uri; "
         f"{summary['to_process']} processed, {summary['already_done']} skipped as already extracted; "
-        f"{summary['images_per_s']} images/s; wall {summary['wall_s']}s; {summary['chunks']} chunks committed",
-        flush=True,
+        f"{summary['images_per_s']} images/s; wall {summary['wall_s']}s; {summary['chunks']} chunks committed"
     )
-    print(f"{LOG} summary: {json.dumps(summary, sort_keys=True)}", flush=True)
+    say(f"{LOG} summary: {json.dumps(summary, sort_keys=True)}")
 
 
 SUMMARY_METRICS = (

@@ -132,10 +132,17 @@ def build_item_table(
     modalities: Sequence[str],
     expected_fingerprint: str | None = None,
     source: str = "<item_features>",
+    dtype: np.dtype | type = np.float16,
 ) -> ItemTable:
     """Align a validated item-features table (contract ``item_features``) to item rows:
     its own row order. ``expected_fingerprint`` (from :class:`FeaturesInfo`) guards
-    against the file changing between the driver's check and a worker's load."""
+    against the file changing between the driver's check and a worker's load.
+
+    The e_SEM / e_STY / e_TSEM vectors are kept as ``dtype`` (default float16: half the
+    memory of float32; the model reads them as float32 per batch,
+    :meth:`umair.training.lookup.Lookup.item_vectors`). Standardisation is computed in
+    float32 over blocks of :data:`BLOCK_ROWS` rows (:func:`standardised`), so no float32
+    copy of a whole table is ever held."""
     ids = features.column("illust_id").to_numpy().astype(np.int64)
     if expected_fingerprint is not None and ids_fingerprint(ids) != expected_fingerprint:
         raise FeatureError(
@@ -151,11 +158,38 @@ def build_item_table(
             raise FeatureError(
                 f"{source}: column '{m}' holds {d}-d vectors, but the feature space was fitted on {len(stats.mean)}-d ones"
             )
-        vectors[m] = stats.apply(x) if stats is not None else x
-        if not present[m].all():  # absent: zeros after standardisation too (masked by the model)
-            vectors[m][~present[m]] = 0
+        vectors[m] = standardised(x, present[m], stats, dtype, f"{source}: column '{m}'")
+        del x
     meta = _umair_metadata(features.schema)
     return ItemTable(ids, space.encode_items(illustrations, ids), vectors, meta, present)
+
+
+BLOCK_ROWS = 16384
+"""Rows standardised at a time by :func:`standardised` (float32 scratch of BLOCK_ROWS × d)."""
+
+
+def standardised(
+    x: np.ndarray, present: np.ndarray, stats: VectorStats | None, dtype: np.dtype | type, source: str = "<vectors>"
+) -> np.ndarray:
+    """``(x - mean) / std`` (``stats``; None: ``x`` as it is) as a new ``dtype`` array [R, d],
+    computed in float32 block by block; rows where ``present`` is false hold zeros (an
+    absent modality, masked by the model). A value that does not fit ``dtype`` (float16
+    tops out at 65504) is a :class:`FeatureError` naming ``source``."""
+    out = np.empty(x.shape, dtype)
+    for s in range(0, len(x), BLOCK_ROWS):
+        block = x[s : s + BLOCK_ROWS].astype(np.float32)
+        if stats is not None:
+            block -= stats.mean
+            block /= stats.std
+        block[~present[s : s + BLOCK_ROWS]] = 0
+        out[s : s + BLOCK_ROWS] = block
+        if not np.isfinite(out[s : s + BLOCK_ROWS]).all():
+            row = s + int(np.argmax(~np.isfinite(out[s : s + BLOCK_ROWS]).all(axis=1)))
+            raise FeatureError(
+                f"{source}: row {row} does not fit {np.dtype(dtype).name} (|value| > "
+                f"{float(np.finfo(dtype).max):g} or not finite); standardise the vectors or keep them as float32"
+            )
+    return out
 
 
 def _stats_of_batches(

@@ -45,6 +45,7 @@ import pyarrow as pa
 import torch
 
 from umair import storage
+from umair.console import progress, say
 from umair.text.batch_sampler import GroupedNoDuplicatesBatchSampler, batch_keys
 from umair.text.cjk_tokens import add_cjk_tokens
 from umair.text.pairs import validate_pairs
@@ -148,19 +149,53 @@ def trainer_arguments(config: FinetuneConfig, workdir: str, keys: Sequence[tuple
         logging_strategy="steps",
         logging_steps=1,
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=True,  # the console shows umair's own bar (see train)
         use_cpu=config.device == "cpu",
+        dataloader_pin_memory=config.device != "cpu" and torch.cuda.is_available(),  # no pinning without a GPU
     )
+
+
+def console_progress() -> Any:
+    """A ``transformers.TrainerCallback`` for the console: a step bar with the latest loss
+    (:func:`umair.console.progress`) and one line per epoch with its mean loss."""
+    from transformers import TrainerCallback
+
+    class ConsoleProgress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar = progress(total=state.max_steps, desc="[finetune-text] training", unit="step")
+            self.losses: list[float] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.update(1)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+                self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}", refresh=False)
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            mean = f"{np.mean(self.losses):.4f}" if self.losses else "n/a"
+            say(
+                f"[finetune-text] epoch {round(state.epoch) - 1}: train_loss={mean} (step {state.global_step}/{state.max_steps})"
+            )
+            self.losses = []
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.close()
+
+    return ConsoleProgress()
 
 
 def train(
     model: SentenceTransformer, train_pairs: pa.Table, config: FinetuneConfig, workdir: str
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``train_pairs`` with ``SentenceTransformerTrainer``
-    (scratch files under ``workdir``); returns the loss history, one dict per step."""
+    (scratch files under ``workdir``); returns the loss history, one dict per step. The
+    console gets :func:`console_progress` instead of the trainer's per-step dicts."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses
+    from transformers import PrinterCallback
 
     loss = losses.MultipleNegativesRankingLoss(model)
     kwargs = trainer_arguments(config, workdir, batch_keys(train_pairs))
@@ -168,7 +203,10 @@ def train(
         kwargs["learning_rate_mapping"] = {_embedding_param_pattern(loss, model): config.embedding_lr}
     args = SentenceTransformerTrainingArguments(**kwargs)
     dataset = Dataset.from_dict({c: train_pairs.column(c).to_pylist() for c in ("anchor", "positive")})
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[console_progress()]
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every step's log dict
     trainer.train()
     return [
         {

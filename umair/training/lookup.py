@@ -1,8 +1,16 @@
-"""The user and item tables as tensors on one device, gathered by row per batch."""
+"""The user and item tables as tensors on one device, gathered by row per batch.
+
+Item vectors (e_SEM, e_STY, e_TSEM) are held as float16 (standardised in float32 first,
+:func:`umair.model.item_features.build_item_table`) and become float32 only per batch
+(:meth:`Lookup.item_vectors`). A training job builds the tables once on its driver
+(:func:`shared_tables`) and puts them in the Ray object store; every worker of a node
+then reads the same read-only buffers, wrapped as tensors without a copy (on a GPU
+worker: one device copy each)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -11,7 +19,7 @@ from umair import contracts, storage
 from umair.errors import FeatureError
 from umair.model.features import FeatureSpace, ItemTable, UserTable
 from umair.model.item_features import build_item_table, ids_fingerprint
-from umair.training.inputs import Inputs, read_item_features
+from umair.training.inputs import Inputs, Prepared, read_item_features
 
 
 class ItemVectors(dict):
@@ -38,10 +46,13 @@ class Lookup:
     ``umair ablate`` read those)."""
 
     def __init__(self, users: UserTable, items: ItemTable, modalities: list[str], device: Any):
+        """``users`` / ``items`` arrays may be read-only (views of the Ray object store's
+        buffer, shared by the workers of a node): on the CPU the tensors share their
+        memory, so no tensor of a Lookup is ever written in place."""
         import torch
 
         def t(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(a), device=device)
+            return as_tensor(a, device)
 
         self.device = torch.device(device) if isinstance(device, str) else device
         self.uid, self.tags, self.ufields = t(users.uid), t(users.tags), t(users.fields)
@@ -118,11 +129,67 @@ class Lookup:
         return torch.cat([self._user_packed[user_row], self._item_packed[item_row]], dim=1)
 
     def item_vectors(self, item_row: Any) -> ItemVectors:
-        """``vectors[m]`` [B, d_m] of the items, for every modality loaded, with the
-        presence masks ``.present[m]`` [B] bool of the modalities some item lacks."""
+        """``vectors[m]`` [B, d_m] float32 of the items (gathered from the float16 table,
+        then converted on its device), for every modality loaded, with the presence masks
+        ``.present[m]`` [B] bool of the modalities some item lacks."""
         return ItemVectors(
-            {m: v[item_row] for m, v in self.vectors.items()}, {m: p[item_row] for m, p in self.present.items()}
+            {m: v[item_row].float() for m, v in self.vectors.items()}, {m: p[item_row] for m, p in self.present.items()}
         )
+
+    def item_tensors(self) -> list[Any]:
+        """Every item-side table (vectors, presence masks, fields, bags): what grows with the catalogue."""
+        return [*self.vectors.values(), *self.present.values(), self.ifields, *self.ibags.values()]
+
+
+def as_tensor(a: np.ndarray, device: Any) -> Any:
+    """``a`` as a tensor on ``device``: on the CPU sharing its memory, also when ``a`` is
+    read-only (a view of the Ray object store; the tensor must then never be written in
+    place, which no :class:`Lookup` tensor is); on a GPU one device copy."""
+    import torch
+
+    with warnings.catch_warnings():  # torch warns on read-only arrays, which it wraps as they are
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.ascontiguousarray(a), device=device)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedTables:
+    """What every training worker reads, built once by the driver and put in the Ray
+    object store: the encoded users, the items (float16 standardised vectors, fields,
+    bags, presence masks) and the bookmarked training rows of the user history
+    (``(user_rows, item_rows, labels)``, None without one). Plain numpy arrays, so a
+    worker's ``ray.get`` maps them read-only without a copy."""
+
+    users: UserTable
+    items: ItemTable
+    history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def lookup(self, modalities: list[str], device: Any) -> Lookup:
+        return Lookup(self.users, self.items, modalities, device)
+
+
+def load_tables(
+    space: FeatureSpace,
+    inputs: Inputs,
+    modalities: list[str],
+    settings: storage.StorageSettings | None = None,
+    features_fingerprint: str | None = None,
+    users_fingerprint: str | None = None,
+    dtype: np.dtype | type = np.float16,
+) -> tuple[UserTable, ItemTable]:
+    """Read users, illustrations and the item features and encode them: the user table
+    and the item table (vectors standardised, stored as ``dtype``)."""
+    users = contracts.read_table(inputs.users, "users", settings)
+    if users_fingerprint is not None and ids_fingerprint(users.column("user_id").to_numpy()) != users_fingerprint:
+        raise FeatureError(f"{inputs.users}: the users table changed since this run was prepared")
+    ill = contracts.read_table(inputs.illustrations, "illustrations", settings)
+    features = read_item_features(inputs, settings, columns=["illust_id", *modalities])
+    user_table = space.encode_users(users)
+    item_table = build_item_table(features, ill, space, modalities, features_fingerprint, inputs.item_features, dtype)
+    del features
+    if space.item_bags and not item_table.bags:  # the item bags (genres...) in item-row order
+        item_table = replace(item_table, bags=space.encode_item_bags(ill, item_table.illust_ids))
+    return user_table, item_table
 
 
 def load_lookup(
@@ -133,31 +200,41 @@ def load_lookup(
     settings: storage.StorageSettings | None = None,
     features_fingerprint: str | None = None,
     users_fingerprint: str | None = None,
+    dtype: np.dtype | type = np.float16,
 ) -> tuple[Lookup, UserTable, ItemTable]:
-    """Read users, illustrations and the item features and encode them (once per worker)."""
-    users = contracts.read_table(inputs.users, "users", settings)
-    if users_fingerprint is not None and ids_fingerprint(users.column("user_id").to_numpy()) != users_fingerprint:
-        raise FeatureError(f"{inputs.users}: the users table changed since this run was prepared")
-    ill = contracts.read_table(inputs.illustrations, "illustrations", settings)
-    features = read_item_features(inputs, settings, columns=["illust_id", *modalities])
-    user_table = space.encode_users(users)
-    item_table = build_item_table(features, ill, space, modalities, features_fingerprint, inputs.item_features)
-    if space.item_bags and not item_table.bags:  # the item bags (genres...) in item-row order
-        item_table = replace(item_table, bags=space.encode_item_bags(ill, item_table.illust_ids))
+    """:func:`load_tables` and their :class:`Lookup` on ``device`` (one process's own copy)."""
+    user_table, item_table = load_tables(
+        space, inputs, modalities, settings, features_fingerprint, users_fingerprint, dtype
+    )
     return Lookup(user_table, item_table, modalities, device), user_table, item_table
+
+
+def shared_tables(prepared: Prepared, settings: storage.StorageSettings | None = None) -> SharedTables:
+    """The :class:`SharedTables` of a prepared training run (read and encoded once, on the
+    driver): users, items (float16 vectors standardised with the training window's
+    statistics) and, for a model with a user history, its bookmarked training rows."""
+    users, items = load_tables(
+        prepared.space,
+        prepared.inputs,
+        prepared.modalities,
+        settings,
+        prepared.info.fingerprint,
+        prepared.users_fingerprint,
+    )
+    mc = prepared.model_config
+    history = history_rows(prepared.train_rows) if mc.multimodal and mc.user_history else None
+    return SharedTables(users, items, history)
 
 
 def fit_history(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, labels: Any) -> None:
     """Set ``model.history`` (:mod:`umair.model.history`; nothing without one) from the
     training rows ``user_rows`` / ``item_rows`` / ``labels`` [N] (arrays or tensors): the
     mean standardised vectors of each user's bookmarked items."""
-    import torch
-
     if getattr(model, "history", None) is None:
         return
-    u = torch.as_tensor(np.asarray(user_rows), device=lookup.device).long()
-    i = torch.as_tensor(np.asarray(item_rows), device=lookup.device).long()
-    y = torch.as_tensor(np.asarray(labels), device=lookup.device).float()
+    u = as_tensor(np.asarray(user_rows), lookup.device).long()
+    i = as_tensor(np.asarray(item_rows), lookup.device).long()
+    y = as_tensor(np.asarray(labels), lookup.device).float()
     model.history.fit(lookup.uid[u], y, lookup.item_vectors(i))
 
 

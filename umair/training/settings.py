@@ -89,6 +89,11 @@ class TrainConfig(Settings):
     checkpoint_dir: str = "outputs/ray_results"
     max_failures: int = Field(2, ge=0)
     output: str = "outputs/model"
+    register_model: str | None = Field(
+        None,
+        description="also register the run's MLflow pyfunc model (artifact pyfunc/) as a new version of this "
+        "registered model, tagged with its encoder versions; None: log it, register nothing",
+    )
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig(experiment="umair-train")
     storage: StorageConfig = StorageConfig()

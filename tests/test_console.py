@@ -1,0 +1,185 @@
+"""The console of a job (umair/console.py, issue #20): its own lines and progress on
+stdout; Ray, PyTorch, Hugging Face and MLflow messages in a log file of the run, whose
+path it prints; ``-v`` keeps them on the console."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+UMAIR = str(Path(sys.executable).parent / "umair")
+LOG_LINE = re.compile(r"^\[umair\] [\w-]+: messages of Ray, PyTorch, Hugging Face and MLflow go to (\S+\.log)", re.M)
+# What the issue found on the console and must never be there again.
+CHATTER = ("Traceback", "(PlacementGroupCleaner", "core_worker", "Warning", "(RayTrainWorker", "(TrainController")
+
+
+def _python(code: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+LOOPS = """
+    import time
+    from umair.console import progress, say
+    with progress(total=30, desc="[t] epoch 0", unit="step") as bar:
+        for _ in range(30):
+            time.sleep(0.05)
+            bar.update(1)
+    say("[t] epoch 0: loss=1")
+    for _ in progress(range(3), desc="[t] short"):  # shorter than the interval: no progress line
+        pass
+    say("[t] done")
+"""
+
+
+def test_off_a_terminal_progress_is_a_plain_line_every_interval():
+    out = _python(LOOPS, env={"UMAIR_PROGRESS_S": "0.3"})
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stdout and out.stderr == ""
+    lines = out.stdout.splitlines()
+    ticks = [line for line in lines if line.startswith("[t] epoch 0: ") and "%" in line]
+    assert 2 <= len(ticks) <= 1.5 / 0.3 + 1, lines  # ~1.5 s of loop, one line per 0.3 s at most
+    assert all(re.match(r"\[t\] epoch 0:\s+\d+% \d+/30 \[", t) for t in ticks), ticks
+    assert lines[len(ticks) :] == ["[t] epoch 0: loss=1", "[t] done"], "short loops and closed bars add nothing"
+
+
+def test_on_a_terminal_progress_is_a_bar_that_goes_away():
+    pid, fd = pty.fork()
+    if pid == 0:  # the child, on a terminal of 100 columns
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        os.execv(sys.executable, [sys.executable, "-c", textwrap.dedent(LOOPS)])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the child exited
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode()
+    assert re.search(r"\r\[t\] epoch 0:\s+\d+%\|", screen), screen[:500]  # a bar redrawn in place
+    shown = [line.split("\r")[-1].strip() for line in screen.replace("\r\n", "\n").split("\n")]
+    assert [line for line in shown if line] == ["[t] epoch 0: loss=1", "[t] done"], shown
+
+
+def test_job_log_takes_the_stderr_of_the_process_and_its_children(tmp_path):
+    code = """
+        import logging, os, subprocess, sys, warnings
+        from umair.console import job_log, say
+        with job_log("t", directory="LOGS"):
+            say("[t] a job line")
+            print("python stderr", file=sys.stderr)
+            warnings.warn("a library warning")
+            logging.getLogger("lib").warning("a logging record")
+            os.write(2, b"c++ stderr\\n")
+            subprocess.run([sys.executable, "-c", "import sys; print('child stderr', file=sys.stderr)"])
+        print("after the block", file=sys.stderr)
+        with job_log("t", directory="LOGS"):
+            raise SystemExit("failed midway")
+    """.replace("LOGS", str(tmp_path))
+    out = _python(code)
+    paths = LOG_LINE.findall(out.stdout)
+    assert len(paths) == 2 and out.stdout.splitlines()[1] == "[t] a job line", out.stdout
+    log = Path(paths[0]).read_text()
+    for text in ("python stderr", "a library warning", "a logging record", "c++ stderr", "child stderr"):
+        assert text in log and text not in out.stdout + out.stderr, text
+    assert "after the block" in out.stderr, "stderr is the console again after the block"
+    assert f"[umair] t: the log of this run: {paths[1]}" in out.stderr  # a failed run says where to look
+    assert "failed midway" in out.stderr
+
+
+def test_verbose_keeps_the_library_messages_on_the_console(tmp_path):
+    """A quick real job: finetune-text with one pair stops with a clear error after MLflow
+    created its store (MLflow's INFO lines are the chatter)."""
+    pq.write_table(
+        pa.table({"concept": ["cat", "cat"], "lang": ["en", "ja"], "name": ["cat", "猫"]}), tmp_path / "n.pq"
+    )
+    conf = {
+        "sources": [{"uri": str(tmp_path / "n.pq"), "kind": "names"}],
+        "finetune": {"output_dir": str(tmp_path / "enc"), "epochs": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "v"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs")}
+    cmd = [UMAIR, "finetune-text", "--config", str(tmp_path / "c.yaml")]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert quiet.returncode == 2, quiet.stdout + quiet.stderr
+    print(quiet.stdout, sorted(os.listdir(tmp_path)))
+    (tmp_path / "mlflow.db").unlink()
+    loud = subprocess.run([*cmd, "-v"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    for run in (quiet, loud):
+        assert run.returncode == 2 and "error: 1 training pair(s)" in run.stderr, run.stderr
+    (path,) = LOG_LINE.findall(quiet.stdout)
+    assert "Creating initial MLflow database tables" in Path(path).read_text()
+    assert "Creating initial MLflow database tables" not in quiet.stdout + quiet.stderr
+    assert "Creating initial MLflow database tables" in loud.stderr and not LOG_LINE.search(loud.stdout)
+    assert len(list((tmp_path / "logs").iterdir())) == 1, "-v writes no log file"
+
+
+@pytest.mark.slow
+def test_a_ray_train_job_keeps_its_console_short(tiny_world, tmp_path):
+    """`umair pretrain-image` on the tiny world, one epoch, off a terminal: only the job's
+    own lines and its periodic progress reach the console, each once."""
+    conf = {
+        "catalogue": str(Path(tiny_world.root) / "illustrations.parquet"),
+        "output": str(tmp_path / "encoder"),
+        "encoder": {"backbone": "resnet18", "image_size": 32},
+        "epochs": 1,
+        "batch_size": 16,
+        "num_workers": 2,
+        "run_name": "console",
+        "checkpoint_dir": str(tmp_path / "ray_results"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "console"},
+    }
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
+    interval = 1.0
+    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs"), "UMAIR_PROGRESS_S": str(interval)}
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [UMAIR, "pretrain-image", "--config", str(tmp_path / "conf.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    wall = time.perf_counter() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    assert out.stderr == "", out.stderr[-3000:]
+    for chatter in CHATTER:
+        assert chatter not in console, chatter
+    lines = out.stdout.splitlines()
+    ticks = [line for line in lines if re.match(r"\[pretrain-image\] epoch 0:\s+\d+% \d+/\d+ \[", line)]
+    own = [line for line in lines if line not in ticks]
+    # The budget: the log path, what it reads and writes, the data, one line per epoch, the summary.
+    assert len(own) == 5, own
+    assert own[0].startswith("[umair] pretrain-image: messages of") and own[-1].startswith("[pretrain-image] done: ")
+    assert sum(line.startswith("[pretrain-image] epoch 0: train_loss=") for line in own) == 1, own
+    assert 1 <= len(ticks) <= wall / interval + 1, ticks  # periodic progress of the steps, from rank 0 via the driver
+    (path,) = LOG_LINE.findall(out.stdout)
+    log = Path(path).read_text()
+    assert "Started a local Ray instance" in log and "(TrainController" in log  # the chatter is kept, in the log
