@@ -317,7 +317,7 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
         },
         batch_size=cfg.users_per_batch,
         batch_format="numpy",
-        concurrency=cfg.actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=1,
     )
     fs, path = storage.resolve(staging, settings)

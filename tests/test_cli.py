@@ -109,6 +109,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "all tables valid, every image present" in res.stdout
     assert "demo finished" in res.stdout
     assert (tmp_path / "world" / "world.json").exists()
+    report = tmp_path / "report.html"  # the demo's last step: the run's self-contained page
+    assert report.exists() and f"report: {report}" in res.stdout, res.stdout[-2000:]
 
 
 def _site(tmp_path, label=(1, 0, 1, 1), user_id=(7, 8, 7, 8)):
