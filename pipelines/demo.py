@@ -146,18 +146,11 @@ def planted_section(train_cfg: Any, eval_cfg: Any, settings: Any) -> dict[str, A
     from umair import storage as st
     from umair.training.inputs import prepare
     from umair.training.local import LocalRecipe
-    from umair.training.planted import ablation_rows, planted_markdown, planted_verdicts
+    from umair.training.planted import ablation_rows, evaluated_row, planted_markdown, planted_verdicts
     from umair.training.scoring import segment_map
 
     report = json.loads(st.read_bytes(eval_cfg.output or st.join(eval_cfg.model, "evaluation.json"), settings))
-    seg = report["segments"]
-    full = {
-        "model": "full",
-        "auc": {k: v["auc"] for k, v in seg.items()},
-        "users": {k: v["users"] for k, v in seg.items()},
-        "alpha_sty": {k: v["alpha"].get("sty") for k, v in seg.items()},
-        "spread": report.get("alpha_spread") or {},
-    }
+    full = evaluated_row(report)
     prepared = prepare(train_cfg)
     segments = segment_map(report["segments_source"], report.get("segment_column") or "taste", settings)
     user_ids = contracts.read_table(prepared.inputs.users, "users", settings).column("user_id").to_numpy()

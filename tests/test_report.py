@@ -86,7 +86,7 @@ def build_run_dir(root: Path) -> Path:
     )
     from umair.reports import ablation_markdown, results_markdown
     from umair.sample.world import summarize, write_world
-    from umair.training.planted import planted_markdown
+    from umair.training.planted import evaluated_row, planted_markdown
 
     world = write_world(str(root / "world"), "tiny", 0, True)
     (root / "model").mkdir(parents=True)
@@ -110,14 +110,7 @@ def build_run_dir(root: Path) -> Path:
     training_curves(history, str(root / "model" / "training_curves.png"), best_epoch=3)
     alpha_by_segment(report["segments"], str(root / "model" / "alpha_by_segment.png"))
 
-    seg = report["segments"]
-    full = {
-        "model": "full",
-        "auc": {k: v["auc"] for k, v in seg.items()},
-        "users": {k: v["users"] for k, v in seg.items()},
-        "alpha_sty": {k: v["alpha"].get("sty") for k, v in seg.items()},
-        "spread": report["alpha_spread"],
-    }
+    full = evaluated_row(report)
     rows = [full, {**full, "model": "w/o STY"}, {**full, "model": "DCN-V2 only"}]
     (root / "planted.md").write_text(planted_markdown(rows) + "\n\n- style recovered: yes\n")
 

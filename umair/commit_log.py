@@ -124,19 +124,34 @@ def list_manifests(output: str, settings: storage.StorageSettings | None = None,
     return [m for m in every if m.get("compacted") or int(m["seq"]) not in folded.get(m["run_id"], ())]
 
 
-def read_index(output: str, manifest: dict, settings: storage.StorageSettings | None) -> pa.Table:
-    """The id index (``illust_id``, ``kind``) of a folded manifest, its size and SHA-256 checked."""
-    entry = manifest["index"]
+def read_listed(
+    output: str, manifest: dict, entry: dict, settings: storage.StorageSettings | None, remedy: str
+) -> pa.Table:
+    """The parquet file ``entry`` of ``manifest`` (``path``, ``bytes``, ``sha256``), its size
+    and SHA-256 checked when the entry records them (:class:`FeatureError` naming the file,
+    the manifest and ``remedy`` on a mismatch)."""
     uri = part_uri(output, entry["path"])
     data = storage.read_bytes(uri, settings)
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != entry["bytes"] or digest != entry["sha256"]:
-        raise FeatureError(
-            f"{uri}: the id index changed after it was written (manifest {manifest_uri(output, manifest)} lists "
-            f"{entry['bytes']} bytes, sha256 {entry['sha256'][:16]}…; found {len(data)} bytes, sha256 {digest[:16]}…); "
-            "delete the 'index' entry of that manifest to read the ids from the parts instead"
-        )
+    if "sha256" in entry:
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry["bytes"] or digest != entry["sha256"]:
+            raise FeatureError(
+                f"{uri}: the file changed after it was committed (manifest {manifest_uri(output, manifest)} lists "
+                f"{entry['bytes']} bytes, sha256 {entry['sha256'][:16]}…; found {len(data)} bytes, sha256 {digest[:16]}…); "
+                + remedy
+            )
     return pq.read_table(pa.BufferReader(data))
+
+
+def read_index(output: str, manifest: dict, settings: storage.StorageSettings | None) -> pa.Table:
+    """The id index (``illust_id``, ``kind``) of a folded manifest, its size and SHA-256 checked."""
+    return read_listed(
+        output,
+        manifest,
+        manifest["index"],
+        settings,
+        "delete the 'index' entry of that manifest to read the ids from the parts instead",
+    )
 
 
 def index_of(

@@ -63,7 +63,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from umair import contracts, storage
 from umair import modalities as registry
@@ -78,6 +77,7 @@ from umair.commit_log import (  # noqa: F401  (COMMIT_FORMAT, read_json, compact
     manifest_uri,
     part_uri,
     read_json,
+    read_listed,
     utc_now,
     write_json,
 )
@@ -187,17 +187,13 @@ def _read_files(
 def read_part(output: str, manifest: dict, entry: dict, settings: storage.StorageSettings | None) -> pa.Table:
     """One committed part file, its size and SHA-256 checked against the manifest that
     lists it (:class:`FeatureError` naming the file and the manifest on a mismatch)."""
-    uri = part_uri(output, entry["path"])
-    data = storage.read_bytes(uri, settings)
-    if "sha256" in entry:
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != entry["bytes"] or digest != entry["sha256"]:
-            raise FeatureError(
-                f"{uri}: the file changed after it was committed (manifest {manifest_uri(output, manifest)} lists "
-                f"{entry['bytes']} bytes, sha256 {entry['sha256'][:16]}…; found {len(data)} bytes, sha256 {digest[:16]}…); "
-                "restore it from a copy, or delete that manifest and rerun `umair extract` to extract its rows again"
-            )
-    return pq.read_table(pa.BufferReader(data))
+    return read_listed(
+        output,
+        manifest,
+        entry,
+        settings,
+        "restore it from a copy, or delete that manifest and rerun `umair extract` to extract its rows again",
+    )
 
 
 def superseded(parts: list[tuple[bool, np.ndarray]]) -> list[np.ndarray]:

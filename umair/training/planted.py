@@ -49,6 +49,19 @@ def taste_row(
     return row
 
 
+def evaluated_row(report: dict[str, Any]) -> dict[str, Any]:
+    """The ``full`` row of the planted-taste table from ``umair evaluate``'s report
+    (``evaluation.json``): AUC, users and ᾱ(STY) per segment, and the spread of ᾱ."""
+    seg = report["segments"]
+    return {
+        "model": "full",
+        "auc": {k: v["auc"] for k, v in seg.items()},
+        "users": {k: v["users"] for k, v in seg.items()},
+        "alpha_sty": {k: v["alpha"].get("sty") for k, v in seg.items()},
+        "spread": report.get("alpha_spread") or {},
+    }
+
+
 def ablation_rows(prepared: Any, recipe: Any, segments: dict[int, str], user_ids: np.ndarray) -> list[dict[str, Any]]:
     """The ``w/o STY`` and DCN-V2-only rows: each trained in-process on ``prepared`` with
     ``recipe`` (:class:`umair.training.local.LocalRecipe`) and scored on its test rows
