@@ -19,8 +19,7 @@ that the job stops with a message naming the object, and a rerun resumes.
 
 Output layout and the commit protocol that makes a killed run resumable without
 duplicates or holes: :mod:`umair.feature_store`; a run's chunk manifests are folded into
-one when it ends (:mod:`umair.commit_log`). The stages themselves (Ray-free
-callables): :mod:`umair.extraction.stages`.
+one when it ends (:mod:`umair.commit_log`). Stages (Ray-free): :mod:`umair.extraction.stages`.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from pipelines.runtime import ended_run, ensure_experiment, init_ray
+from pipelines.runtime import ended_run, ensure_experiment, init_ray, log_png
 from umair import storage
 from umair.errors import JobFailed, root_cause
 from umair.extraction.plan import encoder_info, run_params, select_rows, text_info
@@ -59,6 +58,7 @@ from umair.feature_store import (
     repair as repair_duplicates,
 )
 from umair.lease import Lease
+from umair.plots_runs import extraction_summary_plot
 from umair.storage import with_retries
 
 LOG = "[extract]"
@@ -324,6 +324,8 @@ def _run_holding(
         metrics = [mlflow.entities.Metric(k, v, now_ms, 0) for k, v in summary_metrics(summary).items()]
         client.log_batch(mlflow_id, metrics=metrics)
         client.log_text(mlflow_id, json.dumps(summary, indent=2), "summary.json")
+        picture = extraction_summary_plot(summary, storage.join(cfg.output, "extraction_summary.png"), settings)
+        log_png(client, mlflow_id, picture, "extraction_summary.png")
     write_json(
         marker,
         {"run_id": run_id, "status": "finished", "mlflow_run_id": mlflow_id, "ended_at": utc_now(), "summary": summary},

@@ -292,3 +292,14 @@ def ended_run(client: Any, run_id: str) -> Iterator[None]:
     finally:
         if handler_set:
             signal.signal(signal.SIGTERM, previous)
+
+
+def log_png(client: Any, run_id: str, png: bytes, name: str) -> None:
+    """Log the PNG bytes ``png`` as the artifact ``name`` of the MLflow run ``run_id``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(png)
+        client.log_artifact(run_id, path)

@@ -374,7 +374,7 @@ def test_features_equal_the_bare_encoder_on_the_same_images(first_run, catalogue
         np.testing.assert_allclose(features.column("sty")[r].values.to_numpy(), sty[k].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_run_is_logged_to_mlflow(first_run, mlflow_db, tmp_path):
+def test_the_run_is_logged_to_mlflow(first_run, mlflow_db, tmp_path, s3_server):
     import mlflow
 
     _, summary = first_run
@@ -387,6 +387,10 @@ def test_the_run_is_logged_to_mlflow(first_run, mlflow_db, tmp_path):
     assert logged.data.metrics["failed.read.missing"] == 2
     path = client.download_artifacts(summary["mlflow_run_id"], "summary.json", str(tmp_path))
     assert json.loads(Path(path).read_text()) == summary
+    # The run's picture (rows per reason, images/s), in the run and beside the features.
+    picture = Path(client.download_artifacts(summary["mlflow_run_id"], "extraction_summary.png", str(tmp_path)))
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.exists(storage.join(summary["output"], "extraction_summary.png"), s3_server.settings)
 
 
 def test_decode_and_encode_are_separate_stages(ray_local, catalogue, s3_server, mlflow_db, capsys):
