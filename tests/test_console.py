@@ -16,6 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -107,6 +109,32 @@ def test_job_log_takes_the_stderr_of_the_process_and_its_children(tmp_path):
     assert "after the block" in out.stderr, "stderr is the console again after the block"
     assert f"[umair] t: the log of this run: {paths[1]}" in out.stderr  # a failed run says where to look
     assert "failed midway" in out.stderr
+
+
+def test_verbose_keeps_the_library_messages_on_the_console(tmp_path):
+    """A quick real job: finetune-text with one pair stops with a clear error after MLflow
+    created its store (MLflow's INFO lines are the chatter)."""
+    names = tmp_path / "names.parquet"
+    pq.write_table(pa.table({"concept": ["cat", "cat"], "lang": ["en", "ja"], "name": ["cat", "猫"]}), names)
+    conf = {
+        "sources": [{"uri": str(names), "kind": "names"}],
+        "finetune": {"output_dir": str(tmp_path / "enc"), "epochs": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "v"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs")}
+    cmd = [UMAIR, "finetune-text", "--config", str(tmp_path / "c.yaml")]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    (tmp_path / "mlflow.db").unlink()
+    loud = subprocess.run([*cmd, "-v"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    for run in (quiet, loud):
+        assert run.returncode == 2 and "error: 1 training pair(s)" in run.stderr, run.stdout + run.stderr
+    (path,) = LOG_LINE.findall(quiet.stdout)
+    assert "Creating initial MLflow database tables" in Path(path).read_text()
+    assert "Creating initial MLflow database tables" not in quiet.stdout + quiet.stderr
+    assert f"the log of this run: {path}" in quiet.stderr
+    assert "Creating initial MLflow database tables" in loud.stderr and not LOG_LINE.search(loud.stdout)
+    assert len(list((tmp_path / "logs").iterdir())) == 1, "-v writes no log file"
 
 
 @pytest.mark.slow

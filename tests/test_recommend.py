@@ -404,7 +404,9 @@ def test_explain_prints_weights_draws_alpha_per_segment_and_unknown_users_fail_c
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     users = str(Path(world.root) / "users.parquet")
-    assert proc.stderr.startswith(f"umair explain: error: user 99999 is not in the users table {users}")
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"umair explain: error: user 99999 is not in the users table {users}"
+    )
 
     rconf = {
         "model": trained["model"],

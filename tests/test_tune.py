@@ -521,6 +521,9 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
     # arguments; unset, it would create ./mlflow.db.)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
+    # An earlier test in this process may have set a global tracking URI (sqlite): it wins over the env.
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
     got = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/umair-fps-test/{versions[0].version}",
