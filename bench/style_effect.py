@@ -22,6 +22,7 @@ Reads the demo's world and item features (``make demo`` writes them to
     .venv/bin/python bench/style_effect.py train --window val --seeds 0 1 2 --name l2=0 --l2-emb 0
     .venv/bin/python bench/style_effect.py train --window val --seeds 0 1 2 --name fix --epochs 5 \\
         --model '{"user_history": true, "modality_norm": "l2", "umcm": "moe", "experts": ["att"]}'
+    .venv/bin/python bench/style_effect.py residual --out outputs/bench/style_effect  # e_SEM minus e_STY's part
     .venv/bin/python bench/style_effect.py fixture --size default --seeds 0 1 2 3 4 --epochs 5 --model '{...}'
 
 Each run appends one JSON line per seed to ``OUT/results.jsonl`` and prints a summary row
@@ -52,8 +53,6 @@ VAL_START = "2021-08-01T00:00:00+00:00"
 def probe(world: str, features: str, seed: int = 0) -> dict[str, float]:
     """Held-out accuracy of a linear probe of each latent factor on each modality."""
     import pyarrow.compute as pc
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     from umair import storage
     from umair.feature_store import read_features
@@ -72,12 +71,67 @@ def probe(world: str, features: str, seed: int = 0) -> dict[str, float]:
             continue
         col = table.column(m).combine_chunks()
         x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), col.type.list_size).astype(np.float32)
-        scaler = StandardScaler().fit(x[tr])
-        xs = scaler.transform(x)
         for f, y in factors.items():
-            clf = LogisticRegression(max_iter=2000, C=1.0).fit(xs[tr], y[tr])
-            out[f"{f}|{m}"] = float((clf.predict(xs[te]) == y[te]).mean())
+            out[f"{f}|{m}"] = probe_accuracy(x, y, tr, te)
     return out
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray) -> float:
+    """Held-out accuracy of a multinomial logistic regression of ``y`` on z-scored ``x``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x[tr])
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(x[tr]), y[tr])
+    return float((clf.predict(scaler.transform(x[te])) == y[te]).mean())
+
+
+def residual(args: argparse.Namespace) -> None:
+    """Two plain item-features parquets in ``--out`` from the demo's extraction output:
+    ``features_as_extracted.parquet`` and ``features_sem_residual.parquet``, where e_SEM is
+    replaced by its residual after a least-squares fit on z-scored e_STY over the whole
+    catalogue (no labels used). An absent e_TSEM becomes zeros in both (a plain parquet
+    cannot hold NULL vectors). Prints the style / content probes of e_SEM and its residual;
+    train on either with ``train --features OUT/<file>``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from umair import storage
+    from umair.feature_store import read_features
+
+    table = read_features(args.features, None, None)
+
+    def matrix(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        x = np.zeros((len(col), col.type.list_size), np.float64)
+        ok = col.is_valid().to_numpy(zero_copy_only=False)
+        x[ok] = col.filter(pa.array(ok)).flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+        return x
+
+    def vectors(x: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), x.shape[1])
+
+    sem, sty = matrix("sem"), matrix("sty")
+    zs = (sty - sty.mean(0)) / (sty.std(0) + 1e-6)
+    centred = sem - sem.mean(0)
+    resid = centred - zs @ np.linalg.lstsq(zs, centred, rcond=None)[0] + sem.mean(0)
+    truth = storage.read_parquet(os.path.join(args.world, "truth", "items.parquet"))
+    idx = pc.index_in(table.column("illust_id"), value_set=truth.column("illust_id")).to_numpy(zero_copy_only=False)
+    perm = np.random.default_rng(0).permutation(len(table))
+    tr, te = perm[: int(0.7 * len(table))], perm[int(0.7 * len(table)) :]
+    for name, x in (("sem", sem), ("sem_residual", resid)):
+        for f in ("style", "content"):
+            print(f"probe {f}|{name}: {probe_accuracy(x, truth.column(f).to_numpy()[idx], tr, te):.3f}")
+    base = table.set_column(table.column_names.index("tsem"), "tsem", vectors(matrix("tsem")))
+    for name, t in (
+        ("as_extracted", base),
+        ("sem_residual", base.set_column(base.column_names.index("sem"), "sem", vectors(resid))),
+    ):
+        pq.write_table(
+            t.replace_schema_metadata(table.schema.metadata), os.path.join(args.out, f"features_{name}.parquet")
+        )
+    print(f"wrote {args.out}/features_as_extracted.parquet and features_sem_residual.parquet")
 
 
 def pa_array(x: np.ndarray) -> Any:
@@ -201,7 +255,7 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("probe", "train", "fixture"))
+    p.add_argument("what", choices=("probe", "residual", "train", "fixture"))
     p.add_argument("--world", default="outputs/demo/world")
     p.add_argument("--features", default="outputs/demo/features")
     p.add_argument("--out", default="outputs/bench/style_effect")
@@ -228,6 +282,9 @@ def main() -> int:
         return 0
     if args.what == "fixture":
         fixture(args)
+        return 0
+    if args.what == "residual":
+        residual(args)
         return 0
     segments = _segments(args.world)
     rows = []
