@@ -422,9 +422,9 @@ def publish_trained_model(
     parent_run_id: str | None,
 ) -> str | None:
     """What ``umair train`` publishes after saving ``model_dir``: the training curves
-    (``<output>/training_curves.png`` and the run's artifact root) and, except for a Tune
-    trial (``parent_run_id`` set: ``umair tune`` registers its best trial), the pyfunc
-    model, registered as ``cfg.register_model`` when set. Returns ``models:/NAME/N`` or None."""
+    (``<output>/training_curves.png`` and the run's artifact root) and, when
+    ``cfg.register_model`` is set and this is not a Tune trial (``parent_run_id``: ``umair
+    tune`` registers its best trial), the pyfunc model registered under that name. Returns ``models:/NAME/N`` or None."""
     from umair.plots_runs import training_curves
 
     png = training_curves(
@@ -439,7 +439,7 @@ def publish_trained_model(
         with open(path, "wb") as f:
             f.write(png)
         client.log_artifact(run_id, path)
-    if parent_run_id is not None:
+    if parent_run_id is not None or not cfg.register_model:  # the copy of the item vectors costs items × Σd × 4 B
         return None
     version = log_fusion_model(
         client, run_id, model_dir, inputs=inputs, register_as=cfg.register_model, settings=settings
