@@ -168,6 +168,27 @@ def s3_server(tmp_path_factory):
                 os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_global_uris_do_not_leak():
+    """A job run in-process calls ``mlflow.set_tracking_uri`` (as it must), which also writes
+    $MLFLOW_TRACKING_URI; both would outrank the next test's own URIs and reach its
+    subprocesses. Each test gets back the MLflow URIs and variables it started with."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env_before = {n: os.environ.get(n) for n in names}
+    yield
+    for name, value in env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri = None
+        registry_utils._registry_uri = None
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     from umair.sample.world import write_world
