@@ -29,6 +29,7 @@ from pipelines.report import ReportConfig
 from pipelines.report import run as write_report
 from umair import storage as st
 from umair.config import DemoConfig, load_config
+from umair.reports import demo_summary
 from umair.sample.world import load_world, summarize, write_world
 
 # stage name -> (module, settings class name); each module has run(settings)
@@ -83,9 +84,10 @@ def run_demo(settings: DemoConfig) -> int:
         timings[name] = round(time.perf_counter() - t, 1)
         print(f"{name} finished in {timings[name]}s", flush=True)
 
+    planted = None
     if "train" in stage_settings and "evaluate" in stage_settings:
         t = _stage("planted tastes: the model vs its w/o STY and DCN-V2-only ablations")
-        planted_section(stage_settings["train"], stage_settings["evaluate"], storage)
+        planted = planted_section(stage_settings["train"], stage_settings["evaluate"], storage)
         timings["planted"] = round(time.perf_counter() - t, 1)
 
     if "extract" in stage_settings:
@@ -109,9 +111,31 @@ def run_demo(settings: DemoConfig) -> int:
     st.write_bytes(st.join(root, "demo.json"), json.dumps(record, indent=2, default=str).encode(), storage)
     result = write_report(ReportConfig(run_dir=root, storage=settings.storage))
     timings["report"] = round(time.perf_counter() - t, 1)
-    print(f"\ndemo finished in {time.perf_counter() - total:.1f}s {timings if timings else ''}")
-    print(f"report: {result.out} (open it in a browser)")
+    print("\n".join(_summary(stage_settings, timings, time.perf_counter() - total, root, planted, result.out, storage)))
     return 0
+
+
+def _summary(
+    stage_settings: dict[str, Any],
+    timings: dict[str, float],
+    wall_s: float,
+    root: str,
+    planted: dict[str, Any] | None,
+    report_path: str,
+    storage: st.StorageSettings,
+) -> list[str]:
+    """The final screen (:func:`umair.reports.demo_summary`) from what the stages wrote."""
+    outputs = {"all under": root}
+    ranking = None
+    if "train" in stage_settings:
+        outputs["model"] = stage_settings["train"].output
+    if "recommend" in stage_settings:
+        rec = stage_settings["recommend"].output
+        outputs["top-K lists"] = rec
+        ranking = json.loads(st.read_bytes(st.join(rec, "metrics.json"), storage))["metrics"]
+    mlflow_cfg = next((getattr(c, "mlflow", None) for c in stage_settings.values() if getattr(c, "mlflow", None)), None)
+    mlflow_uri = (mlflow_cfg.tracking_uri or mlflow_cfg.resolved_uri()) if mlflow_cfg is not None else None
+    return demo_summary(timings, wall_s, outputs, planted, ranking, report_path, mlflow_uri)
 
 
 def _text(path: str) -> str | None:

@@ -107,7 +107,7 @@ def test_demo_runs_end_to_end(tmp_path):
     res = run("demo", "--config", str(conf))
     assert res.returncode == 0, res.stderr
     assert "all tables valid, every image present" in res.stdout
-    assert "demo finished" in res.stdout
+    assert "== summary ==" in res.stdout and "ran in " in res.stdout
     assert (tmp_path / "world" / "world.json").exists()
     report = tmp_path / "report.html"  # the demo's last step: the run's self-contained page
     assert report.exists() and f"report: {report}" in res.stdout, res.stdout[-2000:]

@@ -317,3 +317,38 @@ def test_collect_skips_what_is_not_a_run_file(tmp_path):
     (tmp_path / "trial" / "result.json").write_text('{"a": 1}\n{"a": 2}\n')  # Ray Tune's JSON lines: ignored
     c = collect(str(tmp_path))
     assert c.pictures == [] and sorted(s.split(":")[0] for s in c.skipped) == ["broken.png", "evaluation.json"]
+
+
+def test_the_demo_final_screen_fits_in_twenty_lines_and_names_what_a_user_looks_at_next():
+    from umair.reports import demo_summary
+    from umair.training.planted import planted_verdicts
+
+    def row(name, style, alpha=None, every=0.80):
+        auc = {"style": style, "content": 0.76, "tag": 0.71, "popularity": 0.57, "all": every}
+        users = {"style": 140, "content": 120, "tag": 60, "popularity": 80, "all": 400}
+        return {"model": name, "auc": auc, "users": users, "alpha_sty": alpha or {}, "spread": {}}
+
+    full = row("full", 0.833, {"style": 0.28, "content": 0.20, "tag": 0.19, "popularity": 0.2, "all": 0.22})
+    rows = [full, row("w/o STY", 0.569, every=0.78), row("DCN-V2-only", 0.52, every=0.72)]
+    planted = {"rows": rows, "verdicts": planted_verdicts(full, rows[1], rows[2])}
+    flat = {"recall_at_5": 0.02, "ndcg_at_5": 0.03, "recall_at_20": 0.068, "ndcg_at_20": 0.05}
+    pop = {"recall_at_5": 0.01, "ndcg_at_5": 0.01, "recall_at_20": 0.035, "ndcg_at_20": 0.02}
+    lines = demo_summary(
+        {"pretrain-image": 192.0, "train": 78.4},
+        455.2,
+        {"all under": "outputs/demo", "model": "outputs/demo/model"},
+        planted,
+        {"model": flat, "popularity": pop},
+        "outputs/demo/report.html",
+        "sqlite:///outputs/mlflow.db",
+    )
+    assert 10 <= len(lines) <= 20, lines
+    text = "\n".join(lines)
+    assert "ran in 455 s: pretrain-image 192 s, train 78 s" in text
+    style = next(line for line in lines if line.lstrip().startswith("style (140 users)"))
+    assert "0.833 | 0.569 | 0.520" in style and "ᾱ(STY) 0.280" in style
+    # 0.28 / 0.20 = 1.4x: the α-ratio goal (1.5x) is missed and named; the AUC goals are met
+    assert "planted effects recovered: 4 of 5" in text and "missed: ᾱ(STY) of style-driven users 1.40x" in text
+    assert "Recall@20 0.0680 vs popularity's 0.0350" in text
+    assert lines[-2] == "report: outputs/demo/report.html (open it in a browser)"
+    assert lines[-1].startswith("MLflow UI: mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db")
