@@ -138,3 +138,23 @@ def test_recommend_draws_a_strip_per_taste_with_the_worlds_images(tiny_world, tm
     # the tiles are the world's illustrations: far from the white of placeholder tiles
     assert (px.mean(axis=2) < 200).mean() > 0.1
     assert _strips(cfg.model_copy(update={"picture_users": 0}), inputs, None, topk, None) is None
+
+
+def test_an_extraction_summary_logs_its_commits_for_the_rate_picture_and_thins_long_runs():
+    from umair.extraction.progress import Progress
+
+    descriptor = {"features_rows": 10, "errors_rows": 0, "reasons": "{}"}
+    short = Progress(30)
+    for _ in range(3):
+        short.add([descriptor])
+    log = short.summary({}, 1.0, 1.0, {}, "run")["chunk_log"]
+    assert [c["chunk"] for c in log] == [1, 2, 3] and [c["rows_done"] for c in log] == [10, 20, 30]
+    assert all(0 <= a["t_s"] <= b["t_s"] for a, b in zip(log, log[1:]))
+
+    long = Progress(12_345 * 10)
+    for _ in range(12_345):
+        long.add([descriptor])
+    thinned = long.chunk_log(points=500)
+    assert len(thinned) <= 501 and thinned[-1] == {**thinned[-1], "chunk": 12_345, "rows_done": 123_450}
+    steps = {b["chunk"] - a["chunk"] for a, b in zip(thinned, thinned[1:-1])}
+    assert steps == {25}, "evenly spread commits"

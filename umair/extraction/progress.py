@@ -18,6 +18,7 @@ from typing import Any
 from umair.console import progress, say
 
 LOG = "[extract]"
+CHUNK_LOG_POINTS = 500  # commits kept in a summary's chunk_log
 
 
 class Progress:
@@ -35,6 +36,7 @@ class Progress:
         self.start = time.perf_counter()
         self.first_commit: tuple[float, int] | None = None  # (time, rows done) at the first commit
         self.last_commit = self.start
+        self.commits: list[tuple[float, int]] = []  # (seconds since start, rows done) at each commit
         self.bar: Any = None
 
     def advance(self, rows: int) -> None:
@@ -61,6 +63,7 @@ class Progress:
         self.last_commit = time.perf_counter()
         if self.first_commit is None:
             self.first_commit = (self.last_commit, self.done)
+        self.commits.append((self.last_commit - self.start, self.done))
 
     @property
     def done(self) -> int:
@@ -97,7 +100,18 @@ class Progress:
             "wall_s": round(wall_s, 2),
             "recovered": recovered,
             "mlflow_run_id": mlflow_run_id,
+            "chunk_log": self.chunk_log(),
         }
+
+    def chunk_log(self, points: int = CHUNK_LOG_POINTS) -> list[dict[str, float]]:
+        """``[{"chunk", "t_s", "rows_done"}, ...]`` at the commits, for the images/s-over-time
+        picture: every commit of a short run; at most ``points`` evenly spread ones (and the
+        last) of a long one, so a 50,000-chunk summary stays small."""
+        step = max(1, -(-len(self.commits) // points))
+        keep = list(range(step - 1, len(self.commits), step))
+        if self.commits and keep[-1] != len(self.commits) - 1:
+            keep.append(len(self.commits) - 1)
+        return [{"chunk": i + 1, "t_s": round(self.commits[i][0], 3), "rows_done": self.commits[i][1]} for i in keep]
 
     def line(self, chunk_rows: int) -> str:
         pct = 100.0 * self.done / max(self.total, 1)
@@ -121,7 +135,8 @@ def print_summary(summary: dict) -> None:
         f"{summary['to_process']} processed, {summary['already_done']} skipped as already extracted; "
         f"{summary['images_per_s']} images/s; wall {summary['wall_s']}s; {summary['chunks']} chunks committed"
     )
-    say(f"{LOG} summary: {json.dumps(summary, sort_keys=True)}")
+    brief = {k: v for k, v in summary.items() if k != "chunk_log"}  # the picture shows it
+    say(f"{LOG} summary: {json.dumps(brief, sort_keys=True)}")
 
 
 SUMMARY_METRICS = (
