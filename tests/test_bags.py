@@ -217,7 +217,7 @@ def test_item_bags_alone_make_the_meta_modality() -> None:
     assert ModelConfig(n_users=3, n_tags=2, vectors={"sem": 2}).modalities == ("sem",)
 
 
-def test_without_bags_the_outputs_are_bit_identical_to_before() -> None:
+def test_without_bags_the_outputs_are_those_of_the_code_before_bags() -> None:
     """Logits and gradient of a seeded bag-less model, as the code before bag fields computed them."""
     torch.manual_seed(7)
     cfg = ModelConfig(
@@ -243,8 +243,9 @@ def test_without_bags_the_outputs_are_bit_identical_to_before() -> None:
         [1, 7, 10, 6, 12, 17, 19], [2, 6, 6, 6, 13, 14, 20], [0, 8, 6, 9, 11, 15, 18], [5, 10, 10, 7, 12, 16, 20]
     ]  # fmt: skip
     before = [0.0005371980369091034, -0.037812959402799606, -0.0307636559009552, -0.03232350945472717]
-    assert torch.equal(out.logits, torch.tensor(before, dtype=torch.float32))
-    assert model.embeddings.weight.grad.abs().sum().item() == 2.451625108718872
+    # to float32 rounding: the last bits differ between CPUs (AVX2 vs AVX512 kernels)
+    torch.testing.assert_close(out.logits.detach(), torch.tensor(before), rtol=1e-5, atol=1e-7)
+    assert model.embeddings.weight.grad.abs().sum().item() == pytest.approx(2.451625108718872, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- training

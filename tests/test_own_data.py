@@ -144,35 +144,32 @@ def test_own_data_walkthrough(tmp_path):
     proc = _umair("extract", "--config", str(ext), env=env)
     assert "without image" in proc.stdout
 
-    reports = {}
-    for variant in ("full", "dcn_v2_only"):
-        model = out / f"model-{variant}"
-        train = _config(
-            "train.yaml",
-            tmp_path / f"train-{variant}.yaml",
-            **tables,
-            item_features=str(out / "features"),
-            validation=split["validation"],
-            split=split["split"],
-            epochs=2,
-            batch_size=64,
-            variant=None if variant == "full" else variant,
-            run_name=f"own-data-{variant}",
-            checkpoint_dir=runs,
-            output=str(model),
-            mlflow=mlflow,
-        )
-        _umair("train", "--config", str(train), env=env)
-        ev = _config("evaluate.yaml", tmp_path / f"evaluate-{variant}.yaml", model=str(model), mlflow=mlflow)
-        _umair("evaluate", "--config", str(ev), env=env)
-        meta = json.loads((model / "model.json").read_text())
-        assert meta["selected_on"] == "val_auc" and meta["val_auc"] is not None
-        reports[variant] = json.loads((model / "evaluation.json").read_text())
-        predictions = pq.read_table(model / "predictions.parquet")
-        assert {"user_id", "illust_id", "ts", "label", "prob"} <= set(predictions.column_names)
-        assert predictions.num_rows == reports[variant]["rows"] > 0
-        assert set(reports[variant]["warm_cold"]) == {"users", "items"}
+    # the full model only: the DCN-V2-only variant (same settings path) is tests/test_protocol.py's
+    model = out / "model"
+    train = _config(
+        "train.yaml",
+        tmp_path / "train.yaml",
+        **tables,
+        item_features=str(out / "features"),
+        validation=split["validation"],
+        split=split["split"],
+        epochs=2,
+        batch_size=64,
+        run_name="own-data",
+        checkpoint_dir=runs,
+        output=str(model),
+        mlflow=mlflow,
+    )
+    _umair("train", "--config", str(train), env=env)
+    ev = _config("evaluate.yaml", tmp_path / "evaluate.yaml", model=str(model), mlflow=mlflow)
+    _umair("evaluate", "--config", str(ev), env=env)
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["selected_on"] == "val_auc" and meta["val_auc"] is not None
+    report = json.loads((model / "evaluation.json").read_text())
+    predictions = pq.read_table(model / "predictions.parquet")
+    assert {"user_id", "illust_id", "ts", "label", "prob"} <= set(predictions.column_names)
+    assert predictions.num_rows == report["rows"] > 0
+    assert set(report["warm_cold"]) == {"users", "items"}
     # the full model reads the text vector of every movie and the poster vectors of those with one
-    coverage = reports["full"]["modality_coverage"]
+    coverage = report["modality_coverage"]
     assert coverage["tsem"] == coverage["items"] > coverage["sem"] > 0
-    assert reports["dcn_v2_only"]["variant"] == "dcn_v2_only"
