@@ -95,6 +95,36 @@ def test_user_history_is_the_mean_of_bookmarked_vectors_and_leaves_the_own_item_
     assert loo["sem"].tolist() == [[3.0, 4.0], [1.0, 2.0], [2.0, 3.0], [0.0, 0.0]]
 
 
+def test_the_history_fitted_in_chunks_is_the_history_fitted_at_once(monkeypatch):
+    """fit_history gathers HISTORY_CHUNK_ROWS bookmarks at a time (paper scale: millions of
+    rows x Σ d_m floats); the table is the one a single pass gives, absent vectors included."""
+    import numpy as np
+    import torch
+
+    from umair.model.history import UserHistory
+    from umair.training import lookup as lk
+
+    rng = np.random.default_rng(0)
+    n_items, n_rows = 30, 203
+    vectors = {"sem": torch.randn(n_items, 3), "sty": torch.randn(n_items, 2)}
+    present = {"sem": torch.from_numpy(rng.random(n_items) > 0.3)}
+    table = lk.Lookup.__new__(lk.Lookup)
+    table.device, table.uid = torch.device("cpu"), torch.arange(6)
+    table.vectors, table.present = vectors, present
+    u, i = rng.integers(0, 6, n_rows), rng.integers(0, n_items, n_rows)
+    y = (rng.random(n_rows) > 0.4).astype(np.float32)
+
+    class Model:
+        history = UserHistory(6, {"sem": 3, "sty": 2})
+
+    once = UserHistory(6, {"sem": 3, "sty": 2})
+    once.fit(torch.from_numpy(u), torch.from_numpy(y), table.item_vectors(torch.from_numpy(i)))
+    monkeypatch.setattr(lk, "HISTORY_CHUNK_ROWS", 17)  # 12 chunks, the last one short
+    lk.fit_history(Model, table, u, i, y)
+    torch.testing.assert_close(Model.history.mean, once.mean)
+    assert torch.equal(Model.history.counts, once.counts) and once.counts[:, 0].sum() < once.counts[:, 1].sum()
+
+
 def test_user_history_enters_v_user_through_the_modality_projection_and_is_saved():
     import torch
 

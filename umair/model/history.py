@@ -28,7 +28,7 @@ for its positive rows so the model cannot learn "the item is in the history".
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -66,15 +66,24 @@ class UserHistory(nn.Module):
         """Set the table from training rows: ``user_id`` [N] (vocabulary indices), ``labels``
         [N] (1 = bookmarked) and ``vectors[m]`` [N, d_m] (with ``vectors.present[m]`` [N]
         where some rows lack m); only the positive rows count, per modality those that have it."""
-        pos = labels.reshape(-1) > 0.5
-        uid = user_id.reshape(-1)[pos].long().to(self.mean.device)
-        x = torch.cat([vectors[m][pos].float() for m in self.names], dim=1).to(self.mean.device)
-        has = self._presence(vectors, len(pos), self.mean.device)[pos.to(self.mean.device)]
-        width = torch.tensor([self.widths[m] for m in self.names], device=self.mean.device)
-        x = x * has.repeat_interleave(width, dim=1)  # absent vectors add nothing
-        total = torch.zeros_like(self.mean).index_add_(0, uid, x)
-        count = torch.zeros_like(self.count).index_add_(0, uid, torch.ones_like(uid, dtype=self.count.dtype))
-        counts = torch.zeros_like(self.counts).index_add_(0, uid, has.to(self.counts.dtype))
+        self.fit_chunks([(user_id, labels, vectors)])
+
+    def fit_chunks(self, chunks: Iterable[tuple[Tensor, Tensor, Mapping[str, Tensor]]]) -> None:
+        """:meth:`fit` over the training rows given in pieces ``(user_id, labels, vectors)``
+        (same shapes, [n_c] and [n_c, d_m]): sums and counts are accumulated chunk by chunk, so
+        only one chunk's vectors are ever gathered (24 M rows x Σ d_m floats would not fit)."""
+        device = self.mean.device
+        width = torch.tensor([self.widths[m] for m in self.names], device=device)
+        total, count, counts = torch.zeros_like(self.mean), torch.zeros_like(self.count), torch.zeros_like(self.counts)
+        for user_id, labels, vectors in chunks:
+            pos = labels.reshape(-1) > 0.5
+            uid = user_id.reshape(-1)[pos].long().to(device)
+            x = torch.cat([vectors[m][pos].float() for m in self.names], dim=1).to(device)
+            has = self._presence(vectors, len(pos), device)[pos.to(device)]
+            x = x * has.repeat_interleave(width, dim=1)  # absent vectors add nothing
+            total.index_add_(0, uid, x)
+            count.index_add_(0, uid, torch.ones_like(uid, dtype=count.dtype))
+            counts.index_add_(0, uid, has.to(counts.dtype))
         total[0] = 0.0  # the unknown user never has a history
         count[0] = 0.0
         counts[0] = 0.0

@@ -226,16 +226,24 @@ def shared_tables(prepared: Prepared, settings: storage.StorageSettings | None =
     return SharedTables(users, items, history)
 
 
+HISTORY_CHUNK_ROWS = 65_536  # bookmarks gathered at once for the history (x Σ d_m float32 each)
+
+
 def fit_history(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, labels: Any) -> None:
     """Set ``model.history`` (:mod:`umair.model.history`; nothing without one) from the
     training rows ``user_rows`` / ``item_rows`` / ``labels`` [N] (arrays or tensors): the
-    mean standardised vectors of each user's bookmarked items."""
+    mean standardised vectors of each user's bookmarked items, gathered
+    :data:`HISTORY_CHUNK_ROWS` rows at a time."""
     if getattr(model, "history", None) is None:
         return
     u = as_tensor(np.asarray(user_rows), lookup.device).long()
     i = as_tensor(np.asarray(item_rows), lookup.device).long()
     y = as_tensor(np.asarray(labels), lookup.device).float()
-    model.history.fit(lookup.uid[u], y, lookup.item_vectors(i))
+    step = HISTORY_CHUNK_ROWS
+    model.history.fit_chunks(
+        (lookup.uid[u[s : s + step]], y[s : s + step], lookup.item_vectors(i[s : s + step]))
+        for s in range(0, len(u), step)
+    )
 
 
 def history_rows(train_rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
