@@ -74,8 +74,9 @@ def run_demo(settings: DemoConfig) -> int:
     world = load_world(w.out, storage)
     print(f"all tables valid, every image present ({time.perf_counter() - t:.1f}s)")
     world_summary = summarize(world)
-    for k, v in world_summary.items():
-        print(f"  {k:<22} {v}")
+    shown = [(k, v) for k, v in world_summary.items() if k != "root"]
+    for part in (shown[: len(shown) // 2], shown[len(shown) // 2 :]):  # two lines, not one per figure
+        print("  " + ", ".join(f"{k} {v}" for k, v in part))
 
     timings = {}
     for name, cfg in stage_settings.items():

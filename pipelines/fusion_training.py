@@ -97,6 +97,11 @@ class WorkerSettings:
     patience: int | None
     run_id: str
     tracking_uri: str
+    console: bool = True  # print per-epoch lines (a Tune trial's are in MLflow and its summary line)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` for a run that keeps the console quiet (``fit(console=False)``)."""
 
 
 def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[dict[str, float]]]:
@@ -126,15 +131,18 @@ def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[
     return start, list(state["starts"]), list(state["history"])
 
 
-def _log_epoch(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+def _log_epoch(client: Any, run_id: str, metrics: dict[str, float], console: bool, last: bool) -> None:
+    """Every epoch's metrics to MLflow; on the console (``console``) one line per epoch and
+    the workers' memory after the first and the last epoch (every epoch's is in MLflow)."""
     import mlflow
 
     epoch = int(metrics["epoch"])
     shown = {k: v for k, v in metrics.items() if k != "epoch" and not k.startswith("mem.")}
-    print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
     workers = sorted({k.split(".")[1] for k in metrics if k.startswith("mem.")})
-    if workers:
-        print(f"{TAG} memory: " + "; ".join(_memory_line(w, metrics) for w in workers), flush=True)
+    if console:
+        print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+        if workers and (epoch == 0 or last):
+            print(f"{TAG} memory: " + "; ".join(_memory_line(w, metrics) for w in workers), flush=True)
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
@@ -189,7 +197,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     device = get_device()
     shared: SharedTables = ray.get(ws.tables)  # zero-copy: read-only views of the node's object store
     lookup = shared.lookup(ws.modalities, device)
-    if rank == 0 and ws.modalities:
+    if rank == 0 and ws.modalities and ws.console:
         print(f"[train] items with each modality (all / present): {modality_coverage(shared.items)}", flush=True)
     raw = UmairFPS(ws.model).to(device)
     if shared.history is not None:  # the same table on every worker (a checkpoint restores it too)
@@ -234,7 +242,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
                 selection.update(epoch, metrics["val_auc"])
                 metrics.update(selection.metrics())
             history.append(metrics)
-            _log_epoch(client, ws.run_id, metrics)
+            _log_epoch(client, ws.run_id, metrics, ws.console, last=epoch == ws.epochs - 1)
             with tempfile.TemporaryDirectory() as d:
                 torch.save(
                     {
@@ -351,13 +359,21 @@ def _score_test(prepared: Prepared, state: dict[str, Any], shared: SharedTables,
     return window_scores(model, shared.lookup(prepared.modalities, "cpu"), u, i, y, "test", batch_size)
 
 
-def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[Any] | None = None) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+    console: bool = True,
+) -> dict[str, Any]:
     """Train with Ray Train, save the best-validation model to ``cfg.output``, score the
     test window once with it; return a summary (also in MLflow).
 
     ``parent_run_id`` makes the MLflow run a child of that run (a Tune trial under its
     search); ``callbacks`` are Ray Train callbacks (e.g. Tune's ``TuneReportCallback``,
-    which reports every epoch's ``val_auc`` to ASHA)."""
+    which reports every epoch's ``val_auc`` to ASHA). ``console=False`` (a Tune trial):
+    only warnings and errors are printed; the rest is in MLflow and the returned summary."""
+    say = print if console else _silent
     import mlflow
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -373,7 +389,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
     mc = prepared.model_config
     n_params = count_parameters(UmairFPS(mc))
     val = prepared.val_rows
-    print(
+    say(
         f"{TAG} {prepared.train_rows.num_rows} training rows (ts < {prepared.train_end}), "
         + (f"{val.num_rows} validation rows [{prepared.validation}, {prepared.inputs.split}), " if val else "")
         + f"{prepared.test_rows.num_rows} test rows (from {prepared.inputs.split}); variant {cfg.variant or 'full'}, "
@@ -392,7 +408,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
         init_ray(cfg.ray)
         t_tables = time.perf_counter()
         tables = ray.put(shared_tables(prepared, settings))  # one copy per node, mapped by its workers
-        print(f"{TAG} shared tables in the object store in {time.perf_counter() - t_tables:.1f}s", flush=True)
+        say(f"{TAG} shared tables in the object store in {time.perf_counter() - t_tables:.1f}s", flush=True)
         datasets = _datasets(prepared, cfg)
         validate = "val" in datasets
         worker = WorkerSettings(
@@ -409,6 +425,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
             patience=cfg.patience if validate else None,
             run_id=run_id,
             tracking_uri=cfg.mlflow.resolved_uri(),
+            console=console,
         )
         # With a validation window Ray keeps the best checkpoint by val_auc and, always, the latest.
         kept = (
@@ -441,7 +458,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
         best = next((h for h in history if int(h["epoch"]) == best_epoch), {})
         test = _score_test(prepared, chosen["model"], ray.get(tables), cfg.batch_size)
         if test:
-            print(
+            say(
                 f"{TAG} test window, epoch {best_epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in test.items()),
                 flush=True,
             )
@@ -462,7 +479,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
                 client, run_id, tmp, cfg, prepared.inputs, history, best_epoch, settings, parent_run_id
             )
     if registered:
-        print(f"{TAG} registered: {registered}", flush=True)
+        say(f"{TAG} registered: {registered}", flush=True)
     summary = {
         "model": cfg.output,
         "variant": cfg.variant or "full",
@@ -488,5 +505,5 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list[A
         "registered_model": registered,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    print(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
+    say(f"{TAG} done: " + json.dumps(summary, default=str), flush=True)
     return summary

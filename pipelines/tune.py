@@ -94,10 +94,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         client.log_param(run_id, "trial_params", trial_key(params))
     attempts = len(client.get_metric_history(run_id, "trial_attempt"))
     client.log_metric(run_id, "trial_attempt", attempts + 1, step=attempts)
-    print(f"{TAG} trial {trial_id} (attempt {attempts + 1}): {json.dumps(params)}", flush=True)
     try:
         cfg = trial_settings(context, params, trial_id)
-        fit(cfg, parent_run_id=context.parent_run_id, callbacks=[TuneReportCallback()])
+        fit(cfg, parent_run_id=context.parent_run_id, callbacks=[TuneReportCallback()], console=False)
     except Exception as err:
         # Recorded here; the search driver sets the run's final status from Tune's view
         # (an ASHA stop also lands here, as the Train controller dying under us).
@@ -151,6 +150,42 @@ def release_callback() -> Any:
             self._release(trial)
 
     return ReleaseTrainResources()
+
+
+def console_callback(total: int) -> Any:
+    """A Tune callback that prints, on the driver, one line when a trial starts and one when
+    it ends (its best val_auc so far, or that it failed): the search's console in place of
+    Tune's status tables (``verbose=0``) and the trials' own training lines."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        ended = 0
+
+        def _params(self, trial: Any) -> str:
+            return json.dumps({k: v for k, v in (trial.config or {}).items()}, default=str)
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"{TAG} trial {trial.trial_id} started: {self._params(trial)}", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.ended += 1
+            r = trial.last_result or {}
+            best = r.get("best_val_auc", r.get(METRIC))
+            shown = f"best val_auc {best:.4f}" if isinstance(best, float) else "no val_auc"
+            print(
+                f"{TAG} trial {trial.trial_id} ended after epoch {r.get('epoch', '?')}: {shown} "
+                f"({self.ended}/{total} trials ended)",
+                flush=True,
+            )
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.ended += 1
+            print(
+                f"{TAG} trial {trial.trial_id} failed ({self.ended}/{total} trials ended; its error is in the results)",
+                flush=True,
+            )
+
+    return TrialLines()
 
 
 # --------------------------------------------------------------------------- results
@@ -349,6 +384,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             else FIFOScheduler()
         )
         storage_path = storage.parent(root) if not storage.is_s3(root) else cfg.storage_path
+        n_trials = cfg.search.size() * cfg.num_samples
         if restoring and ray.tune.Tuner.can_restore(root):
             tuner = ray.tune.Tuner.restore(
                 root, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
@@ -363,8 +399,8 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
                 run_config=ray.tune.RunConfig(
                     name=cfg.name,
                     storage_path=storage_path,
-                    verbose=1,
-                    callbacks=[release_callback()],
+                    verbose=0,  # console_callback's lines instead of Tune's status tables
+                    callbacks=[release_callback(), console_callback(n_trials)],
                     failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_retries),
                 ),
             )
