@@ -152,38 +152,24 @@ def release_callback() -> Any:
     return ReleaseTrainResources()
 
 
-def console_callback(total: int) -> Any:
+def console_callback() -> Any:
     """A Tune callback that prints, on the driver, one line when a trial starts and one when
-    it ends (its best val_auc so far, or that it failed): the search's console in place of
-    Tune's status tables (``verbose=0``) and the trials' own training lines."""
+    it ends (its best val_auc, or that it failed): the search's console in place of Tune's
+    status tables (``verbose=0``) and the trials' own training lines."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
-        ended = 0
-
-        def _params(self, trial: Any) -> str:
-            return json.dumps({k: v for k, v in (trial.config or {}).items()}, default=str)
-
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"{TAG} trial {trial.trial_id} started: {self._params(trial)}", flush=True)
+            print(f"{TAG} trial {trial.trial_id} started: {json.dumps(trial.config or {}, default=str)}", flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.ended += 1
             r = trial.last_result or {}
             best = r.get("best_val_auc", r.get(METRIC))
             shown = f"best val_auc {best:.4f}" if isinstance(best, float) else "no val_auc"
-            print(
-                f"{TAG} trial {trial.trial_id} ended after epoch {r.get('epoch', '?')}: {shown} "
-                f"({self.ended}/{total} trials ended)",
-                flush=True,
-            )
+            print(f"{TAG} trial {trial.trial_id} ended after epoch {r.get('epoch', '?')}: {shown}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.ended += 1
-            print(
-                f"{TAG} trial {trial.trial_id} failed ({self.ended}/{total} trials ended; its error is in the results)",
-                flush=True,
-            )
+            print(f"{TAG} trial {trial.trial_id} failed (its error is in the results table)", flush=True)
 
     return TrialLines()
 
@@ -384,7 +370,6 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             else FIFOScheduler()
         )
         storage_path = storage.parent(root) if not storage.is_s3(root) else cfg.storage_path
-        n_trials = cfg.search.size() * cfg.num_samples
         if restoring and ray.tune.Tuner.can_restore(root):
             tuner = ray.tune.Tuner.restore(
                 root, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
@@ -400,7 +385,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
                     name=cfg.name,
                     storage_path=storage_path,
                     verbose=0,  # console_callback's lines instead of Tune's status tables
-                    callbacks=[release_callback(), console_callback(n_trials)],
+                    callbacks=[release_callback(), console_callback()],
                     failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_retries),
                 ),
             )

@@ -462,6 +462,9 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "restoring search 't-search'" in second.stdout
     assert "models:/umair-fps-test/" in second.stdout and "best_train.yaml" in second.stdout
+    # The console: one driver line per trial, no Tune status tables, no trial's training lines
+    assert "[tune] trial " in second.stdout and " ended after epoch " in second.stdout, second.stdout[-3000:]
+    assert "Trial status:" not in second.stdout and "[train] epoch" not in second.stdout, second.stdout[-3000:]
 
     client = mlflow.MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("t-tune")
