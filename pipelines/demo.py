@@ -45,7 +45,7 @@ STAGES = {
 
 
 def _stage(name: str) -> float:
-    print(f"\n== {name} ==", flush=True)
+    print(f"== {name} ==", flush=True)
     return time.perf_counter()
 
 
@@ -159,7 +159,11 @@ def neighbour_sheets(features: str, world: str, root: str, storage: Any) -> list
     outs = []
     for by in ("style", "semantic"):
         out = st.join(root, "similar", f"{query}-{by}.png")
-        similar(SimilarConfig(item_features=features, world=world, by=by, k=8, out=out, storage=storage), query)
+        found = similar(
+            SimilarConfig(item_features=features, world=world, by=by, k=8, out=out, storage=storage), query, table=False
+        )
+        shares = ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in found["shares"].items())
+        print(f"[similar] {found['space']} neighbours of {query}: {shares} of 8 -> {out}")
         outs.append(out)
     return outs
 
@@ -185,9 +189,7 @@ def planted_section(train_cfg: Any, eval_cfg: Any, settings: Any) -> dict[str, A
     rows = [full, *ablation_rows(prepared, recipe, segments, user_ids)]
     table = planted_markdown(rows)
     verdicts = planted_verdicts(full, rows[1], rows[2])
-    print(table)
-    print("\n".join(verdicts))
-    out = st.join(st.parent(train_cfg.output), "planted")
+    out = st.join(st.parent(train_cfg.output), "planted")  # the final screen shows it; the full table is here
     st.write_bytes(out + ".md", (table + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n").encode(), settings)
     result = {"rows": rows, "verdicts": verdicts}
     st.write_bytes(out + ".json", json.dumps(result, indent=2, default=str).encode(), settings)

@@ -98,8 +98,9 @@ def _image(uri: str | None, settings: storage.StorageSettings | None) -> np.ndar
         return None
 
 
-def run(cfg: SimilarConfig, illust_id: int) -> dict[str, Any]:
-    """Find, print and draw the ``k`` nearest neighbours of ``illust_id``; return the result."""
+def run(cfg: SimilarConfig, illust_id: int, *, table: bool = True) -> dict[str, Any]:
+    """Find, print and draw the ``k`` nearest neighbours of ``illust_id``; return the result.
+    ``table=False`` prints nothing (the caller reports the returned ``shares`` and ``out``)."""
     from umair.plots import SheetItem, contact_sheet
 
     settings = cfg.storage.to_settings()
@@ -134,26 +135,28 @@ def run(cfg: SimilarConfig, illust_id: int) -> dict[str, Any]:
     ]
     shares = {f"same_{k}": float(np.mean([row.get(k) == v for row in rows])) for k, v in q.items()} if rows else {}
 
-    print(
-        f"{TAG} {len(rows)} nearest to illustration {illust_id} by {cfg.by} (cosine of {space}, "
-        f"{'centred' if cfg.center else 'raw'}) among the {int(index.has(space).sum())} of {len(index)} "
-        f"with {space} in {cfg.item_features}" + (f"; query {', '.join(f'{k}={v}' for k, v in q.items())}" if q else "")
-    )
-    cols = list(q)
-    print(f"  {'rank':>4} {'illust_id':>10} {'cosine':>7}" + "".join(f" {c:>12}" for c in cols) + "  tags")
-    for row in rows:
+    if table:
         print(
-            f"  {row['rank']:>4} {row['illust_id']:>10} {row['cosine']:>7.4f}"
-            + "".join(f" {row.get(c, ''):>12}" for c in cols)
-            + "  "
-            + " ".join(row["tags"])
+            f"{TAG} {len(rows)} nearest to illustration {illust_id} by {cfg.by} (cosine of {space}, "
+            f"{'centred' if cfg.center else 'raw'}) among the {int(index.has(space).sum())} of {len(index)} "
+            f"with {space} in {cfg.item_features}"
+            + (f"; query {', '.join(f'{k}={v}' for k, v in q.items())}" if q else "")
         )
-    if shares:
-        print(
-            "  "
-            + ", ".join(f"{k.replace('_', ' ')} as the query: {v:.0%}" for k, v in shares.items())
-            + f" (ground truth {truth_uri})"
-        )
+        cols = list(q)
+        print(f"  {'rank':>4} {'illust_id':>10} {'cosine':>7}" + "".join(f" {c:>12}" for c in cols) + "  tags")
+        for row in rows:
+            print(
+                f"  {row['rank']:>4} {row['illust_id']:>10} {row['cosine']:>7.4f}"
+                + "".join(f" {row.get(c, ''):>12}" for c in cols)
+                + "  "
+                + " ".join(row["tags"])
+            )
+        if shares:
+            print(
+                "  "
+                + ", ".join(f"{k.replace('_', ' ')} as the query: {v:.0%}" for k, v in shares.items())
+                + f" (ground truth {truth_uri})"
+            )
 
     out = cfg.out or f"outputs/demo/similar/{illust_id}-{cfg.by}.png"
     query = SheetItem(int(illust_id), _image(images.get(int(illust_id)), settings), None, q or None)
@@ -167,7 +170,8 @@ def run(cfg: SimilarConfig, illust_id: int) -> dict[str, Any]:
         for row in rows
     ]
     contact_sheet(query, tiles, f"nearest to {illust_id} by {cfg.by} ({space}, cosine)", out, cfg.cols, settings)
-    print(f"{TAG} contact sheet: {out}")
+    if table:
+        print(f"{TAG} contact sheet: {out}")
     return {"illust_id": int(illust_id), "by": cfg.by, "space": space, "neighbours": rows, "shares": shares, "out": out}
 
 

@@ -24,6 +24,7 @@ Ray Train checkpoint. A trial that raises is recorded as failed; the others go o
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -338,6 +339,10 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             flush=True,
         )
 
+    # Tune's own console (its experiment box, status tables, TensorBoard hint) is off: the
+    # search prints console_callback's lines. Ray's new output engine prints its box at any
+    # verbosity; the classic reporter with verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with ended_run(client, parent):  # FINISHED; FAILED when no trial finished; KILLED on Ctrl-C / SIGTERM
         init_ray(cfg.ray)
         context = TrialContext(
