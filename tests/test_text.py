@@ -280,6 +280,8 @@ def trained(tmp_path_factory):
         eval_fraction=0.2,
         seed=0,
         device="cpu",
+        logging_steps=1,  # a dozen steps: log each, so every epoch has losses to compare
+        threads=1,
     )
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     cwd, previous_uri = os.getcwd(), mlflow.get_tracking_uri()
@@ -472,3 +474,108 @@ def test_pairs_tag_cache_and_encoder_on_object_storage(s3_server, trained, base_
         loaded.model.encode(texts, convert_to_tensor=True),
         atol=1e-6,
     )
+
+
+# --------------------------------------------------------------------------- issue 22: recipe, speed, baseline
+
+
+def test_added_tokens_start_from_a_known_variant_else_distinct_random():
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(default_base_model(), device="cpu")
+    tok = model.tokenizer
+    weight = model[0].auto_model.get_input_embeddings().weight
+    vocab = tok.get_vocab()
+    assert "ヒ" in vocab and "ァ" in vocab
+    before = weight.detach().clone()
+    # ﾋ: half-width → ヒ (NFKC); ぁ: hiragana → ァ; 龘 靐: no known variant
+    texts = ["ﾋ", "ぁ", "龘靐"]
+    added = add_cjk_tokens(model, texts, init="variant", seed=0)
+    assert added == sorted("ﾋぁ龘靐")
+    weight = model[0].auto_model.get_input_embeddings().weight.detach()
+    row = dict(zip(added, tok.convert_tokens_to_ids(added), strict=True))
+    for new, known in (("ﾋ", "ヒ"), ("ぁ", "ァ")):
+        assert torch.equal(weight[row[new]], before[vocab[known]]), new
+    a, b = weight[row["龘"]], weight[row["靐"]]
+    assert not torch.allclose(a, b) and not torch.allclose(a, weight[row["ﾋ"]])
+    norms = before.norm(dim=1)
+    for v in (a, b):  # the scale of the existing rows, not a zero or a copy
+        assert 0.5 * norms.mean() < v.norm() < 2.0 * norms.mean()
+        assert not any(torch.equal(v, r) for r in before[:2000])
+    assert torch.equal(weight[: before.shape[0]], before)  # old rows untouched
+    # the resize default keeps no variant copy
+    plain = SentenceTransformer(default_base_model(), device="cpu")
+    add_cjk_tokens(plain, texts, init="resize")
+    w2 = plain[0].auto_model.get_input_embeddings().weight.detach()
+    assert not torch.equal(w2[plain.tokenizer.convert_tokens_to_ids("ﾋ")], before[vocab["ヒ"]])
+
+
+def test_variants_of_a_character_are_its_compatibility_form_and_other_kana():
+    from umair.text import cjk_tokens
+
+    assert cjk_tokens.variants("ﾊ") == ["ハ", "は"]
+    assert cjk_tokens.variants("ぱ") == ["パ"]
+    assert cjk_tokens.variants("\uf900") == ["\u8c48"]  # compatibility ideograph → its unified form
+    assert cjk_tokens.variants("月") == []
+
+
+def test_score_matrix_metrics_and_tfidf_baseline_on_a_hand_made_case():
+    from umair.text.retrieval import metrics_from_scores, retrieval_sets, tfidf_scores
+
+    anchors = ["a1", "a1", "a2", "a3"]
+    positives = ["p1", "p2", "p3", "p1"]
+    ua, cand = retrieval_sets(anchors, positives)
+    assert ua == ["a1", "a2", "a3"] and cand == ["p1", "p2", "p3"]
+    scores = np.array(
+        [
+            [0.9, 0.8, 0.1],  # a1: p1 first; p2 second but p1 is its other positive, so rank 1
+            [0.5, 0.5, 0.5],  # a2: a three-way tie counts against: rank 3
+            [0.2, 0.9, 0.1],  # a3: p1 behind p2: rank 2
+        ]
+    )
+    m = metrics_from_scores(scores, anchors, positives)
+    assert m["n"] == 4 and m["r1"] == pytest.approx(2 / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 2) / 4)
+    with pytest.raises(ValueError, match="score matrix"):
+        metrics_from_scores(scores[:, :2], anchors, positives)
+
+    # TF-IDF: shared characters retrieve the right title; the third shares 東京 with the wrong one
+    a = ["東京喰種", "進撃の巨人", "東京ナルト"]
+    c = ["东京食尸鬼", "进击的巨人", "火影忍者"]
+    s = tfidf_scores(a, c)
+    assert s.shape == (3, 3) and s[0].argmax() == 0 and s[1].argmax() == 1 and s[2].argmax() == 0
+    m = metrics_from_scores(s, a, c)
+    assert m["r1"] == pytest.approx(2 / 3)
+
+
+def test_length_bucketed_batches_keep_the_guarantees_and_cut_padding():
+    from umair.text.batch_sampler import plan_batches, plan_bucketed_batches
+
+    rng = np.random.default_rng(0)
+    n = 600
+    lengths = rng.integers(2, 40, size=n).tolist()
+    anchors = [f"t{i // 3}" for i in range(n)]  # three pairs per title: one anchor and group each
+    positives = [f"p{i}" if i % 50 else "shared" for i in range(n)]  # and a target repeated 12 times
+    table = pa.table({"anchor": anchors, "positive": positives, "group": anchors})
+    keys = batch_keys(table)
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain, _ = plan_batches(keys, 16, np.random.default_rng(1))
+    bucketed, left = plan_bucketed_batches(keys, lengths, 16, np.random.default_rng(1), bucket_batches=4)
+    assert left == [] and sorted(i for b in bucketed for i in b) == list(range(n))
+    for b in bucketed:
+        assert len(b) >= 2
+        flat = [k for i in b for k in keys[i]]
+        assert len(flat) == len(set(flat))
+    assert padding(bucketed) < 0.5 * padding(plain)
+
+    sampler = GroupedNoDuplicatesBatchSampler(keys, batch_size=16, seed=0, keys=keys, lengths=lengths, bucket_batches=4)
+    assert len(list(sampler)) == len(sampler) and sampler.left_out == []
+    kwargs = trainer_arguments(FinetuneConfig(output_dir="x", logging_steps=7), "/tmp/w", keys, lengths)
+    assert kwargs["logging_steps"] == 7 and kwargs["batch_sampler"].keywords["lengths"] == lengths
+    off = trainer_arguments(FinetuneConfig(output_dir="x", length_buckets=0), "/tmp/w", keys, lengths)
+    assert "lengths" not in off["batch_sampler"].keywords
+    assert FinetuneConfig(output_dir="x").resolved_threads() >= 1
+    assert FinetuneConfig(output_dir="x", threads=3).resolved_threads() == 3

@@ -4,7 +4,9 @@ The contrastive loss (in-batch negatives) treats every other pair of a batch as 
 negative; a text or a group (one entity: a title and its translations) repeated in a
 batch would be a false negative, and a batch of one pair has no negative at all (loss 0,
 gradient 0: a wasted step). :class:`GroupedNoDuplicatesBatchSampler` builds batches that
-avoid all three (:func:`plan_batches`).
+avoid all three (:func:`plan_batches`). With ``lengths`` it also groups pairs of similar
+length (:func:`plan_bucketed_batches`): the collator pads each batch to its longest text,
+so a batch of short titles costs less than one that mixes them with a long one.
 """
 
 from __future__ import annotations
@@ -117,6 +119,37 @@ def _pair_up(
             return
 
 
+def plan_bucketed_batches(
+    keys: Sequence[tuple[str, ...]],
+    lengths: Sequence[int],
+    batch_size: int,
+    rng: np.random.Generator,
+    drop_last: bool = False,
+    bucket_batches: int = 16,
+) -> tuple[list[list[int]], list[int]]:
+    """:func:`plan_batches` within length buckets: rows sorted by ``lengths`` (random among
+    equal lengths) are cut into buckets of ``bucket_batches * batch_size`` rows (a short
+    last bucket joins the one before), each bucket is planned on its own, and the batches
+    of all buckets are shuffled together. Every guarantee of :func:`plan_batches` holds per
+    batch; a key repeated in many rows of one bucket only makes that bucket's batches more."""
+    n = len(keys)
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} rows")
+    order = sorted(rng.permutation(n).tolist(), key=lambda i: lengths[i])
+    size = max(bucket_batches, 1) * batch_size
+    cuts = list(range(0, n, size))
+    if len(cuts) > 1 and n - cuts[-1] < size // 2:
+        cuts.pop()
+    batches: list[list[int]] = []
+    left_out: list[int] = []
+    for k, lo in enumerate(cuts):
+        rows = order[lo : cuts[k + 1] if k + 1 < len(cuts) else n]
+        sub, out = plan_batches([keys[i] for i in rows], batch_size, rng, drop_last)
+        batches += [[rows[j] for j in b] for b in sub]
+        left_out += [rows[j] for j in out]
+    return [batches[k] for k in rng.permutation(len(batches))], sorted(left_out)
+
+
 class GroupedNoDuplicatesBatchSampler(DefaultBatchSampler):
     """Batches of row indices where no key (:func:`batch_keys`) repeats and every batch holds
     at least two pairs (:func:`plan_batches`). Shuffled per epoch from ``seed + epoch``;
@@ -125,7 +158,8 @@ class GroupedNoDuplicatesBatchSampler(DefaultBatchSampler):
     ``SentenceTransformerTrainer`` calls it like its own samplers (``dataset,
     batch_size=, drop_last=, valid_label_columns=, generator=, seed=``) and
     ``set_epoch``; ``keys`` (one tuple of strings per row) comes bound by
-    :func:`functools.partial`, so the dataset itself is used only for its length.
+    :func:`functools.partial`, so the dataset itself is used only for its length. With
+    ``lengths`` (one per row) the batches are length-bucketed (:func:`plan_bucketed_batches`).
     """
 
     def __init__(
@@ -138,6 +172,8 @@ class GroupedNoDuplicatesBatchSampler(DefaultBatchSampler):
         seed: int = 0,
         *,
         keys: Sequence[tuple[str, ...]],
+        lengths: Sequence[int] | None = None,
+        bucket_batches: int = 16,
     ) -> None:
         if len(keys) != len(dataset):
             raise ValueError(f"{len(keys)} key tuples for a dataset of {len(dataset)} rows")
@@ -150,6 +186,10 @@ class GroupedNoDuplicatesBatchSampler(DefaultBatchSampler):
             seed=seed,
         )
         self.keys = list(keys)
+        if lengths is not None and len(lengths) != len(keys):
+            raise ValueError(f"{len(lengths)} lengths for a dataset of {len(keys)} rows")
+        self.lengths = None if lengths is None else list(lengths)
+        self.bucket_batches = bucket_batches
         self.left_out: list[int] = []  # rows of the current epoch that no batch could hold
         self._cache: tuple[int, list[list[int]]] | None = None
 
@@ -157,7 +197,12 @@ class GroupedNoDuplicatesBatchSampler(DefaultBatchSampler):
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
         rng = np.random.default_rng(self.seed + self.epoch)
-        batches, left_out = plan_batches(self.keys, self.batch_size, rng, self.drop_last)
+        if self.lengths is None:
+            batches, left_out = plan_batches(self.keys, self.batch_size, rng, self.drop_last)
+        else:
+            batches, left_out = plan_bucketed_batches(
+                self.keys, self.lengths, self.batch_size, rng, self.drop_last, self.bucket_batches
+            )
         self.left_out = left_out
         self._cache = (self.epoch, batches)
         return batches

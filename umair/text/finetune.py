@@ -14,9 +14,14 @@ pairs built by :mod:`umair.text.pairs`. What :func:`finetune` does, in order:
 3. Score retrieval on the held-out pairs (:func:`umair.text.retrieval.retrieval_metrics`:
    R@1 and MRR of anchor → positive among all held-out positives, cosine).
 4. With ``add_cjk_tokens``: CJK characters of the training pairs that the tokenizer maps
-   to its unknown token become tokens of their own (:mod:`umair.text.cjk_tokens`).
-5. Train with ``SentenceTransformerTrainer``. Batches never repeat a text or a group
-   (:mod:`umair.text.batch_sampler`): a repeated one would be a false in-batch negative.
+   to its unknown token become tokens of their own (:mod:`umair.text.cjk_tokens`), each
+   starting from a known variant's embedding when there is one (``token_init``).
+5. Train with ``SentenceTransformerTrainer`` (``loss``: one-way or symmetric in-batch
+   negatives) on ``threads`` CPU threads. Batches never repeat a text or a group
+   (:mod:`umair.text.batch_sampler`): a repeated one would be a false in-batch negative;
+   with ``length_buckets`` they hold pairs of similar length. The collator pads each
+   batch to its own longest text (sentence-transformers' ``padding=True``), so bucketing
+   is what cuts the padding. The loss is logged every ``logging_steps`` steps.
 6. Score retrieval again and save the model directory with its manifest to
    ``output_dir`` (local or ``s3://``; :mod:`umair.text.saved_encoder`). The version
    string is ``umair-text:<base name>:<sha256 of the saved files>``: it changes whenever
@@ -28,6 +33,7 @@ Params, per-step losses, summary metrics and the manifest go to an optional
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,7 +41,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
@@ -130,8 +136,24 @@ def _embedding_param_pattern(loss: torch.nn.Module, model: SentenceTransformer) 
     return "^" + re.escape(name) + "$"
 
 
-def trainer_arguments(config: FinetuneConfig, workdir: str, keys: Sequence[tuple[str, ...]]) -> dict[str, Any]:
-    """Keyword arguments of ``SentenceTransformerTrainingArguments`` for this run."""
+def pair_lengths(train: pa.Table) -> list[int]:
+    """Length of each pair for bucketing: the longer of its two texts, in characters (a
+    CJK character is about one token)."""
+    a, p = train.column("anchor").to_pylist(), train.column("positive").to_pylist()
+    return [max(len(x), len(y)) for x, y in zip(a, p, strict=True)]
+
+
+def trainer_arguments(
+    config: FinetuneConfig,
+    workdir: str,
+    keys: Sequence[tuple[str, ...]],
+    lengths: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``SentenceTransformerTrainingArguments`` for this run
+    (``lengths``: one per pair, for length bucketing when ``config.length_buckets``)."""
+    sampler_kw: dict[str, Any] = {"keys": keys}
+    if lengths is not None and config.length_buckets > 0:
+        sampler_kw.update(lengths=lengths, bucket_batches=config.length_buckets)
     return dict(
         output_dir=workdir,
         num_train_epochs=config.epochs,
@@ -142,12 +164,12 @@ def trainer_arguments(config: FinetuneConfig, workdir: str, keys: Sequence[tuple
         max_grad_norm=1.0,
         seed=config.seed,
         data_seed=config.seed,
-        batch_sampler=functools.partial(GroupedNoDuplicatesBatchSampler, keys=keys),
+        batch_sampler=functools.partial(GroupedNoDuplicatesBatchSampler, **sampler_kw),
         dataloader_drop_last=False,
         eval_strategy="no",
         save_strategy="no",
         logging_strategy="steps",
-        logging_steps=1,
+        logging_steps=config.logging_steps,
         report_to="none",
         disable_tqdm=True,  # the console shows umair's own bar (see train)
         use_cpu=config.device == "cpu",
@@ -186,19 +208,36 @@ def console_progress() -> Any:
     return ConsoleProgress()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch CPU threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(
     model: SentenceTransformer, train_pairs: pa.Table, config: FinetuneConfig, workdir: str
-) -> list[dict[str, float]]:
+) -> tuple[list[dict[str, float]], int]:
     """Train ``model`` in place on ``train_pairs`` with ``SentenceTransformerTrainer``
-    (scratch files under ``workdir``); returns the loss history, one dict per step. The
-    console gets :func:`console_progress` instead of the trainer's per-step dicts."""
+    (scratch files under ``workdir``); returns the loss history (one dict per logged step,
+    every ``logging_steps``) and the number of optimiser steps. The console gets
+    :func:`console_progress` instead of the trainer's per-step dicts."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses
     from transformers import PrinterCallback
 
-    loss = losses.MultipleNegativesRankingLoss(model)
-    kwargs = trainer_arguments(config, workdir, batch_keys(train_pairs))
+    if config.loss == "symmetric":  # = MultipleNegativesSymmetricRankingLoss (deprecated in sentence-transformers 6)
+        loss = losses.MultipleNegativesRankingLoss(
+            model, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"
+        )
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model)
+    kwargs = trainer_arguments(config, workdir, batch_keys(train_pairs), pair_lengths(train_pairs))
     if config.embedding_lr is not None:
         kwargs["learning_rate_mapping"] = {_embedding_param_pattern(loss, model): config.embedding_lr}
     args = SentenceTransformerTrainingArguments(**kwargs)
@@ -207,7 +246,8 @@ def train(
         model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[console_progress()]
     )
     trainer.remove_callback(PrinterCallback)  # it prints every step's log dict
-    trainer.train()
+    with torch_threads(config.resolved_threads()):
+        trainer.train()
     return [
         {
             "step": float(h["step"]),
@@ -217,7 +257,7 @@ def train(
         }
         for h in trainer.state.log_history
         if "loss" in h
-    ]
+    ], int(trainer.state.global_step)
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,12 +295,16 @@ def finetune(
     model = SentenceTransformer(base, device=config.device)
     model.max_seq_length = config.max_seq_length
     held_a, held_p = held.column("anchor").to_pylist(), held.column("positive").to_pylist()
-    before = retrieval_metrics(model, held_a, held_p) if held.num_rows else None
+    with torch_threads(config.resolved_threads()):
+        before = retrieval_metrics(model, held_a, held_p) if held.num_rows else None
 
     added: list[str] = []
     if config.add_cjk_tokens:
         added = add_cjk_tokens(
-            model, train_pairs.column("anchor").to_pylist() + train_pairs.column("positive").to_pylist()
+            model,
+            train_pairs.column("anchor").to_pylist() + train_pairs.column("positive").to_pylist(),
+            init=config.token_init,
+            seed=config.seed,
         )
 
     digest = data_hash(pairs)
@@ -278,9 +322,10 @@ def finetune(
         )
     with tempfile.TemporaryDirectory(prefix="umair-text-") as work:
         t_train = time.perf_counter()
-        history = train(model, train_pairs, config, os.path.join(work, "trainer"))
+        history, steps = train(model, train_pairs, config, os.path.join(work, "trainer"))
         train_seconds = time.perf_counter() - t_train
-        after = retrieval_metrics(model, held_a, held_p) if held.num_rows else None
+        with torch_threads(config.resolved_threads()):
+            after = retrieval_metrics(model, held_a, held_p) if held.num_rows else None
         local = os.path.join(work, "model")
         model.save(local)
         version = f"umair-text:{os.path.basename(base.rstrip('/'))}:{content_hash(local)[:12]}"
@@ -300,6 +345,7 @@ def finetune(
             "embedding_dim": int(model.get_embedding_dimension()),
             "max_seq_length": config.max_seq_length,
             "config": settings_dump,
+            "train_steps": steps,
             "train_seconds": round(train_seconds, 3),
             "umair_version": _umair_version(),
         }
