@@ -68,8 +68,8 @@ from umair import storage
 from umair.model.item_features import modality_coverage
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Prepared, prepare
-from umair.training.lookup import Lookup, SharedTables, fit_history, shared_tables
-from umair.training.memory import worker_report
+from umair.training.lookup import SharedTables, fit_history, shared_tables
+from umair.training.memory import gather_reports, memory_line
 from umair.training.model_io import META, SPACE, WEIGHTS, save_model, training_meta
 from umair.training.run_params import run_params
 from umair.training.scoring import window_scores
@@ -142,7 +142,7 @@ def _log_epoch(client: Any, run_id: str, metrics: dict[str, float], console: boo
     if console:
         print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
         if workers and (epoch == 0 or last):
-            print(f"{TAG} memory: " + "; ".join(_memory_line(w, metrics) for w in workers), flush=True)
+            print(f"{TAG} memory: " + "; ".join(memory_line(w, metrics) for w in workers), flush=True)
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
@@ -152,27 +152,6 @@ def _log_epoch(client: Any, run_id: str, metrics: dict[str, float], console: boo
             if k != "epoch" and np.isfinite(v)
         ],
     )
-
-
-def _memory_line(worker: str, metrics: dict[str, float]) -> str:
-    get = lambda k: metrics.get(f"mem.{worker}.{k}", float("nan"))  # noqa: E731
-    where = f"items {get('items_shared_mb'):.0f} MiB shared / {get('items_private_mb'):.0f} MiB private"
-    if f"mem.{worker}.items_device_mb" in metrics:
-        where = f"items {get('items_device_mb'):.0f} MiB on the device"
-    return f"{worker} peak RSS {get('peak_rss_mb'):.0f} MiB, USS {get('uss_mb'):.0f} MiB, {where}"
-
-
-def _gather_memory(lookup: Lookup, rank: int, world: int) -> dict[str, float]:
-    """Every worker's :func:`worker_report` (on rank 0, as ``mem.w<rank>.<name>``; empty elsewhere)."""
-    import torch.distributed as dist
-
-    mine = worker_report(lookup.item_tensors())
-    every: list[Any] = [None] * world
-    if world > 1:
-        dist.all_gather_object(every, mine)
-    else:
-        every = [mine]
-    return {f"mem.w{r}.{k}": float(v) for r, m in enumerate(every) for k, v in m.items()} if rank == 0 else {}
 
 
 def train_loop(config: dict[str, WorkerSettings]) -> None:
@@ -227,7 +206,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             "train_rows": float(sums[1]),
             "rows_per_s": float(sums[1]) / (time.perf_counter() - t0),
             "l2_penalty": penalty,
-            **_gather_memory(lookup, rank, world),
+            **gather_reports(lookup.item_tensors(), rank, world),
         }
         name = f"checkpoint_epoch_{epoch:04d}"
         # The worker group's placement group, for `umair tune`: when Tune stops a trial early

@@ -134,3 +134,29 @@ def worker_report(tables: Iterable[object]) -> dict[str, float]:
     if device:
         out["items_device_mb"] = device / MB
     return out
+
+
+def gather_reports(tables: Iterable[object], rank: int, world: int) -> dict[str, float]:
+    """Every worker's :func:`worker_report` of its item ``tables``, gathered with
+    ``torch.distributed`` when ``world > 1``: on rank 0 as ``mem.w<rank>.<name>``, empty elsewhere."""
+    import torch.distributed as dist
+
+    mine = worker_report(tables)
+    every: list[object] = [None] * world
+    if world > 1:
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    return {f"mem.w{r}.{k}": float(v) for r, m in enumerate(every) for k, v in m.items()} if rank == 0 else {}
+
+
+def memory_line(worker: str, metrics: dict[str, float]) -> str:
+    """One worker's memory (``mem.<worker>.*`` of :func:`gather_reports`) as a console phrase."""
+
+    def get(k: str) -> float:
+        return metrics.get(f"mem.{worker}.{k}", float("nan"))
+
+    where = f"items {get('items_shared_mb'):.0f} MiB shared / {get('items_private_mb'):.0f} MiB private"
+    if f"mem.{worker}.items_device_mb" in metrics:
+        where = f"items {get('items_device_mb'):.0f} MiB on the device"
+    return f"{worker} peak RSS {get('peak_rss_mb'):.0f} MiB, USS {get('uss_mb'):.0f} MiB, {where}"
