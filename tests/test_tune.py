@@ -466,6 +466,7 @@ def test_a_killed_search_restores_without_rerunning_finished_trials(
     lines = [line for line in second.stdout.splitlines() if line.startswith("[tune] trial ")]
     assert any(" ended after epoch " in line or " failed (" in line for line in lines), second.stdout[:4000]
     assert "Trial status:" not in second.stdout and "[train] epoch" not in second.stdout, second.stdout[:4000]
+    assert "View run" not in second.stdout, "MLflow's run-URL lines stay off the console (the job prints its own)"
 
     client = mlflow.MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("t-tune")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 LOG_DIR_ENV = "UMAIR_LOG_DIR"
 DEFAULT_LOG_DIR = os.path.join("outputs", "logs")
 PROGRESS_INTERVAL_ENV = "UMAIR_PROGRESS_S"
+MLFLOW_QUIET_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # MLflow's own variable
 DEFAULT_PROGRESS_INTERVAL_S = 10.0
 
 T = TypeVar("T")
@@ -126,7 +127,8 @@ def job_log(job: str, *, verbose: bool = False, directory: str | None = None) ->
     processes it starts) writes to a new log file of this run, whose path is yielded and
     printed once on stdout; afterwards stderr is the console again. When the block raises,
     the path is printed once more (on the console's stderr) so the details can be found.
-    ``verbose``: nothing is redirected and None is yielded."""
+    ``verbose``: nothing is redirected and None is yielded. Off ``verbose``, MLflow's
+    run-URL lines on stdout are turned off too (``$MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``)."""
     if verbose:
         yield None
         return
@@ -140,6 +142,9 @@ def job_log(job: str, *, verbose: bool = False, directory: str | None = None) ->
     os.dup2(fd, 2)
     os.close(fd)
     say(f"[umair] {job}: messages of Ray, PyTorch, Hugging Face and MLflow go to {path} (-v shows them here)")
+    # MLflow writes "View run … at: URL" to stdout (not stderr) when a run on a tracking server
+    # ends, once per run and per trial process; the jobs print their own MLflow line instead.
+    os.environ.setdefault(MLFLOW_QUIET_ENV, "true")
     failed = False
     try:
         yield path
