@@ -163,7 +163,7 @@ def neighbour_sheets(features: str, world: str, root: str, storage: Any) -> list
             SimilarConfig(item_features=features, world=world, by=by, k=8, out=out, storage=storage), query, table=False
         )
         shares = ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in found["shares"].items())
-        print(f"[similar] {found['space']} neighbours of {query}: {shares} of 8 -> {out}")
+        print(f"[similar] {found['space']} neighbours of {query}: {shares} of {len(found['neighbours'])} -> {out}")
         outs.append(out)
     return outs
 
