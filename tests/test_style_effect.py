@@ -155,34 +155,3 @@ def test_attention_temperature_and_modality_norm_are_settings():
     v, e = torch.tensor([[1.0, 0.0]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert torch.allclose(att(v, e).alpha, torch.softmax(torch.tensor([[2.0, 0.0]]), dim=-1))
     assert _history_model().history is None  # off by default: the paper's v_user
-
-
-def test_user_prior_starts_as_eq7_and_gives_each_user_a_modality_preference_whatever_the_item():
-    """att_user_prior: a_j = <q, e_j> / τ + (P v_user)_j with P zero at the start, so an
-    untrained model computes Eq. 7's α exactly; once P is learned, two users looking at the
-    same item get their own modality order (the per-user part issue #16 asks α to show)."""
-    import torch
-
-    from umair.model.umcm import AttentionUMCM, MoEUMCM
-
-    torch.manual_seed(0)
-    plain = AttentionUMCM(4, user_proj=True)
-    torch.manual_seed(0)
-    prior = AttentionUMCM(4, user_proj=True, user_prior=True, n_modalities=3)
-    v, e = torch.randn(5, 4), torch.randn(5, 3, 4)
-    assert torch.equal(prior(v, e).alpha, plain(v, e).alpha)
-    with pytest.raises(ValueError, match="n_modalities"):
-        AttentionUMCM(4, user_prior=True)
-
-    same_item = torch.zeros(2, 3, 4)  # <q, e_j> = 0 for every j: only the prior can order them
-    users = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
-    with torch.no_grad():
-        prior.prior.weight.copy_(torch.tensor([[2.0, 0, 0, 0], [0, 0, 0, 0], [0, 2.0, 0, 0]]))
-    alpha = prior(users, same_item).alpha
-    assert alpha[0].argmax() == 0 and alpha[1].argmax() == 2
-    present = torch.tensor([[True, True, False], [True, True, False]])  # still masked: α_2 = 0
-    masked = prior(users, same_item, present).alpha
-    assert torch.all(masked[:, 2] == 0) and torch.allclose(masked.sum(-1), torch.ones(2))
-
-    moe = MoEUMCM(("att", "sen"), 4, 3, att_user_prior=True)
-    assert moe.experts[0].prior is not None and not hasattr(moe.experts[1], "prior")

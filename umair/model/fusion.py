@@ -257,7 +257,6 @@ class UmairFPS(nn.Module):
                 cfg.sen_reduction,
                 cfg.sen_weights,
                 cfg.att_temperature,
-                cfg.att_user_prior,
             )
             width += 2 * d
         self.history: UserHistory | None = None

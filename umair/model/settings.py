@@ -72,11 +72,6 @@ class ModelConfig(BaseModel):
     att_temperature: float = Field(
         1.0, gt=0, description="τ of every ATT expert: α = softmax_j(<q, e_j> / τ); below 1 sharpens α"
     )
-    att_user_prior: bool = Field(
-        False,
-        description="every ATT expert adds a per-user logit of each modality, (P v_user)_j, to <q, e_j> / τ "
-        "(umair.model.umcm): α then says which modality drives the user, not only how well the item matches",
-    )
     modality_norm: Literal["none", "l2"] = Field(
         "none",
         description="l2: every projected e_j is scaled to norm sqrt(d) before UMCM, so only α (not a modality's "

@@ -7,12 +7,7 @@ together with the weights it used, so a recommendation can be explained.
 
 - :class:`AttentionUMCM` (ATT, Eq. 6-7): ``a_j = <q, e_j>``, ``α = softmax_j(a)``,
   ``v_il = Σ_j α_j e_j`` with ``q = v_user`` exactly as in the paper when
-  ``user_proj=False``. With ``user_prior=True`` each ATT expert adds a per-user logit of
-  every modality, ``a_j = <q, e_j> / τ + (P v_user)_j`` (``P`` [J, d], zero at the start, so
-  training begins from Eq. 7): ``<q, e_j>`` says how well the item matches the user in
-  modality j (high for a matching style, low for a mismatching one, so α of a style-driven
-  user swings with the item), ``P v_user`` how much modality j matters to this user
-  whatever the item — the per-user part the paper's α is meant to show (issue #16). With ``user_proj=True`` (the default) each expert owns a
+  ``user_proj=False``. With ``user_proj=True`` (the default) each expert owns a
   bias-free ``d × d`` map ``W`` and uses ``q = W v_user``, initialised near the
   identity. Reason: Eq. 7 has no parameters, so K parameter-free ATT experts would
   be K copies of one function and the MoE over them would be pointless; the paper's
@@ -87,9 +82,7 @@ class AttentionUMCM(nn.Module):
             the paper's parameter-free ``q = v_user``.
     """
 
-    def __init__(
-        self, d: int, user_proj: bool = True, temperature: float = 1.0, user_prior: bool = False, n_modalities: int = 0
-    ) -> None:
+    def __init__(self, d: int, user_proj: bool = True, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
         self.query: nn.Linear | None = None
@@ -97,20 +90,11 @@ class AttentionUMCM(nn.Module):
             self.query = nn.Linear(d, d, bias=False)
             with torch.no_grad():
                 self.query.weight.copy_(torch.eye(d) + 0.1 * torch.randn(d, d))
-        self.prior: nn.Linear | None = None
-        if user_prior:
-            if n_modalities < 1:
-                raise ValueError("AttentionUMCM(user_prior=True) needs n_modalities >= 1")
-            self.prior = nn.Linear(d, n_modalities, bias=False)  # P [J, d]
-            nn.init.zeros_(self.prior.weight)
 
     def forward(self, v_user: Tensor, e: Tensor, present: Tensor | None = None) -> UMCMOutput:
         """``v_user`` [B, d], ``e`` [B, J, d], ``present`` [B, J] -> (``v_il`` [B, d], ``alpha`` [B, J])."""
         q = v_user if self.query is None else self.query(v_user)
-        scores = torch.einsum("bd,bjd->bj", q, e) / self.temperature  # [B, J]
-        if self.prior is not None:
-            scores = scores + self.prior(v_user)  # + (P v_user)_j: the user's own modality preference
-        alpha = masked_softmax(scores, present)
+        alpha = masked_softmax(torch.einsum("bd,bjd->bj", q, e) / self.temperature, present)
         return UMCMOutput(_weighted_sum(alpha, e), alpha)
 
 
@@ -168,11 +152,10 @@ def build_expert(
     sen_reduction: int = 2,
     sen_weights: SenWeights = "softmax",
     att_temperature: float = 1.0,
-    att_user_prior: bool = False,
 ) -> nn.Module:
     """One UMCM expert of the given kind: ``"att"``, ``"sen"`` or ``"mean"``."""
     if kind == "att":
-        return AttentionUMCM(d, att_user_proj, att_temperature, att_user_prior, n_modalities)
+        return AttentionUMCM(d, att_user_proj, att_temperature)
     if kind == "sen":
         return SENetUMCM(n_modalities, sen_reduction, sen_weights)
     if kind == "mean":
@@ -187,7 +170,7 @@ class MoEUMCM(nn.Module):
         experts: the kind of each expert, e.g. ``("att", "sen", "att")``; ``K = len``.
         d: modality width.
         n_modalities: ``J``.
-        att_user_proj, sen_reduction, sen_weights, att_temperature, att_user_prior: passed to the experts.
+        att_user_proj, sen_reduction, sen_weights: passed to the experts.
     """
 
     def __init__(
@@ -199,14 +182,13 @@ class MoEUMCM(nn.Module):
         sen_reduction: int = 2,
         sen_weights: SenWeights = "softmax",
         att_temperature: float = 1.0,
-        att_user_prior: bool = False,
     ) -> None:
         super().__init__()
         if not experts:
             raise ValueError("MoEUMCM needs at least one expert")
         self.kinds = tuple(experts)
         self.experts = nn.ModuleList(
-            build_expert(k, d, n_modalities, att_user_proj, sen_reduction, sen_weights, att_temperature, att_user_prior)
+            build_expert(k, d, n_modalities, att_user_proj, sen_reduction, sen_weights, att_temperature)
             for k in self.kinds
         )
 
