@@ -357,6 +357,8 @@ def history_probe(out: Path) -> dict[str, Any]:
     fid = feats.column("illust_id").to_numpy()
     row_of = dict(zip(fid.tolist(), range(len(fid))))
     rows = np.array([row_of.get(int(i), -1) for i in items])
+    in_train = np.zeros(len(fid), bool)
+    in_train[np.unique(rows[train & (rows >= 0)])] = True
     cols = []
     for m in ("sem", "sty", "tsem"):
         col = feats.column(m)
@@ -364,9 +366,7 @@ def history_probe(out: Path) -> dict[str, Any]:
         width = col.type.list_size
         x = np.zeros((len(fid), width), np.float32)
         x[has] = np.stack(col.filter(pa.array(has)).to_numpy(zero_copy_only=False)).astype(np.float32)
-        fit = np.zeros(len(fid), bool)
-        fit[np.unique(rows[train & (rows >= 0)])] = True
-        fit &= has
+        fit = in_train & has
         x = np.where(has[:, None], (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6), 0.0).astype(np.float32)
         xi = x[np.maximum(rows, 0)] * ((rows >= 0) & has[np.maximum(rows, 0)])[:, None]
         for like in (1.0, 0.0):
