@@ -170,10 +170,10 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
     mc = dcn_v2_only(prepared.model_config) if args.variant == "dcn" else prepared.model_config
     recipe = LocalRecipe(args.epochs, args.batch_size, args.lr, args.l2_emb, seed)
     t0 = time.perf_counter()
-    fitted = fit_local(prepared, mc, recipe, leave_one_out=not args.no_loo)
+    fitted = fit_local(prepared, mc, recipe)
     train_s = time.perf_counter() - t0
-    u, i, y = rows_of_window(prepared.test_rows)
-    scores = score_rows(fitted.model, fitted.lookup, u, i)
+    u, i, y, ts = rows_of_window(prepared.test_rows)
+    scores = score_rows(fitted.model, fitted.lookup, u, i, ts=ts)
     names = list(mc.modalities)
     user_ids = _user_ids(prepared, u.numpy())
     rep = segment_report(user_ids, y, scores.probs, scores.weights, names, segments)
@@ -184,7 +184,7 @@ def train_once(args: argparse.Namespace, seed: int, segments: dict[int, str]) ->
         "window": args.window,
         "variant": args.variant,
         "seed": seed,
-        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "l2_emb", "no_loo")},
+        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "l2_emb")},
         "model": json.loads(args.model),
         "train_s": round(train_s, 1),
         "auc": {k: v["auc"] for k, v in rep.items()},
@@ -270,7 +270,6 @@ def main() -> int:
     p.add_argument("--l2-emb", type=float, default=1e-3)
     p.add_argument("--size", default="small", help="fixture world size (tiny, small, default)")
     p.add_argument("--image-size", type=int, default=48, help="fixture encoder input size")
-    p.add_argument("--no-loo", action="store_true", help="user history without leave-one-out in training")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(machine_line(), flush=True)

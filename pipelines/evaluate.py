@@ -218,6 +218,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         torch.as_tensor(user_rows),
         torch.as_tensor(rows.column("item_row").to_numpy()),
         cfg.batch_size,
+        torch.as_tensor(rows.column("ts").to_numpy()),
     )
     user_ids = user_table.user_ids[user_rows]
     labels = rows.column("label").to_numpy()

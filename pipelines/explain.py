@@ -34,6 +34,7 @@ from umair.errors import FeatureError
 from umair.metrics import PLANTED_MODALITY
 from umair.model.interactions import window
 from umair.neighbors import CandidateSettings
+from umair.recommender import as_of_us
 
 TAG = "[explain]"
 
@@ -71,9 +72,15 @@ def expert_names(kinds: tuple[str, ...]) -> list[str]:
 
 
 def attention_of_rows(
-    model: Any, lookup: Any, user_rows: np.ndarray, item_rows: np.ndarray, batch_size: int = 8192
+    model: Any,
+    lookup: Any,
+    user_rows: np.ndarray,
+    item_rows: np.ndarray,
+    batch_size: int = 8192,
+    as_of: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """σ(logit) [N], α [N, K, J] and β [N, K] of (user row, item row) pairs."""
+    """σ(logit) [N], α [N, K, J] and β [N, K] of (user row, item row) pairs, a user history
+    (if the model reads one) cut at ``as_of`` (the interactions' int64 time; None: now)."""
     import torch
 
     probs, alphas, betas = [], [], []
@@ -83,7 +90,8 @@ def attention_of_rows(
         for s in range(0, len(user_rows), batch_size):
             u = torch.as_tensor(user_rows[s : s + batch_size])
             i = torch.as_tensor(item_rows[s : s + batch_size])
-            out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
+            ts = None if as_of is None else torch.full((len(u),), as_of, dtype=torch.int64)
+            out = model.explain(lookup.packed(u, i), lookup.row_vectors(u, i, ts))
             if out.alpha is None:
                 raise FeatureError("the model has no modality attention (variant 'w/o ALL': no e_SEM, e_STY, e_TSEM)")
             probs.append(torch.sigmoid(out.logits).float().numpy())
@@ -112,7 +120,7 @@ def explain_user(ctx: Any, user_id: int, cfg: ExplainConfig) -> dict[str, Any]:
             f"({'no test-window impressions in ' + ctx.inputs.interactions if cfg.over == 'impressions' else 'empty candidate set'})"
         )
     probs, alpha, beta = attention_of_rows(
-        ctx.saved.model, ctx.lookup, np.full(len(rows), r, np.int64), rows, cfg.batch_size
+        ctx.saved.model, ctx.lookup, np.full(len(rows), r, np.int64), rows, cfg.batch_size, as_of_us(ctx.inputs.split)
     )
     weights = modality_weights(alpha, beta)
     modalities = list(ctx.saved.config.modalities)
@@ -151,7 +159,8 @@ def segment_attention(ctx: Any, cfg: ExplainConfig, segments: dict[int, str]) ->
         raise FeatureError(
             f"{ctx.inputs.interactions}: no test-window impression (ts >= {ctx.inputs.split}) to explain"
         )
-    _, alpha, beta = attention_of_rows(ctx.saved.model, ctx.lookup, u_rows[ok], i_rows[ok], cfg.batch_size)
+    as_of = as_of_us(ctx.inputs.split)
+    _, alpha, beta = attention_of_rows(ctx.saved.model, ctx.lookup, u_rows[ok], i_rows[ok], cfg.batch_size, as_of)
     users = ctx.user_table.user_ids[u_rows[ok]]
     modalities = list(ctx.saved.config.modalities)
     experts = expert_names(ctx.saved.config.expert_kinds)

@@ -68,7 +68,7 @@ from umair import storage
 from umair.model.item_features import modality_coverage
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Prepared, prepare
-from umair.training.lookup import SharedTables, fit_history, shared_tables
+from umair.training.lookup import SharedTables, shared_tables
 from umair.training.memory import gather_reports, memory_line
 from umair.training.model_io import META, SPACE, WEIGHTS, save_model, training_meta
 from umair.training.run_params import run_params
@@ -179,15 +179,13 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     if rank == 0 and ws.modalities and ws.console:
         print(f"[train] items with each modality (all / present): {modality_coverage(shared.items)}", flush=True)
     raw = UmairFPS(ws.model).to(device)
-    if shared.history is not None:  # the same table on every worker (a checkpoint restores it too)
-        fit_history(raw, lookup, *shared.history)
     optimizer = torch.optim.Adam(raw.parameters(), lr=ws.step.lr)  # built on the device: resumed state lands there too
     start_epoch, starts, history = _restore(raw, optimizer, rank)
     starts.append(start_epoch)
     model = prepare_model(raw)
     train_shard = ray.train.get_dataset_shard("train")
     client = mlflow.MlflowClient(ws.tracking_uri) if rank == 0 else None
-    dtypes = {"user_row": torch.int64, "item_row": torch.int64, "label": torch.float32}
+    dtypes = {"user_row": torch.int64, "item_row": torch.int64, "ts": torch.int64, "label": torch.float32}
 
     selection = EpochSelection.replay(history, ws.patience)
     for epoch in range(start_epoch, ws.epochs):
@@ -253,15 +251,14 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
 def _score_shard(model: Any, lookup: Any, shard: Any, batch_size: int) -> dict[str, float]:
     """Validation-window AUC / logloss / GAUC on rank 0 (``val_auc`` etc.): the metric
     the best epoch, early stopping and ``umair tune``'s ASHA are decided on."""
-    users, items, labels = [], [], []
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("user_row", "item_row", "ts", "label")}
     for batch in shard.iter_batches(batch_size=65536, batch_format="numpy"):
-        users.append(batch["user_row"])
-        items.append(batch["item_row"])
-        labels.append(batch["label"])
-    if not users:
+        for c, parts in cols.items():
+            parts.append(batch[c])
+    if not cols["label"]:
         return {}
-    u, i, y = (np.concatenate(x) for x in (users, items, labels))
-    return window_scores(model, lookup, u, i, y, "val", batch_size)
+    u, i, ts, y = (np.concatenate(cols[c]) for c in ("user_row", "item_row", "ts", "label"))
+    return window_scores(model, lookup, u, i, y, "val", batch_size, ts=ts)
 
 
 def _run_fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
@@ -334,8 +331,8 @@ def _score_test(prepared: Prepared, state: dict[str, Any], shared: SharedTables,
         return {}
     model = UmairFPS(prepared.model_config)
     model.load_state_dict(state)
-    u, i, y = (rows.column(c).to_numpy() for c in ("user_row", "item_row", "label"))
-    return window_scores(model, shared.lookup(prepared.modalities, "cpu"), u, i, y, "test", batch_size)
+    u, i, ts, y = (rows.column(c).to_numpy() for c in ("user_row", "item_row", "ts", "label"))
+    return window_scores(model, shared.lookup(prepared.modalities, "cpu"), u, i, y, "test", batch_size, ts=ts)
 
 
 def fit(

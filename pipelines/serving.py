@@ -76,13 +76,14 @@ from umair.model.features import UserTable
 from umair.model.interactions import rows_of
 from umair.model.item_features import features_info
 from umair.training.inputs import Inputs, check_encoders, read_item_features, resolve_eval_inputs
-from umair.training.lookup import Lookup, load_lookup
+from umair.training.lookup import Lookup, load_lookup, read_log
 from umair.training.model_io import META, SPACE, WEIGHTS, SavedModel, load_model
 from umair.training.scoring import score_rows
 
 PYFUNC = "pyfunc"  # the run artifact holding the pyfunc model
 MODEL, TABLES = "model", "tables"  # its artifacts (artifacts/model, artifacts/tables)
 ITEMS, ILLUSTRATIONS, USERS = "item_features.parquet", "illustrations.parquet", "users.parquet"
+INTERACTIONS = "interactions.parquet"  # each user's latest interactions: the user history (models with one)
 STATUS_OK, UNKNOWN_USER, UNKNOWN_ITEM = "ok", "unknown_user", "unknown_item"
 REGISTERED_DESCRIPTION = (
     "UMAIR-FPS fusion model (MLflow pyfunc): predict(DataFrame user_id, illust_id[, ts]) -> "
@@ -155,17 +156,20 @@ class FusionScorer:
     def load(cls, model_dir: str, tables_dir: str, settings: storage.StorageSettings | None = None) -> FusionScorer:
         """The model in ``model_dir`` with the tables :func:`write_scoring_tables` wrote to ``tables_dir``."""
         saved = load_model(model_dir, settings)
-        users = storage.join(tables_dir, USERS)
+        history = saved.config.user_history and saved.config.multimodal
         inputs = Inputs(
             storage.join(tables_dir, ILLUSTRATIONS),
-            users,
-            users,  # interactions: not read by scoring
+            storage.join(tables_dir, USERS),
+            storage.join(tables_dir, INTERACTIONS),  # read only for a model with a user history
             storage.join(tables_dir, ITEMS),
             saved.meta["split"],
         )
         expected = (saved.meta.get("data") or {}).get("features_fingerprint")
-        _, user_table, items = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, expected)
-        lookup = Lookup(_with_unknown_user(user_table), items, saved.modalities, "cpu")
+        _, user_table, items = load_lookup(
+            saved.space, inputs, saved.modalities, "cpu", settings, expected, with_log=False
+        )
+        log = read_log(inputs.interactions, user_table, items, settings) if history else None
+        lookup = Lookup(_with_unknown_user(user_table), items, saved.modalities, "cpu", log)
         return cls(saved, lookup, user_table, items.illust_ids)
 
     @property
@@ -212,13 +216,30 @@ class FusionScorer:
 # --------------------------------------------------------------------------- writing the pyfunc model
 
 
+def latest_interactions(interactions: pa.Table, k: int) -> pa.Table:
+    """Each user's latest ``k`` bookmarks and latest ``k`` non-bookmarks (``user_id``,
+    ``illust_id``, ``ts``, ``label``): all the user history of a served model reads "now"
+    (:mod:`umair.model.history`), whatever the length of the log."""
+    t = interactions.select(["user_id", "illust_id", "ts", "label"])
+    u = t.column("user_id").to_numpy()
+    liked = t.column("label").to_numpy() > 0
+    ts = t.column("ts").cast(pa.int64()).to_numpy()
+    order = np.lexsort((-ts, liked, u))  # per (user, label), newest first
+    group = u[order].astype(np.int64) * 2 + liked[order]
+    first = np.r_[True, group[1:] != group[:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(len(group)), 0))
+    keep = order[np.arange(len(group)) - start < k]
+    return t.take(pa.array(np.sort(keep), pa.int64()))
+
+
 def write_scoring_tables(
     saved: SavedModel, inputs: Inputs, out: str, settings: storage.StorageSettings | None = None
 ) -> dict[str, int]:
     """Copy what scoring reads into the local directory ``out``: the item features (the
     model's vector columns only, with their ``umair.*`` metadata, checked to be the set the
-    model trained on: same encoders, same rows), the illustrations of those items and the
-    users, each with only the columns the feature space encodes. Returns bytes per file."""
+    model trained on: same encoders, same rows), the illustrations of those items, the
+    users, each with only the columns the feature space encodes, and for a model with a user
+    history each user's latest interactions (:func:`latest_interactions`). Returns bytes per file."""
     os.makedirs(out, exist_ok=True)
     space = saved.space
     features = read_item_features(inputs, settings, columns=["illust_id", *saved.modalities])
@@ -239,6 +260,9 @@ def write_scoring_tables(
         ILLUSTRATIONS: ill.select([c for c in ill.column_names if c in keep]),
         USERS: users.select([c for c in users.column_names if c in ukeep]),
     }
+    if saved.config.user_history and saved.config.multimodal:
+        inter = contracts.read_table(inputs.interactions, "interactions", settings)
+        tables[INTERACTIONS] = latest_interactions(inter, saved.config.history_len)
     sizes = {}
     for name, table in tables.items():
         path = os.path.join(out, name)

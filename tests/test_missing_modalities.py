@@ -30,6 +30,7 @@ from umair.feature_store import (
     repair,
 )
 from umair.model import ModelConfig
+from umair.model.history import HistoryBatch
 from umair.model.item_features import modality_coverage, vector_matrix, vector_stats_of
 from umair.model.umcm import MoEUMCM
 from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, MissingVectorError
@@ -238,13 +239,24 @@ def test_the_fusion_model_masks_absent_modalities_and_is_unchanged_when_all_are_
     ids, vectors = _model_inputs(cfg)
     packed = model.pack_ids(**ids)
     b = len(ids["user_id"])
-    if history:
-        model.history.fit(ids["user_id"], torch.ones(b), vectors)
     full = ItemVectors(vectors, {m: torch.ones(b, dtype=torch.bool) for m in ("sem", "sty")})
+    if history:  # every row's user bookmarked (and passed on) something before
+
+        def with_history(v: ItemVectors) -> ItemVectors:
+            v.history = HistoryBatch({m: x.flip(0) for m, x in vectors.items()}, {m: -x for m, x in vectors.items()})
+            return v
+
+    else:
+
+        def with_history(v: ItemVectors) -> ItemVectors:
+            return v
+
+    vectors = with_history(ItemVectors(vectors))
+    full = with_history(full)
     plain, masked = model.explain(packed, vectors), model.explain(packed, full)
     assert torch.equal(plain.logits, masked.logits) and torch.equal(plain.alpha, masked.alpha)
     no_image = torch.tensor([True, False, True, False, True, True])
-    absent = ItemVectors(vectors, {"sem": no_image, "sty": no_image})
+    absent = with_history(ItemVectors(vectors, {"sem": no_image, "sty": no_image}))
     out = model.explain(packed, absent)
     j = {m: k for k, m in enumerate(model.modality_names)}
     assert (out.alpha[~no_image][:, :, [j["sem"], j["sty"]]] == 0).all()
@@ -252,29 +264,7 @@ def test_the_fusion_model_masks_absent_modalities_and_is_unchanged_when_all_are_
     assert torch.equal(out.logits[no_image], plain.logits[no_image])
     zeroed = {m: torch.where(no_image[:, None], v, torch.zeros_like(v) + 7.0) for m, v in vectors.items()}
     zeroed["tsem"] = vectors["tsem"]
-    assert torch.equal(model.explain(packed, ItemVectors(zeroed, absent.present)).logits, out.logits)
-
-
-def test_user_history_averages_present_vectors_only_and_loads_old_state_dicts():
-    from umair.model.history import UserHistory
-
-    h = UserHistory(3, {"sem": 2, "tsem": 1})
-    uid = torch.tensor([1, 1, 1, 2])
-    sem = torch.tensor([[1.0, 1.0], [3.0, 5.0], [0.0, 0.0], [0.0, 0.0]])
-    tsem = torch.tensor([[1.0], [2.0], [6.0], [4.0]])
-    has = torch.tensor([True, True, False, False])
-    h.fit(uid, torch.ones(4), ItemVectors({"sem": sem, "tsem": tsem}, {"sem": has}))
-    hist = h(torch.tensor([1, 2]))
-    torch.testing.assert_close(hist["sem"], torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
-    torch.testing.assert_close(hist["tsem"], torch.tensor([[3.0], [4.0]]))
-    loo = h.leave_one_out(torch.tensor([1, 1]), ItemVectors({"sem": sem[1:3], "tsem": tsem[1:3]}, {"sem": has[1:3]}),
-                          torch.ones(2))  # fmt: skip
-    torch.testing.assert_close(loo["sem"], torch.tensor([[1.0, 1.0], [2.0, 3.0]]))  # item 3 had no e_SEM
-    torch.testing.assert_close(loo["tsem"], torch.tensor([[3.5], [1.5]]))
-    old = {k: v for k, v in h.state_dict().items() if k != "counts"}
-    fresh = UserHistory(3, {"sem": 2, "tsem": 1})
-    fresh.load_state_dict(old)
-    assert fresh.counts[1].tolist() == [3.0, 3.0]
+    assert torch.equal(model.explain(packed, with_history(ItemVectors(zeroed, absent.present))).logits, out.logits)
 
 
 # --------------------------------------------------------------------------- neighbours

@@ -97,8 +97,8 @@ def test_fit_local_keeps_the_best_validation_epoch_and_stops_early(tiny_world, t
     assert fitted.best_epoch == int(np.argmax(aucs)) and fitted.best_epoch == len(aucs) - 3
     assert fitted.val_auc == pytest.approx(max(aucs)) and aucs[-1] < max(aucs)
     # the returned weights are the best epoch's, not the last epoch's
-    u, i, y = (p.val_rows.column(c).to_numpy() for c in ("user_row", "item_row", "label"))
-    again = window_scores(fitted.model, fitted.lookup, u, i, y, "val")
+    u, i, y, ts = (p.val_rows.column(c).to_numpy() for c in ("user_row", "item_row", "label", "ts"))
+    again = window_scores(fitted.model, fitted.lookup, u, i, y, "val", ts=ts)
     assert again["val_auc"] == pytest.approx(fitted.history[fitted.best_epoch]["val_auc"], abs=1e-9)
     # without a validation window: every epoch, the last one kept
     plain = prepare(_cfg(tiny_world, tiny_features, tmp_path))
@@ -117,7 +117,7 @@ def test_dcn_v2_only_trains_without_modalities_or_umcm(tiny_world, tiny_features
     names = [n for n, _ in UmairFPS(mc).named_parameters()]
     assert names and not [n for n in names if n.startswith(("modality_proj", "umcm"))]
     fitted = fit_local(p, mc, LocalRecipe(epochs=1, batch_size=64))
-    u, i, _ = rows_of_window(p.test_rows)
+    u, i, _, _ = rows_of_window(p.test_rows)
     scores = score_rows(fitted.model, fitted.lookup, u, i)
     assert scores.weights is None and torch.isfinite(torch.as_tensor(scores.probs)).all()
 
@@ -205,8 +205,8 @@ def test_ray_training_saves_the_best_validation_epoch_and_names_metrics_truthful
     from umair.training.lookup import load_lookup
 
     lookup, _, _ = load_lookup(saved.space, p.inputs, saved.modalities, "cpu")
-    u, i, y = (p.val_rows.column(c).to_numpy() for c in ("user_row", "item_row", "label"))
-    assert window_scores(saved.model, lookup, u, i, y, "val")["val_auc"] == pytest.approx(meta["val_auc"], abs=1e-6)
+    u, i, y, ts = (p.val_rows.column(c).to_numpy() for c in ("user_row", "item_row", "label", "ts"))
+    assert window_scores(saved.model, lookup, u, i, y, "val", ts=ts)["val_auc"] == pytest.approx(meta["val_auc"], abs=1e-6)
     assert summary["test_auc"] == pytest.approx(meta["test"]["test_auc"])
 
     # MLflow: val_* every epoch, test_* once (at the chosen epoch), no per-epoch test_*

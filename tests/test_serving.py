@@ -30,7 +30,15 @@ from umair.training.model_io import load_model, save_model, training_meta
 from umair.training.scoring import score_rows
 from umair.training.settings import TrainConfig
 
-SMALL = {"emb_dim": 4, "d": 8, "experts": ["att"], "cross_layers": 1, "mlp": [16]}
+SMALL = {
+    "emb_dim": 4,
+    "d": 8,
+    "experts": ["att"],
+    "cross_layers": 1,
+    "mlp": [16],
+    "user_history": True,
+    "history_len": 4,
+}
 UNKNOWN_USER, UNKNOWN_ITEM = 10**9 + 7, 10**9 + 9
 
 
@@ -133,6 +141,19 @@ def test_a_registered_version_scores_rows_in_a_fresh_process_as_evaluate_does(
     assert alpha[-2].sum() == pytest.approx(1.0, abs=1e-5)
     assert item_row["status"] == "unknown_item" and np.isnan(item_row["prob"]) and np.isnan(alpha[-1]).all()
     assert set(out.loc[known, "status"]) == {"ok"}
+
+
+def test_the_scoring_tables_keep_each_users_latest_interactions_per_label():
+    """A served model's user history reads "now": each user's newest K bookmarks and newest
+    K passes, whatever the length of the log (the evaluate-equivalence test above scores with it)."""
+    import pyarrow as pa
+
+    ts = pa.array([5, 1, 4, 2, 3, 9, 7], pa.timestamp("us", tz="UTC"))
+    inter = pa.table({"user_id": [1, 1, 1, 1, 1, 2, 2], "illust_id": [10, 11, 12, 13, 14, 15, 16], "ts": ts,
+                      "label": pa.array([1, 1, 1, 0, 0, 1, 0], pa.int8())})  # fmt: skip
+    kept = serving.latest_interactions(inter, 2)
+    got = sorted(zip(kept.column("user_id").to_pylist(), kept.column("illust_id").to_pylist()))
+    assert got == [(1, 10), (1, 12), (1, 13), (1, 14), (2, 15), (2, 16)]  # user 1's oldest bookmark (11) dropped
 
 
 def test_the_scorer_needs_no_ts_and_names_missing_columns(model_dir, tmp_path):

@@ -1,5 +1,6 @@
-"""The planted painting-style effect (issue #16): the user history, its leave-one-out,
-the attention temperature and the modality norm as units, and a slow end-to-end check.
+"""The planted painting-style effect (issue #16): the user history as of each row, a model
+that reads one refusing rows without it, the attention temperature and the modality norm
+as units, and a slow end-to-end check.
 
 Slow check: the default sample world (seed 7) with in-process item features
 (random-weight ResNet18 at 48 px, hashed-tag e_TSEM), the demo's model settings and recipe
@@ -57,8 +58,8 @@ def test_the_demo_settings_serve_style_driven_users(default_world_features):
     prepared = prepare(TrainConfig(world=world, item_features=feats, model=demo.model))
     recipe = LocalRecipe(demo.epochs, demo.batch_size * demo.num_workers, demo.lr, demo.l2_emb, seed=0)
     fitted = fit_local(prepared, prepared.model_config, recipe)
-    u, i, y = rows_of_window(prepared.test_rows)
-    scores = score_rows(fitted.model, fitted.lookup, u, i)
+    u, i, y, ts = rows_of_window(prepared.test_rows)
+    scores = score_rows(fitted.model, fitted.lookup, u, i, ts=ts)
     user_ids = contracts.read_table(prepared.inputs.users, "users").column("user_id").to_numpy()[u.numpy()]
     segments = segment_map(os.path.join(world, "truth", "users.parquet"), "taste", None)
     row = taste_row("full", user_ids, y, scores.probs, scores.weights, list(prepared.model_config.modalities), segments)
@@ -77,69 +78,81 @@ def _history_model(**kw):
     return UmairFPS(cfg)
 
 
-def test_user_history_is_the_mean_of_bookmarked_vectors_and_leaves_the_own_item_out():
-    import torch
+def _history_batch(liked, disliked):
+    from umair.model.history import HistoryBatch
 
-    from umair.model.history import UserHistory
-
-    h = UserHistory(4, {"sem": 2, "sty": 1})
-    uid = torch.tensor([1, 1, 1, 2, 0])
-    labels = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
-    vec = {"sem": torch.tensor([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0], [5.0, 6.0], [7.0, 7.0]]), "sty": torch.ones(5, 1)}
-    h.fit(uid, labels, vec)
-    got = h(torch.tensor([1, 2, 0, 3]))
-    assert got["sem"].tolist() == [[2.0, 3.0], [5.0, 6.0], [0.0, 0.0], [0.0, 0.0]]  # negatives, user 0, no bookmarks
-    assert h.count.tolist() == [0.0, 2.0, 1.0, 0.0]
-    loo = h.leave_one_out(uid[:4], {m: v[:4] for m, v in vec.items()}, labels[:4])
-    # user 1's first bookmark leaves the second one; the negative row keeps the full mean; user 2's only one -> 0
-    assert loo["sem"].tolist() == [[3.0, 4.0], [1.0, 2.0], [2.0, 3.0], [0.0, 0.0]]
+    return HistoryBatch(liked, disliked)
 
 
-def test_the_history_fitted_in_chunks_is_the_history_fitted_at_once(monkeypatch):
-    """fit_history gathers HISTORY_CHUNK_ROWS bookmarks at a time (paper scale: millions of
-    rows x Σ d_m floats); the table is the one a single pass gives, absent vectors included."""
+def test_the_history_of_a_row_is_the_users_latest_interactions_strictly_before_it():
+    """A row's own label (and anything at or after its time) never enters its history; the
+    last K per label, newest first; no time: the whole log; unknown users: empty."""
     import numpy as np
     import torch
 
-    from umair.model.history import UserHistory
-    from umair.training import lookup as lk
+    from umair.model.history import InteractionLog
 
-    rng = np.random.default_rng(0)
-    n_items, n_rows = 30, 203
-    vectors = {"sem": torch.randn(n_items, 3), "sty": torch.randn(n_items, 2)}
-    present = {"sem": torch.from_numpy(rng.random(n_items) > 0.3)}
-    table = lk.Lookup.__new__(lk.Lookup)
-    table.device, table.uid = torch.device("cpu"), torch.arange(6)
-    table.vectors, table.present = vectors, present
-    u, i = rng.integers(0, 6, n_rows), rng.integers(0, n_items, n_rows)
-    y = (rng.random(n_rows) > 0.4).astype(np.float32)
-
-    class Model:
-        history = UserHistory(6, {"sem": 3, "sty": 2})
-
-    once = UserHistory(6, {"sem": 3, "sty": 2})
-    once.fit(torch.from_numpy(u), torch.from_numpy(y), table.item_vectors(torch.from_numpy(i)))
-    monkeypatch.setattr(lk, "HISTORY_CHUNK_ROWS", 17)  # 12 chunks, the last one short
-    lk.fit_history(Model, table, u, i, y)
-    torch.testing.assert_close(Model.history.mean, once.mean)
-    assert torch.equal(Model.history.counts, once.counts) and once.counts[:, 0].sum() < once.counts[:, 1].sum()
+    #            user 1: liked at 10, 20, 30 (item 3, 4, 5), disliked at 20 (item 6); user 2: liked at 15 (item 7)
+    log = InteractionLog(
+        user_row=np.array([1, 1, 1, 1, 2]),
+        ts=np.array([30, 10, 20, 20, 15]),
+        item_row=np.array([5, 3, 4, 6, 7]),
+        label=np.array([1, 1, 1, 0, 1]),
+    )
+    users, ts = torch.tensor([1, 1, 1, 2, 0]), torch.tensor([20, 21, 31, 15, 99])
+    items, valid = log.recent(users, ts, 2, liked=True)
+    got = [[int(x) for x, ok in zip(r, v) if ok] for r, v in zip(items, valid)]
+    assert got == [[3], [4, 3], [5, 4], [], []]  # strictly before; K = 2 newest first; user 2 at its own ts: none
+    items, valid = log.recent(users, None, 5, liked=False)
+    assert [[int(x) for x, ok in zip(r, v) if ok] for r, v in zip(items, valid)] == [[6], [6], [6], [], []]
+    items, valid = log.recent(torch.tensor([2]), None, 3, liked=True)
+    assert items[0, 0] == 7 and valid.tolist() == [[True, False, False]]
 
 
-def test_user_history_enters_v_user_through_the_modality_projection_and_is_saved():
+def test_the_history_averages_the_vectors_each_item_has(monkeypatch):
+    """h_m is the mean of the items that have m (an item without an image adds nothing to
+    h_SEM), the same when gathered in small chunks (paper scale: B x K x d floats)."""
+    import numpy as np
     import torch
+
+    from umair.model import history as hs
+
+    sem = torch.tensor([[1.0, 1.0], [3.0, 5.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float16)
+    tsem = torch.tensor([[1.0], [2.0], [6.0], [4.0]])
+    present = {"sem": torch.tensor([True, True, False, True])}
+    log = hs.InteractionLog(
+        np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4]), np.array([0, 1, 2, 3]), np.array([1, 1, 1, 0])
+    )
+    users, ts = torch.tensor([1, 1, 2]), torch.tensor([9, 3, 9])
+    got = hs.history_means(log, {"sem": sem, "tsem": tsem}, present, users, ts, k=8)
+    torch.testing.assert_close(got.liked["sem"], torch.tensor([[2.0, 3.0], [2.0, 3.0], [0.0, 0.0]]))  # item 2: no e_SEM
+    torch.testing.assert_close(got.liked["tsem"], torch.tensor([[3.0], [1.5], [0.0]]))
+    torch.testing.assert_close(got.disliked["tsem"], torch.tensor([[4.0], [0.0], [0.0]]))
+    monkeypatch.setattr(hs, "HISTORY_GATHER_FLOATS", 8)  # one row per chunk
+    again = hs.history_means(log, {"sem": sem, "tsem": tsem}, present, users, ts, k=8)
+    torch.testing.assert_close(again.liked["sem"], got.liked["sem"])
+
+
+def test_user_history_enters_v_user_and_a_model_with_one_refuses_rows_without_it():
+    import torch
+
+    from umair.training.lookup import ItemVectors
 
     model = _history_model(user_history=True, modality_norm="l2").eval()
     packed = model.pack_ids(torch.tensor([1, 2]), torch.tensor([[1], [0]]), None, torch.tensor([[1], [2]]))
     vectors = {"sem": torch.randn(2, 3), "sty": torch.randn(2, 2)}
-    before = model.explain(packed, vectors)
-    model.history.fit(torch.tensor([1, 1]), torch.ones(2), {"sem": torch.randn(2, 3), "sty": torch.randn(2, 2)})
-    after = model.explain(packed, vectors)
-    assert not torch.allclose(before.logits[0], after.logits[0])  # user 1 has a history now
-    assert torch.allclose(before.logits[1], after.logits[1])  # user 2 has none
-    assert {"history.mean", "history.count"} <= set(model.state_dict())
-    again = _history_model(user_history=True, modality_norm="l2").eval()
-    again.load_state_dict(model.state_dict())
-    assert torch.allclose(again.explain(packed, vectors).logits, after.logits)
+    with pytest.raises(ValueError, match="reads the user's history"):
+        model.explain(packed, vectors)
+    empty = ItemVectors(vectors)
+    empty.history = _history_batch({m: torch.zeros(2, v.shape[1]) for m, v in vectors.items()},
+                                   {m: torch.zeros(2, v.shape[1]) for m, v in vectors.items()})  # fmt: skip
+    some = ItemVectors(vectors)
+    liked = {m: torch.zeros(2, v.shape[1]) for m, v in vectors.items()}
+    liked["sem"][0] = torch.tensor([1.0, -2.0, 0.5])  # user 1 bookmarked something before; user 2 nothing
+    some.history = _history_batch(liked, empty.history.disliked)
+    before, after = model.explain(packed, empty), model.explain(packed, some)
+    assert not torch.allclose(before.logits[0], after.logits[0]) and torch.allclose(before.logits[1], after.logits[1])
+    assert {"dislike_proj.sem.weight", "dislike_proj.sty.weight"} <= set(model.state_dict())
 
 
 def test_attention_temperature_and_modality_norm_are_settings():
@@ -154,4 +167,4 @@ def test_attention_temperature_and_modality_norm_are_settings():
     att = AttentionUMCM(2, user_proj=False, temperature=0.5)
     v, e = torch.tensor([[1.0, 0.0]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert torch.allclose(att(v, e).alpha, torch.softmax(torch.tensor([[2.0, 0.0]]), dim=-1))
-    assert _history_model().history is None  # off by default: the paper's v_user
+    assert _history_model().history_names == ()  # off by default: the paper's v_user

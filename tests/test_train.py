@@ -202,7 +202,7 @@ def test_feature_space_is_fitted_on_the_training_window_only_and_unknowns_map_to
 
 def test_prepare_maps_interactions_to_rows_of_the_item_features_table(hand_paths, tmp_path):
     p = prepare(_cfg(hand_paths, tmp_path))
-    assert p.train_rows.column_names == ["user_row", "item_row", "label"]
+    assert p.train_rows.column_names == ["user_row", "item_row", "ts", "label"]
     assert p.train_rows.schema.field("item_row").type == pa.int64()
     ids = p.info.illust_ids[p.train_rows.column("item_row").to_numpy()]
     np.testing.assert_array_equal(ids, [10, 20, 10, 40])

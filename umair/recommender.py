@@ -68,6 +68,12 @@ class Context:
         return self.generator.for_user(bookmarked, self.excluded(user_id))
 
 
+def as_of_us(when: str) -> int:
+    """``when`` (ISO time) as the int64 of the interactions' timestamp type: where a user
+    history is cut for recommending "as of" it (:mod:`umair.model.history`)."""
+    return int(pa.scalar(parse_time(when), contracts.TIMESTAMP).cast(pa.int64()).as_py())
+
+
 def load_context(
     model: str, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None
 ) -> Context:
@@ -87,7 +93,7 @@ def load_context(
             f"{inputs.item_features}: the item features changed while loading (rows differ between reads)"
         )
     # Eligibility and recency: in the catalogue and created before T.
-    split_us = int(pa.scalar(parse_time(inputs.split), contracts.TIMESTAMP).cast(pa.int64()).as_py())
+    split_us = as_of_us(inputs.split)
     cat_ids = ill.column("illust_id").to_numpy().astype(np.int64)
     created = created_at_us(ill)  # no created_at (column or value): eligible from the start
     pos = index.rows(cat_ids)
@@ -132,7 +138,8 @@ def rank_users(
     if not u_rows or not sum(len(x) for x in u_rows):
         return SCHEMA.empty_table(), sources
     ur, ir, owner = np.concatenate(u_rows), np.concatenate(i_rows), np.concatenate(owners)
-    probs = score_rows(ctx.saved.model, ctx.lookup, torch.as_tensor(ur), torch.as_tensor(ir), score_batch).probs
+    as_of = torch.full((len(ur),), as_of_us(ctx.inputs.split), dtype=torch.int64)  # the history known at the split
+    probs = score_rows(ctx.saved.model, ctx.lookup, torch.as_tensor(ur), torch.as_tensor(ir), score_batch, as_of).probs
     if exposure_power:
         share = (ctx.exposure[ir] + 1.0) / (float(ctx.exposure.max(initial=0)) + 1.0)
         probs = (probs * share**exposure_power).astype(np.float32)

@@ -51,13 +51,16 @@ def _take(kwargs: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
 
 
 class FusionRanker(Ranker):
-    """This project's :class:`UmairFPS` (any Table-4 variant); emits logits."""
+    """This project's :class:`UmairFPS` (any Table-4 variant); emits logits. The rows of
+    ``umair ablate`` are (user, item) pairs without a time, so its variants read no user
+    history (``user_history`` off: every model of the table sees the same inputs)."""
 
     emits = "logits"
 
     def __init__(self, name: str, config: ModelConfig, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.name = name
+        config = config.model_copy(update={"user_history": False})
         self.config = config
         self.module = UmairFPS(config)
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umair.model.crossnet import CrossNet
-from umair.model.history import UserHistory, history_widths
 from umair.model.packing import PackLayout, compact_tags  # noqa: F401  (compact_tags re-exported)
 from umair.model.settings import META, ModelConfig
 from umair.model.umcm import MoEUMCM
@@ -131,8 +130,8 @@ class UmairFPS(nn.Module):
     empty bag the zero vector; ``cfg.user_bags`` / ``cfg.item_bags``). The enabled
     modalities come in that order (:attr:`modality_names`; the last one is ``F_emb(i^O)``,
     present when there are item fields or item bags). ``cfg.user_history`` adds
-    ``Σ_m W_m hist_m(u)`` to ``v_user`` (mean vectors of the user's training bookmarks,
-    :mod:`umair.model.history`); ``cfg.modality_norm = "l2"`` rescales every ``e_j`` to
+    ``Σ_m (W_m h⁺_m + D_m h⁻_m)`` to ``v_user`` (mean vectors of the user's last bookmarks and
+    non-bookmarks before the row, ``vectors.history``; :mod:`umair.model.history`); ``cfg.modality_norm = "l2"`` rescales every ``e_j`` to
     norm ``√d``, so only α sets a modality's share of ``v_il``. UMCM (:mod:`umair.model.umcm`),
     ``K`` experts of ``cfg.expert_kinds``; an ATT expert ``k``::
 
@@ -259,9 +258,11 @@ class UmairFPS(nn.Module):
                 cfg.att_temperature,
             )
             width += 2 * d
-        self.history: UserHistory | None = None
+        # D_m of the dislike history h⁻_m (umair.model.history); W_m of h⁺_m is modality_proj[m]'s
+        self.history_names: tuple[str, ...] = ()
         if cfg.multimodal and cfg.user_history:
-            self.history = UserHistory(cfg.n_users, history_widths(cfg.vectors, self.modality_names))
+            self.history_names = tuple(m for m in self.modality_names if m in cfg.vectors)
+            self.dislike_proj = nn.ModuleDict({m: nn.Linear(cfg.vectors[m], d, bias=False) for m in self.history_names})
         self.x0_width = width
         self.cross = CrossNet(
             width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation
@@ -327,16 +328,14 @@ class UmairFPS(nn.Module):
         ones = torch.ones(stack.shape[0], dtype=torch.bool, device=stack.device)
         return torch.stack([masks[m].bool() if m in masks else ones for m in self.modality_names], dim=1)
 
-    def explain(
-        self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None
-    ) -> FusionOutput:
+    def explain(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None) -> FusionOutput:
         """Logits [B] plus the UMCM weights α [B, K, J] (J in :attr:`modality_names`
         order) and β [B, K] (K in ``cfg.expert_kinds`` order) of ids packed by
         :meth:`pack_ids` and the item vectors ``vectors[m]`` [B, cfg.vectors[m]]; a
         ``vectors.present[m]`` [B] bool marks rows lacking m (α_m = 0, :mod:`umair.model.umcm`).
-        ``own`` [B] (training labels; only with ``cfg.user_history``, in train mode): the
-        rows whose item is in the user's history, which then leaves it out
-        (:meth:`UserHistory.leave_one_out`)."""
+        With ``cfg.user_history``, ``vectors.history`` (a
+        :class:`umair.model.history.HistoryBatch`, :meth:`umair.training.lookup.Lookup.row_vectors`)
+        holds each row's h⁺_m and h⁻_m; a model with a history refuses rows without one."""
         cfg = self.cfg
         raw = self.embed_packed(packed)  # [B, (2 + P + U + M + I) k] = [user id, tags, profile, bags | item]
         alpha = beta = None
@@ -346,12 +345,16 @@ class UmairFPS(nn.Module):
             user_raw, item_raw = raw[:, :split], raw[:, split:]
             v_user = self.user_proj(user_raw)
             given = vectors or {}
-            if self.history is not None:  # + Σ_m W_m hist_m(u), see umair.model.history
-                uid = packed[:, 0]
-                loo = own is not None and self.training
-                hist = self.history.leave_one_out(uid, given, own) if loo else self.history(uid)
-                for m, h in hist.items():
-                    v_user = v_user + F.linear(h.to(v_user.dtype), self.modality_proj[m].weight)
+            if self.history_names:  # + Σ_m (W_m h⁺_m + D_m h⁻_m), see umair.model.history
+                hist = getattr(given, "history", None)
+                if hist is None:
+                    raise ValueError(
+                        "this model reads the user's history (user_history): give vectors with .history "
+                        "(umair.training.lookup.Lookup.row_vectors)"
+                    )
+                for m in self.history_names:
+                    v_user = v_user + F.linear(hist.liked[m].to(v_user.dtype), self.modality_proj[m].weight)
+                    v_user = v_user + self.dislike_proj[m](hist.disliked[m].to(v_user.dtype))
             e = [
                 self.modality_proj[META](item_raw) if m == META else self._modality(m, given.get(m), cfg.vectors[m])
                 for m in self.modality_names
@@ -368,10 +371,10 @@ class UmairFPS(nn.Module):
             h = self.deep(xl)
         return FusionOutput(self.head(h).squeeze(-1), alpha, beta)
 
-    def forward(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None, own: Tensor | None = None) -> Tensor:
+    def forward(self, packed: Tensor, vectors: Mapping[str, Tensor] | None = None) -> Tensor:
         """Logits [B] of ids packed by :meth:`pack_ids` [B, 1 + T + P + U·L + M + I·L] and the item
-        vectors (apply a sigmoid for bookmark probabilities); ``own`` as in :meth:`explain`."""
-        return self.explain(packed, vectors, own).logits
+        vectors (apply a sigmoid for bookmark probabilities), as in :meth:`explain`."""
+        return self.explain(packed, vectors).logits
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,118 +1,136 @@
-"""The user's bookmark history as part of ``v_user`` (issue #16: profile and interest tags
-cannot tell which painting style a user likes; the items they bookmarked can).
+"""The user's history *as of each row* as part of ``v_user`` (issues #15, #16: profile and
+interest tags cannot tell which painting style a user likes, the items they bookmarked can;
+and most users a live service scores are new since the last training run, so their history
+must be the one known at the moment of the row, not a table frozen at training time).
 
-Per vector modality ``m`` (e_TSEM, e_SEM, e_STY, ...) and user ``u`` with training-window
-bookmarks ``P_u``::
+For a row ``(u, t)`` and the user's real interactions strictly before ``t`` (the log
+:class:`InteractionLog`: training, validation and test windows alike, as a live service knows
+them; sampled negatives never enter it), ``L⁺`` their last ``K`` bookmarks and ``L⁻`` their
+last ``K`` non-bookmarks (``K`` = ``cfg.history_len``), per vector modality ``m`` (e_TSEM,
+e_SEM, e_STY, ...)::
 
-    hist_m(u) = (1 / |P_u|) Σ_{i ∈ P_u} x_m(i)           [n_users, d_m]   (0 when P_u = ∅)
+    h⁺_m(u, t) = (1 / |L⁺_m|) Σ_{i ∈ L⁺_m} x_m(i)        [B, d_m]   (0 when L⁺_m = ∅)
+    h⁻_m(u, t) = (1 / |L⁻_m|) Σ_{i ∈ L⁻_m} x_m(i)        [B, d_m]
 
-with ``x_m`` the standardised vectors the model reads. :class:`UmairFPS` maps it with the
-modality's own projection ``W_m`` (no bias), so the history lives in the space of the
-item's projected ``e_m`` and the UMCM query and the DCN-V2 crosses can match the two::
+with ``x_m`` the standardised vectors the model reads and ``L^±_m`` the items of ``L^±`` that
+have modality m (an item without an image adds nothing to h_SEM / h_STY). :class:`UmairFPS`
+maps them into ``v_user`` with the modality's own projection ``W_m`` (no bias, so the liked
+history lives in the space of the item's projected ``e_m``) and a dislike projection ``D_m``::
 
-    v_user = W_u [E_uid(u); mean_t E_tag(t); E_f(u^O_f)...] + b_u + Σ_m W_m hist_m(u)   [B, d]
+    v_user = W_u u_raw + b_u + Σ_m (W_m h⁺_m + D_m h⁻_m)                       [B, d]
 
-The table is a buffer of the model (saved in its state dict, not trained), indexed by
-the user-id vocabulary index, so scoring, ``recommend`` and ``explain`` read it with no
-new input. Cold-start users (index 0) and users without bookmarks have ``hist = 0``.
-
-Absent modalities: ``P_u`` of modality m holds only the bookmarks that have m (an item
-without an image adds nothing to hist_SEM / hist_STY; ``vectors.present`` of
-:class:`umair.training.lookup.ItemVectors`), so hist_m is the mean of present vectors.
-
-Leave-one-out in training: a positive training row's own item is part of its user's
-history, which a test row's item never is; :meth:`UserHistory.leave_one_out` gives the
-history without that item (``(n hist - x_i) / (n - 1)``), which the training step uses
-for its positive rows so the model cannot learn "the item is in the history".
+"Strictly before ``t``" keeps a row's own label out of its features, in training as at
+serving; a row without a time (``recommend``, ``explain``: "now") reads the whole log.
+Memory: the log is three int64 columns of the interactions (24 M rows: ~0.6 GB), a batch
+gathers ``B x K`` item rows per modality, in chunks (:data:`HISTORY_GATHER_FLOATS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
+from typing import NamedTuple
 
+import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+HISTORY_GATHER_FLOATS = 1 << 24  # rows x K x d_m floats gathered at once (64 MiB of float32)
 
 
-class UserHistory(nn.Module):
-    """Mean standardised vectors of each user's bookmarks, per modality (buffers).
+class HistoryBatch(NamedTuple):
+    """``liked[m]`` / ``disliked[m]`` [B, d_m]: h⁺_m and h⁻_m of a batch of rows."""
+
+    liked: dict[str, Tensor]
+    disliked: dict[str, Tensor]
+
+
+class InteractionLog:
+    """Each user's real interactions, sorted by (user row, time), per label.
 
     Args:
-        n_users: user-id vocabulary size (incl. the unknown index 0).
-        widths: modality name -> vector width ``d_m``.
-    """
+        user_row: [N] user-table rows; ``ts`` [N] int64 times (one unit for the whole log and
+            the rows that query it, e.g. µs); ``item_row`` [N] item-table rows; ``label`` [N]
+            (1 = bookmarked, 0 = seen and not bookmarked).
+        device: where the sorted columns live (the batches' device).
 
-    def __init__(self, n_users: int, widths: Mapping[str, int]) -> None:
-        super().__init__()
-        self.names: tuple[str, ...] = tuple(widths)
-        self.widths = dict(widths)
-        self.register_buffer("mean", torch.zeros(n_users, sum(widths.values())))
-        self.register_buffer("count", torch.zeros(n_users))
-        self.register_buffer("counts", torch.zeros(n_users, len(self.names)))  # bookmarks with each modality
+    A query ``(u, t)`` finds the user's entries with ``ts < t`` by one ``searchsorted`` on a
+    composite key ``user_row · (R + 1) + rank(ts)`` (``R`` distinct times in the log), so no
+    per-user Python loop runs at any size."""
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        # a model saved before per-modality counts: every bookmark had every modality
-        if prefix + "count" in state_dict and prefix + "counts" not in state_dict:
-            state_dict[prefix + "counts"] = state_dict[prefix + "count"].unsqueeze(1).repeat(1, len(self.names))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def __init__(
+        self,
+        user_row: np.ndarray,
+        ts: np.ndarray,
+        item_row: np.ndarray,
+        label: np.ndarray,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        user_row, ts = np.asarray(user_row, np.int64), np.asarray(ts, np.int64)
+        item_row, label = np.asarray(item_row, np.int64), np.asarray(label)
+        self.times = np.unique(ts)  # the distinct times, sorted: rank(t) = searchsorted(times, t)
+        self.stride = len(self.times) + 1
+        rank = np.searchsorted(self.times, ts)
+        self.device = torch.device(device)
+        self.sides: dict[bool, tuple[Tensor, Tensor]] = {}  # liked? -> (sorted keys [n], item rows [n])
+        for liked in (True, False):
+            mask = (label > 0.5) if liked else (label <= 0.5)
+            key = user_row[mask] * self.stride + rank[mask]
+            order = np.argsort(key, kind="stable")
+            self.sides[liked] = (
+                torch.as_tensor(key[order], device=self.device),
+                torch.as_tensor(item_row[mask][order], device=self.device),
+            )
+        self._times = torch.as_tensor(self.times, device=self.device)
 
-    def _presence(self, vectors: Mapping[str, Tensor], n: int, device: torch.device) -> Tensor:
-        """[n, M] presence of each modality in ``vectors`` (its ``present`` masks; default all)."""
-        masks = getattr(vectors, "present", None) or {}
-        ones = torch.ones(n, dtype=torch.bool, device=device)
-        return torch.stack([masks[m].reshape(-1).bool().to(device) if m in masks else ones for m in self.names], 1)
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.sides.values())
 
-    def fit(self, user_id: Tensor, labels: Tensor, vectors: Mapping[str, Tensor]) -> None:
-        """Set the table from training rows: ``user_id`` [N] (vocabulary indices), ``labels``
-        [N] (1 = bookmarked) and ``vectors[m]`` [N, d_m] (with ``vectors.present[m]`` [N]
-        where some rows lack m); only the positive rows count, per modality those that have it."""
-        self.fit_chunks([(user_id, labels, vectors)])
-
-    def fit_chunks(self, chunks: Iterable[tuple[Tensor, Tensor, Mapping[str, Tensor]]]) -> None:
-        """:meth:`fit` over the training rows given in pieces ``(user_id, labels, vectors)``
-        (same shapes, [n_c] and [n_c, d_m]): sums and counts are accumulated chunk by chunk, so
-        only one chunk's vectors are ever gathered (24 M rows x Σ d_m floats would not fit)."""
-        device = self.mean.device
-        width = torch.tensor([self.widths[m] for m in self.names], device=device)
-        total, count, counts = torch.zeros_like(self.mean), torch.zeros_like(self.count), torch.zeros_like(self.counts)
-        for user_id, labels, vectors in chunks:
-            pos = labels.reshape(-1) > 0.5
-            uid = user_id.reshape(-1)[pos].long().to(device)
-            x = torch.cat([vectors[m][pos].float() for m in self.names], dim=1).to(device)
-            has = self._presence(vectors, len(pos), device)[pos.to(device)]
-            x = x * has.repeat_interleave(width, dim=1)  # absent vectors add nothing
-            total.index_add_(0, uid, x)
-            count.index_add_(0, uid, torch.ones_like(uid, dtype=count.dtype))
-            counts.index_add_(0, uid, has.to(counts.dtype))
-        total[0] = 0.0  # the unknown user never has a history
-        count[0] = 0.0
-        counts[0] = 0.0
-        with torch.no_grad():
-            self.mean.copy_(total / counts.clamp(min=1).repeat_interleave(width, dim=1))
-            self.count.copy_(count)
-            self.counts.copy_(counts)
-
-    def forward(self, uid: Tensor) -> dict[str, Tensor]:
-        """``hist_m`` [B, d_m] of the users ``uid`` [B] (vocabulary indices)."""
-        return dict(zip(self.names, self.mean[uid].split(list(self.widths.values()), dim=1), strict=True))
-
-    def leave_one_out(self, uid: Tensor, vectors: Mapping[str, Tensor], own: Tensor) -> dict[str, Tensor]:
-        """``hist_m`` [B, d_m] with the row's own item removed where ``own`` [B] is true
-        (a positive training row) and the item has m: ``(n_m hist - x) / (n_m - 1)``, 0 when
-        it was the only one."""
-        hist = self(uid)
-        has = self._presence(vectors, len(uid), self.mean.device)
-        out = {}
-        for j, m in enumerate(self.names):
-            n = self.counts[uid, j].unsqueeze(1)
-            drop = (own.reshape(-1) * has[:, j]).reshape(-1, 1).to(hist[m].dtype)
-            x = vectors[m].to(hist[m].dtype)
-            loo = (n * hist[m] - x) / (n - 1).clamp(min=1)
-            loo = torch.where(n > 1, loo, torch.zeros_like(loo))
-            out[m] = drop * loo + (1 - drop) * hist[m]
-        return out
+    def recent(self, user_row: Tensor, ts: Tensor | None, k: int, liked: bool) -> tuple[Tensor, Tensor]:
+        """The last ``k`` item rows [B, k] (newest first) the users ``user_row`` [B] liked (or
+        did not) strictly before ``ts`` [B] (None: the whole log) and their mask [B, k] bool."""
+        keys, items = self.sides[liked]
+        u = user_row.to(self.device).long()
+        base = u * self.stride
+        start = torch.searchsorted(keys, base)
+        if ts is None:
+            end = torch.searchsorted(keys, base + self.stride)
+        else:
+            end = torch.searchsorted(keys, base + torch.searchsorted(self._times, ts.to(self.device).long()))
+        idx = end.unsqueeze(1) - 1 - torch.arange(k, device=self.device)  # [B, k], newest first
+        valid = idx >= start.unsqueeze(1)
+        if len(items) == 0:
+            return torch.zeros_like(idx), valid & False
+        return items[idx.clamp(min=0)], valid
 
 
-def history_widths(vectors: Mapping[str, int], names: Sequence[str]) -> dict[str, int]:
-    """The widths of the modalities ``names`` (stacking order) that have vectors."""
-    return {m: vectors[m] for m in names if m in vectors}
+def history_means(
+    log: InteractionLog,
+    vectors: Mapping[str, Tensor],
+    present: Mapping[str, Tensor],
+    user_row: Tensor,
+    ts: Tensor | None,
+    k: int,
+) -> HistoryBatch:
+    """h⁺_m and h⁻_m (module docstring) of the rows ``user_row`` [B] at ``ts`` [B] (None: now)
+    from the item tables ``vectors[m]`` [I, d_m] (float16 or float32) with ``present[m]`` [I]
+    bool for the modalities some item lacks; gathered :data:`HISTORY_GATHER_FLOATS` at a time."""
+    out = HistoryBatch({}, {})
+    widest = max((v.shape[1] for v in vectors.values()), default=1)
+    chunk = max(1, HISTORY_GATHER_FLOATS // (k * widest))
+    for liked, side in ((True, out.liked), (False, out.disliked)):
+        items, valid = log.recent(user_row, ts, k, liked)
+        for m, table in vectors.items():
+            w = valid & present[m][items] if m in present else valid
+            w = w.to(torch.float32)
+            w = w / w.sum(1, keepdim=True).clamp(min=1)
+            side[m] = (
+                torch.cat(
+                    [
+                        torch.einsum("bk,bkd->bd", w[s : s + chunk], table[items[s : s + chunk]].float())
+                        for s in range(0, len(items), chunk)
+                    ]
+                )
+                if len(items)
+                else torch.zeros(0, table.shape[1], device=table.device)
+            )
+    return out

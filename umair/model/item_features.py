@@ -291,8 +291,9 @@ def attach_rows(
     features_uri: str,
     source: str = "<interactions>",
 ) -> pa.Table:
-    """``user_row``, ``item_row`` (int64 rows of the user / item tables) and ``label``
-    (float32) for each interaction. Every referenced illustration must have item
+    """``user_row``, ``item_row`` (int64 rows of the user / item tables), ``ts`` (int64, the
+    table's own time unit: what the user history is cut at) and ``label`` (float32) for
+    each interaction. Every referenced illustration must have item
     features: otherwise :class:`FeatureError` says how many are missing, with an example."""
     check_item_coverage(interactions, item_ids, features_uri, source)
     item_rows = rows_of(np.asarray(item_ids, np.int64), interactions.column("illust_id").to_numpy())
@@ -306,6 +307,7 @@ def attach_rows(
         {
             "user_row": pa.array(user_rows, pa.int64()),
             "item_row": pa.array(item_rows, pa.int64()),
+            "ts": interactions.column("ts").cast(pa.int64()).combine_chunks(),
             "label": pa.array(interactions.column("label").to_numpy().astype(np.float32), pa.float32()),
         }
     )

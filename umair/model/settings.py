@@ -66,8 +66,11 @@ class ModelConfig(BaseModel):
     )
     user_history: bool = Field(
         False,
-        description="v_user also reads the mean standardised vectors of the user's training-window bookmarks "
-        "(umair.model.history); set by the training job before training",
+        description="v_user also reads the mean standardised vectors of the user's last history_len bookmarks "
+        "and non-bookmarks strictly before each row (umair.model.history)",
+    )
+    history_len: int = Field(
+        32, ge=1, description="K: how many of the user's latest bookmarks (and non-bookmarks) the history averages"
     )
     att_temperature: float = Field(
         1.0, gt=0, description="τ of every ATT expert: α = softmax_j(<q, e_j> / τ); below 1 sharpens α"

@@ -8,7 +8,8 @@ With a validation window (``prepared.val_rows``) it follows ``umair train``'s pr
 
     prepared = prepare(TrainConfig(world=..., item_features=...))
     fitted = fit_local(prepared, prepared.model_config, LocalRecipe(epochs=8))
-    scores = score_rows(fitted.model, fitted.lookup, *rows_of_window(prepared.test_rows))
+    u, i, y, ts = rows_of_window(prepared.test_rows)
+    scores = score_rows(fitted.model, fitted.lookup, u, i, ts=ts)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Prepared
-from umair.training.lookup import Lookup, fit_history, load_lookup
+from umair.training.lookup import Lookup, load_lookup
 from umair.training.scoring import window_scores
 from umair.training.step import EpochSelection, StepSettings, train_epoch
 
@@ -53,13 +54,15 @@ class Fitted:
     val_auc: float | None = None
 
 
-def rows_of_window(rows: Any) -> tuple[Any, Any, np.ndarray]:
-    """``(user_row, item_row)`` int64 tensors and the labels of a window's rows table."""
+def rows_of_window(rows: Any) -> tuple[Any, Any, np.ndarray, Any]:
+    """``(user_row, item_row)`` int64 tensors, the labels and the ``ts`` int64 tensor (where
+    a user history is cut) of a window's rows table."""
     import torch
 
-    u = torch.as_tensor(rows.column("user_row").to_numpy().astype(np.int64))
-    i = torch.as_tensor(rows.column("item_row").to_numpy().astype(np.int64))
-    return u, i, rows.column("label").to_numpy().astype(np.float32)
+    def col(name: str) -> Any:
+        return torch.as_tensor(rows.column(name).to_numpy().astype(np.int64))
+
+    return col("user_row"), col("item_row"), rows.column("label").to_numpy().astype(np.float32), col("ts")
 
 
 def fit_local(
@@ -67,11 +70,10 @@ def fit_local(
     config: ModelConfig,
     recipe: LocalRecipe,
     lookup: Lookup | None = None,
-    leave_one_out: bool = True,
 ) -> Fitted:
     """Train :class:`UmairFPS` (``config``: the prepared one or a Table-4 / DCN-V2-only
-    change of it) on ``prepared.train_rows``; its user history, if any, is fitted on the
-    same rows first. With ``prepared.val_rows`` every epoch is scored on the validation
+    change of it) on ``prepared.train_rows`` (a user history, if any, reads the interactions
+    before each row, :mod:`umair.model.history`). With ``prepared.val_rows`` every epoch is scored on the validation
     window and the best one's weights are returned (early stop after ``recipe.patience``
     epochs without improvement). ``lookup``: reuse the tables of an earlier call (same
     ``prepared``)."""
@@ -86,26 +88,26 @@ def fit_local(
         lookup, _, _ = load_lookup(prepared.space, prepared.inputs, prepared.modalities, "cpu")
     torch.manual_seed(recipe.seed)
     model = UmairFPS(config)
-    u, i, y = rows_of_window(prepared.train_rows)
-    fit_history(model, lookup, u, i, y)
+    u, i, y, ts = rows_of_window(prepared.train_rows)
     labels = torch.as_tensor(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     gen = torch.Generator().manual_seed(recipe.seed)
     step = StepSettings(lr=recipe.lr, l2_emb=recipe.l2_emb)
     val = prepared.val_rows
     val_cols = [val.column(c).to_numpy() for c in ("user_row", "item_row", "label")] if val is not None else None
+    val_ts = val.column("ts").to_numpy() if val is not None else None
     selection = EpochSelection(recipe.patience if val is not None else None)
     losses: list[float] = []
     history: list[dict[str, float]] = []
     best_state = None
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(u), generator=gen).split(recipe.batch_size)
-        batches = ({"user_row": u[b], "item_row": i[b], "label": labels[b]} for b in order)
-        sums = train_epoch(model, model, optimizer, batches, lookup, step, epoch, leave_one_out)
+        batches = ({"user_row": u[b], "item_row": i[b], "ts": ts[b], "label": labels[b]} for b in order)
+        sums = train_epoch(model, model, optimizer, batches, lookup, step, epoch)
         losses.append(float(sums[0] / max(float(sums[1]), 1.0)))
         metrics = {"epoch": float(epoch), "train_loss": losses[-1]}
         if val_cols is not None:
-            metrics.update(window_scores(model, lookup, *val_cols, "val"))
+            metrics.update(window_scores(model, lookup, *val_cols, "val", ts=val_ts))
             if selection.update(epoch, metrics["val_auc"]):
                 best_state = copy.deepcopy(model.state_dict())
         history.append(metrics)

@@ -18,6 +18,7 @@ import numpy as np
 from umair import contracts, storage
 from umair.errors import FeatureError
 from umair.model.features import FeatureSpace, ItemTable, UserTable
+from umair.model.interactions import rows_of
 from umair.model.item_features import build_item_table, ids_fingerprint
 from umair.training.inputs import Inputs, Prepared, read_item_features
 
@@ -45,11 +46,16 @@ class Lookup:
     :meth:`ids` gives the unpacked id tensors of some rows (the comparison models of
     ``umair ablate`` read those)."""
 
-    def __init__(self, users: UserTable, items: ItemTable, modalities: list[str], device: Any):
+    def __init__(
+        self, users: UserTable, items: ItemTable, modalities: list[str], device: Any, log: LogArrays | None = None
+    ):
         """``users`` / ``items`` arrays may be read-only (views of the Ray object store's
         buffer, shared by the workers of a node): on the CPU the tensors share their
-        memory, so no tensor of a Lookup is ever written in place."""
+        memory, so no tensor of a Lookup is ever written in place. ``log``: the real
+        interactions the user history reads (:mod:`umair.model.history`; None: no history)."""
         import torch
+
+        from umair.model.history import InteractionLog
 
         def t(a: np.ndarray) -> torch.Tensor:
             return as_tensor(a, device)
@@ -62,6 +68,8 @@ class Lookup:
         self.vectors = {m: t(items.vectors[m]) for m in modalities}
         # masks only for modalities some item lacks: with every vector present nothing changes
         self.present = {m: t(items.presence(m)) for m in modalities if not items.presence(m).all()}
+        self.log = InteractionLog(log.user_row, log.ts, log.item_row, log.label, self.device) if log else None
+        self._history_len = 0  # K of the packed model's history (0: it reads none)
         self._packed_for: int | None = None
         self._user_packed: Any = None
         self._item_packed: Any = None
@@ -118,6 +126,11 @@ class Lookup:
                 item_bags={name: self.ibags[name] for name in cfg.item_bags},
             )
         self._user_packed, self._item_packed = up[:, : up.shape[1] - cols], ip[:, ip.shape[1] - cols :]
+        self._history_len = cfg.history_len if getattr(model, "history_names", ()) else 0
+        if self._history_len and self.log is None:
+            raise FeatureError(
+                "the model reads the user's history (user_history) but no interactions were loaded for it"
+            )
         self._packed_for = id(model)
 
     def packed(self, user_row: Any, item_row: Any) -> Any:
@@ -136,6 +149,17 @@ class Lookup:
             {m: v[item_row].float() for m, v in self.vectors.items()}, {m: p[item_row] for m, p in self.present.items()}
         )
 
+    def row_vectors(self, user_row: Any, item_row: Any, ts: Any = None) -> ItemVectors:
+        """:meth:`item_vectors` of the rows' items plus, for a packed model with a user history,
+        ``.history``: each row's h⁺_m / h⁻_m from the interactions strictly before ``ts`` [B]
+        int64 (the log's unit; None: the whole log, "now"), :func:`umair.model.history.history_means`."""
+        from umair.model.history import history_means
+
+        out = self.item_vectors(item_row)
+        if self._history_len and self.log is not None:
+            out.history = history_means(self.log, self.vectors, self.present, user_row, ts, self._history_len)
+        return out
+
     def item_tensors(self) -> list[Any]:
         """Every item-side table (vectors, presence masks, fields, bags): what grows with the catalogue."""
         return [*self.vectors.values(), *self.present.values(), self.ifields, *self.ibags.values()]
@@ -153,19 +177,51 @@ def as_tensor(a: np.ndarray, device: Any) -> Any:
 
 
 @dataclass(frozen=True, eq=False)
+class LogArrays:
+    """The real interactions as table rows (what :class:`umair.model.history.InteractionLog`
+    sorts): ``user_row``, ``ts`` (int64, the interactions' own unit), ``item_row``, ``label`` [N]."""
+
+    user_row: np.ndarray
+    ts: np.ndarray
+    item_row: np.ndarray
+    label: np.ndarray
+
+
+def log_arrays(interactions: Any, user_ids: np.ndarray, item_ids: np.ndarray) -> LogArrays:
+    """:class:`LogArrays` of an interactions table (``user_id``, ``illust_id``, ``ts``,
+    ``label``) against the user and item tables' ids; rows of users or items the tables
+    lack are left out (a history only averages items the model has vectors for)."""
+    import pyarrow as pa
+
+    u = rows_of(np.asarray(user_ids, np.int64), interactions.column("user_id").to_numpy())
+    i = rows_of(np.asarray(item_ids, np.int64), interactions.column("illust_id").to_numpy())
+    keep = (u >= 0) & (i >= 0)
+    ts = interactions.column("ts").cast(pa.int64()).to_numpy()
+    label = interactions.column("label").to_numpy().astype(np.float32)
+    return LogArrays(u[keep], ts[keep], i[keep], label[keep])
+
+
+def read_log(
+    uri: str, users: UserTable, items: ItemTable, settings: storage.StorageSettings | None = None
+) -> LogArrays:
+    """:func:`log_arrays` of the interactions table at ``uri`` (checked against its contract)."""
+    table = contracts.read_table(uri, "interactions", settings)
+    return log_arrays(table.select(["user_id", "illust_id", "ts", "label"]), users.user_ids, items.illust_ids)
+
+
+@dataclass(frozen=True, eq=False)
 class SharedTables:
     """What every training worker reads, built once by the driver and put in the Ray
     object store: the encoded users, the items (float16 standardised vectors, fields,
-    bags, presence masks) and the bookmarked training rows of the user history
-    (``(user_rows, item_rows, labels)``, None without one). Plain numpy arrays, so a
-    worker's ``ray.get`` maps them read-only without a copy."""
+    bags, presence masks) and the interaction log of the user history (None without one).
+    Plain numpy arrays, so a worker's ``ray.get`` maps them read-only without a copy."""
 
     users: UserTable
     items: ItemTable
-    history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    log: LogArrays | None = None
 
     def lookup(self, modalities: list[str], device: Any) -> Lookup:
-        return Lookup(self.users, self.items, modalities, device)
+        return Lookup(self.users, self.items, modalities, device, self.log)
 
 
 def load_tables(
@@ -201,18 +257,23 @@ def load_lookup(
     features_fingerprint: str | None = None,
     users_fingerprint: str | None = None,
     dtype: np.dtype | type = np.float16,
+    with_log: bool = True,
 ) -> tuple[Lookup, UserTable, ItemTable]:
-    """:func:`load_tables` and their :class:`Lookup` on ``device`` (one process's own copy)."""
+    """:func:`load_tables` and their :class:`Lookup` on ``device`` (one process's own copy),
+    with the interaction log of ``inputs.interactions`` (:func:`read_log`) unless ``with_log``
+    is False."""
     user_table, item_table = load_tables(
         space, inputs, modalities, settings, features_fingerprint, users_fingerprint, dtype
     )
-    return Lookup(user_table, item_table, modalities, device), user_table, item_table
+    log = read_log(inputs.interactions, user_table, item_table, settings) if with_log else None
+    return Lookup(user_table, item_table, modalities, device, log), user_table, item_table
 
 
 def shared_tables(prepared: Prepared, settings: storage.StorageSettings | None = None) -> SharedTables:
     """The :class:`SharedTables` of a prepared training run (read and encoded once, on the
     driver): users, items (float16 vectors standardised with the training window's
-    statistics) and, for a model with a user history, its bookmarked training rows."""
+    statistics) and, for a model with a user history, the interaction log (every window:
+    a row only ever reads the interactions strictly before it)."""
     users, items = load_tables(
         prepared.space,
         prepared.inputs,
@@ -222,37 +283,5 @@ def shared_tables(prepared: Prepared, settings: storage.StorageSettings | None =
         prepared.users_fingerprint,
     )
     mc = prepared.model_config
-    history = history_rows(prepared.train_rows) if mc.multimodal and mc.user_history else None
-    return SharedTables(users, items, history)
-
-
-HISTORY_CHUNK_ROWS = 65_536  # bookmarks gathered at once for the history (x Σ d_m float32 each)
-
-
-def fit_history(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, labels: Any) -> None:
-    """Set ``model.history`` (:mod:`umair.model.history`; nothing without one) from the
-    training rows ``user_rows`` / ``item_rows`` / ``labels`` [N] (arrays or tensors): the
-    mean standardised vectors of each user's bookmarked items, gathered
-    :data:`HISTORY_CHUNK_ROWS` rows at a time."""
-    if getattr(model, "history", None) is None:
-        return
-    u = as_tensor(np.asarray(user_rows), lookup.device).long()
-    i = as_tensor(np.asarray(item_rows), lookup.device).long()
-    y = as_tensor(np.asarray(labels), lookup.device).float()
-    step = HISTORY_CHUNK_ROWS
-    model.history.fit_chunks(
-        (lookup.uid[u[s : s + step]], y[s : s + step], lookup.item_vectors(i[s : s + step]))
-        for s in range(0, len(u), step)
-    )
-
-
-def history_rows(train_rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The bookmarked rows of a training-window rows table (``user_row``, ``item_row``,
-    ``label``), what :func:`fit_history` reads: ``(user_rows, item_rows, labels)``."""
-    y = train_rows.column("label").to_numpy()
-    pos = y > 0
-    return (
-        train_rows.column("user_row").to_numpy()[pos].astype(np.int64),
-        train_rows.column("item_row").to_numpy()[pos].astype(np.int64),
-        np.ones(int(pos.sum()), np.float32),
-    )
+    log = read_log(prepared.inputs.interactions, users, items, settings) if mc.multimodal and mc.user_history else None
+    return SharedTables(users, items, log)

@@ -72,11 +72,11 @@ def ablation_rows(prepared: Any, recipe: Any, segments: dict[int, str], user_ids
 
     base = prepared.model_config
     rows, lookup = [], None
-    u, i, y = rows_of_window(prepared.test_rows)
+    u, i, y, ts = rows_of_window(prepared.test_rows)
     for name, config in (("w/o STY", table4_variant(base, "w/o STY")), ("DCN-V2-only", dcn_v2_only(base))):
         fitted = fit_local(prepared, config, recipe, lookup)
         lookup = fitted.lookup
-        scores = score_rows(fitted.model, lookup, u, i)
+        scores = score_rows(fitted.model, lookup, u, i, ts=ts)
         rows.append(
             taste_row(name, user_ids[u.numpy()], y, scores.probs, scores.weights, list(config.modalities), segments)
         )
@@ -167,7 +167,7 @@ def style_effect(
     prepared = prepare(TrainConfig(world=world, item_features=item_features, split=split, model=model))
     segments = segment_map(os.path.join(world, "truth", "users.parquet"), "taste", None)
     user_ids = contracts.read_table(prepared.inputs.users, "users").column("user_id").to_numpy()
-    u, i, y = rows_of_window(prepared.test_rows)
+    u, i, y, ts = rows_of_window(prepared.test_rows)
     rows, lookup = {}, None
     configs = {name: table4_variant(prepared.model_config, name) for name in ("full", "w/o STY")}
     if baseline is not None:
@@ -176,7 +176,7 @@ def style_effect(
     for name, config in configs.items():
         fitted = fit_local(prepared, config, recipe, lookup)
         lookup = fitted.lookup
-        s = score_rows(fitted.model, lookup, u, i)
+        s = score_rows(fitted.model, lookup, u, i, ts=ts)
         rows[name] = taste_row(name, user_ids[u.numpy()], y, s.probs, s.weights, list(config.modalities), segments)
     full = rows["full"]
     extra = {"over_baseline": full["auc"]["style"] - rows["baseline"]["auc"]["style"]} if baseline is not None else {}

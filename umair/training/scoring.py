@@ -25,8 +25,11 @@ class Scores:
     weights: np.ndarray | None
 
 
-def score_rows(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, batch_size: int = 4096) -> Scores:
-    """σ(logit) and the effective modality weights ᾱ = Σ_k β_k α_k of each row."""
+def score_rows(
+    model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, batch_size: int = 4096, ts: Any = None
+) -> Scores:
+    """σ(logit) and the effective modality weights ᾱ = Σ_k β_k α_k of each row; ``ts`` [N]
+    int64 (None: now) is where a model with a user history cuts it (:mod:`umair.model.history`)."""
     import torch
 
     from umair.metrics import modality_weights
@@ -37,7 +40,8 @@ def score_rows(model: Any, lookup: Lookup, user_rows: Any, item_rows: Any, batch
     with torch.no_grad():
         for s in range(0, len(user_rows), batch_size):
             u, i = user_rows[s : s + batch_size], item_rows[s : s + batch_size]
-            out = model.explain(lookup.packed(u, i), lookup.item_vectors(i))
+            t = None if ts is None else ts[s : s + batch_size]
+            out = model.explain(lookup.packed(u, i), lookup.row_vectors(u, i, t))
             probs.append(torch.sigmoid(out.logits).float().cpu().numpy())
             if out.alpha is not None:
                 weights.append(modality_weights(out.alpha.float().cpu().numpy(), out.beta.float().cpu().numpy()))
@@ -67,9 +71,11 @@ def window_scores(
     labels: np.ndarray,
     prefix: str,
     batch_size: int = 4096,
+    *,
+    ts: np.ndarray,
 ) -> dict[str, float]:
     """:func:`window_metrics` of ``model`` on one window's rows (numpy ``user_row``,
-    ``item_row``, ``label``), keys ``<prefix>_auc``, ``<prefix>_logloss``, ``<prefix>_gauc``...
+    ``item_row``, ``label``, and ``ts`` where the model's user history is cut), keys ``<prefix>_auc``, ``<prefix>_logloss``, ``<prefix>_gauc``...
     (``val`` for the validation window scored every epoch, ``test`` for the test window
     scored once with the chosen weights). Empty rows give an empty dict."""
     import torch
@@ -83,6 +89,7 @@ def window_scores(
         torch.as_tensor(np.array(user_rows, np.int64), device=device),  # a copy: arrow's arrays are read-only
         torch.as_tensor(np.array(item_rows, np.int64), device=device),
         max(batch_size, 4096),
+        torch.as_tensor(np.array(ts, np.int64), device=device),
     )
     m = window_metrics(np.asarray(user_rows), np.asarray(labels), scores.probs)
     return {f"{prefix}_{k}": float(v) for k, v in m.items()}
@@ -110,8 +117,8 @@ def score_state(
     )
     model = UmairFPS(prepared.model_config)
     model.load_state_dict(state_dict)
-    u, i, y = (rows.column(c).to_numpy() for c in ("user_row", "item_row", "label"))
-    return window_scores(model, lookup, u, i, y, "test", batch_size)
+    u, i, ts, y = (rows.column(c).to_numpy() for c in ("user_row", "item_row", "ts", "label"))
+    return window_scores(model, lookup, u, i, y, "test", batch_size, ts=ts)
 
 
 def segment_map(uri: str | None, column: str, settings: storage.StorageSettings | None) -> dict[int, str]:

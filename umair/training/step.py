@@ -89,13 +89,11 @@ def train_epoch(
     lookup: Lookup,
     config: StepSettings,
     epoch: int = 0,
-    leave_one_out: bool = True,
 ) -> Any:
-    """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``label``
-    tensors), each a :func:`bce_step` on ``model(lookup.packed(u, i), lookup.item_vectors(i))``
-    (``model`` may be the DDP wrapper of ``raw``; a model with a user history
-    (``raw.history``, :mod:`umair.model.history`) also gets ``own=label``, the
-    leave-one-out; ``leave_one_out=False`` turns it off, for measuring what it is worth). Returns [Σ BCE·n, n] of this worker (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
+    """One pass over this worker's batches (dicts of ``user_row``, ``item_row``, ``ts``,
+    ``label`` tensors), each a :func:`bce_step` on ``model(lookup.packed(u, i),
+    lookup.row_vectors(u, i, ts))`` (``model`` may be the DDP wrapper of ``raw``; a model with
+    a user history reads the user's interactions strictly before ``ts``, :mod:`umair.model.history`). Returns [Σ BCE·n, n] of this worker (float64 tensor). A diverged model raises :class:`TrainingDiverged` and is never
     checkpointed (:func:`bce_step`, then :func:`check_finite_weights` at the end)."""
     import torch
 
@@ -103,13 +101,9 @@ def train_epoch(
     lookup.pack_for(raw)
     sums = torch.zeros(2, dtype=torch.float64)
     step = -1
-    history = leave_one_out and getattr(raw, "history", None) is not None
     for step, batch in enumerate(batches):
         u, i = batch["user_row"], batch["item_row"]
-        if history:  # positive rows leave their own item out of the user's history
-            logits = model(lookup.packed(u, i), lookup.item_vectors(i), own=batch["label"])
-        else:
-            logits = model(lookup.packed(u, i), lookup.item_vectors(i))
+        logits = model(lookup.packed(u, i), lookup.row_vectors(u, i, batch.get("ts")))
         value = bce_step(raw, optimizer, logits, batch["label"], config, epoch=epoch, step=step)
         sums += torch.tensor([value * len(logits), len(logits)], dtype=torch.float64)
     check_finite_weights(raw, epoch=epoch, step=step, lr=config.lr)
