@@ -83,7 +83,7 @@ from umair.training.scoring import score_rows
 PYFUNC = "pyfunc"  # the run artifact holding the pyfunc model
 MODEL, TABLES = "model", "tables"  # its artifacts (artifacts/model, artifacts/tables)
 ITEMS, ILLUSTRATIONS, USERS = "item_features.parquet", "illustrations.parquet", "users.parquet"
-INTERACTIONS = "interactions.parquet"  # each user's latest interactions: the user history (models with one)
+INTERACTIONS = "interactions.parquet"  # the log the user history reads (models with one)
 STATUS_OK, UNKNOWN_USER, UNKNOWN_ITEM = "ok", "unknown_user", "unknown_item"
 REGISTERED_DESCRIPTION = (
     "UMAIR-FPS fusion model (MLflow pyfunc): predict(DataFrame user_id, illust_id[, ts]) -> "
@@ -216,22 +216,6 @@ class FusionScorer:
 # --------------------------------------------------------------------------- writing the pyfunc model
 
 
-def latest_interactions(interactions: pa.Table, k: int) -> pa.Table:
-    """Each user's latest ``k`` bookmarks and latest ``k`` non-bookmarks (``user_id``,
-    ``illust_id``, ``ts``, ``label``): all the user history of a served model reads "now"
-    (:mod:`umair.model.history`), whatever the length of the log."""
-    t = interactions.select(["user_id", "illust_id", "ts", "label"])
-    u = t.column("user_id").to_numpy()
-    liked = t.column("label").to_numpy() > 0
-    ts = t.column("ts").cast(pa.int64()).to_numpy()
-    order = np.lexsort((-ts, liked, u))  # per (user, label), newest first
-    group = u[order].astype(np.int64) * 2 + liked[order]
-    first = np.r_[True, group[1:] != group[:-1]]
-    start = np.maximum.accumulate(np.where(first, np.arange(len(group)), 0))
-    keep = order[np.arange(len(group)) - start < k]
-    return t.take(pa.array(np.sort(keep), pa.int64()))
-
-
 def write_scoring_tables(
     saved: SavedModel, inputs: Inputs, out: str, settings: storage.StorageSettings | None = None
 ) -> dict[str, int]:
@@ -239,7 +223,7 @@ def write_scoring_tables(
     model's vector columns only, with their ``umair.*`` metadata, checked to be the set the
     model trained on: same encoders, same rows), the illustrations of those items, the
     users, each with only the columns the feature space encodes, and for a model with a user
-    history each user's latest interactions (:func:`latest_interactions`). Returns bytes per file."""
+    history the interactions it reads "now" (its counts read all of them). Returns bytes per file."""
     os.makedirs(out, exist_ok=True)
     space = saved.space
     features = read_item_features(inputs, settings, columns=["illust_id", *saved.modalities])
@@ -262,7 +246,7 @@ def write_scoring_tables(
     }
     if saved.config.user_history and saved.config.multimodal:
         inter = contracts.read_table(inputs.interactions, "interactions", settings)
-        tables[INTERACTIONS] = latest_interactions(inter, saved.config.history_len)
+        tables[INTERACTIONS] = inter.select(["user_id", "illust_id", "ts", "label"])
     sizes = {}
     for name, table in tables.items():
         path = os.path.join(out, name)

@@ -243,7 +243,8 @@ def test_the_fusion_model_masks_absent_modalities_and_is_unchanged_when_all_are_
     if history:  # every row's user bookmarked (and passed on) something before
 
         def with_history(v: ItemVectors) -> ItemVectors:
-            v.history = HistoryBatch({m: x.flip(0) for m, x in vectors.items()}, {m: -x for m, x in vectors.items()})
+            liked, disliked = {m: x.flip(0) for m, x in vectors.items()}, {m: -x for m, x in vectors.items()}
+            v.history = HistoryBatch(liked, disliked, torch.ones(b, 2))
             return v
 
     else:

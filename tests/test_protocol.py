@@ -206,7 +206,9 @@ def test_ray_training_saves_the_best_validation_epoch_and_names_metrics_truthful
 
     lookup, _, _ = load_lookup(saved.space, p.inputs, saved.modalities, "cpu")
     u, i, y, ts = (p.val_rows.column(c).to_numpy() for c in ("user_row", "item_row", "label", "ts"))
-    assert window_scores(saved.model, lookup, u, i, y, "val", ts=ts)["val_auc"] == pytest.approx(meta["val_auc"], abs=1e-6)
+    assert window_scores(saved.model, lookup, u, i, y, "val", ts=ts)["val_auc"] == pytest.approx(
+        meta["val_auc"], abs=1e-6
+    )
     assert summary["test_auc"] == pytest.approx(meta["test"]["test_auc"])
 
     # MLflow: val_* every epoch, test_* once (at the chosen epoch), no per-epoch test_*

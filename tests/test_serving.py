@@ -143,19 +143,6 @@ def test_a_registered_version_scores_rows_in_a_fresh_process_as_evaluate_does(
     assert set(out.loc[known, "status"]) == {"ok"}
 
 
-def test_the_scoring_tables_keep_each_users_latest_interactions_per_label():
-    """A served model's user history reads "now": each user's newest K bookmarks and newest
-    K passes, whatever the length of the log (the evaluate-equivalence test above scores with it)."""
-    import pyarrow as pa
-
-    ts = pa.array([5, 1, 4, 2, 3, 9, 7], pa.timestamp("us", tz="UTC"))
-    inter = pa.table({"user_id": [1, 1, 1, 1, 1, 2, 2], "illust_id": [10, 11, 12, 13, 14, 15, 16], "ts": ts,
-                      "label": pa.array([1, 1, 1, 0, 0, 1, 0], pa.int8())})  # fmt: skip
-    kept = serving.latest_interactions(inter, 2)
-    got = sorted(zip(kept.column("user_id").to_pylist(), kept.column("illust_id").to_pylist()))
-    assert got == [(1, 10), (1, 12), (1, 13), (1, 14), (2, 15), (2, 16)]  # user 1's oldest bookmark (11) dropped
-
-
 def test_the_scorer_needs_no_ts_and_names_missing_columns(model_dir, tmp_path):
     path = serving.save_pyfunc(model_dir, str(tmp_path / "pyfunc"))
     files = {p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file()}

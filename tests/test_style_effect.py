@@ -78,10 +78,13 @@ def _history_model(**kw):
     return UmairFPS(cfg)
 
 
-def _history_batch(liked, disliked):
+def _history_batch(liked, disliked, counts=None):
+    import torch
+
     from umair.model.history import HistoryBatch
 
-    return HistoryBatch(liked, disliked)
+    n = len(next(iter(liked.values())))
+    return HistoryBatch(liked, disliked, torch.zeros(n, 2) if counts is None else counts)
 
 
 def test_the_history_of_a_row_is_the_users_latest_interactions_strictly_before_it():
@@ -100,12 +103,13 @@ def test_the_history_of_a_row_is_the_users_latest_interactions_strictly_before_i
         label=np.array([1, 1, 1, 0, 1]),
     )
     users, ts = torch.tensor([1, 1, 1, 2, 0]), torch.tensor([20, 21, 31, 15, 99])
-    items, valid = log.recent(users, ts, 2, liked=True)
+    items, valid, n = log.recent(users, ts, 2, liked=True)
     got = [[int(x) for x, ok in zip(r, v) if ok] for r, v in zip(items, valid)]
     assert got == [[3], [4, 3], [5, 4], [], []]  # strictly before; K = 2 newest first; user 2 at its own ts: none
-    items, valid = log.recent(users, None, 5, liked=False)
+    assert n.tolist() == [1, 2, 3, 0, 0]  # the count is not capped at K
+    items, valid, n = log.recent(users, None, 5, liked=False)
     assert [[int(x) for x, ok in zip(r, v) if ok] for r, v in zip(items, valid)] == [[6], [6], [6], [], []]
-    items, valid = log.recent(torch.tensor([2]), None, 3, liked=True)
+    items, valid, _ = log.recent(torch.tensor([2]), None, 3, liked=True)
     assert items[0, 0] == 7 and valid.tolist() == [[True, False, False]]
 
 
@@ -128,6 +132,9 @@ def test_the_history_averages_the_vectors_each_item_has(monkeypatch):
     torch.testing.assert_close(got.liked["sem"], torch.tensor([[2.0, 3.0], [2.0, 3.0], [0.0, 0.0]]))  # item 2: no e_SEM
     torch.testing.assert_close(got.liked["tsem"], torch.tensor([[3.0], [1.5], [0.0]]))
     torch.testing.assert_close(got.disliked["tsem"], torch.tensor([[4.0], [0.0], [0.0]]))
+    assert got.counts.tolist() == [[3.0, 1.0], [2.0, 0.0], [0.0, 0.0]]
+    stats = hs.history_stats(got.counts)
+    torch.testing.assert_close(stats[:, 2], torch.tensor([4 / 6, 3 / 4, 1 / 2]))  # smoothed bookmark rate
     monkeypatch.setattr(hs, "HISTORY_GATHER_FLOATS", 8)  # one row per chunk
     again = hs.history_means(log, {"sem": sem, "tsem": tsem}, present, users, ts, k=8)
     torch.testing.assert_close(again.liked["sem"], got.liked["sem"])
@@ -152,6 +159,9 @@ def test_user_history_enters_v_user_and_a_model_with_one_refuses_rows_without_it
     some.history = _history_batch(liked, empty.history.disliked)
     before, after = model.explain(packed, empty), model.explain(packed, some)
     assert not torch.allclose(before.logits[0], after.logits[0]) and torch.allclose(before.logits[1], after.logits[1])
+    busy = ItemVectors(vectors)
+    busy.history = _history_batch(empty.history.liked, empty.history.disliked, torch.tensor([[0.0, 0.0], [5.0, 1.0]]))
+    assert not torch.allclose(model.explain(packed, busy).logits[1], before.logits[1])  # the behaviour stats count
     assert {"dislike_proj.sem.weight", "dislike_proj.sty.weight"} <= set(model.state_dict())
 
 

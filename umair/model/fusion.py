@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umair.model.crossnet import CrossNet
+from umair.model.history import HistoryBatch, history_stats
 from umair.model.packing import PackLayout, compact_tags  # noqa: F401  (compact_tags re-exported)
 from umair.model.settings import META, ModelConfig
 from umair.model.umcm import MoEUMCM
@@ -131,7 +132,9 @@ class UmairFPS(nn.Module):
     modalities come in that order (:attr:`modality_names`; the last one is ``F_emb(i^O)``,
     present when there are item fields or item bags). ``cfg.user_history`` adds
     ``Σ_m (W_m h⁺_m + D_m h⁻_m)`` to ``v_user`` (mean vectors of the user's last bookmarks and
-    non-bookmarks before the row, ``vectors.history``; :mod:`umair.model.history`); ``cfg.modality_norm = "l2"`` rescales every ``e_j`` to
+    non-bookmarks before the row, ``vectors.history``; :mod:`umair.model.history`) and appends
+    the item's cosine to each history and the user's behaviour statistics to ``x_0`` (those
+    alone without modalities); ``cfg.modality_norm = "l2"`` rescales every ``e_j`` to
     norm ``√d``, so only α sets a modality's share of ``v_il``. UMCM (:mod:`umair.model.umcm`),
     ``K`` experts of ``cfg.expert_kinds``; an ATT expert ``k``::
 
@@ -263,6 +266,8 @@ class UmairFPS(nn.Module):
         if cfg.multimodal and cfg.user_history:
             self.history_names = tuple(m for m in self.modality_names if m in cfg.vectors)
             self.dislike_proj = nn.ModuleDict({m: nn.Linear(cfg.vectors[m], d, bias=False) for m in self.history_names})
+        if cfg.user_history:  # x_0 += [cos(x_m, h⁺_m), cos(x_m, h⁻_m) ...; history_stats]
+            width += 2 * len(self.history_names) + 3
         self.x0_width = width
         self.cross = CrossNet(
             width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation
@@ -340,18 +345,18 @@ class UmairFPS(nn.Module):
         raw = self.embed_packed(packed)  # [B, (2 + P + U + M + I) k] = [user id, tags, profile, bags | item]
         alpha = beta = None
         x0 = raw
+        given = vectors or {}
+        hist: HistoryBatch | None = getattr(given, "history", None)
+        if cfg.user_history and hist is None:
+            raise ValueError(
+                "this model reads the user's history (user_history): give vectors with .history "
+                "(umair.training.lookup.Lookup.row_vectors)"
+            )
         if cfg.multimodal:
             split = (2 + len(cfg.user_fields) + len(cfg.user_bags)) * cfg.emb_dim
             user_raw, item_raw = raw[:, :split], raw[:, split:]
             v_user = self.user_proj(user_raw)
-            given = vectors or {}
-            if self.history_names:  # + Σ_m (W_m h⁺_m + D_m h⁻_m), see umair.model.history
-                hist = getattr(given, "history", None)
-                if hist is None:
-                    raise ValueError(
-                        "this model reads the user's history (user_history): give vectors with .history "
-                        "(umair.training.lookup.Lookup.row_vectors)"
-                    )
+            if hist is not None:  # + Σ_m (W_m h⁺_m + D_m h⁻_m), see umair.model.history
                 for m in self.history_names:
                     v_user = v_user + F.linear(hist.liked[m].to(v_user.dtype), self.modality_proj[m].weight)
                     v_user = v_user + self.dislike_proj[m](hist.disliked[m].to(v_user.dtype))
@@ -364,6 +369,17 @@ class UmairFPS(nn.Module):
                 stack = F.normalize(stack, dim=-1) * cfg.d**0.5
             v_il, alpha, beta = self.umcm(v_user, stack, self._present(given, stack))
             x0 = torch.cat([raw, v_user, v_il], dim=-1)
+        if cfg.user_history and hist is not None:  # the item's likeness to each history, the behaviour stats
+            masks = getattr(given, "present", None) or {}
+            sims = [  # an item without m: 0, whatever its vector row holds
+                (
+                    F.cosine_similarity(given[m].to(x0.dtype), h[m].to(x0.dtype), dim=1, eps=1e-6)
+                    * (masks[m].to(x0.dtype) if m in masks else 1.0)
+                ).unsqueeze(1)
+                for m in self.history_names
+                for h in (hist.liked, hist.disliked)
+            ]
+            x0 = torch.cat([x0, *sims, history_stats(hist.counts).to(x0.dtype)], dim=-1)
         xl = self.cross(x0)
         if cfg.structure == "parallel" and cfg.cross_layers > 0:
             h = torch.cat([xl, self.deep(x0)], dim=-1)

@@ -19,6 +19,12 @@ history lives in the space of the item's projected ``e_m``) and a dislike projec
 
     v_user = W_u u_raw + b_u + Σ_m (W_m h⁺_m + D_m h⁻_m)                       [B, d]
 
+and ``x_0`` also gets, per modality, the cosine of the item to each history and the
+behaviour statistics of :func:`history_stats` (counts ``n⁺``, ``n⁻`` of all earlier
+bookmarks and passes, and their smoothed rate; a DCN-V2-only model reads those too)::
+
+    x_0 += [cos(x_m(i), h⁺_m), cos(x_m(i), h⁻_m) ...;  log(1+n⁺), log(1+n⁻), (n⁺+1)/(n⁺+n⁻+2)]   [B, 2M + 3]
+
 "Strictly before ``t``" keeps a row's own label out of its features, in training as at
 serving; a row without a time (``recommend``, ``explain``: "now") reads the whole log.
 Memory: the log is three int64 columns of the interactions (24 M rows: ~0.6 GB), a batch
@@ -38,10 +44,21 @@ HISTORY_GATHER_FLOATS = 1 << 24  # rows x K x d_m floats gathered at once (64 Mi
 
 
 class HistoryBatch(NamedTuple):
-    """``liked[m]`` / ``disliked[m]`` [B, d_m]: h⁺_m and h⁻_m of a batch of rows."""
+    """``liked[m]`` / ``disliked[m]`` [B, d_m]: h⁺_m and h⁻_m of a batch of rows;
+    ``counts`` [B, 2] float32: ``(n⁺, n⁻)``, all the user's bookmarks and passes before the
+    row (not capped at K)."""
 
     liked: dict[str, Tensor]
     disliked: dict[str, Tensor]
+    counts: Tensor
+
+
+def history_stats(counts: Tensor) -> Tensor:
+    """The behaviour part of the history, [B, 3]: ``log(1 + n⁺)``, ``log(1 + n⁻)`` and the
+    smoothed bookmark rate ``(n⁺ + 1) / (n⁺ + n⁻ + 2)`` (``counts`` [B, 2] = ``(n⁺, n⁻)``).
+    Content-free, so a DCN-V2-only model reads it too."""
+    pos, neg = counts[:, 0], counts[:, 1]
+    return torch.stack([torch.log1p(pos), torch.log1p(neg), (pos + 1) / (pos + neg + 2)], dim=1)
 
 
 class InteractionLog:
@@ -85,9 +102,10 @@ class InteractionLog:
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self.sides.values())
 
-    def recent(self, user_row: Tensor, ts: Tensor | None, k: int, liked: bool) -> tuple[Tensor, Tensor]:
+    def recent(self, user_row: Tensor, ts: Tensor | None, k: int, liked: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The last ``k`` item rows [B, k] (newest first) the users ``user_row`` [B] liked (or
-        did not) strictly before ``ts`` [B] (None: the whole log) and their mask [B, k] bool."""
+        did not) strictly before ``ts`` [B] (None: the whole log), their mask [B, k] bool and
+        how many there are in all [B] int64 (not capped at ``k``)."""
         keys, items = self.sides[liked]
         u = user_row.to(self.device).long()
         base = u * self.stride
@@ -99,8 +117,8 @@ class InteractionLog:
         idx = end.unsqueeze(1) - 1 - torch.arange(k, device=self.device)  # [B, k], newest first
         valid = idx >= start.unsqueeze(1)
         if len(items) == 0:
-            return torch.zeros_like(idx), valid & False
-        return items[idx.clamp(min=0)], valid
+            return torch.zeros_like(idx), valid & False, end - start
+        return items[idx.clamp(min=0)], valid, end - start
 
 
 def history_means(
@@ -111,26 +129,23 @@ def history_means(
     ts: Tensor | None,
     k: int,
 ) -> HistoryBatch:
-    """h⁺_m and h⁻_m (module docstring) of the rows ``user_row`` [B] at ``ts`` [B] (None: now)
-    from the item tables ``vectors[m]`` [I, d_m] (float16 or float32) with ``present[m]`` [I]
-    bool for the modalities some item lacks; gathered :data:`HISTORY_GATHER_FLOATS` at a time."""
-    out = HistoryBatch({}, {})
+    """h⁺_m, h⁻_m and ``(n⁺, n⁻)`` (module docstring) of the rows ``user_row`` [B] at ``ts`` [B]
+    (None: now) from the item tables ``vectors[m]`` [I, d_m] (float16 or float32) with
+    ``present[m]`` [I] bool for the modalities some item lacks; gathered
+    :data:`HISTORY_GATHER_FLOATS` at a time."""
+    means: dict[bool, dict[str, Tensor]] = {True: {}, False: {}}
+    counts = []
     widest = max((v.shape[1] for v in vectors.values()), default=1)
     chunk = max(1, HISTORY_GATHER_FLOATS // (k * widest))
-    for liked, side in ((True, out.liked), (False, out.disliked)):
-        items, valid = log.recent(user_row, ts, k, liked)
+    for liked in (True, False):
+        items, valid, n = log.recent(user_row, ts, k, liked)
+        counts.append(n.to(torch.float32))
         for m, table in vectors.items():
-            w = valid & present[m][items] if m in present else valid
-            w = w.to(torch.float32)
+            w = (valid & present[m][items] if m in present else valid).to(torch.float32)
             w = w / w.sum(1, keepdim=True).clamp(min=1)
-            side[m] = (
-                torch.cat(
-                    [
-                        torch.einsum("bk,bkd->bd", w[s : s + chunk], table[items[s : s + chunk]].float())
-                        for s in range(0, len(items), chunk)
-                    ]
-                )
-                if len(items)
-                else torch.zeros(0, table.shape[1], device=table.device)
-            )
-    return out
+            parts = [
+                torch.einsum("bk,bkd->bd", w[s : s + chunk], table[items[s : s + chunk]].float())
+                for s in range(0, len(items), chunk)
+            ]
+            means[liked][m] = torch.cat(parts) if parts else torch.zeros(0, table.shape[1], device=table.device)
+    return HistoryBatch(means[True], means[False], torch.stack(counts, dim=1))

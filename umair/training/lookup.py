@@ -126,7 +126,7 @@ class Lookup:
                 item_bags={name: self.ibags[name] for name in cfg.item_bags},
             )
         self._user_packed, self._item_packed = up[:, : up.shape[1] - cols], ip[:, ip.shape[1] - cols :]
-        self._history_len = cfg.history_len if getattr(model, "history_names", ()) else 0
+        self._history_len = cfg.history_len if cfg.user_history else 0
         if self._history_len and self.log is None:
             raise FeatureError(
                 "the model reads the user's history (user_history) but no interactions were loaded for it"
