@@ -156,7 +156,7 @@ class FusionScorer:
     def load(cls, model_dir: str, tables_dir: str, settings: storage.StorageSettings | None = None) -> FusionScorer:
         """The model in ``model_dir`` with the tables :func:`write_scoring_tables` wrote to ``tables_dir``."""
         saved = load_model(model_dir, settings)
-        history = saved.config.user_history and saved.config.multimodal
+        history = saved.config.user_history
         inputs = Inputs(
             storage.join(tables_dir, ILLUSTRATIONS),
             storage.join(tables_dir, USERS),
@@ -244,7 +244,7 @@ def write_scoring_tables(
         ILLUSTRATIONS: ill.select([c for c in ill.column_names if c in keep]),
         USERS: users.select([c for c in users.column_names if c in ukeep]),
     }
-    if saved.config.user_history and saved.config.multimodal:
+    if saved.config.user_history:
         inter = contracts.read_table(inputs.interactions, "interactions", settings)
         tables[INTERACTIONS] = inter.select(["user_id", "illust_id", "ts", "label"])
     sizes = {}

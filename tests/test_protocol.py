@@ -122,6 +122,31 @@ def test_dcn_v2_only_trains_without_modalities_or_umcm(tiny_world, tiny_features
     assert scores.weights is None and torch.isfinite(torch.as_tensor(scores.probs)).all()
 
 
+def test_dcn_v2_only_with_a_user_history_reads_the_behaviour_stats_on_every_worker(tiny_world, tiny_features, tmp_path):
+    """The ablation drops the modalities, not the user's behaviour: the workers' shared tables
+    carry the interaction log, and its counts are those strictly before each row."""
+    import numpy as np
+    import torch
+
+    from umair.model.fusion import UmairFPS
+    from umair.training.lookup import shared_tables
+
+    p = prepare(_cfg(tiny_world, tiny_features, tmp_path, variant="dcn_v2_only", model={**SMALL, "user_history": True}))
+    shared = shared_tables(p)
+    assert shared.log is not None and len(shared.log.user_row) > 0
+    lookup = shared.lookup(p.modalities, "cpu")
+    lookup.pack_for(UmairFPS(p.model_config))
+    u, i, _, ts = rows_of_window(p.test_rows)
+    got = lookup.row_vectors(u[:50], i[:50], ts[:50]).history.counts
+    log = shared.log
+    for j in range(50):
+        mine = (log.user_row == int(u[j])) & (log.ts < int(ts[j]))
+        assert got[j].tolist() == [float((log.label[mine] > 0).sum()), float((log.label[mine] == 0).sum())]
+    assert np.asarray(got[:, 0]).sum() > 0
+    fitted = fit_local(p, p.model_config, LocalRecipe(epochs=1, batch_size=64), lookup)
+    assert torch.isfinite(torch.as_tensor(score_rows(fitted.model, lookup, u, i, ts=ts).probs)).all()
+
+
 # --------------------------------------------------------------------------- umair evaluate
 
 

@@ -345,7 +345,7 @@ class UmairFPS(nn.Module):
         raw = self.embed_packed(packed)  # [B, (2 + P + U + M + I) k] = [user id, tags, profile, bags | item]
         alpha = beta = None
         x0 = raw
-        given = vectors or {}
+        given = vectors if vectors is not None else {}
         hist: HistoryBatch | None = getattr(given, "history", None)
         if cfg.user_history and hist is None:
             raise ValueError(

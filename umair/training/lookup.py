@@ -283,5 +283,5 @@ def shared_tables(prepared: Prepared, settings: storage.StorageSettings | None =
         prepared.users_fingerprint,
     )
     mc = prepared.model_config
-    log = read_log(prepared.inputs.interactions, users, items, settings) if mc.multimodal and mc.user_history else None
+    log = read_log(prepared.inputs.interactions, users, items, settings) if mc.user_history else None
     return SharedTables(users, items, log)
