@@ -179,3 +179,20 @@ def test_attention_temperature_and_modality_norm_are_settings():
     v, e = torch.tensor([[1.0, 0.0]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert torch.allclose(att(v, e).alpha, torch.softmax(torch.tensor([[2.0, 0.0]]), dim=-1))
     assert _history_model().history_names == ()  # off by default: the paper's v_user
+
+
+def test_the_item_to_history_cosines_are_a_setting():
+    """``history_cosines: false`` keeps the history in v_user (and UMCM's query) only: x_0 loses
+    the 2 cosines per modality (bench/RESULTS.md: α more user-aware, AUC lower)."""
+    import torch
+
+    from umair.training.lookup import ItemVectors
+
+    on = _history_model(user_history=True)
+    off = _history_model(user_history=True, history_cosines=False).eval()
+    assert on.x0_width - off.x0_width == 2 * 2  # sem, sty; liked and disliked
+    packed = off.pack_ids(torch.tensor([1, 2]), torch.tensor([[1], [0]]), None, torch.tensor([[1], [2]]))
+    v = ItemVectors({"sem": torch.randn(2, 3), "sty": torch.randn(2, 2)})
+    v.history = _history_batch({m: torch.randn(2, x.shape[1]) for m, x in v.items()},
+                               {m: torch.zeros(2, x.shape[1]) for m, x in v.items()})  # fmt: skip
+    assert torch.isfinite(off.explain(packed, v).logits).all()

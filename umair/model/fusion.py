@@ -266,8 +266,9 @@ class UmairFPS(nn.Module):
         if cfg.multimodal and cfg.user_history:
             self.history_names = tuple(m for m in self.modality_names if m in cfg.vectors)
             self.dislike_proj = nn.ModuleDict({m: nn.Linear(cfg.vectors[m], d, bias=False) for m in self.history_names})
+        self.cosine_names = self.history_names if cfg.history_cosines else ()
         if cfg.user_history:  # x_0 += [cos(x_m, h⁺_m), cos(x_m, h⁻_m) ...; history_stats]
-            width += 2 * len(self.history_names) + 3
+            width += 2 * len(self.cosine_names) + 3
         self.x0_width = width
         self.cross = CrossNet(
             width, cfg.cross_layers, cfg.cross_type, cfg.low_rank, cfg.cross_experts, cfg.cross_activation
@@ -376,7 +377,7 @@ class UmairFPS(nn.Module):
                     F.cosine_similarity(given[m].to(x0.dtype), h[m].to(x0.dtype), dim=1, eps=1e-6)
                     * (masks[m].to(x0.dtype) if m in masks else 1.0)
                 ).unsqueeze(1)
-                for m in self.history_names
+                for m in self.cosine_names
                 for h in (hist.liked, hist.disliked)
             ]
             x0 = torch.cat([x0, *sims, history_stats(hist.counts).to(x0.dtype)], dim=-1)

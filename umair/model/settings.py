@@ -72,6 +72,9 @@ class ModelConfig(BaseModel):
     history_len: int = Field(
         32, ge=1, description="K: how many of the user's latest bookmarks (and non-bookmarks) the history averages"
     )
+    history_cosines: bool = Field(
+        True, description="x_0 also gets the item's cosine to each history mean, per modality (umair.model.history)"
+    )
     att_temperature: float = Field(
         1.0, gt=0, description="τ of every ATT expert: α = softmax_j(<q, e_j> / τ); below 1 sharpens α"
     )
