@@ -210,7 +210,16 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         inputs.item_features,
         f"{inputs.interactions} (test window)",
     )
-    lookup, user_table, items = load_lookup(saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint)
+    lookup, user_table, items = load_lookup(
+        saved.space,
+        inputs,
+        saved.modalities,
+        "cpu",
+        settings,
+        info.fingerprint,
+        with_log=saved.config.user_history,
+        interactions=inter,
+    )
     user_rows = rows.column("user_row").to_numpy()
     scores = score_rows(
         saved.model,

@@ -84,7 +84,14 @@ def load_context(
     check_encoders(info, saved)
     ill, _, inter = read_inputs(inputs, settings)
     lookup, user_table, item_table = load_lookup(
-        saved.space, inputs, saved.modalities, "cpu", settings, info.fingerprint
+        saved.space,
+        inputs,
+        saved.modalities,
+        "cpu",
+        settings,
+        info.fingerprint,
+        with_log=saved.config.user_history,
+        interactions=inter,
     )
     features = read_item_features(inputs, settings, columns=["illust_id", *cand.spaces])
     index = FeatureIndex.from_table(features, cand.spaces, inputs.item_features, cand.center)

@@ -84,9 +84,9 @@ class InteractionLog:
     ) -> None:
         user_row, ts = np.asarray(user_row, np.int64), np.asarray(ts, np.int64)
         item_row, label = np.asarray(item_row, np.int64), np.asarray(label)
-        self.times = np.unique(ts)  # the distinct times, sorted: rank(t) = searchsorted(times, t)
-        self.stride = len(self.times) + 1
-        rank = np.searchsorted(self.times, ts)
+        times = np.unique(ts)  # the distinct times, sorted: rank(t) = searchsorted(times, t)
+        self.stride = len(times) + 1
+        rank = np.searchsorted(times, ts)
         self.device = torch.device(device)
         self.sides: dict[bool, tuple[Tensor, Tensor]] = {}  # liked? -> (sorted keys [n], item rows [n])
         for liked in (True, False):
@@ -97,10 +97,7 @@ class InteractionLog:
                 torch.as_tensor(key[order], device=self.device),
                 torch.as_tensor(item_row[mask][order], device=self.device),
             )
-        self._times = torch.as_tensor(self.times, device=self.device)
-
-    def __len__(self) -> int:
-        return sum(len(k) for k, _ in self.sides.values())
+        self._times = torch.as_tensor(times, device=self.device)
 
     def recent(self, user_row: Tensor, ts: Tensor | None, k: int, liked: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The last ``k`` item rows [B, k] (newest first) the users ``user_row`` [B] liked (or

@@ -258,14 +258,19 @@ def load_lookup(
     users_fingerprint: str | None = None,
     dtype: np.dtype | type = np.float16,
     with_log: bool = True,
+    interactions: Any = None,
 ) -> tuple[Lookup, UserTable, ItemTable]:
     """:func:`load_tables` and their :class:`Lookup` on ``device`` (one process's own copy),
-    with the interaction log of ``inputs.interactions`` (:func:`read_log`) unless ``with_log``
-    is False."""
+    with the interaction log (unless ``with_log`` is False) of ``interactions`` (the table
+    the caller already read) or else of ``inputs.interactions`` (:func:`read_log`)."""
     user_table, item_table = load_tables(
         space, inputs, modalities, settings, features_fingerprint, users_fingerprint, dtype
     )
-    log = read_log(inputs.interactions, user_table, item_table, settings) if with_log else None
+    log = None
+    if with_log and interactions is not None:
+        log = log_arrays(interactions, user_table.user_ids, item_table.illust_ids)
+    elif with_log:
+        log = read_log(inputs.interactions, user_table, item_table, settings)
     return Lookup(user_table, item_table, modalities, device, log), user_table, item_table
 
 
