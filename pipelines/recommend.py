@@ -50,8 +50,9 @@ from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.errors import FeatureError
 from umair.model.interactions import IsoTime
 from umair.neighbors import CandidateSettings, UnknownIdError
-from umair.recommender import SCHEMA, load_context, rank_users, ranking_metrics
+from umair.recommender import SCHEMA, Context, RankingTables, rank_users, ranking_metrics, ranking_tables
 from umair.training.inputs import Inputs, eval_inputs_of
+from umair.training.memory import memory_line, worker_report
 from umair.training.model_io import load_model
 
 TAG = "[recommend]"
@@ -114,27 +115,37 @@ class RecommendConfig(Settings):
 
 
 class Recommender:
-    """Ray Data actor: loads the :class:`Context` once, ranks batches of users."""
+    """Ray Data actor: maps the job's :class:`RankingTables` from the object store (no
+    copy), loads the model once, ranks batches of users. After each batch it writes its
+    memory (:func:`umair.training.memory.worker_report`: peak RSS, USS, where its tables
+    live) to ``<reports>/<pid>.json``."""
 
     def __init__(
         self,
         model: str,
         inputs: Inputs,
-        candidates: CandidateSettings,
+        tables: list[Any],
         storage_config: StorageConfig,
         k: int,
         threads: int,
         score_batch: int,
+        reports: str,
         exposure_power: float = 1.0,
     ) -> None:
+        import ray
         import torch
 
         torch.set_num_threads(threads)
         self.k, self.score_batch, self.exposure_power = k, score_batch, exposure_power
-        self.ctx = load_context(model, inputs, candidates, storage_config.to_settings())
+        self.settings = storage_config.to_settings()
+        shared: RankingTables = ray.get(tables[0])  # read-only views of the node's object store
+        self.ctx = Context.of(load_model(model, self.settings), inputs, shared)
+        self.report_uri = storage.join(reports, f"{os.getpid()}.json")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         table, _ = rank_users(self.ctx, batch["user_id"], self.k, self.score_batch, self.exposure_power)
+        report = worker_report(self.ctx.shared_arrays())
+        storage.write_bytes(self.report_uri, json.dumps(report).encode(), self.settings)
         return table
 
 
@@ -172,6 +183,16 @@ def commit(output: str, run_id: str, meta: dict[str, Any], settings: storage.Sto
         if d != run_id:
             storage.delete_dir(storage.join(runs, d), settings)
     return manifest
+
+
+def _actor_reports(reports: str, settings: storage.StorageSettings | None) -> dict[str, dict[str, float]]:
+    """The actors' last memory reports (``a0``, ``a1``... by pid order), then the reports deleted."""
+    if not storage.exists(reports, settings):
+        return {}
+    files = sorted(f for f in storage.list_files(reports, settings) if f.endswith(".json"))
+    out = {f"a{j}": json.loads(storage.read_bytes(f, settings)) for j, f in enumerate(files)}
+    storage.delete_dir(reports, settings)
+    return out
 
 
 def _run_dirs(runs: str, settings: storage.StorageSettings | None) -> list[str]:
@@ -294,11 +315,17 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
         flush=True,
     )
 
-    # The driver's own context: checks every input before Ray starts, and serves the metrics.
-    ctx = load_context(cfg.model, inputs, cfg.candidates, settings)
+    # Built once here (every input checked before Ray starts), put in the object store once,
+    # mapped by every actor of the node; the driver's context over the same tables serves the metrics.
+    t_tables = time.perf_counter()
+    shared, interactions = ranking_tables(saved, inputs, cfg.candidates, settings)
+    ctx = Context.of(saved, inputs, shared, interactions)
+    tables_s = time.perf_counter() - t_tables
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     staging = storage.join(cfg.output, "runs", run_id)
+    reports = storage.join(staging, "_reports")  # the actors' memory (not part of the commit: not parquet)
     init_ray(cfg.ray)
+    tables_ref = ray.put(shared)
     n_blocks = max(1, min(len(user_ids) // cfg.users_per_batch, 4 * cfg.actors))
     ds = ray.data.from_arrow(
         [pa.table({"user_id": pa.array(part, pa.int64())}) for part in np.array_split(user_ids, n_blocks) if len(part)]
@@ -308,11 +335,12 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
         fn_constructor_kwargs={
             "model": cfg.model,
             "inputs": inputs,
-            "candidates": cfg.candidates,
+            "tables": [tables_ref],  # in a list: the actor resolves it (ray.get) itself
             "storage_config": cfg.storage,
             "k": cfg.k,
             "threads": cfg.threads,
             "score_batch": cfg.score_batch,
+            "reports": reports,
             "exposure_power": cfg.exposure_power,
         },
         batch_size=cfg.users_per_batch,
@@ -338,11 +366,16 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
         settings,
     )
     topk = read_recommendations(cfg.output, settings)
+    actors = _actor_reports(reports, settings)
     print(
-        f"{TAG} ranked {len(user_ids)} users in {rank_s:.1f}s ({cfg.actors} actors); committed {manifest['rows']} rows "
-        f"to {cfg.output} (run {run_id})",
+        f"{TAG} ranked {len(user_ids)} users in {rank_s:.1f}s ({cfg.actors} actors, "
+        f"{len(user_ids) / max(rank_s, 1e-9):.1f} users/s; tables built in {tables_s:.1f}s); "
+        f"committed {manifest['rows']} rows to {cfg.output} (run {run_id})",
         flush=True,
     )
+    if actors:
+        metrics = {f"mem.{name}.{k}": v for name, r in actors.items() for k, v in r.items()}
+        print(f"{TAG} memory: " + "; ".join(memory_line(name, metrics) for name in actors), flush=True)
 
     m = ranking_metrics(ctx, topk, user_ids, cfg.end, cfg.ks)
     model_m, pop_m = m["model"], m["popularity"]
@@ -365,6 +398,11 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
         "relevant_reachable": m["reachable"],
         "metrics": {"model": model_m.flat(), "popularity": pop_m.flat()},
         "candidate_sources_first_50_users": sources,
+        "rank_s": round(rank_s, 2),
+        "tables_s": round(tables_s, 2),
+        "users_per_s": round(len(user_ids) / max(rank_s, 1e-9), 2),
+        "shared_tables_mb": round(sum(a.nbytes for a in ctx.shared_arrays()) / 2**20, 3),
+        "actor_memory": actors,
         "train_run_id": saved.meta.get("mlflow_run_id"),
     }
     print(

@@ -21,7 +21,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, cosine_topk, unit_rows
+from umair.ivf import cosine_topk
+from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, unit_rows
 from umair.ranking import (
     bookmark_counts,
     dcg_at_k,
@@ -333,6 +334,13 @@ def test_recommend_writes_top_k_per_user_and_keeps_up_with_popularity_on_the_tes
         run_name="t-recommend",
     )
     summary = recommend.run(cfg)
+    # The ranking tables are built once by the driver and mapped by every actor from the
+    # object store: each actor's tables are shared pages, none a private copy.
+    assert summary["actor_memory"] and summary["shared_tables_mb"] > 0
+    for name, mem in summary["actor_memory"].items():
+        assert mem["items_private_mb"] == 0, (name, mem)
+        assert mem["items_shared_mb"] == pytest.approx(summary["shared_tables_mb"], rel=0.01), (name, mem)
+    assert not (out / "runs" / summary["run_id"] / "_reports").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     table = recommend.read_recommendations(str(out))
     assert table.schema.names == ["user_id", "rank", "illust_id", "score"] and table.num_rows == manifest["rows"]

@@ -4,9 +4,9 @@
 ``tsem`` = e_TSEM), the catalogue's vectors mean-centred (by default: the catalogue mean
 is subtracted, which removes the common component of all-positive vectors such as the
 Gram-matrix statistics of e_STY) and L2-normalised, so the cosine of two items is one
-dot product: ``cos(x, y) = <x̂, ŷ>``, ``x̂ = (x - μ) / ‖x - μ‖``. Exact search (one
-matrix product per query batch); a catalogue of millions would swap in an ANN index
-behind the same methods.
+dot product: ``cos(x, y) = <x̂, ŷ>``, ``x̂ = (x - μ) / ‖x - μ‖``; the unit rows are kept
+as float16 (half the memory; products in float32, :mod:`umair.ivf`). :meth:`FeatureIndex.similar`
+searches exactly.
 
 :class:`CandidateGenerator` builds the set a model ranks for one user, as of a time
 ``T`` (the model's split: nothing created at or after ``T`` exists yet):
@@ -18,7 +18,11 @@ behind the same methods.
   ``spaces`` (e_SEM and e_STY by default: "same subject" and "same hand");
 
 minus what the user already bookmarked (``exclude: bookmarked``), everything they were
-shown (``seen``) or nothing (``none``).
+shown (``seen``) or nothing (``none``). The neighbour search is exact below
+``ivf_above`` eligible items per space and an IVF index (:class:`umair.ivf.IVFIndex`,
+sub-quadratic, approximate) above it (``search: auto``; ``exact`` / ``ivf`` force one).
+The generator holds only numpy arrays: ``umair recommend`` builds it once and its actors
+map it read-only from the Ray object store.
 
 An item whose vector of a space is NULL (no image: no e_SEM / e_STY) is never a
 neighbour in that space, nor a seed there (``FeatureIndex.present``); the centring mean
@@ -39,6 +43,7 @@ from pydantic import Field, field_validator
 from umair import modalities as registry
 from umair.config import Settings
 from umair.errors import UmairError
+from umair.ivf import IVFIndex, cosine_topk
 
 SPACE_BY: dict[str, str] = {"semantic": "sem", "style": "sty", "text": "tsem"}
 
@@ -73,31 +78,6 @@ def unit_rows(x: np.ndarray, center: bool = True) -> np.ndarray:
     return np.divide(y, norms, out=np.zeros_like(y), where=norms > 0)
 
 
-def cosine_topk(
-    queries: np.ndarray, matrix: np.ndarray, k: int, banned: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` rows of ``matrix`` most cosine-similar to each query row (both already
-    unit-normalised): (rows [Q, k'], cosines [Q, k']), best first, ``k' = min(k, allowed)``.
-    ``banned``: a boolean mask over ``matrix`` rows [N] or [Q, N] never returned."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    sims = q @ np.asarray(matrix, dtype=np.float32).T
-    if banned is not None:
-        sims = np.where(np.broadcast_to(banned, sims.shape), -np.inf, sims)
-        allowed = int((~np.broadcast_to(banned, sims.shape)).sum(axis=1).min()) if len(sims) else 0
-    else:
-        allowed = sims.shape[1]
-    k = min(k, allowed)
-    if k == 0:
-        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
-    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    part_sims = np.take_along_axis(sims, part, axis=1)
-    order = np.lexsort((part, -part_sims), axis=1)  # best first, ties by row
-    rows = np.take_along_axis(part, order, axis=1)
-    return rows.astype(np.int64), np.take_along_axis(part_sims, order, axis=1)
-
-
 @dataclass(frozen=True, eq=False)
 class FeatureIndex:
     """Unit-normalised vectors per feature space; row ``r`` is ``illust_ids[r]`` (the
@@ -126,7 +106,7 @@ class FeatureIndex:
             x = x.astype(np.float32)
             if center and has.any():
                 x = np.where(has[:, None], x - x[has].mean(axis=0, keepdims=True), 0.0).astype(np.float32)
-            units[s], present[s] = unit_rows(x, center=False), has
+            units[s], present[s] = unit_rows(x, center=False).astype(np.float16), has
         return cls(ids, units, source, present)
 
     def has(self, space: str) -> np.ndarray:
@@ -191,6 +171,12 @@ class CandidateSettings(Settings):
         "bookmarked", description="never recommend what the user already bookmarked / was shown / (none)"
     )
     center: bool = Field(True, description="mean-centre the vectors before the cosine")
+    search: Literal["auto", "exact", "ivf"] = Field(
+        "auto", description="neighbour search: exact, an IVF index (approximate), or auto (IVF above ivf_above items)"
+    )
+    ivf_above: int = Field(100_000, ge=0, description="search: auto uses the IVF index above this many items per space")
+    ivf_lists: int | None = Field(None, ge=1, description="IVF lists (k-means centroids); default round(sqrt(items))")
+    ivf_probe: int = Field(8, ge=1, description="IVF lists ranked exactly per seed (more: better recall, slower)")
 
     @field_validator("spaces")
     @classmethod
@@ -236,12 +222,16 @@ class CandidateGenerator:
         self.eligible = np.asarray(eligible, bool)
         ok = np.flatnonzero(self.eligible)
         self.recent_rows = ok[np.lexsort((index.illust_ids[ok], -np.asarray(created_s, np.float64)[ok]))]
-        rows_by_id = {int(i): r for r, i in enumerate(index.illust_ids)}
         order = popularity_order(index.illust_ids[ok], np.asarray(bookmarks)[ok], np.asarray(created_s)[ok])
-        self.popular_rows = np.array([rows_by_id[int(i)] for i in order], np.int64)
+        self.popular_rows = index.rows(order)
         self.popular_rows = self.popular_rows[np.asarray(bookmarks)[self.popular_rows] > 0]
+        self.ivf: dict[str, IVFIndex] = {}  # per space searched approximately
         for s in settings.spaces:
-            index.space(s)
+            x = index.space(s)
+            searchable = np.flatnonzero(self.eligible & index.has(s))  # nothing else is ever a neighbour
+            wanted = settings.search == "ivf" or (settings.search == "auto" and len(searchable) > settings.ivf_above)
+            if wanted and len(searchable):
+                self.ivf[s] = IVFIndex.build(x, searchable, settings.ivf_lists, settings.ivf_probe)
 
     def _first(self, ordered: np.ndarray, n: int, banned: np.ndarray) -> np.ndarray:
         if n == 0:
@@ -267,30 +257,62 @@ class CandidateGenerator:
                 parts[f"knn_{space}"] = np.zeros(0, np.int64)
                 continue
             x = self.index.space(space)
-            rows, _ = cosine_topk(x[mine], x, s.neighbors, banned | ~has)
+            ivf = self.ivf.get(space)
+            if ivf is not None:
+                rows, _ = ivf.search(x, x[mine], s.neighbors, banned)
+            else:
+                rows, _ = cosine_topk(x[mine], x, s.neighbors, banned | ~has)
             parts[f"knn_{space}"] = rows.ravel()
         merged = np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64)
         _, first = np.unique(merged, return_index=True)
         return Candidates(merged[np.sort(first)], {k: int(len(v)) for k, v in parts.items()})
 
 
-def user_histories(
-    user_ids: np.ndarray, item_rows: np.ndarray, labels: np.ndarray, ts: np.ndarray
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per user: (bookmarked item rows newest first, every shown item row) of a window;
-    rows < 0 (items without features) are dropped."""
-    u = np.asarray(user_ids, np.int64)
-    r = np.asarray(item_rows, np.int64)
-    y = np.asarray(labels)
-    t = np.asarray(ts).astype("datetime64[us]").astype(np.int64)
-    order = np.lexsort((-t, u))
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if not len(order):
-        return out
-    bounds = np.flatnonzero(np.diff(u[order])) + 1
-    for idx in np.split(order, bounds):
-        idx = idx[r[idx] >= 0]
-        if len(idx) == 0:
-            continue
-        out[int(u[idx[0]])] = (r[idx][y[idx] == 1], np.unique(r[idx]))
-    return out
+@dataclass(frozen=True, eq=False)
+class UserHistories:
+    """Per user of a window: the bookmarked item rows newest first and every shown item
+    row (unique), as flat arrays (no Python object per user, so the table goes into the
+    Ray object store whole): user ``user_ids[j]`` bookmarked
+    ``bookmarked[bm_offsets[j]:bm_offsets[j + 1]]`` and was shown
+    ``seen[seen_offsets[j]:seen_offsets[j + 1]]``."""
+
+    user_ids: np.ndarray  # [U'] int64, sorted
+    bm_offsets: np.ndarray  # [U' + 1]
+    bookmarked: np.ndarray  # item rows
+    seen_offsets: np.ndarray  # [U' + 1]
+    seen: np.ndarray  # item rows
+
+    @classmethod
+    def of_window(
+        cls, user_ids: np.ndarray, item_rows: np.ndarray, labels: np.ndarray, ts: np.ndarray
+    ) -> UserHistories:
+        """The histories of a window's rows; rows < 0 (items without features) are dropped."""
+        u = np.asarray(user_ids, np.int64)
+        r = np.asarray(item_rows, np.int64)
+        y = np.asarray(labels)
+        t = np.asarray(ts).astype("datetime64[us]").astype(np.int64)
+        keep = r >= 0
+        u, r, y, t = u[keep], r[keep], y[keep], t[keep]
+        order = np.lexsort((-t, u))  # per user, newest first
+        u, r, y = u[order], r[order], y[order]
+        users, starts = np.unique(u, return_index=True)
+        group = np.repeat(np.arange(len(users)), np.diff(np.r_[starts, len(u)]))
+        liked = y == 1
+        bm_offsets = np.r_[0, np.cumsum(np.bincount(group[liked], minlength=len(users)))].astype(np.int64)
+        pairs = np.unique(np.stack([group, r], axis=1), axis=0) if len(u) else np.zeros((0, 2), np.int64)
+        seen_offsets = np.r_[0, np.cumsum(np.bincount(pairs[:, 0], minlength=len(users)))].astype(np.int64)
+        return cls(users.astype(np.int64), bm_offsets, r[liked], seen_offsets, pairs[:, 1].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def of(self, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bookmarked item rows newest first, shown item rows) of one user; empty for a
+        user without rows in the window."""
+        j = int(np.searchsorted(self.user_ids, user_id))
+        if j == len(self.user_ids) or self.user_ids[j] != user_id:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return (
+            self.bookmarked[self.bm_offsets[j] : self.bm_offsets[j + 1]],
+            self.seen[self.seen_offsets[j] : self.seen_offsets[j + 1]],
+        )

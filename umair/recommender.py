@@ -1,7 +1,9 @@
-"""Ranking candidates for users with a trained model (no Ray): the per-actor
-:class:`Context` (model, lookup tables, candidate index, histories) and
-:func:`rank_users`, the top-K of a batch of users. ``umair recommend`` runs these on a
-Ray Data actor pool; ``umair explain`` and the benchmarks call them directly."""
+"""Ranking candidates for users with a trained model (no Ray): the :class:`RankingTables`
+(lookup tables, candidate index, histories: numpy arrays built once per job), the
+per-process :class:`Context` over them (plus the model) and :func:`rank_users`, the top-K
+of a batch of users. ``umair recommend`` puts the tables in the Ray object store once and
+runs :func:`rank_users` on a Ray Data actor pool; ``umair explain`` and the benchmarks
+call :func:`load_context` directly."""
 
 from __future__ import annotations
 
@@ -16,32 +18,78 @@ from umair.errors import FeatureError
 from umair.model.features import UserTable
 from umair.model.interactions import created_at_us, parse_time, window
 from umair.model.item_features import check_dims
-from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, user_histories
+from umair.neighbors import CandidateGenerator, CandidateSettings, FeatureIndex, UnknownIdError, UserHistories
 from umair.ranking import bookmark_counts
 from umair.training.inputs import Inputs, check_encoders, inspect_features, read_inputs, read_item_features
-from umair.training.lookup import Lookup, load_lookup
+from umair.training.lookup import Lookup, SharedTables, load_tables, log_arrays
 from umair.training.model_io import SavedModel, load_model
 from umair.training.scoring import score_rows
 
 SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("illust_id", pa.int64()), ("score", pa.float32())])
 
 
+@dataclass(frozen=True, eq=False)
+class RankingTables:
+    """What every ranking actor reads, built once (:func:`ranking_tables`) and put in the
+    Ray object store by ``umair recommend``: numpy arrays only, so each actor of a node maps
+    them read-only without a copy (its :class:`Lookup` tensors wrap the same memory).
+
+    ``tables``: users, items (float16 standardised vectors, fields, bags) and the
+    interaction log of a model with a user history; ``generator``: the candidate index
+    (float16 unit vectors per space, IVF lists above ``ivf_above`` items); ``histories``:
+    each user's bookmarks and impressions before the as-of time; ``exposure`` [I]: each
+    item row's impressions before it."""
+
+    tables: SharedTables
+    generator: CandidateGenerator
+    histories: UserHistories
+    exposure: np.ndarray
+
+
 @dataclass
 class Context:
     """A model with its lookup tables, the candidate index and the users' histories
-    before the as-of time: everything needed to rank for any user."""
+    before the as-of time: everything needed to rank for any user. ``interactions``: the
+    whole table, on the process that measures (None in a ranking actor)."""
 
     saved: SavedModel
     inputs: Inputs
     lookup: Lookup
-    user_table: UserTable
-    index: FeatureIndex
-    generator: CandidateGenerator
-    histories: dict[int, tuple[np.ndarray, np.ndarray]]
-    eligible: np.ndarray
-    interactions: pa.Table
+    shared: RankingTables
     settings: CandidateSettings
-    exposure: np.ndarray  # impressions of each item row before the as-of time
+    interactions: pa.Table | None = None
+
+    @classmethod
+    def of(
+        cls, saved: SavedModel, inputs: Inputs, shared: RankingTables, interactions: pa.Table | None = None
+    ) -> Context:
+        """The context over ``shared`` (e.g. ``ray.get`` of the object store's copy: no copy made)."""
+        lookup = shared.tables.lookup(saved.modalities, "cpu")
+        return cls(saved, inputs, lookup, shared, shared.generator.settings, interactions)
+
+    @property
+    def user_table(self) -> UserTable:
+        return self.shared.tables.users
+
+    @property
+    def index(self) -> FeatureIndex:
+        return self.shared.generator.index
+
+    @property
+    def generator(self) -> CandidateGenerator:
+        return self.shared.generator
+
+    @property
+    def eligible(self) -> np.ndarray:
+        return self.shared.generator.eligible
+
+    @property
+    def exposure(self) -> np.ndarray:
+        return self.shared.exposure
+
+    def shared_arrays(self) -> list[np.ndarray]:
+        """Every numpy array of the :class:`RankingTables` (what a node holds once)."""
+        return arrays_of(self.shared)
 
     def user_row(self, user_id: int) -> int:
         """The user's row in the users table, or :class:`UnknownIdError` naming the file."""
@@ -59,13 +107,34 @@ class Context:
         return int(self.user_table.uid[user_row]) == 0
 
     def excluded(self, user_id: int) -> np.ndarray:
-        bookmarked, seen = self.histories.get(int(user_id), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        bookmarked, seen = self.shared.histories.of(int(user_id))
         return {"bookmarked": bookmarked, "seen": seen, "none": np.zeros(0, np.int64)}[self.settings.exclude]
 
     def candidates(self, user_id: int):
         """:class:`umair.neighbors.Candidates` of one user."""
-        bookmarked, _ = self.histories.get(int(user_id), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        bookmarked, _ = self.shared.histories.of(int(user_id))
         return self.generator.for_user(bookmarked, self.excluded(user_id))
+
+
+def arrays_of(obj: Any) -> list[np.ndarray]:
+    """The numpy arrays inside ``obj`` (umair's own objects, dicts, lists, tuples), each once."""
+    out: dict[int, np.ndarray] = {}
+
+    def walk(o: Any) -> None:
+        if isinstance(o, np.ndarray):
+            out.setdefault(id(o), o)
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list | tuple):
+            for v in o:
+                walk(v)
+        elif type(o).__module__.startswith("umair.") and hasattr(o, "__dict__"):
+            for v in vars(o).values():
+                walk(v)
+
+    walk(obj)
+    return list(out.values())
 
 
 def as_of_us(when: str) -> int:
@@ -74,27 +143,20 @@ def as_of_us(when: str) -> int:
     return int(pa.scalar(parse_time(when), contracts.TIMESTAMP).cast(pa.int64()).as_py())
 
 
-def load_context(
-    model: str, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None
-) -> Context:
-    """Load the model, its lookup tables, the candidate index and the histories (once per actor)."""
-    saved = load_model(model, settings)
+def ranking_tables(
+    saved: SavedModel, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None
+) -> tuple[RankingTables, pa.Table]:
+    """Read and check the inputs of ``saved``, build the :class:`RankingTables` (once per
+    job) and return them with the interactions table."""
     info, _ = inspect_features(inputs, settings)
     check_dims(info, {m: saved.config.vectors[m] for m in saved.modalities})
     check_encoders(info, saved)
     ill, _, inter = read_inputs(inputs, settings)
-    lookup, user_table, item_table = load_lookup(
-        saved.space,
-        inputs,
-        saved.modalities,
-        "cpu",
-        settings,
-        info.fingerprint,
-        with_log=saved.config.user_history,
-        interactions=inter,
-    )
+    user_table, item_table = load_tables(saved.space, inputs, saved.modalities, settings, info.fingerprint)
+    log = log_arrays(inter, user_table.user_ids, item_table.illust_ids) if saved.config.user_history else None
     features = read_item_features(inputs, settings, columns=["illust_id", *cand.spaces])
     index = FeatureIndex.from_table(features, cand.spaces, inputs.item_features, cand.center)
+    del features
     if not np.array_equal(index.illust_ids, item_table.illust_ids):
         raise FeatureError(
             f"{inputs.item_features}: the item features changed while loading (rows differ between reads)"
@@ -110,11 +172,22 @@ def load_context(
     history = window(inter, end=inputs.split)
     item_rows = index.rows(history.column("illust_id").to_numpy())
     labels = history.column("label").to_numpy()
-    histories = user_histories(history.column("user_id").to_numpy(), item_rows, labels, history.column("ts").to_numpy())
+    histories = UserHistories.of_window(
+        history.column("user_id").to_numpy(), item_rows, labels, history.column("ts").to_numpy()
+    )
     counts = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy()[labels == 1])
     exposure = bookmark_counts(index.illust_ids, history.column("illust_id").to_numpy())
     generator = CandidateGenerator(index, eligible, np.where(np.isfinite(created_s), created_s, -np.inf), counts, cand)
-    return Context(saved, inputs, lookup, user_table, index, generator, histories, eligible, inter, cand, exposure)
+    return RankingTables(SharedTables(user_table, item_table, log), generator, histories, exposure), inter
+
+
+def load_context(
+    model: str, inputs: Inputs, cand: CandidateSettings, settings: storage.StorageSettings | None
+) -> Context:
+    """The model and its :func:`ranking_tables` in this process (one process's own copy)."""
+    saved = load_model(model, settings)
+    shared, inter = ranking_tables(saved, inputs, cand, settings)
+    return Context.of(saved, inputs, shared, inter)
 
 
 def rank_users(

@@ -120,10 +120,14 @@ def usage_mb() -> dict[str, float]:
 
 def worker_report(tables: Iterable[object]) -> dict[str, float]:
     """This process's memory (:func:`peak_rss_mb`, :func:`usage_mb`) and where its item
-    tables (tensors) live: ``items_shared_mb`` / ``items_private_mb`` / ``items_shm_*``
-    (:func:`residency`) for CPU ones, ``items_device_mb`` for those on an accelerator."""
+    tables (torch tensors or numpy arrays) live: ``items_shared_mb`` / ``items_private_mb``
+    / ``items_shm_*`` (:func:`residency`) for CPU ones, ``items_device_mb`` for tensors on
+    an accelerator."""
     cpu, device = [], 0
     for t in tables:
+        if hasattr(t, "__array_interface__"):  # numpy
+            cpu.append((int(t.__array_interface__["data"][0]), int(t.nbytes)))  # type: ignore[attr-defined]
+            continue
         nbytes = int(t.numel()) * int(t.element_size())  # type: ignore[attr-defined]
         if t.device.type == "cpu":  # type: ignore[attr-defined]
             cpu.append((int(t.data_ptr()), nbytes))  # type: ignore[attr-defined]
