@@ -335,10 +335,11 @@ def child_compact(paths: dict[str, str]) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def _child(kind: str, payload: dict, timeout: float) -> dict:
-    """Run one measurement in a fresh Python process (its own peak RSS, its own Ray)."""
+def _child(kind: str, payload: dict, timeout: float, script: str = __file__) -> dict:
+    """Run one measurement of ``script`` (this file by default) in a fresh Python process
+    (its own peak RSS, its own Ray): ``script _child KIND PAYLOAD`` prints ``RESULT <json>``."""
     proc = subprocess.run(
-        [sys.executable, __file__, "_child", kind, json.dumps(payload)],
+        [sys.executable, script, "_child", kind, json.dumps(payload)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -12,8 +12,10 @@ ever made) for the rows most cosine-similar to each query ``q`` [Q, d]:
   their nearest centroid (spherical k-means: scikit-learn's ``MiniBatchKMeans`` on a
   sample of unit rows, centroids re-normalised). A query scores the ``C`` centroids and
   ranks exactly the rows of its ``probe`` best lists: ``C · d + probe · (N / C) · d``
-  per query, ``O(√N · d)`` with the default ``C = √N``. A true neighbour in a list not
-  probed is missed (recall < 1, measured in ``bench/scale.py --parts search``); with
+  per query, ``O(√N · d)`` with the default ``C = 4√N`` (FAISS's rule of thumb; on
+  clustered vectors at a million items 4√N lists found more true neighbours per ms than
+  √N or 2√N: bench/RESULTS.md). A true neighbour in a list not
+  probed is missed (recall < 1, measured in ``bench/scale_serving.py --parts search``); with
   ``probe = C`` the result is the exact one.
 
 Every array of an :class:`IVFIndex` is plain numpy, so an index goes into the Ray object
@@ -90,11 +92,11 @@ class IVFIndex:
         x: np.ndarray,
         rows: np.ndarray,
         lists: int | None = None,
-        probe: int = 8,
+        probe: int = 16,
         seed: int = 0,
-        sample_per_list: int = 64,
+        sample_per_list: int = 32,
     ) -> IVFIndex:
-        """Index ``rows`` of ``x`` [N, d]: ``lists`` centroids (default ``round(√n)``)
+        """Index ``rows`` of ``x`` [N, d]: ``lists`` centroids (default ``round(4√n)``)
         fitted by mini-batch spherical k-means on at most ``sample_per_list · lists``
         sampled rows, then every row assigned to its nearest centroid (in blocks)."""
         from sklearn.cluster import MiniBatchKMeans
@@ -103,7 +105,7 @@ class IVFIndex:
         n = len(rows)
         if n == 0:
             raise ValueError("an IVF index needs at least one row")
-        c = max(1, min(n, lists if lists is not None else round(math.sqrt(n))))
+        c = max(1, min(n, lists if lists is not None else round(4 * math.sqrt(n))))
         if probe < 1:
             raise ValueError(f"probe must be >= 1, got {probe}")
         rng = np.random.default_rng(seed)

@@ -175,8 +175,8 @@ class CandidateSettings(Settings):
         "auto", description="neighbour search: exact, an IVF index (approximate), or auto (IVF above ivf_above items)"
     )
     ivf_above: int = Field(100_000, ge=0, description="search: auto uses the IVF index above this many items per space")
-    ivf_lists: int | None = Field(None, ge=1, description="IVF lists (k-means centroids); default round(sqrt(items))")
-    ivf_probe: int = Field(8, ge=1, description="IVF lists ranked exactly per seed (more: better recall, slower)")
+    ivf_lists: int | None = Field(None, ge=1, description="IVF lists (k-means centroids); default round(4 sqrt(items))")
+    ivf_probe: int = Field(16, ge=1, description="IVF lists ranked exactly per seed (more: better recall, slower)")
 
     @field_validator("spaces")
     @classmethod
