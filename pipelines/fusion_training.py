@@ -204,7 +204,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             "train_rows": float(sums[1]),
             "rows_per_s": float(sums[1]) / (time.perf_counter() - t0),
             "l2_penalty": penalty,
-            **gather_reports(lookup.item_tensors(), rank, world),
+            **gather_reports(lookup.shared_tensors(), rank, world),
         }
         name = f"checkpoint_epoch_{epoch:04d}"
         # The worker group's placement group, for `umair tune`: when Tune stops a trial early

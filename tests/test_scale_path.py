@@ -17,6 +17,7 @@ from umair import storage
 from umair.config import MlflowConfig, RayConfig, StorageConfig
 from umair.errors import FeatureError
 from umair.model.features import ItemTable, VectorStats
+from umair.model.history import SortedLog
 from umair.model.item_features import BLOCK_ROWS, standardised
 from umair.training.inputs import prepare
 from umair.training.local import LocalRecipe, fit_local
@@ -101,7 +102,15 @@ def _tables(n: int = 2000) -> SharedTables:
     users = UserTable(
         np.arange(5, dtype=np.int64), np.arange(5), np.zeros((5, 2), np.int64), np.zeros((5, 1), np.int64)
     )
-    return SharedTables(users, items)
+    m = 30_000  # the interaction log the user history reads, sorted once on the driver
+    log = SortedLog.build(
+        rng.integers(5, size=m), rng.integers(10**6, size=m), rng.integers(n, size=m), rng.random(m) < 0.3
+    )
+    return SharedTables(users, items, log)
+
+
+def _log_bytes(log: SortedLog) -> int:
+    return sum(a.nbytes for a in (log.times, log.liked_keys, log.liked_items, log.passed_keys, log.passed_items))
 
 
 def test_a_private_copy_of_the_tables_is_reported_as_private():
@@ -118,7 +127,7 @@ def test_every_worker_maps_the_one_object_store_copy_without_copying(ray_local):
 
     shared = _tables()
     ref = ray.put(shared)
-    nbytes = sum(v.nbytes for v in shared.items.vectors.values()) + shared.items.fields.nbytes
+    nbytes = sum(v.nbytes for v in shared.items.vectors.values()) + shared.items.fields.nbytes + _log_bytes(shared.log)
     mine = ray.get(ref)
     assert not mine.items.vectors["sem"].flags.writeable  # a read-only view of the store
     driver = residency([(mine.items.vectors["sem"].__array_interface__["data"][0], mine.items.vectors["sem"].nbytes)])
@@ -131,7 +140,7 @@ def test_every_worker_maps_the_one_object_store_copy_without_copying(ray_local):
         lookup = tables.lookup(["sem", "sty"], "cpu")
         arr = tables.items.vectors["sem"]
         same = lookup.vectors["sem"].data_ptr() == arr.__array_interface__["data"][0]  # torch wrapped, not copied
-        return not arr.flags.writeable and same, os.getpid(), worker_report(lookup.item_tensors())
+        return not arr.flags.writeable and same, os.getpid(), worker_report(lookup.shared_tensors())
 
     (ro0, pid0, w0), (ro1, pid1, w1) = ray.get([worker.remote([ref]), worker.remote([ref])])
     assert pid0 != pid1 and pid0 != os.getpid()
@@ -147,12 +156,16 @@ def test_every_worker_maps_the_one_object_store_copy_without_copying(ray_local):
 def test_two_worker_training_reads_one_shared_float16_table(ray_local, tiny_world, tiny_features, tmp_path):
     from pipelines import train
 
-    cfg = _tiny_cfg(tiny_world, tiny_features, tmp_path, epochs=1, batch_size=64, run_name="t-shared")
+    cfg = _tiny_cfg(
+        tiny_world, tiny_features, tmp_path, epochs=1, batch_size=64, run_name="t-shared", model={"user_history": True}
+    )
     summary = train.run(cfg)
     assert 0.0 <= summary["test_auc"] <= 1.0
     p = prepare(cfg)
-    items = shared_tables(p).items
-    table_mb = sum(a.nbytes for a in (*items.vectors.values(), items.fields)) / 2**20
+    shared = shared_tables(p)
+    items = shared.items
+    assert shared.log is not None  # a model with the user's history: its sorted log is shared too
+    table_mb = (sum(a.nbytes for a in (*items.vectors.values(), items.fields)) + _log_bytes(shared.log)) / 2**20
     history = json.loads((tmp_path / "model" / "model.json").read_text())["training"]["history"]
     mem = history[0]
     for w in ("w0", "w1"):

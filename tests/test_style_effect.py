@@ -94,14 +94,16 @@ def test_the_history_of_a_row_is_the_users_latest_interactions_strictly_before_i
     import numpy as np
     import torch
 
-    from umair.model.history import InteractionLog
+    from umair.model.history import InteractionLog, SortedLog
 
     #            user 1: liked at 10, 20, 30 (item 3, 4, 5), disliked at 20 (item 6); user 2: liked at 15 (item 7)
     log = InteractionLog(
-        user_row=np.array([1, 1, 1, 1, 2]),
-        ts=np.array([30, 10, 20, 20, 15]),
-        item_row=np.array([5, 3, 4, 6, 7]),
-        label=np.array([1, 1, 1, 0, 1]),
+        SortedLog.build(
+            user_row=np.array([1, 1, 1, 1, 2]),
+            ts=np.array([30, 10, 20, 20, 15]),
+            item_row=np.array([5, 3, 4, 6, 7]),
+            label=np.array([1, 1, 1, 0, 1]),
+        )
     )
     users, ts = torch.tensor([1, 1, 1, 2, 0]), torch.tensor([20, 21, 31, 15, 99])
     items, valid, n = log.recent(users, ts, 2, liked=True)
@@ -126,7 +128,9 @@ def test_the_history_averages_the_vectors_each_item_has(monkeypatch):
     tsem = torch.tensor([[1.0], [2.0], [6.0], [4.0]])
     present = {"sem": torch.tensor([True, True, False, True])}
     log = hs.InteractionLog(
-        np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4]), np.array([0, 1, 2, 3]), np.array([1, 1, 1, 0])
+        hs.SortedLog.build(
+            np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4]), np.array([0, 1, 2, 3]), np.array([1, 1, 1, 0])
+        )
     )
     users, ts = torch.tensor([1, 1, 2]), torch.tensor([9, 3, 9])
     got = hs.history_means(log, {"sem": sem, "tsem": tsem}, present, users, ts, k=8)

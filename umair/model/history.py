@@ -27,13 +27,16 @@ bookmarks and passes, and their smoothed rate; a DCN-V2-only model reads those t
 
 "Strictly before ``t``" keeps a row's own label out of its features, in training as at
 serving; a row without a time (``recommend``, ``explain``: "now") reads the whole log.
-Memory: the log is three int64 columns of the interactions (24 M rows: ~0.6 GB), a batch
-gathers ``B x K`` item rows per modality, in chunks (:data:`HISTORY_GATHER_FLOATS`).
+Memory: the log is two int64 columns of the interactions (24 M rows: ~0.4 GB), sorted once
+and shared by the workers of a node (:class:`SortedLog`); a batch gathers ``B x K`` item rows
+per modality, in chunks (:data:`HISTORY_GATHER_FLOATS`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -61,43 +64,75 @@ def history_stats(counts: Tensor) -> Tensor:
     return torch.stack([torch.log1p(pos), torch.log1p(neg), (pos + 1) / (pos + neg + 2)], dim=1)
 
 
-class InteractionLog:
-    """Each user's real interactions, sorted by (user row, time), per label.
+@dataclass(frozen=True, eq=False)
+class SortedLog:
+    """The real interactions sorted once, per label, by the composite key
+    ``user_row · (R + 1) + rank(ts)`` (``R`` distinct times in the log): plain numpy, so a
+    training job builds it once on its driver (:meth:`build`), puts it in the Ray object
+    store with the item table, and every worker's :class:`InteractionLog` wraps the same
+    read-only buffers without a copy (its memory does not grow with the interactions).
 
-    Args:
-        user_row: [N] user-table rows; ``ts`` [N] int64 times (one unit for the whole log and
-            the rows that query it, e.g. µs); ``item_row`` [N] item-table rows; ``label`` [N]
-            (1 = bookmarked, 0 = seen and not bookmarked).
-        device: where the sorted columns live (the batches' device).
+    ``times`` [R] int64, sorted; ``liked_keys`` / ``liked_items`` [n⁺] the bookmarks' keys
+    (sorted) and item rows; ``passed_keys`` / ``passed_items`` [n⁻] the same for the rest."""
 
-    A query ``(u, t)`` finds the user's entries with ``ts < t`` by one ``searchsorted`` on a
-    composite key ``user_row · (R + 1) + rank(ts)`` (``R`` distinct times in the log), so no
-    per-user Python loop runs at any size."""
+    times: np.ndarray
+    liked_keys: np.ndarray
+    liked_items: np.ndarray
+    passed_keys: np.ndarray
+    passed_items: np.ndarray
 
-    def __init__(
-        self,
-        user_row: np.ndarray,
-        ts: np.ndarray,
-        item_row: np.ndarray,
-        label: np.ndarray,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    @classmethod
+    def build(cls, user_row: np.ndarray, ts: np.ndarray, item_row: np.ndarray, label: np.ndarray) -> SortedLog:
+        """Sort a log: ``user_row`` [N] user-table rows, ``ts`` [N] int64 times (one unit for
+        the whole log and the rows that query it, e.g. µs), ``item_row`` [N] item-table rows,
+        ``label`` [N] (1 = bookmarked, 0 = seen and not bookmarked)."""
         user_row, ts = np.asarray(user_row, np.int64), np.asarray(ts, np.int64)
         item_row, label = np.asarray(item_row, np.int64), np.asarray(label)
         times = np.unique(ts)  # the distinct times, sorted: rank(t) = searchsorted(times, t)
-        self.stride = len(times) + 1
         rank = np.searchsorted(times, ts)
-        self.device = torch.device(device)
-        self.sides: dict[bool, tuple[Tensor, Tensor]] = {}  # liked? -> (sorted keys [n], item rows [n])
-        for liked in (True, False):
-            mask = (label > 0.5) if liked else (label <= 0.5)
-            key = user_row[mask] * self.stride + rank[mask]
+        sides = []
+        for mask in (label > 0.5, label <= 0.5):
+            key = user_row[mask] * (len(times) + 1) + rank[mask]
             order = np.argsort(key, kind="stable")
-            self.sides[liked] = (
-                torch.as_tensor(key[order], device=self.device),
-                torch.as_tensor(item_row[mask][order], device=self.device),
-            )
-        self._times = torch.as_tensor(times, device=self.device)
+            sides += [key[order], item_row[mask][order]]
+        return cls(times, *sides)
+
+    @property
+    def stride(self) -> int:
+        return len(self.times) + 1
+
+    def __len__(self) -> int:
+        return len(self.liked_keys) + len(self.passed_keys)
+
+
+def shared_tensor(a: np.ndarray, device: torch.device | str) -> Tensor:
+    """``a`` as a tensor on ``device``: on the CPU sharing its memory, also when ``a`` is
+    read-only (a view of the Ray object store; the tensor must then never be written in
+    place); on a GPU one device copy."""
+    with warnings.catch_warnings():  # torch warns on read-only arrays, which it wraps as they are
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.ascontiguousarray(a), device=device)
+
+
+class InteractionLog:
+    """Each user's real interactions of a :class:`SortedLog`, as tensors on ``device`` (on
+    the CPU the log's own buffers, no copy).
+
+    A query ``(u, t)`` finds the user's entries with ``ts < t`` by one ``searchsorted`` on the
+    composite key, so no per-user Python loop runs at any size."""
+
+    def __init__(self, log: SortedLog, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.stride = log.stride
+        self.sides: dict[bool, tuple[Tensor, Tensor]] = {  # liked? -> (sorted keys [n], item rows [n])
+            True: (shared_tensor(log.liked_keys, self.device), shared_tensor(log.liked_items, self.device)),
+            False: (shared_tensor(log.passed_keys, self.device), shared_tensor(log.passed_items, self.device)),
+        }
+        self._times = shared_tensor(log.times, self.device)
+
+    def tensors(self) -> list[Tensor]:
+        """The log's tensors (keys and item rows per label, times): what grows with the interactions."""
+        return [*self.sides[True], *self.sides[False], self._times]
 
     def recent(self, user_row: Tensor, ts: Tensor | None, k: int, liked: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The last ``k`` item rows [B, k] (newest first) the users ``user_row`` [B] liked (or

@@ -9,9 +9,8 @@ worker: one device copy each)."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +20,9 @@ from umair.model.features import FeatureSpace, ItemTable, UserTable
 from umair.model.interactions import rows_of
 from umair.model.item_features import build_item_table, ids_fingerprint
 from umair.training.inputs import Inputs, Prepared, read_item_features
+
+if TYPE_CHECKING:
+    from umair.model.history import SortedLog
 
 
 class ItemVectors(dict):
@@ -47,7 +49,7 @@ class Lookup:
     ``umair ablate`` read those)."""
 
     def __init__(
-        self, users: UserTable, items: ItemTable, modalities: list[str], device: Any, log: LogArrays | None = None
+        self, users: UserTable, items: ItemTable, modalities: list[str], device: Any, log: SortedLog | None = None
     ):
         """``users`` / ``items`` arrays may be read-only (views of the Ray object store's
         buffer, shared by the workers of a node): on the CPU the tensors share their
@@ -55,10 +57,10 @@ class Lookup:
         interactions the user history reads (:mod:`umair.model.history`; None: no history)."""
         import torch
 
-        from umair.model.history import InteractionLog
+        from umair.model.history import InteractionLog, shared_tensor
 
         def t(a: np.ndarray) -> torch.Tensor:
-            return as_tensor(a, device)
+            return shared_tensor(a, device)
 
         self.device = torch.device(device) if isinstance(device, str) else device
         self.uid, self.tags, self.ufields = t(users.uid), t(users.tags), t(users.fields)
@@ -68,7 +70,7 @@ class Lookup:
         self.vectors = {m: t(items.vectors[m]) for m in modalities}
         # masks only for modalities some item lacks: with every vector present nothing changes
         self.present = {m: t(items.presence(m)) for m in modalities if not items.presence(m).all()}
-        self.log = InteractionLog(log.user_row, log.ts, log.item_row, log.label, self.device) if log else None
+        self.log = InteractionLog(log, self.device) if log is not None else None
         self._history_len = 0  # K of the packed model's history (0: it reads none)
         self._packed_for: int | None = None
         self._user_packed: Any = None
@@ -164,46 +166,32 @@ class Lookup:
         """Every item-side table (vectors, presence masks, fields, bags): what grows with the catalogue."""
         return [*self.vectors.values(), *self.present.values(), self.ifields, *self.ibags.values()]
 
-
-def as_tensor(a: np.ndarray, device: Any) -> Any:
-    """``a`` as a tensor on ``device``: on the CPU sharing its memory, also when ``a`` is
-    read-only (a view of the Ray object store; the tensor must then never be written in
-    place, which no :class:`Lookup` tensor is); on a GPU one device copy."""
-    import torch
-
-    with warnings.catch_warnings():  # torch warns on read-only arrays, which it wraps as they are
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(np.ascontiguousarray(a), device=device)
+    def shared_tensors(self) -> list[Any]:
+        """:meth:`item_tensors` and the interaction log's (what grows with the interactions):
+        every tensor a worker maps from the node's one copy."""
+        return [*self.item_tensors(), *(self.log.tensors() if self.log is not None else [])]
 
 
-@dataclass(frozen=True, eq=False)
-class LogArrays:
-    """The real interactions as table rows (what :class:`umair.model.history.InteractionLog`
-    sorts): ``user_row``, ``ts`` (int64, the interactions' own unit), ``item_row``, ``label`` [N]."""
-
-    user_row: np.ndarray
-    ts: np.ndarray
-    item_row: np.ndarray
-    label: np.ndarray
-
-
-def log_arrays(interactions: Any, user_ids: np.ndarray, item_ids: np.ndarray) -> LogArrays:
-    """:class:`LogArrays` of an interactions table (``user_id``, ``illust_id``, ``ts``,
-    ``label``) against the user and item tables' ids; rows of users or items the tables
-    lack are left out (a history only averages items the model has vectors for)."""
+def log_arrays(interactions: Any, user_ids: np.ndarray, item_ids: np.ndarray) -> SortedLog:
+    """The :class:`~umair.model.history.SortedLog` of an interactions table (``user_id``,
+    ``illust_id``, ``ts``, ``label``) against the user and item tables' ids; rows of users
+    or items the tables lack are left out (a history only averages items the model has
+    vectors for)."""
     import pyarrow as pa
+
+    from umair.model.history import SortedLog
 
     u = rows_of(np.asarray(user_ids, np.int64), interactions.column("user_id").to_numpy())
     i = rows_of(np.asarray(item_ids, np.int64), interactions.column("illust_id").to_numpy())
     keep = (u >= 0) & (i >= 0)
     ts = interactions.column("ts").cast(pa.int64()).to_numpy()
     label = interactions.column("label").to_numpy().astype(np.float32)
-    return LogArrays(u[keep], ts[keep], i[keep], label[keep])
+    return SortedLog.build(u[keep], ts[keep], i[keep], label[keep])
 
 
 def read_log(
     uri: str, users: UserTable, items: ItemTable, settings: storage.StorageSettings | None = None
-) -> LogArrays:
+) -> SortedLog:
     """:func:`log_arrays` of the interactions table at ``uri`` (checked against its contract)."""
     table = contracts.read_table(uri, "interactions", settings)
     return log_arrays(table.select(["user_id", "illust_id", "ts", "label"]), users.user_ids, items.illust_ids)
@@ -218,7 +206,7 @@ class SharedTables:
 
     users: UserTable
     items: ItemTable
-    log: LogArrays | None = None
+    log: SortedLog | None = None
 
     def lookup(self, modalities: list[str], device: Any) -> Lookup:
         return Lookup(self.users, self.items, modalities, device, self.log)
