@@ -8,8 +8,10 @@ their content), at multiples of the demo world (``pipelines/configs/demo.yaml``:
 paper's Table 2 (``paper``: 188,267 illustrations, 21,539 users, 2,423,366
 interactions). Each size is one real ``umair train`` run
 (:func:`pipelines.fusion_training.fit`: Ray Train, 2 CPU workers, 1 epoch, no
-per-epoch validation) in a fresh process. Reported per size: the driver's peak RSS
-(``getrusage``), each worker's peak RSS / USS / PSS and where its item tables live
+per-epoch validation; the model reads the user history as the shipped train.yaml's does,
+``--no-history`` as before 2026-12-03) in a fresh process. Reported per size: the driver's
+peak RSS (``getrusage``), each worker's peak RSS / USS / PSS and where its item tables and
+interaction log live
 (the job's own ``mem.w<rank>.*`` metrics: shared object-store pages vs private copies),
 the object store's peak usage (sampled every second), the shared table's size, the
 set-up time (fit wall time minus the epoch: reading, checks, windows, feature space,
@@ -178,7 +180,7 @@ class PlasmaSampler(threading.Thread):
                 pass
 
 
-def child_train(paths: dict[str, str], out: Path, workers: int, batch: int) -> dict:
+def child_train(paths: dict[str, str], out: Path, workers: int, batch: int, history: bool = True) -> dict:
     """One ``umair train`` run over a synthetic world, in this (fresh) process."""
     from pipelines.fusion_training import fit
     from umair.config import MlflowConfig, RayConfig
@@ -197,6 +199,7 @@ def child_train(paths: dict[str, str], out: Path, workers: int, batch: int) -> d
         max_failures=0,
         mlflow=MlflowConfig(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", experiment="bench-scale"),
         ray=RayConfig(num_cpus=workers + 2),
+        model={"user_history": history},  # the shipped train.yaml's model reads the history
     )
     sampler = PlasmaSampler()
     sampler.start()
@@ -417,6 +420,7 @@ def main() -> None:
     )
     ap.add_argument("--parts", default="train,extract", help="train and/or extract")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-history", action="store_true", help="train without the user history (before 2026-12-03)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--extract-rows", type=int, default=1_000_000)
     ap.add_argument("--extract-parts", type=int, default=50_000)
@@ -439,7 +443,13 @@ def main() -> None:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 r = _child(
                     "train",
-                    {"paths": paths, "out": str(run_dir), "workers": args.workers, "batch": args.batch_size},
+                    {
+                        "paths": paths,
+                        "out": str(run_dir),
+                        "workers": args.workers,
+                        "batch": args.batch_size,
+                        "history": not args.no_history,
+                    },  # fmt: skip
                     3600,
                 )
                 out["training"][name] = {**r, "size": n}
@@ -478,7 +488,13 @@ if __name__ == "__main__":
         kind, payload = sys.argv[2], json.loads(sys.argv[3])
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         if kind == "train":
-            result = child_train(payload["paths"], Path(payload["out"]), payload["workers"], payload["batch"])
+            result = child_train(
+                payload["paths"],
+                Path(payload["out"]),
+                payload["workers"],
+                payload["batch"],
+                payload.get("history", True),
+            )
         elif kind == "plan":
             result = child_plan(payload["paths"])
         else:

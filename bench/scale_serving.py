@@ -12,7 +12,7 @@ query, recall@20 of the IVF answers against the exact ones, and the process's pe
 
 **serve**: per size of ``bench/scale.py`` (multiples of the demo world, ``paper`` = 1/10
 of Table 2; real schema, random float16 vectors at 2048 / 256 / 384): one ``umair
-train`` epoch (as scale.py), then in fresh processes ``umair evaluate`` on the test
+train`` epoch (as scale.py, whose training table it also prints), then in fresh processes ``umair evaluate`` on the test
 window (rows, rows/s over the whole job, driver peak RSS) and ``umair recommend`` for
 ``--recommend-users`` users with 2 actors (users/s, the ranking tables' size, each
 actor's peak RSS / USS and its tables' shared vs private MiB, driver peak RSS).
@@ -138,6 +138,9 @@ def report_search(rows: list[dict]) -> None:
 
 
 def report_serve(results: dict[str, dict]) -> None:
+    from scale import report_training
+
+    report_training({name: {**r["train"], "size": r["size"]} for name, r in results.items()})
     print("\nevaluate and recommend (MiB, seconds)")
     print(f"{'size':>6} {'items':>8} {'eval rows':>9} {'eval r/s':>9} {'eval drv':>8} {'rec users':>9} {'users/s':>8} "
           f"{'tables':>7} {'a.peak':>7} {'a.uss':>6} {'a.shared':>8} {'a.priv':>6} {'rec drv':>8}")  # fmt: skip
@@ -188,8 +191,7 @@ def main() -> None:
                 model = str(run_dir / "model")
                 ev = _child_here("evaluate", {"model": model, "out": str(run_dir)})
                 rec = _child_here("recommend", {"model": model, "out": str(run_dir), "users": args.recommend_users})
-                out["serve"][name] = {"size": n, "train_rows_per_s": trained["rows_per_s"], "evaluate": ev,
-                                      "recommend": rec}  # fmt: skip
+                out["serve"][name] = {"size": n, "train": trained, "evaluate": ev, "recommend": rec}
                 print(f"[serving] size {name}: {json.dumps(out['serve'][name])}", flush=True)
                 shutil.rmtree(root / f"world-{name}", ignore_errors=True)
                 shutil.rmtree(run_dir, ignore_errors=True)

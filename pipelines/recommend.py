@@ -319,13 +319,14 @@ def run(cfg: RecommendConfig) -> dict[str, Any]:
     # mapped by every actor of the node; the driver's context over the same tables serves the metrics.
     t_tables = time.perf_counter()
     shared, interactions = ranking_tables(saved, inputs, cfg.candidates, settings)
-    ctx = Context.of(saved, inputs, shared, interactions)
     tables_s = time.perf_counter() - t_tables
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     staging = storage.join(cfg.output, "runs", run_id)
     reports = storage.join(staging, "_reports")  # the actors' memory (not part of the commit: not parquet)
     init_ray(cfg.ray)
     tables_ref = ray.put(shared)
+    del shared  # from here the driver too reads the object store's copy (no second copy in this process)
+    ctx = Context.of(saved, inputs, ray.get(tables_ref), interactions)
     n_blocks = max(1, min(len(user_ids) // cfg.users_per_batch, 4 * cfg.actors))
     ds = ray.data.from_arrow(
         [pa.table({"user_id": pa.array(part, pa.int64())}) for part in np.array_split(user_ids, n_blocks) if len(part)]

@@ -107,7 +107,7 @@ def test_candidate_generator_indexes_only_eligible_items_and_its_ivf_answers_lik
     a, b = exact.for_user(seeds, excluded), approx.for_user(seeds, excluded)
     assert a.rows.tolist() == b.rows.tolist() and a.sources == b.sources
     auto = _generator(x, "auto", ivf_above=1000)  # 1,350 eligible items > 1,000: IVF
-    assert set(auto.ivf) == {"sem"} and not _generator(x, "auto").ivf  # default threshold 100,000
+    assert set(auto.ivf) == {"sem"} and not _generator(x, "auto").ivf  # default threshold 20,000
 
 
 def test_user_histories_are_newest_first_bookmarks_and_unique_impressions_in_flat_arrays():
@@ -128,3 +128,22 @@ def test_user_histories_are_newest_first_bookmarks_and_unique_impressions_in_fla
 def test_settings_refuse_a_probe_below_one(bad):
     with pytest.raises(ValueError):
         CandidateSettings(ivf_probe=bad)
+
+
+def test_the_index_is_built_in_blocks_as_float16_unit_rows_centred_over_the_items_with_a_vector(monkeypatch):
+    import pyarrow as pa
+
+    from umair import neighbors
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 16)).astype(np.float32) + 3.0  # all-positive-ish: centring matters
+    has = np.ones(3000, bool)
+    has[::13] = False  # no vector (no image)
+    col = pa.array([v.tolist() if h else None for v, h in zip(x, has)], pa.list_(pa.float32(), 16))
+    table = pa.table({"illust_id": pa.array(np.arange(3000, dtype=np.int64)), "sem": col})
+    monkeypatch.setattr(neighbors, "BLOCK_ROWS", 333)  # 10 blocks
+    index = FeatureIndex.from_table(table, ["sem"])
+    want = unit_rows(np.where(has[:, None], x - x[has].mean(axis=0), 0.0), center=False)
+    got = index.space("sem")
+    assert got.dtype == np.float16 and (got[~has] == 0).all() and index.has("sem").tolist() == has.tolist()
+    np.testing.assert_allclose(got.astype(np.float32), want, atol=1e-3)

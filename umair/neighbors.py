@@ -43,7 +43,7 @@ from pydantic import Field, field_validator
 from umair import modalities as registry
 from umair.config import Settings
 from umair.errors import UmairError
-from umair.ivf import IVFIndex, cosine_topk
+from umair.ivf import BLOCK_ROWS, IVFIndex, cosine_topk
 
 SPACE_BY: dict[str, str] = {"semantic": "sem", "style": "sty", "text": "tsem"}
 
@@ -102,11 +102,20 @@ class FeatureIndex:
         units, present = {}, {}
         for s in spaces:
             vectors_of(table.slice(0, 0), s, source)
-            x, has = vector_matrix(table.column(s))
-            x = x.astype(np.float32)
+            x, has = vector_matrix(table.column(s))  # as stored (float16 or float32): no float32 copy
+            mean = np.zeros(x.shape[1], np.float64)  # over the items that have the vector, in blocks
             if center and has.any():
-                x = np.where(has[:, None], x - x[has].mean(axis=0, keepdims=True), 0.0).astype(np.float32)
-            units[s], present[s] = unit_rows(x, center=False).astype(np.float16), has
+                for b in range(0, len(x), BLOCK_ROWS):
+                    mean += x[b : b + BLOCK_ROWS][has[b : b + BLOCK_ROWS]].sum(axis=0, dtype=np.float64)
+                mean /= has.sum()
+            out = np.zeros(x.shape, np.float16)
+            for b in range(0, len(x), BLOCK_ROWS):
+                block = (x[b : b + BLOCK_ROWS].astype(np.float32) - mean.astype(np.float32)) * has[
+                    b : b + BLOCK_ROWS, None
+                ]
+                out[b : b + BLOCK_ROWS] = unit_rows(block, center=False)
+            units[s], present[s] = out, has
+            del x
         return cls(ids, units, source, present)
 
     def has(self, space: str) -> np.ndarray:
@@ -174,7 +183,7 @@ class CandidateSettings(Settings):
     search: Literal["auto", "exact", "ivf"] = Field(
         "auto", description="neighbour search: exact, an IVF index (approximate), or auto (IVF above ivf_above items)"
     )
-    ivf_above: int = Field(100_000, ge=0, description="search: auto uses the IVF index above this many items per space")
+    ivf_above: int = Field(20_000, ge=0, description="search: auto uses the IVF index above this many items per space")
     ivf_lists: int | None = Field(None, ge=1, description="IVF lists (k-means centroids); default round(4 sqrt(items))")
     ivf_probe: int = Field(16, ge=1, description="IVF lists ranked exactly per seed (more: better recall, slower)")
 
