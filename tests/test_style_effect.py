@@ -200,3 +200,24 @@ def test_the_item_to_history_cosines_are_a_setting():
     v.history = _history_batch({m: torch.randn(2, x.shape[1]) for m, x in v.items()},
                                {m: torch.zeros(2, x.shape[1]) for m, x in v.items()})  # fmt: skip
     assert torch.isfinite(off.explain(packed, v).logits).all()
+
+
+def test_the_cosine_gate_scales_each_modalitys_history_cosines_by_its_attention():
+    """``cosine_gate``: the same weights give other logits (the cosines enter x_0 as J·ᾱ_m·cos);
+    a row whose history is empty has cosines 0 either way, so the gate changes nothing there."""
+    import torch
+
+    from umair.training.lookup import ItemVectors
+
+    torch.manual_seed(0)
+    plain = _history_model(user_history=True).eval()
+    gated = _history_model(user_history=True, cosine_gate=True).eval()
+    gated.load_state_dict(plain.state_dict())  # no new weights
+    packed = plain.pack_ids(torch.tensor([1, 2]), torch.tensor([[1], [0]]), None, torch.tensor([[1], [2]]))
+    v = ItemVectors({"sem": torch.randn(2, 3), "sty": torch.randn(2, 2)})
+    liked = {m: torch.randn(2, x.shape[1]) for m, x in v.items()}
+    for m in liked:
+        liked[m][1] = 0.0  # user 2: no bookmark before the row
+    v.history = _history_batch(liked, {m: torch.zeros(2, x.shape[1]) for m, x in v.items()})
+    a, b = plain.explain(packed, v).logits, gated.explain(packed, v).logits
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])

@@ -372,10 +372,15 @@ class UmairFPS(nn.Module):
             x0 = torch.cat([raw, v_user, v_il], dim=-1)
         if cfg.user_history and hist is not None:  # the item's likeness to each history, the behaviour stats
             masks = getattr(given, "present", None) or {}
+            gate: dict[str, Tensor | float] = {m: 1.0 for m in self.cosine_names}
+            if cfg.cosine_gate and alpha is not None and beta is not None:  # J·ᾱ_m, ᾱ = Σ_k β_k α_k  [B, J]
+                a_bar = (beta.unsqueeze(-1) * alpha).sum(1) * len(self.modality_names)
+                gate = {m: a_bar[:, self.modality_names.index(m)] for m in self.cosine_names}
             sims = [  # an item without m: 0, whatever its vector row holds
                 (
                     F.cosine_similarity(given[m].to(x0.dtype), h[m].to(x0.dtype), dim=1, eps=1e-6)
                     * (masks[m].to(x0.dtype) if m in masks else 1.0)
+                    * gate[m]
                 ).unsqueeze(1)
                 for m in self.cosine_names
                 for h in (hist.liked, hist.disliked)

@@ -75,6 +75,11 @@ class ModelConfig(BaseModel):
     history_cosines: bool = Field(
         True, description="x_0 also gets the item's cosine to each history mean, per modality (umair.model.history)"
     )
+    cosine_gate: bool = Field(
+        False,
+        description="scale each modality's history cosines by J·ᾱ_m (the user's effective UMCM weight of m, "
+        "ᾱ = Σ_k β_k α_k): the model uses a modality's history likeness only through its attention to it",
+    )
     att_temperature: float = Field(
         1.0, gt=0, description="τ of every ATT expert: α = softmax_j(<q, e_j> / τ); below 1 sharpens α"
     )
