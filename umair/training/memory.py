@@ -160,7 +160,7 @@ def memory_line(worker: str, metrics: dict[str, float]) -> str:
     def get(k: str) -> float:
         return metrics.get(f"mem.{worker}.{k}", float("nan"))
 
-    where = f"items {get('items_shared_mb'):.0f} MiB shared / {get('items_private_mb'):.0f} MiB private"
+    where = f"tables {get('items_shared_mb'):.0f} MiB shared / {get('items_private_mb'):.0f} MiB private"
     if f"mem.{worker}.items_device_mb" in metrics:
-        where = f"items {get('items_device_mb'):.0f} MiB on the device"
+        where = f"tables {get('items_device_mb'):.0f} MiB on the device"
     return f"{worker} peak RSS {get('peak_rss_mb'):.0f} MiB, USS {get('uss_mb'):.0f} MiB, {where}"
