@@ -8,8 +8,10 @@ later one is given):
    user's recent training-window bookmarks in e_SEM and e_STY space, minus what the
    user already bookmarked (a setting);
 2. scoring: ``ŷ = σ(logit)`` of the UMAIR-FPS model for every (user, candidate) pair, on
-   a Ray Data actor pool (model, users, item features and candidate index loaded once
-   per actor);
+   a Ray Data actor pool: the driver builds the ranking tables once (users, float16 item
+   tables, interaction log, candidate index, histories: :class:`umair.recommender.RankingTables`)
+   and puts them in the object store once; each actor loads the model and maps the tables
+   without a copy, and reports its memory (printed, ``metrics.json`` ``actor_memory``);
 3. the ``k`` best by ``ŷ · x_i^γ`` (``x_i``: the item's share of past impressions,
    ``γ = exposure_power``, 0 = by ``ŷ`` alone; ties: smaller id) as rows ``user_id, rank (1..k),
    illust_id, score``.
