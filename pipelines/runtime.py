@@ -40,6 +40,28 @@ def init_ray(cfg: RayConfig) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    _raylet_lines_to_stderr()
+
+
+def _raylet_lines_to_stderr() -> None:
+    """Ray's driver prints its raylet's messages (e.g. "(raylet) WARNING: 18 PYTHON worker
+    processes have been started …", when a node starts more workers than it has cores) on
+    stdout, the job's console. Send them to stderr instead, which :func:`umair.console.job_log`
+    puts in the run's log (``-v``: the console, as before); workers' lines keep stdout. Ray has
+    no setting for this: its one stdout/stderr handler ("ray_print_logs", in
+    ``ray._private.ray_logging``) is wrapped."""
+    import functools
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, handler in list(dispatcher.handlers):
+        if name == "ray_print_logs" and getattr(handler, "func", None) is not _raylet_to_stderr:  # not yet wrapped
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, functools.partial(_raylet_to_stderr, handler))
+
+
+def _raylet_to_stderr(handler: Any, data: dict) -> None:
+    handler({**data, "is_err": True} if data.get("pid") == "raylet" else data)
 
 
 def ingest_options() -> Any:

@@ -181,3 +181,31 @@ def test_a_ray_train_job_keeps_its_console_short(tiny_world, tmp_path):
     (path,) = LOG_LINE.findall(out.stdout)
     log = Path(path).read_text()
     assert "Started a local Ray instance" in log and "(TrainController" in log  # the chatter is kept, in the log
+
+
+def test_the_raylets_messages_go_to_the_runs_log_and_workers_lines_stay_on_the_console(tmp_path):
+    """Ray prints its raylet's warnings ("N PYTHON worker processes have been started …") on
+    the driver's stdout; the jobs send them to the run's log. Emitted through Ray's own
+    dispatcher and print handler, in a local Ray started as every job starts it."""
+    code = """
+        from pipelines.runtime import init_ray
+        from umair.config import RayConfig
+        from umair.console import job_log
+        with job_log("t", directory="LOGS"):
+            init_ray(RayConfig(num_cpus=1))
+            init_ray(RayConfig(num_cpus=1))  # a second call changes nothing (wrapped once)
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as d
+            base = {"ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": False, "job": "", "task_name": "", "actor_name": ""}
+            d.emit({**base, "pid": "raylet", "lines": ["WARNING: 18 PYTHON worker processes have been started"]})
+            d.emit({**base, "pid": 4242, "lines": ["[t] a worker's job line"]})
+            import time, ray
+            time.sleep(0.5)
+            print("handlers", sum(n == "ray_print_logs" for n, _ in d.handlers), flush=True)
+            ray.shutdown()
+    """.replace("LOGS", str(tmp_path))
+    out = _python(code, env={"RAY_DEDUP_LOGS": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = Path(LOG_LINE.findall(out.stdout)[0]).read_text()
+    assert "PYTHON worker processes have been started" in log
+    assert "PYTHON worker processes" not in out.stdout + out.stderr, out.stdout
+    assert "[t] a worker's job line" in out.stdout and "handlers 1" in out.stdout
