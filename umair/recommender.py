@@ -56,7 +56,6 @@ class Context:
     inputs: Inputs
     lookup: Lookup
     shared: RankingTables
-    settings: CandidateSettings
     interactions: pa.Table | None = None
 
     @classmethod
@@ -65,7 +64,11 @@ class Context:
     ) -> Context:
         """The context over ``shared`` (e.g. ``ray.get`` of the object store's copy: no copy made)."""
         lookup = shared.tables.lookup(saved.modalities, "cpu")
-        return cls(saved, inputs, lookup, shared, shared.generator.settings, interactions)
+        return cls(saved, inputs, lookup, shared, interactions)
+
+    @property
+    def settings(self) -> CandidateSettings:
+        return self.shared.generator.settings
 
     @property
     def user_table(self) -> UserTable:
