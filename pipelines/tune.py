@@ -122,14 +122,21 @@ def error_text(err: BaseException) -> str:
 # --------------------------------------------------------------------------- results
 
 
-def collect(results: Any, epochs: int, runs: list[Any]) -> list[dict[str, Any]]:
+def collect(
+    results: Any, epochs: int, runs: list[Any], logged_epochs: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
     """One row per trial from Tune's ResultGrid and the MLflow child runs.
 
     A child run is matched by its trial id (tag ``umair.trial_id``), else by the trial's
     point in the search space (:func:`trial_key`). A restored search's trial that failed
     before its first report has neither config nor metrics in Tune's result (only its id),
     so its point in the search space is then read back from the child run's
-    ``trial_params``."""
+    ``trial_params``.
+
+    ``logged_epochs`` (run id -> epochs its MLflow run recorded, each one checkpointed)
+    wins over Tune's count when larger: a search killed after a trial's last epoch but
+    before Tune saved that report restores the trial, which resumes with every epoch done
+    and reports nothing new; Tune's result then holds an older epoch, the run the truth."""
     by_id = {r.data.tags["umair.trial_id"]: r for r in runs if "umair.trial_id" in r.data.tags}
     by_key = {r.data.params["trial_params"]: r for r in runs if "trial_params" in r.data.params}
     rows = []
@@ -141,6 +148,10 @@ def collect(results: Any, epochs: int, runs: list[Any]) -> list[dict[str, Any]]:
             cfg = json.loads(run.data.params["trial_params"])
         trial_id = metrics.get("trial_id") or (run.data.tags.get("umair.trial_id") if run is not None else None) or "?"
         done = int(metrics.get("training_iteration", 0) or 0)
+        logged = (logged_epochs or {}).get(run.info.run_id, 0) if run is not None else 0
+        if r.error is None and logged > done:
+            metrics = {**metrics, **run.data.metrics}
+            done = logged
         if r.error is not None:
             status = "FAILED"
         elif done >= epochs:
@@ -175,6 +186,12 @@ def collect(results: Any, epochs: int, runs: list[Any]) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda x: (x["val_auc"] is None, -(x["val_auc"] or 0.0)))
     return rows
+
+
+def epochs_logged(client: Any, run_id: str) -> int:
+    """Epochs a trial's MLflow run recorded (its ``train_loss`` steps are epoch numbers)."""
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    return max(steps) + 1 if steps else 0
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -346,7 +363,8 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             filter_string=f"tags.mlflow.parentRunId = '{parent}'",
             max_results=10000,
         )
-        rows = collect(results, cfg.epochs, children)
+        logged = {c.info.run_id: epochs_logged(client, c.info.run_id) for c in children}
+        rows = collect(results, cfg.epochs, children, logged)
         by_id = {r.info.run_id: r for r in children}
         for row in rows:
             run = by_id.get(row["mlflow_run_id"])

@@ -100,6 +100,49 @@ def test_the_heartbeat_renews_the_lease_on_its_own_clock(tmp_path):
         lease.check()
 
 
+def test_a_store_outage_shorter_than_half_the_stale_time_keeps_the_lease(tmp_path):
+    output = str(tmp_path / "out")
+    path = os.path.join(output, LEASE)
+    with Lease.acquire(output, "r-1", heartbeat_s=0.1, stale_after_s=2.0) as lease:
+        saved = storage.read_bytes(path)
+        os.remove(path)
+        os.mkdir(path)  # the store cannot be read or written: every renewal fails meanwhile
+        time.sleep(0.5)
+        os.rmdir(path)
+        storage.write_bytes(path, saved)  # back as it was (a local version is the content's hash)
+        time.sleep(0.3)
+        lease.check()  # the beats failed while it was away; it is still this run's
+        assert json.loads(storage.read_bytes(path))["heartbeat_at"] > json.loads(saved)["heartbeat_at"]
+    assert not os.path.exists(path)
+
+
+def test_no_heartbeat_through_for_half_the_stale_time_stops_commits(tmp_path):
+    output = str(tmp_path / "out")
+    path = os.path.join(output, LEASE)
+    with Lease.acquire(output, "r-1", heartbeat_s=0.1, stale_after_s=1.0) as lease:
+        saved = storage.read_bytes(path)
+        os.remove(path)
+        os.mkdir(path)
+        time.sleep(0.8)  # past half of stale_after_s: another run may take it over soon
+        with pytest.raises(LeaseLost, match=r"run r-1 lost its lease \(no heartbeat got through for \ds: "):
+            lease.check()
+        os.rmdir(path)
+        storage.write_bytes(path, saved)
+        with pytest.raises(LeaseLost):
+            lease.check()  # lost stays lost: this run commits nothing more
+
+
+def test_a_lease_left_by_an_earlier_run_of_this_process_is_taken_over(tmp_path):
+    # A run that failed while the store was down could not delete its lease; the rerun in
+    # the same process (a notebook, a retrying driver) must not wait out stale_after_s.
+    output = str(tmp_path / "out")
+    now = datetime.now(UTC).isoformat()
+    _stale_lease(output, run_id="r-earlier", host=socket.gethostname(), pid=os.getpid(), heartbeat_at=now)
+    with Lease.acquire(output, "r-rerun", heartbeat_s=60) as lease:
+        assert json.loads(storage.read_bytes(os.path.join(output, LEASE)))["run_id"] == "r-rerun"
+        lease.check()
+
+
 def test_the_lease_on_s3_uses_conditional_writes(s3_server):
     output = s3_server.uri("lease", "out")
     with Lease.acquire(output, "s3-1", s3_server.settings, heartbeat_s=0.3) as lease:

@@ -314,12 +314,13 @@ def test_results_table_has_every_column_and_escapes_nothing_it_should_not():
     assert results_csv(rows).splitlines()[0].split(",") == TUNE_COLUMNS
 
 
-def _child_run(run_id: str, trial_id: str, params: dict, error: str | None = None):
-    from mlflow.entities import Param, Run, RunData, RunInfo, RunTag
+def _child_run(run_id: str, trial_id: str, params: dict, error: str | None = None, metrics: dict | None = None):
+    from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
 
     tags = [RunTag("umair.trial_id", trial_id)] + ([RunTag("umair.error", error)] if error else [])
     info = RunInfo(run_id, "1", "u", "RUNNING", 0, None, "active", run_name=f"trial-{trial_id}")
-    return Run(info, RunData(params=[Param("trial_params", tuning.trial_key(params))], tags=tags))
+    latest = [Metric(k, v, 0, 0) for k, v in (metrics or {}).items()]
+    return Run(info, RunData(metrics=latest, params=[Param("trial_params", tuning.trial_key(params))], tags=tags))
 
 
 def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_run(tmp_path):
@@ -356,6 +357,27 @@ def test_a_restored_trial_that_failed_before_reporting_still_gets_its_row_and_ru
         1e30,
     )
     assert "training diverged" in bad["error"]
+
+
+def test_a_restored_trial_whose_last_epochs_tune_never_saw_counts_as_finished(tmp_path):
+    """Killed after a trial's last epoch but before Tune saved that report, the restored
+    trial resumes with every epoch checkpointed and reports nothing new: Tune's result
+    stops at epoch 1 of 2. The MLflow run recorded both epochs; the row must say FINISHED
+    with the last epoch's metrics (CI once ended such a search "no trial finished")."""
+    from ray.tune import Result
+
+    params = {"experts": "sen", "cross_layers": 1}
+    result = Result(
+        metrics={"trial_id": "t_1", "config": params, "training_iteration": 1, "val_auc": 0.70, "best_val_auc": 0.70},
+        checkpoint=None,
+        error=None,
+        path=str(tmp_path / "t_1"),
+    )
+    run = _child_run("r1", "t_1", params, metrics={"val_auc": 0.75, "best_val_auc": 0.75, "best_epoch": 1})
+    row = tune.collect([result], 2, [run], {"r1": 2})[0]
+    assert (row["status"], row["epochs"], row["val_auc"], row["best_epoch"]) == ("FINISHED", 2, 0.75, 1)
+    # without the run's record it would look stopped after epoch 1
+    assert tune.collect([result], 2, [run], {"r1": 1})[0]["status"] == "STOPPED"
 
 
 def test_a_trial_error_from_ray_train_workers_leads_with_the_worker_error():

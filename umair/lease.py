@@ -9,12 +9,16 @@ the holder last wrote, so two runs can never both believe they hold it:
 - on a local path: the same three operations under an exclusive ``flock`` of
   ``OUTPUT/_lease.lock`` (local outputs are on one host), versions being content hashes.
 
-A lease is stale when its heartbeat is older than ``stale_after_s``, or when its holder
-ran on this host and its process is gone; a new run may then take it over (still by
-compare-and-swap: of two runs racing for a stale lease, one wins). While a run holds the
-lease, a daemon thread renews it every ``heartbeat_s`` seconds, whatever the run is
-doing; :meth:`Lease.check` (called before every commit) raises :class:`LeaseLost` if a
-renewal failed or the stored lease is no longer this run's.
+A lease is stale when its heartbeat is older than ``stale_after_s``, when its holder ran
+on this host and its process is gone, or when its holder is this very process and no
+longer holds it (a run that failed while the store was down and could not delete its
+lease); a new run may then take it over (still by compare-and-swap: of two runs racing
+for a stale lease, one wins). While a run holds the lease, a daemon thread renews it
+every ``heartbeat_s`` seconds, whatever the run is doing; a renewal the store cannot take
+(it is down) is retried at the next beat. :meth:`Lease.check` (called before every
+commit) raises :class:`LeaseLost` when the stored lease is no longer this run's, or when
+no renewal got through for ``stale_after_s / 2`` (another run may soon take it over).
+Releasing deletes the lease by compare-and-swap too, so it is always safe to try.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -36,6 +41,10 @@ from umair import storage
 from umair.errors import JobFailed
 
 LEASE = "_lease.json"
+
+# run ids of the leases this process holds now (a lease naming this process and not in
+# here was left behind by one of its earlier runs)
+_HELD: set[str] = set()
 
 
 class LeaseHeld(JobFailed):
@@ -82,9 +91,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_stale(holder: Holder, stale_after_s: float) -> bool:
-    """The holder ran on this host and its process is gone, or its heartbeat is too old."""
-    if holder.host == socket.gethostname() and not pid_alive(holder.pid):
-        return True
+    """The holder ran on this host and its process is gone (or is this process, which no
+    longer holds it), or its heartbeat is too old."""
+    if holder.host == socket.gethostname():
+        if holder.pid == os.getpid() and holder.run_id not in _HELD:
+            return True
+        if not pid_alive(holder.pid):
+            return True
     beat = datetime.fromisoformat(holder.heartbeat_at)
     return (datetime.now(UTC) - beat).total_seconds() > stale_after_s
 
@@ -233,10 +246,13 @@ class _S3Store(_Store):
 class Lease:
     """A held lease on ``output`` (see the module docstring). Use :meth:`acquire`."""
 
-    def __init__(self, store: _Store, holder: Holder, version: str, heartbeat_s: float):
+    def __init__(self, store: _Store, holder: Holder, version: str, heartbeat_s: float, stale_after_s: float):
         self.store, self.holder, self.version = store, holder, version
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self._lost: str | None = None
+        self._renewed = time.monotonic()  # the last heartbeat the store took
+        self._renew_error: str | None = None  # why the latest renewal did not get through
+        _HELD.add(holder.run_id)
         self._stop = threading.Event()
         self._guard = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"lease-heartbeat-{holder.run_id}", daemon=True)
@@ -260,7 +276,7 @@ class Lease:
         for _ in range(5):
             version = store.create(asdict(me))
             if version is not None:
-                return cls(store, me, version, heartbeat_s)
+                return cls(store, me, version, heartbeat_s, stale_after_s)
             current = store.read()
             if current is None:
                 continue  # released meanwhile: try to create again
@@ -273,7 +289,7 @@ class Lease:
                 )
             version = store.swap(asdict(me), seen)
             if version is not None:
-                return cls(store, me, version, heartbeat_s)
+                return cls(store, me, version, heartbeat_s, stale_after_s)
         raise LeaseHeld(f"{output}: could not take the lease {uri}: other runs keep changing it")
 
     def _beat(self) -> None:
@@ -281,24 +297,31 @@ class Lease:
             self.renew()
 
     def renew(self) -> None:
-        """Write a fresh heartbeat (compare-and-swap); on failure the lease is lost."""
+        """Write a fresh heartbeat (compare-and-swap). A refused swap (the object changed)
+        loses the lease; a store that cannot be reached is tried again at the next beat."""
         with self._guard:
             if self._lost is not None or self._stop.is_set():
                 return
             beat = Holder(**{**asdict(self.holder), "heartbeat_at": _now()})
             try:
                 version = self.store.swap(asdict(beat), self.version)
-            except Exception as err:  # noqa: BLE001 - a renewal that cannot be written is a lost lease
-                version, why = None, f"renewal failed: {err}"
-            else:
-                why = "the lease object changed: another run took it over"
+            except Exception as err:  # noqa: BLE001 - transient: retried at the next beat, judged in check()
+                self._renew_error = f"{type(err).__name__}: {err}"
+                return
             if version is None:
-                self._lost = why
+                self._lost = "the lease object changed: another run took it over"
             else:
                 self.holder, self.version = beat, version
+                self._renewed, self._renew_error = time.monotonic(), None
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run still holds the lease (before every commit)."""
+        silent = time.monotonic() - self._renewed
+        if self._lost is None and silent > self.stale_after_s / 2:
+            self.renew()  # the beats have not got through for a while: one more try, now
+            silent = time.monotonic() - self._renewed
+            if self._lost is None and silent > self.stale_after_s / 2:
+                self._lost = f"no heartbeat got through for {silent:.0f}s: {self._renew_error}"
         if self._lost is None:
             current = self.store.read()
             if current is None or current[1] != self.version:
@@ -314,14 +337,22 @@ class Lease:
                 "committing anything more. What it committed is kept; run the job again to resume."
             )
 
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still this run's."""
+    def release(self, attempts: int = 3) -> None:
+        """Stop the heartbeat and delete the lease if it is still this run's (a delete on
+        the version this run last wrote: never someone else's). A store that cannot be
+        reached is tried ``attempts`` times; a lease left behind then is stale at once for
+        a rerun in this process or, from elsewhere, once its heartbeat is old."""
         self._stop.set()
         self._thread.join(timeout=self.heartbeat_s + 5)
         with self._guard:
-            if self._lost is None:
-                with contextlib.suppress(Exception):
+            _HELD.discard(self.holder.run_id)
+            for attempt in range(attempts):
+                try:
                     self.store.delete(self.version)
+                    return
+                except Exception:  # noqa: BLE001 - the store is down: wait a little and try again
+                    if attempt + 1 < attempts:
+                        time.sleep(2.0**attempt)
 
     def __enter__(self) -> Lease:
         return self
