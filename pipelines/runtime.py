@@ -48,20 +48,26 @@ def _raylet_lines_to_stderr() -> None:
     processes have been started …", when a node starts more workers than it has cores) on
     stdout, the job's console. Send them to stderr instead, which :func:`umair.console.job_log`
     puts in the run's log (``-v``: the console, as before); workers' lines keep stdout. Ray has
-    no setting for this: its one stdout/stderr handler ("ray_print_logs", in
-    ``ray._private.ray_logging``) is wrapped."""
+    no setting for this. Its lines reach ``ray._private.worker.print_to_stdstream`` two ways,
+    both redirected here: the log stream through the dispatcher's "ray_print_logs" handler
+    (``ray._private.ray_logging``), which holds its own reference to the function and is
+    wrapped; and the raylet's error messages (the worker-pool warning among them), which
+    ``listen_error_messages`` passes to the module's function by name, replaced here."""
     import functools
 
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    if not isinstance(ray_worker.print_to_stdstream, functools.partial):  # not yet replaced
+        ray_worker.print_to_stdstream = functools.partial(_raylet_to_stderr, ray_worker.print_to_stdstream)
     for name, handler in list(dispatcher.handlers):
         if name == "ray_print_logs" and getattr(handler, "func", None) is not _raylet_to_stderr:  # not yet wrapped
             dispatcher.remove_handler(name)
             dispatcher.add_handler(name, functools.partial(_raylet_to_stderr, handler))
 
 
-def _raylet_to_stderr(handler: Any, data: dict) -> None:
-    handler({**data, "is_err": True} if data.get("pid") == "raylet" else data)
+def _raylet_to_stderr(handler: Any, data: dict, **kwargs: Any) -> None:
+    handler({**data, "is_err": True} if data.get("pid") == "raylet" else data, **kwargs)
 
 
 def ingest_options() -> Any:

@@ -186,7 +186,8 @@ def test_a_ray_train_job_keeps_its_console_short(tiny_world, tmp_path):
 def test_the_raylets_messages_go_to_the_runs_log_and_workers_lines_stay_on_the_console(tmp_path):
     """Ray prints its raylet's warnings ("N PYTHON worker processes have been started …") on
     the driver's stdout; the jobs send them to the run's log. Emitted through Ray's own
-    dispatcher and print handler, in a local Ray started as every job starts it."""
+    dispatcher and print handler, and as an error message published through GCS (how the
+    raylet sends its worker-pool warning), in a local Ray started as every job starts it."""
     code = """
         from pipelines.runtime import init_ray
         from umair.config import RayConfig
@@ -199,6 +200,9 @@ def test_the_raylets_messages_go_to_the_runs_log_and_workers_lines_stay_on_the_c
             d.emit({**base, "pid": "raylet", "lines": ["WARNING: 18 PYTHON worker processes have been started"]})
             d.emit({**base, "pid": 4242, "lines": ["[t] a worker's job line"]})
             import time, ray
+            from ray._private.utils import publish_error_to_driver
+            # the raylet's own warnings come as error messages through GCS, another path
+            publish_error_to_driver("worker_pool_large", "WARNING: 19 PYTHON workers (by GCS)", ray._private.worker.global_worker.gcs_client)
             time.sleep(0.5)
             print("handlers", sum(n == "ray_print_logs" for n, _ in d.handlers), flush=True)
             ray.shutdown()
@@ -206,6 +210,6 @@ def test_the_raylets_messages_go_to_the_runs_log_and_workers_lines_stay_on_the_c
     out = _python(code, env={"RAY_DEDUP_LOGS": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
     log = Path(LOG_LINE.findall(out.stdout)[0]).read_text()
-    assert "PYTHON worker processes have been started" in log
-    assert "PYTHON worker processes" not in out.stdout + out.stderr, out.stdout
+    assert "PYTHON worker processes have been started" in log and "19 PYTHON workers (by GCS)" in log
+    assert "PYTHON worker" not in out.stdout + out.stderr, out.stdout
     assert "[t] a worker's job line" in out.stdout and "handlers 1" in out.stdout
