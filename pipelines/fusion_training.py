@@ -44,6 +44,7 @@ and logged to the MLflow run as artifacts under ``model/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -55,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.runtime import (
+    TrainReporter,
     claim_run_dir,
     ended_run,
     ensure_experiment,
@@ -62,6 +64,7 @@ from pipelines.runtime import (
     init_ray,
     resumable_mlflow_run,
     run_dir_of,
+    train_console,
 )
 from pipelines.serving import publish_trained_model
 from umair import storage
@@ -97,14 +100,14 @@ class WorkerSettings:
     patience: int | None
     run_id: str
     tracking_uri: str
-    console: bool = True  # print per-epoch lines (a Tune trial's are in MLflow and its summary line)
+    console: TrainReporter  # rank 0's lines and step counts, shown by the driver (quiet in a Tune trial)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     """``print`` for a run that keeps the console quiet (``fit(console=False)``)."""
 
 
-def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[dict[str, float]]]:
+def _restore(raw: Any, optimizer: Any, show: TrainReporter) -> tuple[int, list[int], list[dict[str, float]]]:
     """Load the latest checkpoint, if any: (next epoch, start epoch of every attempt so
     far, per-epoch metrics so far)."""
     import ray.train
@@ -119,30 +122,26 @@ def _restore(raw: Any, optimizer: Any, rank: int) -> tuple[int, list[int], list[
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:  # a checkpoint of the older per-table parameter layout
-        if rank == 0:
-            print(
-                f"{TAG} the checkpoint's optimizer state does not fit this model's parameter layout ({err}); "
-                "continuing with a fresh Adam state",
-                flush=True,
-            )
+        show.say(
+            f"{TAG} the checkpoint's optimizer state does not fit this model's parameter layout ({err}); "
+            "continuing with a fresh Adam state"
+        )
     start = int(state["epoch"]) + 1
-    if rank == 0:
-        print(f"{TAG} resuming from the checkpoint of epoch {start - 1}; next epoch {start}", flush=True)
+    show.say(f"{TAG} resuming from the checkpoint of epoch {start - 1}; next epoch {start}")
     return start, list(state["starts"]), list(state["history"])
 
 
-def _log_epoch(client: Any, run_id: str, metrics: dict[str, float], console: bool, last: bool) -> None:
-    """Every epoch's metrics to MLflow; on the console (``console``) one line per epoch and
+def _log_epoch(client: Any, run_id: str, metrics: dict[str, float], show: TrainReporter, last: bool) -> None:
+    """Every epoch's metrics to MLflow; on the console (``show``) one line per epoch and
     the workers' memory after the first and the last epoch (every epoch's is in MLflow)."""
     import mlflow
 
     epoch = int(metrics["epoch"])
     shown = {k: v for k, v in metrics.items() if k != "epoch" and not k.startswith("mem.")}
     workers = sorted({k.split(".")[1] for k in metrics if k.startswith("mem.")})
-    if console:
-        print(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
-        if workers and (epoch == 0 or last):
-            print(f"{TAG} memory: " + "; ".join(memory_line(w, metrics) for w in workers), flush=True)
+    show.say(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    if workers and (epoch == 0 or last):
+        show.say(f"{TAG} memory: " + "; ".join(memory_line(w, metrics) for w in workers))
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
@@ -176,11 +175,12 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     device = get_device()
     shared: SharedTables = ray.get(ws.tables)  # zero-copy: read-only views of the node's object store
     lookup = shared.lookup(ws.modalities, device)
-    if rank == 0 and ws.modalities and ws.console:
-        print(f"[train] items with each modality (all / present): {modality_coverage(shared.items)}", flush=True)
+    show = ws.console if rank == 0 else ws.console.muted()
+    if ws.modalities:
+        show.say(f"[train] items with each modality (all / present): {modality_coverage(shared.items)}")
     raw = UmairFPS(ws.model).to(device)
     optimizer = torch.optim.Adam(raw.parameters(), lr=ws.step.lr)  # built on the device: resumed state lands there too
-    start_epoch, starts, history = _restore(raw, optimizer, rank)
+    start_epoch, starts, history = _restore(raw, optimizer, show)
     starts.append(start_epoch)
     model = prepare_model(raw)
     train_shard = ray.train.get_dataset_shard("train")
@@ -193,7 +193,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             break
         t0 = time.perf_counter()
         batches = train_shard.iter_torch_batches(batch_size=ws.batch_size, device=device, dtypes=dtypes)
-        sums = train_epoch(model, raw, optimizer, batches, lookup, ws.step, epoch)
+        show.begin_epoch(epoch, ws.epochs)
+        sums = train_epoch(model, raw, optimizer, show.counted(batches), lookup, ws.step, epoch)
         if world > 1:
             dist.all_reduce(sums)
         with torch.no_grad():
@@ -219,7 +220,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
                 selection.update(epoch, metrics["val_auc"])
                 metrics.update(selection.metrics())
             history.append(metrics)
-            _log_epoch(client, ws.run_id, metrics, ws.console, last=epoch == ws.epochs - 1)
+            _log_epoch(client, ws.run_id, metrics, show, last=epoch == ws.epochs - 1)
             with tempfile.TemporaryDirectory() as d:
                 torch.save(
                     {
@@ -239,12 +240,10 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             if world > 1:
                 dist.broadcast(flag, src=0)
             if float(flag[0]) > 0:
-                if rank == 0:
-                    print(
-                        f"{TAG} early stop after epoch {epoch}: no better val_auc in {ws.patience} epoch(s) "
-                        f"(best {selection.best_auc:.4f} at epoch {selection.best_epoch})",
-                        flush=True,
-                    )
+                show.say(
+                    f"{TAG} early stop after epoch {epoch}: no better val_auc in {ws.patience} epoch(s) "
+                    f"(best {selection.best_auc:.4f} at epoch {selection.best_epoch})"
+                )
                 break
 
 
@@ -387,47 +386,51 @@ def fit(
         say(f"{TAG} shared tables in the object store in {time.perf_counter() - t_tables:.1f}s", flush=True)
         datasets = _datasets(prepared, cfg)
         validate = "val" in datasets
-        worker = WorkerSettings(
-            tables=tables,
-            model=mc,
-            modalities=prepared.modalities,
-            step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb),
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            use_gpu=cfg.use_gpu,
-            threads=cfg.threads,
-            validate=validate,
-            patience=cfg.patience if validate else None,
-            run_id=run_id,
-            tracking_uri=cfg.mlflow.resolved_uri(),
-            console=console,
-        )
-        # With a validation window Ray keeps the best checkpoint by val_auc and, always, the latest.
-        kept = (
-            CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc", checkpoint_score_order="max")
-            if validate
-            else CheckpointConfig(num_to_keep=2)
-        )
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"settings": worker},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
+        steps = max(1, -(-(prepared.train_rows.num_rows // cfg.num_workers) // cfg.batch_size))
+        # rank 0's lines and step bar, shown here once (no "(RayTrainWorker pid=…)" prefix)
+        shown = train_console(TAG, steps) if console else contextlib.nullcontext(TrainReporter(quiet=True))
+        with shown as reporter:
+            worker = WorkerSettings(
+                tables=tables,
+                model=mc,
+                modalities=prepared.modalities,
+                step=StepSettings(lr=cfg.lr, l2_emb=cfg.l2_emb),
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
                 use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-            ),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(
-                name=cfg.run_name,
-                storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
-                checkpoint_config=kept,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                callbacks=callbacks or None,
-            ),
-        )
-        result = trainer.fit()
+                threads=cfg.threads,
+                validate=validate,
+                patience=cfg.patience if validate else None,
+                run_id=run_id,
+                tracking_uri=cfg.mlflow.resolved_uri(),
+                console=reporter,
+            )
+            # With a validation window Ray keeps the best checkpoint by val_auc and, always, the latest.
+            kept = (
+                CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc", checkpoint_score_order="max")
+                if validate
+                else CheckpointConfig(num_to_keep=2)
+            )
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={"settings": worker},
+                scaling_config=ScalingConfig(
+                    num_workers=cfg.num_workers,
+                    use_gpu=cfg.use_gpu,
+                    resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                ),
+                datasets=datasets,
+                dataset_config=DataConfig(datasets_to_split=["train"]),
+                run_config=RunConfig(
+                    name=cfg.run_name,
+                    storage_path=storage.parent(run_dir) if not storage.is_s3(run_dir) else cfg.checkpoint_dir,
+                    checkpoint_config=kept,
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    callbacks=callbacks or None,
+                ),
+            )
+            result = trainer.fit()
         state, chosen = _chosen_state(result, validate)
         history, starts = list(state["history"]), list(state["starts"])
         best_epoch = int(chosen["epoch"])

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from umair import console, storage
@@ -134,6 +134,12 @@ class TrainReporter:
         self._steps += n
         if time.monotonic() - self._sent >= self.SEND_EVERY_S:
             self._flush()
+
+    def counted(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """``batches``, counting a :meth:`step` for each one taken."""
+        for batch in batches:
+            self.step()
+            yield batch
 
     def say(self, line: str) -> None:
         """One job line (closes the epoch's bar); delivered before this returns."""

@@ -183,6 +183,42 @@ def test_a_ray_train_job_keeps_its_console_short(tiny_world, tmp_path):
     assert "Started a local Ray instance" in log and "(TrainController" in log  # the chatter is kept, in the log
 
 
+def test_training_prints_its_epochs_once_from_the_driver_with_step_progress(tiny_world, tiny_features, tmp_path):
+    """`umair train` with 2 Ray Train workers, off a terminal: rank 0's epoch and memory
+    lines reach the console through the driver, once each and without Ray's
+    "(RayTrainWorker pid=…)" prefix, with periodic step progress within each epoch."""
+    conf = {
+        "world": tiny_world.root,
+        "item_features": tiny_features,
+        "model": {"emb_dim": 4, "d": 8},
+        "epochs": 2,
+        "batch_size": 32,
+        "num_workers": 2,
+        "output": str(tmp_path / "model"),
+        "checkpoint_dir": str(tmp_path / "ray_results"),
+        "run_name": "console-train",
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "console"},
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs"), "UMAIR_PROGRESS_S": "0.5"}
+    out = subprocess.run(
+        [UMAIR, "train", "--config", str(tmp_path / "train.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for chatter in CHATTER:
+        assert chatter not in out.stdout + out.stderr, chatter
+    lines = out.stdout.splitlines()
+    for epoch in (0, 1):
+        assert sum(line.startswith(f"[train] epoch {epoch}: train_loss=") for line in lines) == 1, lines
+    assert sum(line.startswith("[train] memory: w0 peak RSS") for line in lines) == 2, lines  # first and last epoch
+    assert any(re.match(r"\[train\] epoch [01]:\s+\d+% \d+/\d+ \[", line) for line in lines), lines
+
+
 def test_the_raylets_messages_go_to_the_runs_log_and_workers_lines_stay_on_the_console(tmp_path):
     """Ray prints its raylet's warnings ("N PYTHON worker processes have been started …") on
     the driver's stdout; the jobs send them to the run's log. Emitted through Ray's own
