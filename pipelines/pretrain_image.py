@@ -2,9 +2,13 @@
 
 Images stream through Ray Data (bytes read from object storage or disk, decoded per
 row; a row that fails to decode is skipped and counted, never a crashed job) into a
-TorchTrainer with N workers (CPU or GPU). BCE-with-logits over the N most frequent
-tags; a checkpoint every epoch; a rerun with the same ``run_name`` and
-``checkpoint_dir`` resumes from the latest checkpoint. Metrics (loss, mAP, micro-F1 on
+TorchTrainer with N workers (CPU or GPU). The recipe (:mod:`umair.image.pretext`):
+colour-preserving augmentation (flips, mild random resized crops; ``augment``), the
+asymmetric multi-label loss over the N most frequent tags (``loss``; ``kind: bce`` for
+plain BCE), AdamW with a warm-up then cosine learning rate per step (``schedule``); a
+checkpoint every epoch; a rerun with the same ``run_name`` and ``checkpoint_dir``
+resumes from the latest checkpoint (the schedule is a function of the step: nothing
+else to restore). Metrics (loss, mAP, micro-F1 on
 a validation split, and the tag-frequency baseline's mAP) go to MLflow. At the end the
 encoder is exported without its classifier head, with a manifest.
 
@@ -49,6 +53,7 @@ from pipelines.runtime import (
 from umair import contracts, storage
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.console import say
+from umair.image.pretext import AugmentSettings, LossSettings, ScheduleSettings
 from umair.image.spec import EncoderSpec
 from umair.image.tags import multi_hot, split_ids, tag_vocabulary
 
@@ -66,8 +71,11 @@ class PretrainImageConfig(Settings):
     val_fraction: float = 0.2
     epochs: int = 3
     batch_size: int = 32  # global: each of the N workers takes batch_size / N
-    lr: float = 2e-3
+    lr: float = 2e-3  # the peak rate (after the warm-up of a cosine schedule)
     weight_decay: float = 1e-4
+    augment: AugmentSettings = AugmentSettings()
+    loss: LossSettings = LossSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
     num_workers: int = 2
     use_gpu: bool = False
     seed: int = 0
@@ -88,6 +96,7 @@ class PretrainWorker:
     run_id: str
     tracking_uri: str
     console: TrainReporter  # rank 0's lines and step counts, shown by the driver
+    steps_per_epoch: int  # batches of each worker per epoch: the schedule's clock
 
 
 class DecodeRows:
@@ -141,6 +150,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
 
     from umair.image.checkpoint import load_init
     from umair.image.encoder import DualEncoder, early_modules
+    from umair.image.pretext import asymmetric_loss, augment, lr_factor
 
     w = config["settings"]
     c = w.cfg
@@ -166,7 +176,6 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
     frozen = early_modules(model, c.freeze_upto)
     model = prepare_model(model)
     device = next(model.parameters()).device
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     per_worker_batch = max(1, c.batch_size // world)  # batch_size is the global batch
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -205,17 +214,19 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
         t0 = time.perf_counter()
         loss_sum = seen = failed = 0.0
         show.begin_epoch(epoch, c.epochs)
-        for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device):
+        lr = c.lr
+        for i, batch in enumerate(train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device)):
             show.step()
+            lr = c.lr * lr_factor(epoch * w.steps_per_epoch + i, w.steps_per_epoch, c.epochs, c.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             ok = batch["ok"].bool()
             failed += float((~ok).sum())
             if not ok.any():
                 continue
-            x = _nchw(batch["image"][ok])
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5  # augmentation: horizontal flips
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = augment(_nchw(batch["image"][ok]), c.augment)
             y = batch["labels"][ok]
-            loss = loss_fn(model(x).logits, y)
+            loss = asymmetric_loss(model(x).logits, y, c.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for m in frozen if freezing else []:
@@ -234,6 +245,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
             "train_images": seen,
             "decode_failures": failed + val_failed,
             "images_per_s": seen / train_s,
+            "lr": lr,
             **{f"val_{k}": v for k, v in val_metrics.items()},
         }
         show.say(
@@ -391,6 +403,9 @@ def run(cfg: PretrainImageConfig) -> dict:
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "augment": cfg.augment.model_dump_json(),
+        "loss": cfg.loss.model_dump_json(),
+        "schedule": cfg.schedule.model_dump_json(),
         "num_workers": cfg.num_workers,
         "use_gpu": cfg.use_gpu,
         "n_tags": len(vocab),
@@ -425,7 +440,7 @@ def run(cfg: PretrainImageConfig) -> dict:
             trainer = TorchTrainer(
                 train_loop,
                 train_loop_config={
-                    "settings": PretrainWorker(cfg, tuple(vocab), run_id, cfg.mlflow.resolved_uri(), reporter)
+                    "settings": PretrainWorker(cfg, tuple(vocab), run_id, cfg.mlflow.resolved_uri(), reporter, steps)
                 },
                 scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
                 datasets={"train": train_ds, "val": val_ds},
@@ -456,6 +471,13 @@ def run(cfg: PretrainImageConfig) -> dict:
             training_data_version=data_version,
             catalogue=cfg.catalogue,
             epochs=state["epoch"] + 1,
+            recipe={
+                "augment": cfg.augment.model_dump(mode="json"),
+                "loss": cfg.loss.model_dump(mode="json"),
+                "schedule": cfg.schedule.model_dump(mode="json"),
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+            },
             final_metrics={k: float(v) for k, v in result.metrics.items()},
             baseline=baseline,
             mlflow_run_id=run_id,

@@ -3,9 +3,9 @@
 A job prints its own lines on stdout (:func:`say`: what it reads and writes, one line per
 epoch or chunk, a closing summary) and a progress bar on its long loops
 (:func:`progress`). On a terminal the bar is a ``tqdm`` bar that disappears when its
-loop ends; elsewhere (CI logs, a pipe, a file) it becomes one plain line every
-``UMAIR_PROGRESS_S`` seconds (default 10) for loops that last longer than that, and
-nothing for shorter ones.
+loop ends; elsewhere (CI logs, a pipe, a file) it becomes plain lines, the first after
+``UMAIR_PROGRESS_S`` seconds (default 10), then after gaps that double up to a minute
+(at 10, 30, 70, 130 s, then every 60 s), and nothing for loops shorter than that.
 
 :func:`job_log` sends everything else a run writes on stderr (the file descriptor, so
 also its child processes and C++ code: Ray, Ray Data and Ray Train messages, worker
@@ -77,6 +77,22 @@ class _Lines:
         self.stream.flush()
 
 
+class _BackingOff(tqdm):
+    """tqdm off a terminal: after each status line the gap to the next doubles, up to
+    :data:`MAX_GAP_S` (or the first gap, when that is longer)."""
+
+    first_gap_s: float = DEFAULT_PROGRESS_INTERVAL_S
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        shown = super().display(msg, pos)
+        self.mininterval = min(2 * self.mininterval, max(MAX_GAP_S, self.first_gap_s))
+        self.maxinterval = self.mininterval  # tqdm's monitor thread forces a line after maxinterval
+        return shown
+
+
+MAX_GAP_S = 60.0
+
+
 def progress(
     iterable: Iterable[T] | None = None,
     *,
@@ -88,9 +104,10 @@ def progress(
 ) -> tqdm:
     """A progress bar over ``iterable`` (or ``total`` units, advanced with ``.update(n)``),
     on stdout. On a terminal: a tqdm bar, removed when it closes unless ``leave``.
-    Elsewhere: one line (``desc: 40% 8/20 [00:12<00:18, 0.67 step/s]``) every
-    ``interval_s`` seconds (default :func:`progress_interval_s`) once the loop has run
-    that long, and a last line at the end only with ``leave``. Use it as a context
+    Elsewhere: one line (``desc: 40% 8/20 [00:12<00:18, 0.67 step/s]``) once the loop has
+    run ``interval_s`` seconds (default :func:`progress_interval_s`), then after gaps that
+    double up to a minute (a long loop stays a few lines), and a last line at the end
+    only with ``leave``. Use it as a context
     manager or call ``.close()``; print other lines meanwhile with :func:`say`."""
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
@@ -101,7 +118,7 @@ def progress(
     every = progress_interval_s() if interval_s is None else interval_s
     counts = "{n_fmt}/{total_fmt}" if total else "{n_fmt} " + unit
     rate = "{elapsed}<{remaining}, {rate_fmt}" if total else "{elapsed}, {rate_fmt}"
-    return tqdm(
+    bar = _BackingOff(
         iterable,
         total=total,
         desc=desc,
@@ -109,10 +126,12 @@ def progress(
         leave=leave,
         file=_Lines(sys.stdout),
         mininterval=every,
-        maxinterval=max(every, 10.0),
+        maxinterval=every,
         delay=every,
         bar_format=("{desc}: {percentage:3.0f}% " if total else "{desc}: ") + counts + " [" + rate + "{postfix}]",
     )
+    bar.first_gap_s = every
+    return bar
 
 
 def log_dir() -> str:
