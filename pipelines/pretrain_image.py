@@ -492,6 +492,7 @@ def run(cfg: PretrainImageConfig) -> dict:
         "init": cfg.init,
         "init_val_mAP": init_metrics["val_mAP"] if init_metrics else None,
         "val_micro_f1": result.metrics.get("val_micro_f1"),
+        "images_per_s": result.metrics.get("images_per_s"),  # the last epoch's training rate
         "decode_failures": result.metrics.get("decode_failures"),
         "wall_s": round(time.perf_counter() - t_start, 1),
         "mlflow_run_id": run_id,
