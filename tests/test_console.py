@@ -139,6 +139,20 @@ def test_verbose_keeps_the_library_messages_on_the_console(tmp_path):
 
 
 @pytest.mark.slow
+def _run_job(job: str, conf: dict, tmp_path: Path, progress_s: float) -> subprocess.CompletedProcess:
+    """``umair JOB --config`` with ``conf``, off a terminal, logs under ``tmp_path/logs``."""
+    (tmp_path / f"{job}.yaml").write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs"), "UMAIR_PROGRESS_S": str(progress_s)}
+    return subprocess.run(
+        [UMAIR, job, "--config", str(tmp_path / f"{job}.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+
+
 def test_a_ray_train_job_keeps_its_console_short(tiny_world, tmp_path):
     """`umair pretrain-image` on the tiny world, one epoch, off a terminal: only the job's
     own lines and its periodic progress reach the console, each once."""
@@ -153,18 +167,9 @@ def test_a_ray_train_job_keeps_its_console_short(tiny_world, tmp_path):
         "checkpoint_dir": str(tmp_path / "ray_results"),
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "console"},
     }
-    (tmp_path / "conf.yaml").write_text(yaml.safe_dump(conf))
     interval = 1.0
-    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs"), "UMAIR_PROGRESS_S": str(interval)}
     t0 = time.perf_counter()
-    out = subprocess.run(
-        [UMAIR, "pretrain-image", "--config", str(tmp_path / "conf.yaml")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    out = _run_job("pretrain-image", conf, tmp_path, interval)
     wall = time.perf_counter() - t0
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     console = out.stdout + out.stderr
@@ -200,16 +205,7 @@ def test_training_prints_its_epochs_once_from_the_driver_with_step_progress(tiny
         "run_name": "console-train",
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "console"},
     }
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf))
-    env = {**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs"), "UMAIR_PROGRESS_S": "0.5"}
-    out = subprocess.run(
-        [UMAIR, "train", "--config", str(tmp_path / "train.yaml")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    out = _run_job("train", conf, tmp_path, 0.5)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for chatter in CHATTER:
         assert chatter not in out.stdout + out.stderr, chatter

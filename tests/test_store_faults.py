@@ -4,6 +4,7 @@ counts and the exact message a user sees."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -100,16 +101,27 @@ def test_the_heartbeat_renews_the_lease_on_its_own_clock(tmp_path):
         lease.check()
 
 
+@contextlib.contextmanager
+def _store_down(path: str):
+    """The local lease store cannot be read or written while the block runs (a directory
+    where the lease file was); afterwards the file is back as it was (a local version is
+    the content's hash, so the same version)."""
+    saved = storage.read_bytes(path)
+    os.remove(path)
+    os.mkdir(path)
+    try:
+        yield saved
+    finally:
+        os.rmdir(path)
+        storage.write_bytes(path, saved)
+
+
 def test_a_store_outage_shorter_than_half_the_stale_time_keeps_the_lease(tmp_path):
     output = str(tmp_path / "out")
     path = os.path.join(output, LEASE)
     with Lease.acquire(output, "r-1", heartbeat_s=0.1, stale_after_s=2.0) as lease:
-        saved = storage.read_bytes(path)
-        os.remove(path)
-        os.mkdir(path)  # the store cannot be read or written: every renewal fails meanwhile
-        time.sleep(0.5)
-        os.rmdir(path)
-        storage.write_bytes(path, saved)  # back as it was (a local version is the content's hash)
+        with _store_down(path) as saved:
+            time.sleep(0.5)  # every renewal fails meanwhile
         time.sleep(0.3)
         lease.check()  # the beats failed while it was away; it is still this run's
         assert json.loads(storage.read_bytes(path))["heartbeat_at"] > json.loads(saved)["heartbeat_at"]
@@ -120,14 +132,10 @@ def test_no_heartbeat_through_for_half_the_stale_time_stops_commits(tmp_path):
     output = str(tmp_path / "out")
     path = os.path.join(output, LEASE)
     with Lease.acquire(output, "r-1", heartbeat_s=0.1, stale_after_s=1.0) as lease:
-        saved = storage.read_bytes(path)
-        os.remove(path)
-        os.mkdir(path)
-        time.sleep(0.8)  # past half of stale_after_s: another run may take it over soon
-        with pytest.raises(LeaseLost, match=r"run r-1 lost its lease \(no heartbeat got through for \ds: "):
-            lease.check()
-        os.rmdir(path)
-        storage.write_bytes(path, saved)
+        with _store_down(path):
+            time.sleep(0.8)  # past half of stale_after_s: another run may take it over soon
+            with pytest.raises(LeaseLost, match=r"run r-1 lost its lease \(no heartbeat got through for \ds: "):
+                lease.check()
         with pytest.raises(LeaseLost):
             lease.check()  # lost stays lost: this run commits nothing more
 
