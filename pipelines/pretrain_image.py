@@ -53,8 +53,8 @@ from pipelines.runtime import (
 from umair import contracts, storage
 from umair.config import MlflowConfig, RayConfig, Settings, StorageConfig
 from umair.console import say
-from umair.image.pretext import AugmentSettings, LossSettings, ScheduleSettings
-from umair.image.spec import EncoderSpec
+from umair.image.pretext import AugmentSettings, LossSettings, ScheduleSettings, frequency_baseline, tag_metrics
+from umair.image.spec import EncoderSpec, with_dataset_statistics
 from umair.image.tags import multi_hot, split_ids, tag_vocabulary
 
 
@@ -129,17 +129,6 @@ def _nchw(images: Any) -> Any:
     return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
-def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import average_precision_score, f1_score
-
-    present = labels.sum(0) > 0
-    if not present.any():
-        return {"mAP": float("nan"), "micro_f1": float("nan")}
-    m_ap = float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
-    micro_f1 = float(f1_score(labels, (scores > 0.5).astype(int), average="micro", zero_division=0))
-    return {"mAP": m_ap, "micro_f1": micro_f1}
-
-
 def train_loop(config: dict[str, PretrainWorker]) -> None:
     """Runs on every Ray Train worker; ``config["settings"]`` holds the run's typed settings."""
     import mlflow
@@ -198,7 +187,7 @@ def train_loop(config: dict[str, PretrainWorker]) -> None:
                     x = _nchw(batch["image"][ok])
                     scores.append(torch.sigmoid(model(x).logits).cpu().numpy())
                     labels.append(batch["labels"][ok].cpu().numpy())
-        return _metrics(np.concatenate(scores), np.concatenate(labels)), val_failed
+        return tag_metrics(np.concatenate(scores), np.concatenate(labels)), val_failed
 
     if c.init and start_epoch == 0:  # the pretrained start's own score, before any step
         init_metrics, _ = evaluate()
@@ -300,33 +289,6 @@ def prepare_data(cfg: PretrainImageConfig) -> tuple[pa.Table, list[str], np.ndar
     return data, vocab, is_val
 
 
-def dataset_statistics(data: pa.Table, is_val: np.ndarray, cfg: PretrainImageConfig) -> EncoderSpec:
-    """``cfg.encoder`` with ``normalize: dataset`` statistics measured (per channel, inputs
-    in [0, 1], after the encoder's resize) on the first ``stats_images`` training images
-    that decode; other specs, and specs with their statistics given, are returned as they are."""
-    from umair.image.preprocess import DecodeError, decode_image
-
-    spec = cfg.encoder
-    if spec.normalize != "dataset" or spec.mean is not None:
-        return spec
-    settings = cfg.storage.to_settings()
-    total, squares, pixels = np.zeros(3), np.zeros(3), 0
-    for uri in [u for u, v in zip(data.column("image_uri").to_pylist(), is_val) if not v and u][: cfg.stats_images]:
-        try:
-            img = decode_image(storage.read_bytes(uri, settings), spec.image_size, resize=spec.resize) / 255.0
-        except (DecodeError, storage.StorageError):
-            continue
-        total += img.reshape(-1, 3).sum(0)
-        squares += (img.reshape(-1, 3) ** 2).sum(0)
-        pixels += img.shape[0] * img.shape[1]
-    if not pixels:
-        raise ValueError(f"{cfg.catalogue}: no training image decodes; cannot measure normalize: dataset statistics")
-    mean = total / pixels
-    std = np.sqrt(np.maximum(squares / pixels - mean**2, 1e-12))
-    stats = {"mean": tuple(round(float(v), 6) for v in mean), "std": tuple(round(float(v), 6) for v in std)}
-    return EncoderSpec(**{**spec.model_dump(), **stats})
-
-
 def check_init(cfg: PretrainImageConfig, vocab: list[str]) -> dict | None:
     """Load ``cfg.init`` once on the driver (a clear error before Ray starts when it cannot
     be had, e.g. a hub download offline); its record for the manifest, or None."""
@@ -350,12 +312,6 @@ def steps_per_epoch(train_rows: int, cfg: PretrainImageConfig) -> int:
     return max(1, math.ceil((train_rows // cfg.num_workers) / per_worker_batch))
 
 
-def frequency_baseline(labels: np.ndarray, is_val: np.ndarray) -> dict[str, float]:
-    """mAP/micro-F1 of scoring every validation image with the training tag frequencies."""
-    prior = labels[~is_val].mean(0)
-    return _metrics(np.tile(prior, (int(is_val.sum()), 1)), labels[is_val])
-
-
 def run(cfg: PretrainImageConfig) -> dict:
     """Train, export the encoder, return a summary (also logged to MLflow)."""
     import mlflow
@@ -376,7 +332,9 @@ def run(cfg: PretrainImageConfig) -> dict:
         f"{cfg.epochs} epochs on {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s)"
     )
     data, vocab, is_val = prepare_data(cfg)
-    cfg = cfg.model_copy(update={"encoder": dataset_statistics(data, is_val, cfg)})
+    training_uris = [u for u, v in zip(data.column("image_uri").to_pylist(), is_val) if not v and u]
+    spec = with_dataset_statistics(cfg.encoder, training_uris[: cfg.stats_images], cfg.catalogue, settings)
+    cfg = cfg.model_copy(update={"encoder": spec})
     init_record = check_init(cfg, vocab)
     labels = np.stack(data.column("labels").to_numpy(zero_copy_only=False))
     baseline = frequency_baseline(labels, is_val)

@@ -27,12 +27,15 @@ Three parts of its recipe live here, importable without Ray:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+import numpy as np
 from pydantic import Field, model_validator
 
 from umair.config import Settings
+
+if TYPE_CHECKING:  # torch is imported where it is used: the settings load without it (`umair JOB --help`)
+    import torch
 
 
 class AugmentSettings(Settings):
@@ -74,6 +77,7 @@ def augment(images: torch.Tensor, settings: AugmentSettings) -> torch.Tensor:
     ``crop_scale`` × its area and ``crop_ratio`` aspect, resized back to H×W (bilinear,
     antialiased), and flipped with p 0.5. Pixels are moved and interpolated, never
     recoloured. Draws from torch's global generator (the job seeds it)."""
+    import torch
     from torchvision.transforms.v2 import RandomResizedCrop
     from torchvision.transforms.v2 import functional as tvf
 
@@ -91,9 +95,11 @@ def augment(images: torch.Tensor, settings: AugmentSettings) -> torch.Tensor:
 
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, settings: LossSettings) -> torch.Tensor:
     """The mean multi-label loss over [B, N] logits and {0, 1} targets (module docstring)."""
-    if settings.kind == "bce":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    import torch
+
     f = torch.nn.functional
+    if settings.kind == "bce":
+        return f.binary_cross_entropy_with_logits(logits, targets)
     pos = targets * f.logsigmoid(logits)  # log p
     if settings.clip > 0:
         p_neg = (torch.sigmoid(logits) - settings.clip).clamp(min=0.0)
@@ -118,3 +124,22 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, settings: ScheduleSe
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
     return settings.min_factor + (1 - settings.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def tag_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Macro mAP over the tags with a positive in ``labels`` [n, N] and micro-F1 at 0.5 of
+    ``scores`` [n, N] (probabilities): the pretext job's validation metrics."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    present = labels.sum(0) > 0
+    if not present.any():
+        return {"mAP": float("nan"), "micro_f1": float("nan")}
+    m_ap = float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
+    micro_f1 = float(f1_score(labels, (scores > 0.5).astype(int), average="micro", zero_division=0))
+    return {"mAP": m_ap, "micro_f1": micro_f1}
+
+
+def frequency_baseline(labels: np.ndarray, is_val: np.ndarray) -> dict[str, float]:
+    """:func:`tag_metrics` of scoring every validation image with the training tag rates."""
+    prior = labels[~is_val].mean(0)
+    return tag_metrics(np.tile(prior, (int(is_val.sum()), 1)), labels[is_val])

@@ -17,6 +17,7 @@ import torch
 from umair import storage
 from umair.image.encoder import DualEncoder
 from umair.image.preprocess import DecodeError, decode_image
+from umair.image.pretext import tag_metrics
 
 
 def embed_images(
@@ -60,7 +61,6 @@ def probe_map(
     training split are scored with their (zero) training rate; tags with none held out
     are left out of the mean, as in the pretext job's own mAP."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import average_precision_score
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
@@ -73,5 +73,4 @@ def probe_map(
             scores[:, t] = clf.predict_proba(b)[:, 1]
         else:
             scores[:, t] = y.mean()
-    present = val_y.sum(0) > 0
-    return float(average_precision_score(val_y[:, present], scores[:, present], average="macro"))
+    return tag_metrics(scores, val_y)["mAP"]

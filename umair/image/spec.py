@@ -120,3 +120,32 @@ def read_exported_spec(source: str, settings=None) -> EncoderSpec:
     return EncoderSpec.from_manifest(
         json.loads(storage.read_bytes(storage.join(source, "manifest.json"), settings))["spec"]
     )
+
+
+def with_dataset_statistics(spec: EncoderSpec, uris: list[str], source: str, settings=None) -> EncoderSpec:
+    """``spec`` with ``normalize: dataset`` statistics measured per channel (inputs in [0, 1],
+    after the spec's resize) on the images at ``uris`` that decode; other specs, and specs
+    with their statistics given, are returned as they are. ``source`` names the images in
+    the error raised when none decodes."""
+    if spec.normalize != "dataset" or spec.mean is not None:
+        return spec
+    import numpy as np
+
+    from umair import storage
+    from umair.image.preprocess import DecodeError, decode_image
+
+    total, squares, pixels = np.zeros(3), np.zeros(3), 0
+    for uri in uris:
+        try:
+            img = decode_image(storage.read_bytes(uri, settings), spec.image_size, resize=spec.resize) / 255.0
+        except (DecodeError, storage.StorageError):
+            continue
+        total += img.reshape(-1, 3).sum(0)
+        squares += (img.reshape(-1, 3) ** 2).sum(0)
+        pixels += img.shape[0] * img.shape[1]
+    if not pixels:
+        raise ValueError(f"{source}: no training image decodes; cannot measure normalize: dataset statistics")
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean**2, 1e-12))
+    stats = {"mean": tuple(round(float(v), 6) for v in mean), "std": tuple(round(float(v), 6) for v in std)}
+    return EncoderSpec(**{**spec.model_dump(), **stats})
