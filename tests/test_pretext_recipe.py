@@ -94,3 +94,25 @@ def test_the_linear_probe_finds_tags_that_are_linear_in_the_features_and_not_oth
     informative = probe_map(x[train], y[train], x[val], y[val])
     noise = probe_map(rng.normal(size=(400, d)), y[train], rng.normal(size=(200, d)), y[val])
     assert informative > 0.85 and noise < 0.4, (informative, noise)
+
+
+def test_dataset_statistics_are_measured_on_the_images_that_decode(tmp_path):
+    from PIL import Image
+
+    from umair.image.spec import EncoderSpec, with_dataset_statistics
+
+    uris = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):  # one red, one blue image
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (20, 20), colour).save(path)
+        uris.append(str(path))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    uris.append(str(tmp_path / "broken.jpg"))  # skipped, not fatal
+    spec = EncoderSpec(backbone="resnet18", image_size=16, resize="squash", normalize="dataset")
+    measured = with_dataset_statistics(spec, uris, "catalogue.parquet")
+    assert measured.mean == pytest.approx((0.5, 0.0, 0.5), abs=1e-6)
+    assert measured.std == pytest.approx((0.5, 1e-6, 0.5), abs=1e-5)
+    imagenet = EncoderSpec(backbone="resnet18", image_size=16)
+    assert with_dataset_statistics(imagenet, uris, "catalogue.parquet") is imagenet
+    with pytest.raises(ValueError, match=r"catalogue\.parquet: no training image decodes"):
+        with_dataset_statistics(spec, uris[-1:], "catalogue.parquet")
