@@ -116,3 +116,23 @@ def test_dataset_statistics_are_measured_on_the_images_that_decode(tmp_path):
     assert with_dataset_statistics(imagenet, uris, "catalogue.parquet") is imagenet
     with pytest.raises(ValueError, match=r"catalogue\.parquet: no training image decodes"):
         with_dataset_statistics(spec, uris[-1:], "catalogue.parquet")
+
+
+def test_embed_images_returns_both_outputs_for_the_images_that_decode(tmp_path):
+    from PIL import Image
+
+    from umair.image.encoder import DualEncoder
+    from umair.image.probe import embed_images
+    from umair.image.spec import EncoderSpec
+
+    uris = []
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 10, 200)).save(tmp_path / f"{i}.png")
+        uris.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    uris.insert(1, str(tmp_path / "bad.jpg"))
+    model = DualEncoder(EncoderSpec(backbone="resnet18", image_size=32))
+    sem, sty, ok = embed_images(model, uris, batch_size=2)
+    assert ok.tolist() == [True, False, True, True]
+    assert sem.shape == (3, model.sem_dim) and sty.shape == (3, model.sty_dim)
+    assert np.isfinite(sem).all() and not np.allclose(sem[0], sem[2])

@@ -7,9 +7,9 @@ Three parts of its recipe live here, importable without Ray:
   scale, per image. Colour is never touched (no hue, saturation or brightness jitter):
   colour *is* a tag here (hair colour, eye colour, a palette), and e_STY is built from
   colour statistics. Crops are off by default: on the sample world they moved e_SEM from
-  content towards style (centred cosine of same-content / same-style pairs 0.254 / 0.082
-  without crops, 0.194 / 0.237 with crops of 85-100 % of the area; 14 epochs, seed 0,
-  bench/RESULTS.md "Image pretext recipe"): a cut subject leaves the palette as the cue.
+  content towards style (with 60-100 % crops tests/test_pretrain_image.py's e_SEM
+  assertion fails; bench/RESULTS.md "Image pretext task"): a cut subject leaves the
+  palette as the cue.
 * :func:`asymmetric_loss`: ASL (Ben-Baruch et al., 2021) for sparse multi-label targets,
   where an image has 2 of 23 tags and the negatives' easy gradients swamp the positives':
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-import torch
 
 from umair import storage
-from umair.image.encoder import DualEncoder
-from umair.image.preprocess import DecodeError, decode_image
+from umair.image.encoder import DualEncoder, encode
+from umair.image.preprocess import DecodeError, decode_image, to_tensor_batch
 from umair.image.pretext import tag_metrics
 
 
@@ -29,13 +28,10 @@ def embed_images(
     sem, sty, ok = [], [], []
 
     def flush(batch: list[np.ndarray]) -> None:
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div_(255)
-        with torch.no_grad():
-            out = model(x)
-        sem.append(out.sem.numpy())
-        sty.append(out.sty.numpy())
+        e_sem, e_sty = encode(model, to_tensor_batch(np.stack(batch)), "cpu")
+        sem.append(e_sem.numpy())
+        sty.append(e_sty.numpy())
 
-    model.eval()
     batch: list[np.ndarray] = []
     for uri in uris:
         try:
