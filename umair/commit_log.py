@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -64,7 +65,28 @@ def write_json(uri: str, data: dict, settings: storage.StorageSettings, retry_s:
 
 
 def read_json(uri: str, settings: storage.StorageSettings, retry_s: float) -> dict:
-    return json.loads(with_retries(lambda: storage.read_bytes(uri, settings), f"read {uri}", retry_s))
+    """The JSON object at ``uri``.
+
+    Manifests and run markers are rewritten in place (``pending`` -> ``committed``, a
+    heartbeat). On S3 a read sizes the object first and then fetches it, so a read that
+    overlaps a rewrite by a longer body returns the new body cut at the old size: a torn
+    read, which never parses. It is read again (with backoff, for ``retry_s``); a body
+    that still does not parse is a :class:`FeatureError` naming the file and the place.
+    """
+    start, delay = time.monotonic(), 0.05
+    while True:
+        body = with_retries(lambda: storage.read_bytes(uri, settings), f"read {uri}", retry_s)
+        try:
+            return json.loads(body)
+        except ValueError as err:
+            if time.monotonic() - start >= retry_s:
+                raise FeatureError(
+                    f"{uri}: not a JSON document ({err}; {len(body)} bytes), read again for {retry_s:g} s; "
+                    "a commit manifest is written whole, so this one was damaged after it was written: "
+                    "restore it or remove its run's parts and extract again"
+                ) from err
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def commit_uri(output: str, run_id: str, seq: int) -> str:
