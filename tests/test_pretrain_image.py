@@ -4,6 +4,7 @@ and the exported encoder separates style (e_STY) from content (e_SEM)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,14 +139,19 @@ def test_pretext_from_a_saved_encoder_starts_at_its_validation_map_or_better(pre
         "mlflow": {**conf["mlflow"], "experiment": "t-pretrain-again"},
     }
     (root / "again.yaml").write_text(yaml.safe_dump(again))
+    interval = 1.0
+    t0 = time.perf_counter()
     done = subprocess.run(
         [UMAIR, "pretrain-image", "--config", str(root / "again.yaml")],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=900,
+        env={**os.environ, "UMAIR_LOG_DIR": str(root / "logs"), "UMAIR_PROGRESS_S": str(interval)},
     )
+    wall = time.perf_counter() - t0
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _assert_a_short_console(done, wall, interval)
     model, manifest = load_encoder(again["output"])
     start = manifest["init_metrics"]["val_mAP"]
     assert start >= saved["final_metrics"]["val_mAP"] - 1e-6, (start, saved["final_metrics"])
@@ -161,3 +167,28 @@ def test_pretext_from_a_saved_encoder_starts_at_its_validation_map_or_better(pre
         if name.startswith(("stem.", "layer1.")):
             torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
     assert not torch.equal(model.state_dict()["layer4.1.conv2.weight"], old.state_dict()["layer4.1.conv2.weight"])
+
+
+CHATTER = ("Traceback", "(PlacementGroupCleaner", "core_worker", "Warning", "(RayTrainWorker", "(TrainController")
+"""What issue #20 found on a job's console and must never be there again."""
+LOG_LINE = re.compile(r"^\[umair\] [\w-]+: messages of Ray, PyTorch, Hugging Face and MLflow go to (\S+\.log)", re.M)
+
+
+def _assert_a_short_console(out: subprocess.CompletedProcess, wall: float, interval: float) -> None:
+    """A one-epoch Ray Train job off a terminal: only the job's own lines and its periodic
+    progress reach the console, each once; Ray's chatter is in the run's log."""
+    console = out.stdout + out.stderr
+    assert out.stderr == "", out.stderr[-3000:]
+    for chatter in CHATTER:
+        assert chatter not in console, chatter
+    lines = out.stdout.splitlines()
+    ticks = [line for line in lines if re.match(r"\[pretrain-image\] epoch 0:\s+\d+% \d+/\d+ \[", line)]
+    own = [line for line in lines if line not in ticks]
+    # The budget: the log path, what it reads and writes, the data, the start, one line per epoch, the summary.
+    assert len(own) <= 6, own
+    assert own[0].startswith("[umair] pretrain-image: messages of") and own[-1].startswith("[pretrain-image] done: ")
+    assert sum(line.startswith("[pretrain-image] epoch 0: train_loss=") for line in own) == 1, own
+    assert 1 <= len(ticks) <= wall / interval + 1, ticks  # periodic progress of the steps, from rank 0 via the driver
+    (path,) = LOG_LINE.findall(out.stdout)
+    log = Path(path).read_text()
+    assert "Started a local Ray instance" in log and "(TrainController" in log  # the chatter is kept, in the log

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -421,10 +422,36 @@ def _slow_cfg(tiny_world, tiny_features, root: Path, **kw) -> train.TrainConfig:
     )
 
 
+# What the issue #20 found on a job's console and must never be there again.
+CHATTER = ("Traceback", "(PlacementGroupCleaner", "core_worker", "Warning", "(RayTrainWorker", "(TrainController")
+
+
 @pytest.mark.slow
-def test_two_worker_training_saves_a_model_that_evaluate_loads(ray_local, tiny_world, tiny_features, tmp_path):
+def test_two_worker_training_saves_a_model_that_evaluate_loads(tiny_world, tiny_features, tmp_path):
+    """``umair train`` with 2 Ray Train workers, as a user runs it (off a terminal): the saved
+    model and its MLflow run, evaluate agreeing with it, and the console: rank 0's epoch and
+    memory lines reach it through the driver, once each and without Ray's
+    "(RayTrainWorker pid=…)" prefix, with periodic step progress within each epoch."""
     cfg = _slow_cfg(tiny_world, tiny_features, tmp_path, epochs=2, batch_size=32, run_name="t-2workers")
-    summary = train.run(cfg)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = subprocess.run(
+        [UMAIR, "train", "--config", str(tmp_path / "train.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "UMAIR_LOG_DIR": str(tmp_path / "logs"), "UMAIR_PROGRESS_S": "0.5"},
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for chatter in CHATTER:
+        assert chatter not in out.stdout + out.stderr, chatter
+    lines = out.stdout.splitlines()
+    for epoch in (0, 1):
+        assert sum(line.startswith(f"[train] epoch {epoch}: train_loss=") for line in lines) == 1, lines
+    assert sum(line.startswith("[train] memory: w0 peak RSS") for line in lines) == 2, lines  # first and last epoch
+    assert any(re.match(r"\[train\] epoch [01]:\s+\d+% \d+/\d+ \[", line) for line in lines), lines
+    (done,) = [line for line in lines if line.startswith("[train] done: ")]
+    summary = json.loads(done.removeprefix("[train] done: "))
     assert summary["epochs"] == 2 and summary["attempt_start_epochs"] == [0]
     assert 0.0 <= summary["test_auc"] <= 1.0 and summary["train_rows"] > 300
 
