@@ -473,6 +473,48 @@ def test_dropping_tag_padding_keeps_the_logits_and_the_gradients() -> None:
         model.pack_ids(batch["user_id"], tags + 100, batch["user_fields"], batch["item_fields"], drop_tag_padding=True)
 
 
+def test_id_dropout_trains_the_rows_an_unseen_user_and_a_cold_item_read() -> None:
+    """In training a share of rows reads user id 0 / item id 0 (what an unseen user and a
+    cold item read when scored), so those rows get gradients; scoring never drops an id."""
+    every = 1.0 - 1e-9  # torch.rand < every always (its largest float32 is 1 - 2⁻²⁴)
+    cfg = small_config(
+        item_fields={"created_at": 6, "illust_id": 9, "artist": 5}, user_id_dropout=every, item_id_dropout=every
+    )
+    torch.manual_seed(0)
+    model = UmairFPS(cfg)
+    batch = make_batch(cfg, 64)
+    batch["user_id"] = batch["user_id"].clamp(min=1)
+    batch["item_fields"][:, 1] = batch["item_fields"][:, 1].clamp(min=1)
+    unseen = {**batch, "user_id": torch.zeros_like(batch["user_id"]), "item_fields": batch["item_fields"].clone()}
+    unseen["item_fields"][:, 1] = 0
+    model.eval()
+    as_unseen = fwd(model, unseen)
+    assert not torch.allclose(fwd(model, batch), as_unseen)  # scoring reads the ids as given
+    model.train()
+    torch.testing.assert_close(fwd(model, batch), as_unseen)  # every id dropped: the unseen rows' logits
+    model.zero_grad()
+    fwd(model, batch).sum().backward()
+    grad = model.embeddings.weight.grad
+    layout = model.layout
+    item_oov = layout.starts[2 + len(cfg.user_fields) + 1]  # block of item field "illust_id", row 0
+    assert grad[0].abs().sum() > 0 and grad[item_oov].abs().sum() > 0
+    assert grad[1 : cfg.n_users].abs().sum() == 0  # the known ids were not read
+    # A share p drops about p of the rows, independently per id.
+    half = UmairFPS(small_config(item_fields={"illust_id": 9}, user_id_dropout=0.5, item_id_dropout=0.25))
+    packed = half.pack_ids(
+        torch.ones(4000, dtype=torch.long), torch.zeros(4000, 1, dtype=torch.long),
+        torch.ones(4000, 2, dtype=torch.long), torch.ones(4000, 1, dtype=torch.long),
+    )  # fmt: skip
+    dropped = half.layout.drop_ids(packed, 0.5, 0.25) != packed
+    (user_col, _), (item_col, _) = half.layout.id_columns(packed.shape[1])
+    assert (
+        abs(dropped[:, user_col].float().mean() - 0.5) < 0.04 and abs(dropped[:, item_col].float().mean() - 0.25) < 0.04
+    )
+    assert dropped.sum(0)[[c for c in range(packed.shape[1]) if c not in (user_col, item_col)]].sum() == 0
+    with pytest.raises(ValueError, match="no 'illust_id' item field"):
+        UmairFPS(small_config(item_id_dropout=0.1))
+
+
 # ---------------------------------------------------------------- docs and imports
 
 

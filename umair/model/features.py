@@ -43,6 +43,7 @@ from umair import storage
 from umair.config import Settings
 from umair.errors import FeatureError
 from umair.model.interactions import parse_time, rows_of, take_by_id, window
+from umair.model.settings import ITEM_ID_FIELD
 from umair.model.vocab import Buckets, Vocabulary
 
 ITEM_NUMERIC: tuple[str, ...] = ("created_at", "width", "height", "page_count")
@@ -316,7 +317,7 @@ class FeatureSpace:
             if c in illustrations.column_names
         }
         if settings.item_id:
-            item_fields["illust_id"] = Vocabulary.fit(item_col, settings.min_count)
+            item_fields[ITEM_ID_FIELD] = Vocabulary.fit(item_col, settings.min_count)
         for c in _extra_columns(illustrations, ITEM_RESERVED, settings.item_categoricals, "illustrations"):
             item_fields[c] = _fit_field(train_items.column(c), settings)
         item_bag_cols = _bag_columns(illustrations, "tags", settings.item_bags, "item_bags", "illustrations")
@@ -384,7 +385,7 @@ class FeatureSpace:
         rows, found = take_by_id(illustrations, "illust_id", illust_ids)
         out = np.zeros((len(illust_ids), len(self.item_fields)), dtype=np.int64)
         for j, (name, enc) in enumerate(self.item_fields.items()):
-            if name == "illust_id":
+            if name == ITEM_ID_FIELD:
                 out[:, j] = enc.encode(illust_ids)
             elif name in rows.column_names:
                 out[found, j] = enc.encode(rows.column(name))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from umair.model.settings import ModelConfig
+from umair.model.settings import ITEM_ID_FIELD, ModelConfig
 
 
 class PackLayout:
@@ -191,6 +191,35 @@ class PackLayout:
             else:  # no host sync on an accelerator
                 torch._assert_async(~outside.any(), "UmairFPS.pack_ids: an id is outside its vocabulary")
         return ids + starts
+
+    # ---- id dropout
+
+    def id_columns(self, width: int) -> list[tuple[int, int]]:
+        """(packed column, its out-of-vocabulary row) of the user id and, when the config has
+        the item's own id as an item field (:data:`umair.model.settings.ITEM_ID_FIELD`), of it:
+        what :meth:`drop_ids` overwrites. The item part is the last ``item_columns`` columns."""
+        cfg = self.cfg
+        out = [(0, self.starts[0])]
+        if ITEM_ID_FIELD in cfg.item_fields:
+            j = list(cfg.item_fields).index(ITEM_ID_FIELD)
+            out.append((width - self.item_columns + j, self.starts[self._item_field_tables[j]]))
+        return out
+
+    def drop_ids(self, packed: Tensor, p_user: float, p_item: float) -> Tensor:
+        """Packed ids [B, C] with the user id of a random share ``p_user`` of the rows, and the
+        item id of an independent share ``p_item``, replaced by their table's
+        out-of-vocabulary row (id 0): the rows an unseen user or a cold item reads at
+        scoring time. Returns ``packed`` itself when nothing is dropped."""
+        columns = self.id_columns(packed.shape[1])
+        shares = [p_user, p_item][: len(columns)]
+        if not any(shares) or not packed.numel():
+            return packed
+        out = packed.clone()
+        for (col, oov), p in zip(columns, shares):
+            if p > 0:
+                hit = torch.rand(packed.shape[0], device=packed.device) < p
+                out[:, col] = torch.where(hit, torch.full_like(out[:, col], oov), out[:, col])
+        return out
 
     # ---- pooling
 

@@ -20,6 +20,7 @@ ExpertKind = Literal["att", "sen", "mean"]
 SenWeights = Literal["softmax", "sigmoid"]
 
 META = "meta"  # the item-metadata modality: projected item-field embeddings, stacked last
+ITEM_ID_FIELD = "illust_id"  # the item field holding the item's own id (FeatureSettings.item_id)
 
 
 class ModelConfig(BaseModel):
@@ -98,6 +99,21 @@ class ModelConfig(BaseModel):
     structure: Literal["stacked", "parallel"] = "stacked"
     mlp: tuple[int, ...] = Field((64, 32, 16), description="hidden widths of the deep MLP (ReLU)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    user_id_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="training only: this share of rows reads the out-of-vocabulary user id (row 0), so the model "
+        "learns what an unseen user looks like and leans on the profile and history where the id is unknown",
+    )
+    item_id_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=f"training only: this share of rows reads the out-of-vocabulary item id (row 0 of the "
+        f"{ITEM_ID_FIELD!r} item field), so an item never seen in training (a cold item) is scored from its "
+        "vectors and metadata by weights trained for that case",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
