@@ -211,11 +211,12 @@ class PackLayout:
         out-of-vocabulary row (id 0): the rows an unseen user or a cold item reads at
         scoring time. Returns ``packed`` itself when nothing is dropped."""
         columns = self.id_columns(packed.shape[1])
-        shares = [p_user, p_item][: len(columns)]
-        if not any(shares) or not packed.numel():
+        if p_item and len(columns) < 2:
+            raise ValueError(f"item id dropout {p_item}: the config has no {ITEM_ID_FIELD!r} item field")
+        if not (p_user or p_item) or not packed.numel():
             return packed
         out = packed.clone()
-        for (col, oov), p in zip(columns, shares):
+        for (col, oov), p in zip(columns, (p_user, p_item)):
             if p > 0:
                 hit = torch.rand(packed.shape[0], device=packed.device) < p
                 out[:, col] = torch.where(hit, torch.full_like(out[:, col], oov), out[:, col])
