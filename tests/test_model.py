@@ -511,8 +511,8 @@ def test_id_dropout_trains_the_rows_an_unseen_user_and_a_cold_item_read() -> Non
         abs(dropped[:, user_col].float().mean() - 0.5) < 0.04 and abs(dropped[:, item_col].float().mean() - 0.25) < 0.04
     )
     assert dropped.sum(0)[[c for c in range(packed.shape[1]) if c not in (user_col, item_col)]].sum() == 0
-    with pytest.raises(ValueError, match="no 'illust_id' item field"):
-        UmairFPS(small_config(item_id_dropout=0.1))
+    with pytest.raises(ValidationError, match="no 'illust_id' item field"):
+        small_config(item_id_dropout=0.1)
 
 
 # ---------------------------------------------------------------- docs and imports

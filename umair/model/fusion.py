@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from umair.model.crossnet import CrossNet
 from umair.model.history import HistoryBatch, history_stats
 from umair.model.packing import PackLayout, compact_tags  # noqa: F401  (compact_tags re-exported)
-from umair.model.settings import ITEM_ID_FIELD, META, ModelConfig
+from umair.model.settings import META, ModelConfig
 from umair.model.umcm import MoEUMCM
 
 
@@ -223,11 +223,6 @@ class UmairFPS(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.item_id_dropout and ITEM_ID_FIELD not in cfg.item_fields:
-            raise ValueError(
-                f"item_id_dropout={cfg.item_id_dropout}: the config has no {ITEM_ID_FIELD!r} item field to drop "
-                f"(item fields: {list(cfg.item_fields)}; FeatureSettings.item_id puts it there)"
-            )
         k, d = cfg.emb_dim, cfg.d
         # Every id table (user id, tags, each profile field / user bag, each item field / item
         # bag) is one block of rows of a single [Σ vocab, k] table: one lookup, one L2 norm and

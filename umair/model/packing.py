@@ -218,8 +218,7 @@ class PackLayout:
         out = packed.clone()
         for (col, oov), p in zip(columns, (p_user, p_item)):
             if p > 0:
-                hit = torch.rand(packed.shape[0], device=packed.device) < p
-                out[:, col] = torch.where(hit, torch.full_like(out[:, col], oov), out[:, col])
+                out[:, col].masked_fill_(torch.rand(packed.shape[0], device=packed.device) < p, oov)
         return out
 
     # ---- pooling

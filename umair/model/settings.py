@@ -130,6 +130,11 @@ class ModelConfig(BaseModel):
             raise ValueError(f"vectors: widths must be >= 1, got {bad}")
         if any(w < 1 for w in self.mlp):
             raise ValueError(f"mlp widths must be >= 1, got {self.mlp}")
+        if self.item_id_dropout and ITEM_ID_FIELD not in self.item_fields:
+            raise ValueError(
+                f"item_id_dropout={self.item_id_dropout}: the config has no {ITEM_ID_FIELD!r} item field to drop "
+                f"(item fields: {list(self.item_fields)}; FeatureSettings.item_id puts it there)"
+            )
         return self
 
     @property
