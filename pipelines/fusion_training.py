@@ -75,7 +75,7 @@ from umair.training.lookup import SharedTables, shared_tables
 from umair.training.memory import gather_reports, memory_line
 from umair.training.model_io import META, SPACE, WEIGHTS, save_model, training_meta
 from umair.training.run_params import run_params
-from umair.training.scoring import window_scores
+from umair.training.scoring import collapse_warning, window_scores
 from umair.training.settings import TrainConfig
 from umair.training.step import EpochSelection, StepSettings, train_epoch
 
@@ -140,6 +140,8 @@ def _log_epoch(client: Any, run_id: str, metrics: dict[str, float], show: TrainR
     shown = {k: v for k, v in metrics.items() if k != "epoch" and not k.startswith("mem.")}
     workers = sorted({k.split(".")[1] for k in metrics if k.startswith("mem.")})
     show.say(f"{TAG} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    if warning := collapse_warning(metrics, "val"):
+        show.say(f"{TAG} warning, epoch {epoch}: {warning}")
     if workers and (epoch == 0 or last):
         show.say(f"{TAG} memory: " + "; ".join(memory_line(w, metrics) for w in workers))
     now = int(time.time() * 1000)
@@ -441,6 +443,8 @@ def fit(
                 f"{TAG} test window, epoch {best_epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in test.items()),
                 flush=True,
             )
+            if warning := collapse_warning(test, "test"):
+                say(f"{TAG} warning: {warning}", flush=True)
             now = int(time.time() * 1000)
             client.log_batch(
                 run_id,

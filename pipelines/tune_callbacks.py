@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from umair.training.scoring import collapse_warning
 from umair.tuning import METRIC
 
 TAG = "[tune]"
@@ -60,6 +61,8 @@ def console_callback() -> Any:
             r = trial.last_result or {}
             best = r.get("best_val_auc", r.get(METRIC))
             shown = f"best val_auc {best:.4f}" if isinstance(best, float) else "no val_auc"
+            if warning := collapse_warning(r, "val"):
+                shown += f"; its last epoch: {warning}"
             print(f"{TAG} trial {trial.trial_id} ended after epoch {r.get('epoch', '?')}: {shown}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -21,7 +21,7 @@ from umair.model.interactions import parse_time
 from umair.training.inputs import prepare
 from umair.training.local import LocalRecipe, fit_local, rows_of_window
 from umair.training.model_io import load_model, save_model, training_meta
-from umair.training.scoring import score_rows, window_scores
+from umair.training.scoring import COLLAPSED_STD, collapse_warning, score_rows, window_scores
 from umair.training.step import EpochSelection
 
 SMALL = {"emb_dim": 4, "d": 8, "experts": ["att"], "cross_layers": 1, "mlp": [16]}
@@ -104,6 +104,41 @@ def test_fit_local_keeps_the_best_validation_epoch_and_stops_early(tiny_world, t
     plain = prepare(_cfg(tiny_world, tiny_features, tmp_path))
     last = fit_local(plain, plain.model_config, LocalRecipe(epochs=2, batch_size=64, patience=2))
     assert (len(last.history), last.best_epoch, last.val_auc) == (2, 1, None)
+
+
+def test_the_output_bias_starts_at_the_training_base_rate_and_a_collapsed_model_is_named(
+    tiny_world, tiny_features, tmp_path, caplog
+):
+    import torch
+
+    from umair.model.fusion import UmairFPS
+    from umair.training.lookup import load_lookup
+
+    p = prepare(_cfg(tiny_world, tiny_features, tmp_path, validation_fraction=0.25))
+    rate = float(p.train_rows.column("label").to_numpy().mean())
+    assert 0.0 < rate < 0.5 and p.model_config.label_prior == pytest.approx(rate)
+    assert float(torch.sigmoid(UmairFPS(p.model_config).head.bias)) == pytest.approx(rate)
+    # the settings may turn it off: nn.Linear's initialisation
+    off = prepare(_cfg(tiny_world, tiny_features, tmp_path, model={**SMALL, "label_prior": None}))
+    assert off.model_config.label_prior is None
+
+    # a model whose every prediction is the same: its val AUC of 0.5 is called what it is
+    lookup, _, _ = load_lookup(p.space, p.inputs, p.modalities, "cpu")
+    u, i, y, ts = (p.val_rows.column(c).to_numpy() for c in ("user_row", "item_row", "label", "ts"))
+    collapsed = UmairFPS(p.model_config)
+    with torch.no_grad():
+        collapsed.head.weight.zero_()
+    m = window_scores(collapsed, lookup, u, i, y, "val", ts=ts)
+    assert m["val_auc"] == 0.5 and m["val_pred_std"] < COLLAPSED_STD
+    warning = collapse_warning(m, "val")
+    assert warning is not None and "collapsed" in warning and "val_auc=0.5000" in warning
+    # a trained model's predictions vary: no warning from fit_local's epochs
+    with caplog.at_level("WARNING", logger="umair"):
+        fitted = fit_local(p, p.model_config, LocalRecipe(epochs=2, batch_size=16))
+    assert (
+        fitted.history[-1]["val_pred_std"] > 10 * COLLAPSED_STD and collapse_warning(fitted.history[-1], "val") is None
+    )
+    assert "collapsed" not in caplog.text
 
 
 def test_dcn_v2_only_trains_without_modalities_or_umcm(tiny_world, tiny_features, tmp_path):

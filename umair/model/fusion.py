@@ -21,6 +21,7 @@ output layer like ``nn.Linear``, cross layers as in :mod:`umair.model.crossnet`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -155,6 +156,8 @@ class UmairFPS(nn.Module):
         h        = MLP(x_L)    (ReLU layers ``cfg.mlp``; "parallel": [x_L; MLP(x_0)])
         logit    = w_o h + b_o,    ŷ = sigmoid(logit)                                    [B]
 
+    (b_o starts at log(p / (1 - p)) for ``cfg.label_prior`` = p, the training base rate.)
+
     The sigmoid is left to the caller (train with ``BCEWithLogitsLoss``). With every
     multimodal feature off ("w/o ALL") there is no ``v_user``, ``e``, UMCM: ``x_0 = raw``,
     a DCN-V2 model over id / metadata embeddings (:func:`umair.model.settings.dcn_v2_only` is the same with
@@ -277,6 +280,9 @@ class UmairFPS(nn.Module):
         deep_out = self.deep.out_features
         parallel = cfg.structure == "parallel" and cfg.cross_layers > 0
         self.head = _FlatLinear(deep_out + (width if parallel else 0), 1)
+        if cfg.label_prior is not None:  # b_o = logit(p): ŷ starts near the base rate
+            with torch.no_grad():
+                self.head.bias.fill_(math.log(cfg.label_prior / (1.0 - cfg.label_prior)))
 
     def pack_ids(
         self,

@@ -99,6 +99,15 @@ class ModelConfig(BaseModel):
     structure: Literal["stacked", "parallel"] = "stacked"
     mlp: tuple[int, ...] = Field((64, 32, 16), description="hidden widths of the deep MLP (ReLU)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    label_prior: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="p, the share of positive rows in the training window (the training job sets it): the output "
+        "bias b_o starts at log(p / (1 - p)), so the first steps need not pull every logit towards the base rate "
+        "through the deep MLP, which can leave its last ReLU layer dead (every prediction the same); None: "
+        "nn.Linear's initialisation",
+    )
     user_id_dropout: float = Field(
         0.0,
         ge=0.0,

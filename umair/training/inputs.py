@@ -263,7 +263,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
             cut["validation"], f"{inputs.interactions}: validation window [{val_start}, {inputs.split})"
         )
     space = FeatureSpace.fit(ill, users, train, train_end, cfg.features)
-    model_config = build_model_config(space, info, cfg.model, cfg.variant)
+    # b_o starts at the training window's base rate unless the settings say otherwise (ModelConfig.label_prior)
+    prior = float(np.mean(train.column("label").to_numpy(zero_copy_only=False)))
+    model_config = build_model_config(space, info, {"label_prior": prior, **cfg.model}, cfg.variant)
     user_ids = users.column("user_id").to_numpy()
 
     def rows(table: pa.Table, name: str) -> pa.Table:

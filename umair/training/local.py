@@ -14,6 +14,7 @@ With a validation window (``prepared.val_rows``) it follows ``umair train``'s pr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,10 @@ import numpy as np
 from umair.model.settings import ModelConfig
 from umair.training.inputs import Prepared
 from umair.training.lookup import Lookup, load_lookup
-from umair.training.scoring import window_scores
+from umair.training.scoring import collapse_warning, window_scores
 from umair.training.step import EpochSelection, StepSettings, train_epoch
+
+log = logging.getLogger("umair")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ def fit_local(
         metrics = {"epoch": float(epoch), "train_loss": losses[-1]}
         if val_cols is not None:
             metrics.update(window_scores(model, lookup, *val_cols, "val", ts=val_ts))
+            if warning := collapse_warning(metrics, "val"):
+                log.warning("epoch %d: %s", epoch, warning)
             if selection.update(epoch, metrics["val_auc"]):
                 best_state = copy.deepcopy(model.state_dict())
         history.append(metrics)
