@@ -41,7 +41,8 @@ from _machine import machine_line  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TARGETS = {"zh": ("zh-Hans", "zh-Hant"), "zh-Hans": ("zh-Hans",), "zh-Hant": ("zh-Hant",), "en": ("en",)}
-OLD_SETTINGS = {"logging_steps": 1, "length_buckets": 0}  # speed settings only: the recipe stays the same
+# speed settings only: the recipe stays the same
+OLD_SETTINGS = {"logging_steps": 1, "length_buckets": 0, "precision": "fp32"}
 
 
 def _parse_grid(text: str) -> list[dict[str, Any]]:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="where to save the model (default: a temporary directory)")
     ap.add_argument("--select", default=None, help="candidate settings chosen on a validation split (see above)")
     ap.add_argument("--speed", type=int, default=None, metavar="STEPS", help="old vs new settings, STEPS each")
+    ap.add_argument(
+        "--speed-fp32", action="store_true", help="--speed: also the new settings at fp32 (where auto picks bf16)"
+    )
     ap.add_argument("--speed-threads", default="1,2", help="--speed: thread counts to run old and new at (default 1,2)")
     args = ap.parse_args(argv)
 
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _speed(args, table, config, finetune, directions, header, tmp, t0) -> int:
     """Old vs new training speed settings on the same pairs and recipe, one after the other."""
+    from umair.text.finetune import resolved_precision
     from umair.text.retrieval import retrieval_metrics
 
     n = args.speed * args.batch_size
@@ -276,6 +281,8 @@ def _speed(args, table, config, finetune, directions, header, tmp, t0) -> int:
             (f"old (loss logged every step, no length buckets), threads {t_old}", {**OLD_SETTINGS, "threads": n_old})
         )
         plan.append((f"new (FinetuneConfig defaults), threads {t_new}", {"threads": n_new}))
+        if args.speed_fp32:
+            plan.append((f"new but fp32 (precision: fp32), threads {t_new}", {"threads": n_new, "precision": "fp32"}))
     for name, over in plan:
         cfg = config(tmp, "speed", max_train_pairs=n, **over)
         n_threads = cfg.resolved_threads()  # what the run will use (auto: the usable cores)
@@ -294,19 +301,19 @@ def _speed(args, table, config, finetune, directions, header, tmp, t0) -> int:
         f"lr {cfg.lr}, embedding lr {cfg.embedding_lr or cfg.lr}, loss {cfg.loss}, held-out {args.holdout:.0%} seed {args.seed}"
     )
     print()
-    print("| settings | threads | steps | train s | pairs/s | R@1 ja→zh-Hans | R@1 ja→en |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| settings | threads | precision | steps | train s | pairs/s | R@1 ja→zh-Hans | R@1 ja→en |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name, cfg, n_pairs, steps, secs, m in runs:
         print(
-            f"| {name} | {cfg.threads} | {steps} | {secs:.1f} | {n_pairs * cfg.epochs / secs:.1f} "
-            f"| {m['ja→zh-Hans']['r1']:.3f} | {m['ja→en']['r1']:.3f} |"
+            f"| {name} | {cfg.threads} | {resolved_precision(cfg)} | {steps} | {secs:.1f} "
+            f"| {n_pairs * cfg.epochs / secs:.1f} | {m['ja→zh-Hans']['r1']:.3f} | {m['ja→en']['r1']:.3f} |"
         )
     print()
-    for k in range(0, len(runs), 2):
-        t_old, t_new = (runs[j][0].split(", ")[-1] for j in (k, k + 1))
-        print(f"speed-up new/old ({t_old} → {t_new}): {runs[k][4] / runs[k + 1][4]:.2f}x")
-    if len(runs) > 2:
-        print(f"speed-up best new / first old: {runs[0][4] / min(r[4] for r in runs[1::2]):.2f}x")
+    per_spec = len(runs) // len(args.speed_threads.split(","))
+    for k in range(0, len(runs), per_spec):  # each thread spec: its old run, then the new ones
+        old = runs[k]
+        for new in runs[k + 1 : k + per_spec]:
+            print(f"speed-up {new[0]} / {old[0]}: {old[4] / new[4]:.2f}x")
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 

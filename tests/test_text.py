@@ -23,7 +23,7 @@ from umair.sample import vocab
 from umair.text import pairs as P
 from umair.text.batch_sampler import GroupedNoDuplicatesBatchSampler, batch_keys
 from umair.text.cjk_tokens import add_cjk_tokens, unknown_cjk_chars
-from umair.text.finetune import finetune, split_by_group, trainer_arguments
+from umair.text.finetune import finetune, native_bf16, split_by_group, trainer_arguments
 from umair.text.retrieval import retrieval_metrics
 from umair.text.saved_encoder import MANIFEST, load_text_encoder, publish_encoder_dir
 from umair.text.settings import FinetuneConfig, TextEncoderError, default_base_model
@@ -231,6 +231,13 @@ def test_config_refuses_unknown_keys_and_trainer_arguments_exist():
     names = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
     kwargs = trainer_arguments(FinetuneConfig(output_dir="x"), "/tmp/w", [("a",)])
     assert set(kwargs) <= names, set(kwargs) - names
+    # precision: bf16 mixed precision where the hardware has it (auto), or as set; the CPU run says so
+    for precision, bf16 in (("fp32", False), ("bf16", True), ("auto", native_bf16("cpu"))):
+        kw = trainer_arguments(FinetuneConfig(output_dir="x", device="cpu", precision=precision), "/tmp/w", [("a",)])
+        assert kw["bf16"] is bf16 and kw["use_cpu"] is True
+        SentenceTransformerTrainingArguments(**kw)  # transformers accepts it on this machine
+    with pytest.raises(Exception, match="precision"):
+        FinetuneConfig(output_dir="x", precision="fp16")
 
 
 # --------------------------------------------------------------------------- CJK tokens and fine-tuning
@@ -282,6 +289,7 @@ def trained(tmp_path_factory):
         device="cpu",
         logging_steps=1,  # a dozen steps: log each, so every epoch has losses to compare
         threads=1,
+        precision="bf16",  # mixed precision trains (and learns) on any CPU, native bf16 or not
     )
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     cwd, previous_uri = os.getcwd(), mlflow.get_tracking_uri()
@@ -335,6 +343,7 @@ def test_short_finetune_learns_saves_reloads_and_logs(trained, base_model):
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(result.loss_history)
     assert run.data.params["version"] == result.version and run.data.params["base_model"] == default_base_model()
     assert run.data.metrics["added_cjk_tokens"] == len(result.added_tokens)
+    assert run.data.params["precision_used"] == "bf16"
     assert MANIFEST in [a.path for a in client.list_artifacts(run.info.run_id)]
 
     with pytest.raises(TextEncoderError, match="no manifest"):

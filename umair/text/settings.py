@@ -82,6 +82,12 @@ class FinetuneConfig(Settings):
     max_train_pairs: int | None = Field(None, ge=2, description="cap on training pairs (seeded sample); None = all")
     seed: int = 0
     device: str | None = Field(None, description="torch device; None = CUDA when available, else CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="training arithmetic: bf16 = mixed precision (torch.autocast bfloat16; weights and optimizer "
+        "stay fp32); auto = bf16 where the hardware computes it natively (a CPU with AMX or AVX512-BF16, a GPU "
+        "with bf16 support), else fp32",
+    )
 
     def resolved_threads(self) -> int:
         """``threads``; unset: the CPU cores available to this process."""
