@@ -173,6 +173,7 @@ def planted_section(train_cfg: Any, eval_cfg: Any, settings: Any) -> dict[str, A
     ``w/o STY`` / DCN-V2-only rows trained here; printed with one verdict per effect."""
     from umair import contracts
     from umair import storage as st
+    from umair.config import usable_cores
     from umair.training.inputs import prepare
     from umair.training.local import LocalRecipe
     from umair.training.planted import ablation_rows, evaluated_row, planted_markdown, planted_verdicts
@@ -183,8 +184,13 @@ def planted_section(train_cfg: Any, eval_cfg: Any, settings: Any) -> dict[str, A
     prepared = prepare(train_cfg)
     segments = segment_map(report["segments_source"], report.get("segment_column") or "taste", settings)
     user_ids = contracts.read_table(prepared.inputs.users, "users", settings).column("user_id").to_numpy()
-    recipe = LocalRecipe(
-        train_cfg.epochs, train_cfg.batch_size * train_cfg.num_workers, train_cfg.lr, train_cfg.l2_emb, train_cfg.seed
+    recipe = LocalRecipe(  # the training job's recipe; this process has the machine to itself now
+        train_cfg.epochs,
+        train_cfg.batch_size * train_cfg.num_workers,
+        train_cfg.lr,
+        train_cfg.l2_emb,
+        train_cfg.seed,
+        threads=usable_cores(),
     )
     rows = [full, *ablation_rows(prepared, recipe, segments, user_ids)]
     table = planted_markdown(rows)

@@ -20,6 +20,14 @@ from umair.errors import UmairError
 from umair.storage import StorageSettings
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; elsewhere ``os.cpu_count()``)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class Settings(BaseModel):
     """Base of every settings model: unknown keys are errors."""
 

@@ -3,12 +3,11 @@ sentence-transformers, so that the command line starts fast)."""
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field
 
-from umair.config import Settings
+from umair.config import Settings, usable_cores
 from umair.errors import UmairError
 
 PRODUCTION_BASE_MODEL = "sentence-transformers/distiluse-base-multilingual-cased-v2"
@@ -91,12 +90,7 @@ class FinetuneConfig(Settings):
 
     def resolved_threads(self) -> int:
         """``threads``; unset: the CPU cores available to this process."""
-        if self.threads is not None:
-            return self.threads
-        try:
-            return max(len(os.sched_getaffinity(0)), 1)
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return self.threads if self.threads is not None else usable_cores()
 
     def resolved_base_model(self) -> str:
         """``base_model``; unset or ``base``: the offline all-MiniLM-L6-v2 directory (:func:`default_base_model`)."""
